@@ -1,0 +1,51 @@
+# The verbs a user types. `make run` and `make test` work on a fresh machine (Python 3.11, CPU).
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# dvc.yaml's stage commands are `sdpipe ...`: the virtualenv's scripts come first.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+# No telemetry, and no hidden downloads from the Hugging Face hub.
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_ENABLE_TELEMETRY := false
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup run test test-fast ui-mlflow clean
+
+setup: $(STAMP)
+
+# torch first, pinned: a bare `torch` requirement would pull a CUDA build of several GB.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/dvc repro
+	@echo
+	@echo "model:        models/sd  (diffusers folder; StableDiffusionPipeline.from_pretrained('models/sd'))"
+	@echo "sample grid:  reports/samples.png"
+	@echo "metrics:      metrics/eval.json  (dvc metrics show)"
+	@cat metrics/registry.json | $(BIN)/python -c "import json,sys; r=json.load(sys.stdin); \
+	print(f\"registry:     models:/{r['model_name']}/{r['version']} (champion: version {r['champion_version']})\")"
+	@$(BIN)/python -c "import json; print('mlflow run:  ', json.load(open('models/mlflow_run.json'))['run_id'], ' (make ui-mlflow, then open http://127.0.0.1:5000)')"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+ui-mlflow: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data/raw data/validated data/processed data/latents models reports metrics mlflow.db mlartifacts

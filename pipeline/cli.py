@@ -1,0 +1,124 @@
+"""The `sdpipe` command: one sub-command per pipeline stage, plus `generate`.
+
+    sdpipe ingest | validate | preprocess | vae | encode | train | evaluate | register
+    sdpipe generate --model models:/sdpipe@champion --prompt "a red circle" -n 4 --out samples/
+
+Each stage reads params.yaml (or --params) through `pipeline.config` and is what dvc.yaml runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import PARAMS_FILE, ConfigError, Params, Paths, load_params
+
+
+def _ingest(params: Params, paths: Paths, _):
+    from pipeline.ingest import ingest
+
+    ingest(params.ingest, paths)
+
+
+def _validate(params: Params, paths: Paths, _):
+    from pipeline.validate import validate
+
+    validate(params.validate_, paths)
+
+
+def _preprocess(params: Params, paths: Paths, _):
+    from pipeline.preprocess import preprocess
+
+    preprocess(params.preprocess, paths)
+
+
+def _vae(params: Params, paths: Paths, _):
+    from pipeline.vae import train_vae
+
+    train_vae(params, paths)
+
+
+def _encode(params: Params, paths: Paths, _):
+    from pipeline.encode import encode
+
+    encode(params.encode, paths)
+
+
+def _train(params: Params, paths: Paths, _):
+    from pipeline.train import train
+
+    train(params, paths)
+
+
+def _evaluate(params: Params, paths: Paths, _):
+    from pipeline.evaluate import evaluate
+
+    evaluate(params, paths)
+
+
+def _register(params: Params, paths: Paths, _):
+    from pipeline.registry import register
+
+    result = register(params, paths)
+    state = "champion" if result.champion_version == result.version else "challenger"
+    print(f"models:/{result.model_name}/{result.version} ({state})")
+
+
+def _generate(params: Params, paths: Paths, args):
+    from pipeline.generate import generate
+
+    written = generate(
+        params, paths, model=args.model, prompt=args.prompt, count=args.n, seed=args.seed, out=args.out,
+        steps=args.steps, guidance=args.guidance,
+    )
+    print(f"wrote {len(written)} images and grid.png to {args.out}")
+
+
+STAGES: dict[str, Callable] = {
+    "ingest": _ingest,
+    "validate": _validate,
+    "preprocess": _preprocess,
+    "vae": _vae,
+    "encode": _encode,
+    "train": _train,
+    "evaluate": _evaluate,
+    "register": _register,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameter file; its folder is the project root")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, handler in STAGES.items():
+        commands.add_parser(name, help=f"run the {name} stage").set_defaults(handler=handler)
+    generate = commands.add_parser("generate", help="generate images from a model")
+    generate.add_argument("--model", default="models/sd", help="diffusers folder or models:/NAME@ALIAS")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("-n", type=int, default=4, help="number of images")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=int, help="sampling steps (default: evaluate.num_inference_steps)")
+    generate.add_argument("--guidance", type=float, help="guidance scale (default: evaluate.guidance_scale)")
+    generate.add_argument("--out", type=Path, default=Path("samples"))
+    generate.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        params = load_params(args.params)
+        args.handler(params, Paths(Path(args.params).resolve().parent), args)
+    except (ConfigError, FileNotFoundError, LookupError, KeyError, ValueError, RuntimeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"sdpipe {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

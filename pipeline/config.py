@@ -1,0 +1,205 @@
+"""Typed parameters and project paths: the one place that reads params.yaml.
+
+Every stage receives a validated `Params` object. An unknown or mistyped key fails with a message that
+names the key (for example `params.yaml: train.lerning_rate: unknown key`), so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A parameter file that cannot be used, with the offending key in the message."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSource(Section):
+    count: int = Field(3000, ge=1)
+    resolution: int = Field(32, ge=8)
+    seed: int = 0
+    min_size: float = Field(0.4, gt=0, le=1, description="smallest shape, as a share of the image side")
+    max_size: float = Field(0.8, gt=0, le=1)
+
+
+class IngestParams(Section):
+    source: Literal["synthetic"] = "synthetic"
+    synthetic: SyntheticSource = SyntheticSource()
+
+
+class ValidateParams(Section):
+    min_width: int = Field(16, ge=1)
+    min_height: int = Field(16, ge=1)
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+
+
+class PreprocessParams(Section):
+    resolution: int = Field(32, ge=8)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @field_validator("resolution")
+    @classmethod
+    def _divisible_by_eight(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8 (the VAE downsamples by 4 and the UNet by 2)")
+        return value
+
+
+class VaeParams(Section):
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
+    latent_channels: int = Field(4, ge=1)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    seed: int = 0
+
+
+class EncodeParams(Section):
+    batch_size: int = Field(256, ge=1)
+
+
+class ModelParams(Section):
+    mode: Literal["scratch"] = "scratch"
+    preset: Literal["tiny", "small"] = "tiny"
+
+
+class TrainParams(Section):
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    tokenizer_vocab_size: int = Field(400, ge=64)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = Field(50, ge=1)
+    seed: int = 0
+
+
+class EvaluateParams(Section):
+    timesteps: tuple[int, ...] = (50, 250, 500, 750, 950)
+    noise_seed: int = 0
+    samples_per_prompt: int = Field(4, ge=1)
+    sample_seed: int = 0
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(4.0, ge=1)
+
+
+class RegisterParams(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "sdpipe"
+    model_name: str = "sdpipe"
+    gate_metric: str = "adherence"
+    gate_direction: Literal["maximize", "minimize"] = "maximize"
+    min_improvement: float = Field(0.0, ge=0)
+
+
+class Params(Section):
+    ingest: IngestParams = IngestParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    preprocess: PreprocessParams = PreprocessParams()
+    vae: VaeParams = VaeParams()
+    encode: EncodeParams = EncodeParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_params(raw: dict | None, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; raise ConfigError naming every bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(error) for error in exc.errors())
+        raise ConfigError(f"{source}: invalid parameters:\n  {problems}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, str(path))
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage reads and writes, relative to the project root (mirrors dvc.yaml)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def validated(self) -> Path:
+        return self.root / "data" / "validated"
+
+    @property
+    def validation_reports(self) -> Path:
+        return self.root / "reports" / "validation"
+
+    @property
+    def processed(self) -> Path:
+        return self.root / "data" / "processed"
+
+    @property
+    def latents(self) -> Path:
+        return self.root / "data" / "latents"
+
+    @property
+    def vae_model(self) -> Path:
+        return self.root / "models" / "vae"
+
+    @property
+    def sd_model(self) -> Path:
+        return self.root / "models" / "sd"
+
+    @property
+    def run_record(self) -> Path:
+        """The MLflow run id that `train` opens and `evaluate`/`register` log into."""
+        return self.root / "models" / "mlflow_run.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def samples_grid(self) -> Path:
+        return self.reports / "samples.png"

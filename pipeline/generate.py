@@ -1,0 +1,72 @@
+"""`sdpipe generate`: images from a trained model, a local diffusers folder or a registry URI.
+
+    sdpipe generate --model models/sd --prompt "a red circle" -n 8 --seed 0 --out samples/
+    sdpipe generate --model models:/sdpipe@champion --prompt "a blue square"
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline.atomic import atomic_file
+from pipeline.config import Params, Paths
+from pipeline.evaluate import image_grid, load_pipeline
+from pipeline.tracking import use_experiment
+
+log = logging.getLogger(__name__)
+
+REGISTRY_SCHEME = "models:/"
+
+
+def resolve_model(model: str, params: Params, paths: Paths) -> Path:
+    """A local diffusers folder as is; a `models:/NAME@ALIAS` (or `/VERSION`) URI downloaded from MLflow."""
+    if not model.startswith(REGISTRY_SCHEME):
+        folder = Path(model)
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{folder}: not a diffusers folder (no model_index.json); run `dvc repro` first")
+        return folder
+    import mlflow
+
+    from pipeline.mlflow_model import PIPELINE_ARTIFACT
+
+    use_experiment(params.register_, paths.root)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+    except mlflow.exceptions.MlflowException as exc:
+        raise LookupError(f"{model}: not found in the MLflow registry at {mlflow.get_tracking_uri()} ({exc})") from None
+    return pipeline_folder(local, PIPELINE_ARTIFACT)
+
+
+def pipeline_folder(model_dir: Path, artifact: str) -> Path:
+    """Where the pyfunc's MLmodel says the diffusers folder artifact was stored."""
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))
+    return model_dir / mlmodel["flavors"]["python_function"]["artifacts"][artifact]["path"]
+
+
+def generate(
+    params: Params, paths: Paths, *, model: str, prompt: str, count: int = 4, seed: int = 0, out: Path,
+    steps: int | None = None, guidance: float | None = None,
+) -> list[Path]:
+    pipeline = load_pipeline(resolve_model(model, params, paths))
+    images = pipeline(
+        [prompt] * count,
+        num_inference_steps=steps or params.evaluate.num_inference_steps,
+        guidance_scale=guidance or params.evaluate.guidance_scale,
+        generator=[torch.Generator().manual_seed(seed + index) for index in range(count)],
+    ).images
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, image in enumerate(images):
+        target = out / f"{index:03d}_seed{seed + index}.png"
+        with atomic_file(target) as staging:
+            image.save(staging, format="PNG")
+        written.append(target)
+    with atomic_file(out / "grid.png") as staging:
+        image_grid([images]).save(staging, format="PNG")
+    log.info("generate: %d images for %r in %s", count, prompt, out)
+    return written

@@ -1,0 +1,160 @@
+"""Stage `register`: log models/sd to MLflow, register a version, and move the `champion` alias.
+
+Every new version gets the alias `challenger`; `champion` moves only when the gate in params passes
+(`register.gate_metric` better than the champion's by more than `register.min_improvement`; the first
+version always passes). The same model files never make a second version. Writes
+metrics/registry.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.atomic import read_json, write_json
+from pipeline.config import Params, Paths, RegisterParams
+from pipeline.evaluate import METRICS as EVAL_METRICS
+from pipeline.tracking import lineage_tags, model_run, use_experiment
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+MODEL_HASH_TAG = "model_hash"
+METRIC_TAG_PREFIX = "metric."
+RECORD = "registry.json"
+SERVING_PACKAGES = ("diffusers", "transformers", "torch", "pillow", "pandas", "safetensors", "accelerate")
+
+
+@dataclass(frozen=True)
+class Registration:
+    model_name: str
+    version: int
+    model_hash: str
+    promoted: bool
+    champion_version: int
+    gate_metric: str
+    gate_value: float
+    previous_champion_value: float | None
+    reused_existing_version: bool
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over every file's relative path and content: the identity of a model folder."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def gate_passes(new: float, champion: float | None, params: RegisterParams) -> bool:
+    if champion is None:
+        return True
+    gain = new - champion if params.gate_direction == "maximize" else champion - new
+    return gain > params.min_improvement
+
+
+def serving_requirements() -> list[str]:
+    return [f"{name}=={metadata.version(name)}" for name in SERVING_PACKAGES] + [
+        f"mlflow=={metadata.version('mlflow')}"
+    ]
+
+
+def serving_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    inputs = Schema([
+        ColSpec(DataType.string, "prompt"),
+        ColSpec(DataType.string, "negative_prompt", required=False),
+        ColSpec(DataType.long, "seed", required=False),
+        ColSpec(DataType.long, "steps", required=False),
+        ColSpec(DataType.double, "guidance", required=False),
+    ])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(DataType.string, "image")]))
+
+
+def _existing_version(client, name: str, model_hash: str):
+    matches = client.search_model_versions(f"name = '{name}' and tags.{MODEL_HASH_TAG} = '{model_hash}'")
+    return min(matches, key=lambda version: int(version.version)) if matches else None
+
+
+def _champion_value(client, name: str, metric: str) -> tuple[int | None, float | None]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    value = champion.tags.get(METRIC_TAG_PREFIX + metric)
+    return int(champion.version), float(value) if value is not None else None
+
+
+def _log_new_version(params: Params, paths: Paths, metrics: dict, model_hash: str):
+    import mlflow
+
+    from pipeline.mlflow_model import PIPELINE_ARTIFACT
+
+    settings = params.register_
+    with model_run(params, paths) as run:
+        logged = mlflow.get_run(run.info.run_id).data.metrics
+        mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items() if f"eval_{k}" not in logged})
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("mlflow_model.py")),
+            artifacts={PIPELINE_ARTIFACT: str(paths.sd_model)},
+            signature=serving_signature(),
+            pip_requirements=serving_requirements(),
+        )
+        version = mlflow.register_model(info.model_uri, settings.model_name)
+    client = mlflow.MlflowClient()
+    tags = {**lineage_tags(params, paths.root), MODEL_HASH_TAG: model_hash, "run_id": run.info.run_id}
+    tags.update({METRIC_TAG_PREFIX + name: str(value) for name, value in metrics.items()})
+    for key, value in tags.items():
+        client.set_model_version_tag(settings.model_name, version.version, key, value)
+    return version
+
+
+def register(params: Params, paths: Paths) -> Registration:
+    import mlflow
+
+    settings = params.register_
+    metrics = read_json(paths.metrics / EVAL_METRICS)
+    if settings.gate_metric not in metrics:
+        raise KeyError(
+            f"register.gate_metric: {settings.gate_metric!r} is not in {paths.metrics / EVAL_METRICS} "
+            f"(available: {', '.join(sorted(metrics))})"
+        )
+    use_experiment(settings, paths.root)
+    client = mlflow.MlflowClient()
+    model_hash = folder_hash(paths.sd_model)
+    existing = _existing_version(client, settings.model_name, model_hash)
+    version = existing or _log_new_version(params, paths, metrics, model_hash)
+    if existing is None:
+        client.set_registered_model_alias(settings.model_name, CHALLENGER, version.version)
+
+    champion_version, champion_value = _champion_value(client, settings.model_name, settings.gate_metric)
+    value = float(metrics[settings.gate_metric])
+    is_champion = champion_version == int(version.version)
+    promoted = not is_champion and gate_passes(value, champion_value, settings)
+    if promoted:
+        client.set_registered_model_alias(settings.model_name, CHAMPION, version.version)
+        champion_version = int(version.version)
+    result = Registration(
+        model_name=settings.model_name,
+        version=int(version.version),
+        model_hash=model_hash,
+        promoted=promoted,
+        champion_version=champion_version,
+        gate_metric=settings.gate_metric,
+        gate_value=value,
+        previous_champion_value=champion_value,
+        reused_existing_version=existing is not None,
+    )
+    write_json(paths.metrics / RECORD, asdict(result))
+    log.info("register: %s version %s%s", settings.model_name, result.version,
+             " promoted to champion" if promoted else f" (champion stays version {champion_version})")
+    return result

@@ -1,0 +1,133 @@
+"""MLflow plumbing shared by train, evaluate and register: one run follows the model.
+
+`train` opens the run and writes its id to models/mlflow_run.json; `evaluate` and `register` log
+into the same run. Every run is tagged with the git commit, the DVC hash of the processed data and a
+hash of the params, so a registered version leads back to the code, data and settings that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from pipeline.atomic import read_json, write_json
+from pipeline.config import Params, Paths, RegisterParams
+
+ARTIFACTS_DIR = "mlartifacts"
+PROCESSED_DATA_OUT = "data/processed"
+FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
+# Read once at import: mlflow.set_tracking_uri() writes this variable, so reading it later would
+# return whichever store this process touched last instead of the one the user chose.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def tracking_uri(params: RegisterParams, root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` wins; a relative sqlite path is anchored at the project root."""
+    uri = USER_TRACKING_URI or params.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(root) / uri[len(prefix):])
+    return uri
+
+
+def use_experiment(params: RegisterParams, root: Path) -> str:
+    """Point MLflow at the configured store and experiment; return the experiment id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(params, root))
+    experiment = mlflow.get_experiment_by_name(params.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = (Path(root) / ARTIFACTS_DIR).resolve().as_uri()
+    return mlflow.create_experiment(params.experiment, artifact_location=artifacts)
+
+
+def params_hash(params: Params) -> str:
+    canonical = json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def git_commit(root: Path) -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def data_version(root: Path) -> str:
+    """The DVC md5 of data/processed recorded in dvc.lock, or 'unknown' outside a DVC run."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return "unknown"
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    for out in stages.get("preprocess", {}).get("outs", []):
+        if out.get("path") == PROCESSED_DATA_OUT:
+            return out.get("md5", "unknown")
+    return "unknown"
+
+
+def lineage_tags(params: Params, root: Path) -> dict[str, str]:
+    tags = {
+        "git_commit": git_commit(root),
+        "data_version": data_version(root),
+        "params_hash": params_hash(params),
+    }
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    return tags
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", params.model_dump(mode="json", by_alias=True))
+    return flat
+
+
+@contextmanager
+def training_run(params: Params, paths: Paths) -> Iterator[object]:
+    """Open a new run for a training; its id goes beside the model for the later stages."""
+    import mlflow
+
+    experiment_id = use_experiment(params.register_, paths.root)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.set_tags(lineage_tags(params, paths.root))
+        mlflow.log_params(flat_params(params))
+        write_json(paths.run_record, {"run_id": run.info.run_id, "experiment_id": experiment_id})
+        yield run
+
+
+@contextmanager
+def model_run(params: Params, paths: Paths) -> Iterator[object]:
+    """Resume the run that trained models/sd, or start a fresh one when the store no longer has it
+    (for example after mlflow.db was deleted)."""
+    import mlflow
+
+    experiment_id = use_experiment(params.register_, paths.root)
+    run_id = read_json(paths.run_record)["run_id"] if paths.run_record.is_file() else None
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            run_id = None
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id) as run:
+        if run_id is None:
+            mlflow.set_tags(lineage_tags(params, paths.root))
+            mlflow.log_params(flat_params(params))
+        yield run

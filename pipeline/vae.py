@@ -1,0 +1,98 @@
+"""Stage `vae`: train a small AutoencoderKL from scratch on the processed training images.
+
+Writes models/vae (diffusers format) with `scaling_factor` set so that scaled latents have unit
+variance, and metrics/vae.json with the reconstruction error on the validation split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from pipeline.atomic import atomic_dir, write_json
+from pipeline.config import Paths, Params
+from pipeline.models import build_vae
+from pipeline.preprocess import load_split
+
+log = logging.getLogger(__name__)
+
+METRICS = "vae.json"
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1], the range diffusers' VAEs expect."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def reconstruction_loss(vae, batch: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    posterior = vae.encode(batch).latent_dist
+    reconstruction = vae.decode(posterior.sample()).sample
+    return F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
+
+
+@torch.no_grad()
+def latent_std(vae, images: torch.Tensor, batch_size: int = 256) -> float:
+    means = [vae.encode(images[i : i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)]
+    return float(torch.cat(means).std())
+
+
+@torch.no_grad()
+def reconstruction_mse(vae, images: torch.Tensor, batch_size: int = 256) -> float:
+    errors = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        reconstruction = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
+        errors.append(F.mse_loss(reconstruction, batch, reduction="none").mean(dim=(1, 2, 3)))
+    return float(torch.cat(errors).mean())
+
+
+def train_vae(params: Params, paths: Paths) -> dict:
+    settings = params.vae
+    set_seed(settings.seed)
+    accelerator = Accelerator(mixed_precision=params.train.mixed_precision)
+    train_images = to_model_range(load_split(paths, "train")[0])
+    val_images = to_model_range(load_split(paths, "val")[0])
+    vae = build_vae(settings, params.preprocess.resolution)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
+    vae, optimizer = accelerator.prepare(vae, optimizer)
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    vae.train()
+    started = time.perf_counter()
+    progress = tqdm(range(settings.steps), desc="vae", disable=not accelerator.is_local_main_process)
+    for _ in progress:
+        index = torch.randint(len(train_images), (settings.batch_size,), generator=generator)
+        batch = train_images[index].to(accelerator.device)
+        with accelerator.autocast():
+            loss = reconstruction_loss(accelerator.unwrap_model(vae), batch, settings.kl_weight)
+        accelerator.backward(loss)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    seconds = time.perf_counter() - started
+
+    vae = accelerator.unwrap_model(vae).eval().cpu()
+    vae.register_to_config(scaling_factor=1.0 / latent_std(vae, train_images))
+    mse = reconstruction_mse(vae, val_images)
+    metrics = dict(
+        val_mse=mse,
+        val_psnr=10 * math.log10(4.0 / mse),  # images span [-1, 1], so the peak-to-peak range is 2
+        scaling_factor=vae.config.scaling_factor,
+        steps=settings.steps,
+        images_per_second=settings.steps * settings.batch_size / seconds,
+    )
+    with atomic_dir(paths.vae_model) as staging:
+        vae.save_pretrained(staging, safe_serialization=True)
+    write_json(paths.metrics / METRICS, metrics)
+    log.info("vae: val MSE %.5f, PSNR %.2f dB", mse, metrics["val_psnr"])
+    return metrics

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny parameters and a project folder with the whole chain run once."""
+
+from __future__ import annotations
+
+import os
+
+for _name, _value in {
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_TELEMETRY": "false",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}.items():
+    os.environ.setdefault(_name, _value)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+import copy  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from pipeline.config import Params, Paths, parse_params  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_OVERRIDES = {
+    "ingest": {"synthetic": {"count": 160}},
+    "vae": {"steps": 20, "batch_size": 32},
+    "train": {"steps": 20, "batch_size": 32, "warmup_steps": 2, "log_every": 5},
+    "evaluate": {"samples_per_prompt": 1, "num_inference_steps": 3, "timesteps": [100, 900]},
+}
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        merged[key] = merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def tiny_params_dict() -> dict:
+    """The project's params.yaml with sizes cut down so the whole chain runs in seconds."""
+    return merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_OVERRIDES)
+
+
+@pytest.fixture
+def tiny_params() -> Params:
+    return parse_params(tiny_params_dict())
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> tuple[Params, Paths]:
+    """Every stage run once, in order, through the same functions the CLI calls."""
+    from pipeline.encode import encode
+    from pipeline.evaluate import evaluate
+    from pipeline.ingest import ingest
+    from pipeline.preprocess import preprocess
+    from pipeline.registry import register
+    from pipeline.train import train
+    from pipeline.vae import train_vae
+    from pipeline.validate import validate
+
+    root = tmp_path_factory.mktemp("project")
+    params = parse_params(tiny_params_dict())
+    paths = Paths(root)
+    ingest(params.ingest, paths)
+    validate(params.validate_, paths)
+    preprocess(params.preprocess, paths)
+    train_vae(params, paths)
+    encode(params.encode, paths)
+    train(params, paths)
+    evaluate(params, paths)
+    register(params, paths)
+    return params, paths

@@ -1,0 +1,43 @@
+import pytest
+
+from pipeline.config import ConfigError, load_params, parse_params
+
+from .conftest import REPO
+
+
+def test_project_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.ingest.source == "synthetic"
+    assert params.register_.model_name == "sdpipe"
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"train\.lerning_rate: unknown key"):
+        parse_params({"train": {"lerning_rate": 0.1}})
+
+
+def test_wrong_type_is_named_with_value():
+    with pytest.raises(ConfigError, match=r"train\.steps: .*integer.*'many'"):
+        parse_params({"train": {"steps": "many"}})
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match=r"trian: unknown key"):
+        parse_params({"trian": {}})
+
+
+def test_resolution_must_suit_the_vae():
+    with pytest.raises(ConfigError, match=r"preprocess\.resolution: .*multiple of 8"):
+        parse_params({"preprocess": {"resolution": 30}})
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="parameter file not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(path)

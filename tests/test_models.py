@@ -1,0 +1,31 @@
+import torch
+
+from pipeline.config import VaeParams
+from pipeline.models import PRESETS, build_text_encoder, build_tokenizer, build_unet, build_vae
+
+CAPTIONS = ["a red circle", "a blue square on a light background", "a picture of a green triangle"] * 20
+
+
+def test_tokenizer_learns_whole_words_and_falls_back_to_characters(tmp_path):
+    tokenizer = build_tokenizer(CAPTIONS, vocab_size=400, max_tokens=24)
+    assert tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
+    assert len(tokenizer.tokenize("a purple hexagon")) > 3
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import CLIPTokenizer
+
+    assert CLIPTokenizer.from_pretrained(tmp_path).tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
+
+
+def test_components_fit_together():
+    preset = PRESETS["tiny"]
+    tokenizer = build_tokenizer(CAPTIONS, vocab_size=400, max_tokens=preset.max_tokens)
+    text_encoder = build_text_encoder(tokenizer, preset)
+    vae = build_vae(VaeParams(), resolution=32)
+    unet = build_unet(preset, latent_channels=4, latent_size=8)
+    ids = tokenizer(["a red circle"], padding="max_length", max_length=preset.max_tokens, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = text_encoder(ids)[0]
+        latents = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+        noise = unet(latents, torch.tensor([10]), states).sample
+    assert latents.shape == (1, 4, 8, 8)
+    assert noise.shape == latents.shape

@@ -1,0 +1,72 @@
+"""The real thing: `dvc repro` of dvc.yaml on tiny params in a temporary copy of the repository."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+
+from .conftest import REPO, tiny_params_dict
+
+STAGES = ["ingest", "validate", "preprocess", "vae", "encode", "train", "evaluate", "register"]
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    """The tracked files of this repository (as a fresh clone has them) with tiny params, committed."""
+    root = tmp_path_factory.mktemp("clone")
+    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+    for name in tracked:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+        _run(command, root)
+    return root
+
+
+@pytest.mark.e2e
+def test_dvc_repro_trains_registers_and_then_does_nothing(repo_copy):
+    _run(["dvc", "repro"], repo_copy)
+
+    assert [stage for stage in yaml.safe_load((repo_copy / "dvc.yaml").read_text())["stages"]] == STAGES
+    shown = _run(["dvc", "metrics", "show"], repo_copy).stdout
+    assert "noise_mse" in shown and "adherence" in shown
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    champion = mlflow.MlflowClient().get_model_version_by_alias("sdpipe", "champion")
+    assert champion.version == 1
+    assert champion.tags["data_version"] != "unknown", "the data version comes from dvc.lock"
+
+    pipeline = StableDiffusionPipeline.from_pretrained(repo_copy / "models" / "sd")
+    image = pipeline("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+    again = _run(["dvc", "repro"], repo_copy)
+    assert "Running stage" not in again.stdout, again.stdout
+
+
+@pytest.mark.e2e
+def test_changing_a_train_param_reruns_only_what_depends_on_it(repo_copy):
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["train"]["steps"] += 1
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(["dvc", "repro"], repo_copy).stdout
+    ran = {stage for stage in STAGES if f"Running stage '{stage}'" in out}
+    assert ran == {"train", "evaluate", "register"}, out

@@ -1,0 +1,95 @@
+import json
+import shutil
+
+import mlflow
+import pytest
+from safetensors.torch import load_file, save_file
+
+from pipeline.atomic import write_json
+from pipeline.config import Paths, RegisterParams
+from pipeline.registry import CHALLENGER, CHAMPION, gate_passes, register
+from pipeline.tracking import tracking_uri
+
+
+@pytest.fixture
+def project_copy(trained_project, tmp_path):
+    """The trained project with an empty MLflow store, as after deleting mlflow.db."""
+    params, paths = trained_project
+    root = tmp_path / "project"
+    shutil.copytree(paths.root, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    return params, Paths(root)
+
+
+def _client(params, paths):
+    mlflow.set_tracking_uri(tracking_uri(params.register_, paths.root))
+    return mlflow.MlflowClient()
+
+
+def _retrain(paths: Paths, adherence: float) -> None:
+    """A different model (perturbed weights) with a different evaluation result."""
+    weights = paths.sd_model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights)
+    metrics = json.loads((paths.metrics / "eval.json").read_text())
+    write_json(paths.metrics / "eval.json", {**metrics, "adherence": adherence})
+
+
+def test_first_version_becomes_champion_with_lineage(trained_project):
+    params, paths = trained_project
+    client = _client(params, paths)
+    version = client.get_model_version_by_alias(params.register_.model_name, CHAMPION)
+    assert version.version == 1
+    assert {"git_commit", "data_version", "params_hash", "model_hash", "metric.adherence"} <= set(version.tags)
+
+
+def test_registering_the_same_files_twice_makes_no_new_version(project_copy):
+    params, paths = project_copy
+    first = register(params, paths)
+    again = register(params, paths)
+    assert (first.version, first.promoted) == (1, True)
+    assert (again.version, again.reused_existing_version, again.promoted) == (1, True, False)
+    assert len(_client(params, paths).search_model_versions(f"name = '{params.register_.model_name}'")) == 1
+
+
+def test_worse_model_is_challenger_and_better_model_is_promoted(project_copy):
+    params, paths = project_copy
+    metrics = json.loads((paths.metrics / "eval.json").read_text())
+    register(params, paths)
+    client = _client(params, paths)
+    name = params.register_.model_name
+
+    _retrain(paths, adherence=metrics["adherence"] - 0.1)
+    worse = register(params, paths)
+    assert (worse.version, worse.promoted, worse.champion_version) == (2, False, 1)
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == 2
+    assert client.get_model_version_by_alias(name, CHAMPION).version == 1
+
+    _retrain(paths, adherence=metrics["adherence"] + 0.1)
+    better = register(params, paths)
+    assert (better.version, better.promoted) == (3, True)
+    assert client.get_model_version_by_alias(name, CHAMPION).version == 3
+
+
+def test_unknown_gate_metric_is_named(project_copy):
+    params, paths = project_copy
+    wrong = params.model_copy(update={"register_": RegisterParams(gate_metric="fid")})
+    with pytest.raises(KeyError, match="register.gate_metric: 'fid'"):
+        register(wrong, paths)
+
+
+@pytest.mark.parametrize(
+    ("new", "champion", "direction", "margin", "expected"),
+    [
+        (0.5, None, "maximize", 0.0, True),
+        (0.6, 0.5, "maximize", 0.0, True),
+        (0.5, 0.5, "maximize", 0.0, False),
+        (0.55, 0.5, "maximize", 0.1, False),
+        (0.4, 0.5, "minimize", 0.0, True),
+        (0.6, 0.5, "minimize", 0.0, False),
+    ],
+)
+def test_gate(new, champion, direction, margin, expected):
+    settings = RegisterParams(gate_direction=direction, min_improvement=margin)
+    assert gate_passes(new, champion, settings) is expected

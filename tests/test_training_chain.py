@@ -1,0 +1,62 @@
+"""vae, encode, train and evaluate on the tiny chain that `trained_project` ran once."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+from pipeline.encode import load_latents
+from pipeline.evaluate import load_pipeline, noise_prediction_metrics
+from pipeline.train import LOSS_PLOT, shuffled_batches
+
+
+def test_vae_is_a_diffusers_model_with_unit_variance_scaling(trained_project):
+    _, paths = trained_project
+    vae = AutoencoderKL.from_pretrained(paths.vae_model)
+    metrics = json.loads((paths.metrics / "vae.json").read_text())
+    assert vae.config.scaling_factor == metrics["scaling_factor"] > 0
+    assert metrics["val_mse"] > 0
+
+
+def test_latents_are_cached_for_both_splits(trained_project):
+    _, paths = trained_project
+    train, val = load_latents(paths.latents, "train"), load_latents(paths.latents, "val")
+    assert train.mean.shape[1:] == (4, 8, 8) and len(train) == len(train.captions)
+    assert (val.std > 0).all()
+
+
+def test_model_folder_loads_in_plain_diffusers(trained_project):
+    _, paths = trained_project
+    pipeline = StableDiffusionPipeline.from_pretrained(paths.sd_model)
+    image = pipeline("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    assert list(paths.sd_model.rglob("*.safetensors"))
+    assert not list(paths.sd_model.rglob("*.bin"))
+
+
+def test_loss_curve_and_run_record(trained_project):
+    params, paths = trained_project
+    rows = (paths.metrics / LOSS_PLOT).read_text().splitlines()
+    assert rows[0] == "step,loss" and rows[-1].startswith(f"{params.train.steps},")
+    assert json.loads(paths.run_record.read_text())["run_id"]
+
+
+def test_batches_cover_every_sample_each_epoch():
+    batches = shuffled_batches(10, 5, torch.Generator().manual_seed(0))
+    epoch = torch.cat([next(batches), next(batches)])
+    assert sorted(epoch.tolist()) == list(range(10))
+
+
+def test_evaluation_is_deterministic(trained_project):
+    params, paths = trained_project
+    pipeline = load_pipeline(paths.sd_model)
+    first = noise_prediction_metrics(pipeline, paths, params.evaluate)
+    assert first == noise_prediction_metrics(pipeline, paths, params.evaluate)
+    recorded = json.loads((paths.metrics / "eval.json").read_text())
+    assert recorded["noise_mse"] == first["noise_mse"]
+    assert recorded["noise_rmse"] ** 2 == pytest.approx(recorded["noise_mse"], rel=1e-6)
+    assert 0 <= recorded["adherence"] <= min(recorded["colour_accuracy"], recorded["shape_accuracy"])
+    assert recorded["adherence_samples"] == 12 * params.evaluate.samples_per_prompt
+    assert paths.samples_grid.is_file()
+
