@@ -117,7 +117,7 @@ def validate(params: ValidateParams, paths: Paths) -> ValidationResult:
     reasons = quarantine_reasons(frame, outcomes)
 
     failed = {
-        check.expectation.expectation_type: int(result.get("unexpected_count") or 0)
+        f"{check.expectation.expectation_type} ({check.reason})": int(result.get("unexpected_count") or 0)
         for check, result in outcomes
         if result.get("unexpected_count")
     }
@@ -132,9 +132,7 @@ def validate(params: ValidateParams, paths: Paths) -> ValidationResult:
         bad_fraction=bad_fraction,
         max_bad_fraction=params.max_bad_fraction,
         passed=bad_fraction <= params.max_bad_fraction,
-        expectations={check.expectation.expectation_type + f" ({check.reason})": dict(
-            success=not result.get("unexpected_count"), unexpected=int(result.get("unexpected_count") or 0)
-        ) for check, result in outcomes},
+        unexpected_rows={check.reason: int(result.get("unexpected_count") or 0) for check, result in outcomes},
     )
     _write_reports(paths.validation_reports, summary, quarantined)
     if not summary["passed"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 for _name, _value in {
     "DVC_NO_ANALYTICS": "1",
@@ -15,6 +16,8 @@ for _name, _value in {
 }.items():
     os.environ.setdefault(_name, _value)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="sdpipe-prefect-"))
 
 import copy  # noqa: E402
 from pathlib import Path  # noqa: E402

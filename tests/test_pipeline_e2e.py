@@ -1,5 +1,6 @@
 """The real thing: `dvc repro` of dvc.yaml on tiny params in a temporary copy of the repository."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ STAGES = ["ingest", "validate", "preprocess", "vae", "encode", "train", "evaluat
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # set in this process by other tests' mlflow.set_tracking_uri
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     return result
@@ -70,3 +72,22 @@ def test_changing_a_train_param_reruns_only_what_depends_on_it(repo_copy):
     out = _run(["dvc", "repro"], repo_copy).stdout
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in out}
     assert ran == {"train", "evaluate", "register"}, out
+
+
+@pytest.mark.e2e
+def test_prefect_flow_runs_each_stage_as_a_task_and_dvc_skips_what_is_fresh(repo_copy, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.training import training_flow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry = repo_copy / "metrics" / "registry.json"
+    version_before = json.loads(registry.read_text())["version"]
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["evaluate"]["timesteps"].append(500)  # new noise metrics: eval.json changes, so register runs
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with prefect_test_harness(server_startup_timeout=90):
+        outcomes = training_flow(project_root=str(repo_copy))
+    assert list(outcomes) == STAGES
+    assert {stage for stage, outcome in outcomes.items() if outcome == "ran"} == {"evaluate", "register"}
+    assert json.loads(registry.read_text())["version"] == version_before, "same model files: no new version"

@@ -53,7 +53,7 @@ def test_bad_rows_are_quarantined_with_reasons(dirty_raw):
 
 def test_too_many_bad_rows_fail_with_the_expectations_named(dirty_raw):
     paths, _ = dirty_raw
-    with pytest.raises(ValidationFailed, match=r"5 of \d+ rows are bad.*expect_column_values_to_be_unique: 2 rows"):
+    with pytest.raises(ValidationFailed, match=r"5 of \d+ rows are bad.*expect_column_values_to_be_unique \(duplicate content\): 2 rows"):
         validate(ValidateParams(max_bad_fraction=0.01), paths)
     assert (paths.validation_reports / SUMMARY).is_file(), "the report is written even when the stage fails"
     assert not paths.validated.exists()
