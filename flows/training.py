@@ -15,6 +15,9 @@ from pathlib import Path
 
 import yaml
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from pipeline.tracking import FLOW_RUN_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SKIPPED_MARK = "didn't change, skipping"
@@ -26,8 +29,13 @@ def pipeline_stages(root: Path = PROJECT_ROOT) -> list[str]:
 
 
 def _stage_environment() -> dict[str, str]:
-    """Stage commands are `sdpipe ...`: make this interpreter's scripts folder come first on PATH."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """Stage commands are `sdpipe ...`: this interpreter's scripts come first on PATH, and the flow
+    run id travels to the MLflow run as a tag."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        FLOW_RUN_ENV: str(flow_run.id or ""),
+    }
 
 
 @task

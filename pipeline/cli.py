@@ -1,7 +1,8 @@
-"""The `sdpipe` command: one sub-command per pipeline stage, plus `generate`.
+"""The `sdpipe` command: one sub-command per pipeline stage, plus generation and the registry.
 
     sdpipe ingest | validate | preprocess | vae | encode | train | evaluate | register
     sdpipe generate --model models:/sdpipe@champion --prompt "a red circle" -n 4 --out samples/
+    sdpipe models | sdpipe promote VERSION [--reason ...] | sdpipe rollback [--reason ...]
 
 Each stage reads params.yaml (or --params) through `pipeline.config` and is what dvc.yaml runs.
 """
@@ -9,6 +10,7 @@ Each stage reads params.yaml (or --params) through `pipeline.config` and is what
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import sys
 from collections.abc import Callable
@@ -77,6 +79,32 @@ def _generate(params: Params, paths: Paths, args):
     print(f"wrote {len(written)} images and grid.png to {args.out}")
 
 
+def _models(params: Params, paths: Paths, _):
+    from pipeline.registry import list_versions
+
+    versions = list_versions(params, paths)
+    if not versions:
+        print(f"no versions of {params.register_.model_name} yet: run `dvc repro` or `sdpipe register`")
+    for entry in versions:
+        headline = ", ".join(f"{k}={v:.4g}" for k, v in sorted(entry["metrics"].items()) if k in HEADLINE_METRICS)
+        print(f"{entry['version']:>4}  {','.join(entry['aliases']) or '-':<22} {headline}  commit {entry['git_commit'][:10]}")
+
+
+def _promote(params: Params, paths: Paths, args):
+    from pipeline.registry import promote
+
+    previous = promote(params, paths, args.version, reason=args.reason, by=getpass.getuser())
+    print(f"champion: version {args.version} (was {previous})")
+
+
+def _rollback(params: Params, paths: Paths, args):
+    from pipeline.registry import rollback
+
+    print(f"champion: version {rollback(params, paths, reason=args.reason, by=getpass.getuser())}")
+
+
+HEADLINE_METRICS = ("adherence", "noise_mse", "noise_r2")
+
 STAGES: dict[str, Callable] = {
     "ingest": _ingest,
     "validate": _validate,
@@ -104,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, help="guidance scale (default: evaluate.guidance_scale)")
     generate.add_argument("--out", type=Path, default=Path("samples"))
     generate.set_defaults(handler=_generate)
+    commands.add_parser("models", help="list registered versions with aliases and metrics").set_defaults(handler=_models)
+    promote = commands.add_parser("promote", help="move the champion alias to a version")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--reason", default="promoted by hand")
+    promote.set_defaults(handler=_promote)
+    rollback = commands.add_parser("rollback", help="give the champion alias back to the previous champion")
+    rollback.add_argument("--reason", default="rolled back by hand")
+    rollback.set_defaults(handler=_rollback)
     return parser
 
 

@@ -22,6 +22,7 @@ from pipeline.adherence import adheres
 from pipeline.atomic import atomic_file, write_json
 from pipeline.config import EvaluateParams, Params, Paths
 from pipeline.encode import load_latents
+from pipeline.models import tokenize
 from pipeline.sources.synthetic import COLOURS, SHAPES, caption_for
 from pipeline.tracking import model_run
 
@@ -41,11 +42,7 @@ def load_pipeline(folder) -> StableDiffusionPipeline:
 def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
     cache = load_latents(paths.latents, "val")
     latents = cache.mean * pipeline.vae.config.scaling_factor
-    ids = pipeline.tokenizer(
-        cache.captions, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids
-    states = pipeline.text_encoder(ids)[0]
+    states = pipeline.text_encoder(tokenize(pipeline.tokenizer, cache.captions))[0]
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)  # the forward process used in training
     metrics, predictions, targets = {}, [], []
     for timestep in params.timesteps:

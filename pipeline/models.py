@@ -70,6 +70,13 @@ def build_tokenizer(captions: Iterable[str], *, vocab_size: int, max_tokens: int
     return tokenizer
 
 
+def tokenize(tokenizer, captions: list[str]):
+    """Token ids padded to the tokenizer's fixed length, as the pipeline pads prompts."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def build_text_encoder(tokenizer: CLIPTokenizerFast, preset: Preset) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),

@@ -3,13 +3,14 @@
 Every new version gets the alias `challenger`; `champion` moves only when the gate in params passes
 (`register.gate_metric` better than the champion's by more than `register.min_improvement`; the first
 version always passes). The same model files never make a second version. Writes
-metrics/registry.json.
+metrics/registry.json. `promote`, `rollback` and `list_versions` back the `sdpipe` registry commands.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from datetime import UTC, datetime
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -141,7 +142,7 @@ def register(params: Params, paths: Paths) -> Registration:
     is_champion = champion_version == int(version.version)
     promoted = not is_champion and gate_passes(value, champion_value, settings)
     if promoted:
-        client.set_registered_model_alias(settings.model_name, CHAMPION, version.version)
+        move_champion(client, settings.model_name, int(version.version), reason=f"gate passed on {settings.gate_metric}")
         champion_version = int(version.version)
     result = Registration(
         model_name=settings.model_name,
@@ -158,3 +159,84 @@ def register(params: Params, paths: Paths) -> Registration:
     log.info("register: %s version %s%s", settings.model_name, result.version,
              " promoted to champion" if promoted else f" (champion stays version {champion_version})")
     return result
+
+
+PREVIOUS_CHAMPION_TAG = "previous_champion"
+
+
+def move_champion(
+    client, name: str, version: int, *, reason: str, by: str = "sdpipe register", record_previous: bool = True
+) -> int | None:
+    """Point `champion` at `version`, remembering who moved it, why, and which version it replaces
+    (a rollback keeps the target's own record, so rollbacks can go back step by step)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        previous = int(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        previous = None
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    tags = {"promoted_by": by, "promoted_reason": reason, "promoted_at": datetime.now(UTC).isoformat()}
+    if record_previous and previous is not None and previous != version:
+        tags[PREVIOUS_CHAMPION_TAG] = str(previous)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    return previous
+
+
+def _registry_client(params: Params, paths: Paths):
+    import mlflow
+
+    use_experiment(params.register_, paths.root)
+    return mlflow.MlflowClient()
+
+
+def list_versions(params: Params, paths: Paths) -> list[dict]:
+    """Every version of the model, newest first, with its aliases and headline metrics."""
+    client = _registry_client(params, paths)
+    name = params.register_.model_name
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        return []
+    # search results leave aliases empty; the registered model holds the alias -> version map
+    aliases = client.get_registered_model(name).aliases
+    return [
+        dict(
+            version=int(v.version),
+            aliases=sorted(alias for alias, held in aliases.items() if int(held) == int(v.version)),
+            metrics={k[len(METRIC_TAG_PREFIX):]: float(t) for k, t in v.tags.items() if k.startswith(METRIC_TAG_PREFIX)},
+            git_commit=v.tags.get("git_commit", "unknown"),
+        )
+        for v in sorted(versions, key=lambda v: int(v.version), reverse=True)
+    ]
+
+
+def promote(params: Params, paths: Paths, version: int, *, reason: str, by: str) -> int | None:
+    """Make `version` the champion by hand; returns the version it replaced."""
+    from mlflow.exceptions import MlflowException
+
+    client = _registry_client(params, paths)
+    name = params.register_.model_name
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise LookupError(f"{name} has no version {version} (see `sdpipe models`)") from None
+    return move_champion(client, name, version, reason=reason, by=by)
+
+
+def rollback(params: Params, paths: Paths, *, reason: str, by: str) -> int:
+    """Give `champion` back to the version it replaced; returns that version."""
+    from mlflow.exceptions import MlflowException
+
+    client = _registry_client(params, paths)
+    name = params.register_.model_name
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        raise LookupError(f"{name} has no champion to roll back") from None
+    previous = current.tags.get(PREVIOUS_CHAMPION_TAG)
+    if previous is None:
+        raise LookupError(f"{name} version {current.version} replaced no earlier champion; nothing to roll back to")
+    move_champion(client, name, int(previous), reason=f"rollback from version {current.version}: {reason}", by=by,
+                  record_previous=False)
+    return int(previous)

@@ -34,6 +34,7 @@ from pipeline.models import (
     build_tokenizer,
     build_unet,
     sampling_scheduler,
+    tokenize,
     training_scheduler,
 )
 from pipeline.tracking import training_run
@@ -57,12 +58,6 @@ def shuffled_batches(count: int, batch_size: int, generator: torch.Generator) ->
         order = torch.randperm(count, generator=generator)
         for start in range(0, count - batch_size + 1, batch_size):
             yield order[start : start + batch_size]
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 def drop_captions(ids: torch.Tensor, empty_ids: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:

@@ -3,12 +3,15 @@ import shutil
 
 import mlflow
 import pytest
+import yaml
 from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import write_json
 from pipeline.config import Paths, RegisterParams
 from pipeline.registry import CHALLENGER, CHAMPION, gate_passes, register
 from pipeline.tracking import tracking_uri
+
+from .conftest import tiny_params_dict
 
 
 @pytest.fixture
@@ -93,3 +96,38 @@ def test_unknown_gate_metric_is_named(project_copy):
 def test_gate(new, champion, direction, margin, expected):
     settings = RegisterParams(gate_direction=direction, min_improvement=margin)
     assert gate_passes(new, champion, settings) is expected
+
+
+def test_promote_and_rollback_move_champion_and_record_why(project_copy, capsys):
+    from pipeline.cli import main
+    from pipeline.registry import list_versions, promote, rollback
+
+    params, paths = project_copy
+    metrics = json.loads((paths.metrics / "eval.json").read_text())
+    register(params, paths)
+    _retrain(paths, adherence=metrics["adherence"] - 0.1)
+    register(params, paths)
+    client = _client(params, paths)
+    name = params.register_.model_name
+
+    assert promote(params, paths, 2, reason="looks better by eye", by="reviewer") == 1
+    champion = client.get_model_version_by_alias(name, CHAMPION)
+    assert champion.version == 2
+    assert (champion.tags["promoted_by"], champion.tags["promoted_reason"]) == ("reviewer", "looks better by eye")
+    assert [(v["version"], v["aliases"]) for v in list_versions(params, paths)] == [
+        (2, [CHALLENGER, CHAMPION]), (1, [])
+    ]
+
+    assert rollback(params, paths, reason="artefacts", by="reviewer") == 1
+    assert client.get_model_version_by_alias(name, CHAMPION).version == 1
+    with pytest.raises(LookupError, match="nothing to roll back to"):
+        rollback(params, paths, reason="again", by="reviewer")
+    with pytest.raises(LookupError, match="no version 7"):
+        promote(params, paths, 7, reason="typo", by="reviewer")
+
+    (paths.root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
+    assert main(["--params", str(paths.root / "params.yaml"), "promote", "7"]) == 1
+    assert "sdpipe promote: error: sdpipe has no version 7" in capsys.readouterr().err
+    assert main(["--params", str(paths.root / "params.yaml"), "models"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:2] == ["2", CHALLENGER] and listing[1].split()[:2] == ["1", CHAMPION]
