@@ -94,6 +94,7 @@ class EvaluateParams(Section):
     noise_seed: int = 0
     samples_per_prompt: int = Field(4, ge=1)
     sample_seed: int = 0
+    stability_repeats: int = Field(3, ge=1, description="sample-based metrics over this many seed sets")
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = Field(4.0, ge=1)
 

@@ -2,8 +2,10 @@
 
 - noise-prediction MSE, RMSE, MAE and R² on the cached validation latents at fixed timesteps with
   fixed noise (so two models are compared on exactly the same inputs), overall and per timestep;
+- VAE reconstruction MSE, PSNR and SSIM on the validation images;
 - prompt adherence for the synthetic source: every colour x shape prompt, several seeds each, read
-  back by `pipeline.adherence`;
+  back by `pipeline.adherence`, as mean and std over `stability_repeats` seed sets;
+- a determinism check: the same prompt and seed twice give identical pixels;
 - reports/samples.png: one row per prompt, one column per seed.
 All numbers go to metrics/eval.json and to the model's MLflow run.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from pipeline.atomic import atomic_file, write_json
 from pipeline.config import EvaluateParams, Params, Paths
 from pipeline.encode import load_latents
 from pipeline.models import tokenize
+from pipeline.preprocess import load_split
 from pipeline.sources.synthetic import COLOURS, SHAPES, caption_for
 from pipeline.tracking import model_run
 
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 METRICS = "eval.json"
 GRID_ZOOM = 4
+SEED_SET_STRIDE = 1000  # seed sets of different repeats never overlap
 
 
 def load_pipeline(folder) -> StableDiffusionPipeline:
@@ -68,13 +73,14 @@ def adherence_prompts() -> list[tuple[str, str]]:
     return list(itertools.product(COLOURS, SHAPES))
 
 
-def generate_samples(pipeline: StableDiffusionPipeline, params: EvaluateParams) -> list[list[Image.Image]]:
-    """One row of images per colour x shape prompt, one column per fixed seed."""
+def generate_samples(
+    pipeline: StableDiffusionPipeline, params: EvaluateParams, repeat: int = 0
+) -> list[list[Image.Image]]:
+    """One row of images per colour x shape prompt, one column per fixed seed (a new set per repeat)."""
+    first_seed = params.sample_seed + repeat * SEED_SET_STRIDE
     rows = []
     for colour, shape in adherence_prompts():
-        generators = [
-            torch.Generator().manual_seed(params.sample_seed + column) for column in range(params.samples_per_prompt)
-        ]
+        generators = [torch.Generator().manual_seed(first_seed + column) for column in range(params.samples_per_prompt)]
         rows.append(
             pipeline(
                 [caption_for(colour, shape)] * params.samples_per_prompt,
@@ -100,6 +106,65 @@ def adherence_metrics(rows: list[list[Image.Image]]) -> dict:
     )
 
 
+def stability_metrics(pipeline: StableDiffusionPipeline, params: EvaluateParams) -> tuple[dict, list]:
+    """Adherence over `stability_repeats` seed sets as mean and std; returns the first set's images too."""
+    runs, first_rows = [], None
+    for repeat in range(params.stability_repeats):
+        rows = generate_samples(pipeline, params, repeat)
+        first_rows = first_rows or rows
+        runs.append(adherence_metrics(rows))
+    metrics = {}
+    for name in ("adherence", "colour_accuracy", "shape_accuracy"):
+        values = np.array([run[name] for run in runs])
+        metrics[name], metrics[f"{name}_std"] = float(values.mean()), float(values.std())
+    metrics["adherence_samples"] = sum(run["adherence_samples"] for run in runs)
+    return metrics, first_rows
+
+
+def is_deterministic(pipeline: StableDiffusionPipeline, params: EvaluateParams) -> bool:
+    """The same prompt and seed twice must give identical pixels."""
+    images = [
+        pipeline(caption_for("red", "circle"), num_inference_steps=params.num_inference_steps,
+                 guidance_scale=params.guidance_scale,
+                 generator=torch.Generator().manual_seed(params.sample_seed)).images[0]
+        for _ in range(2)
+    ]
+    return images[0].tobytes() == images[1].tobytes()
+
+
+def gaussian_ssim(first: torch.Tensor, second: torch.Tensor, *, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004) of NCHW images in [0, 1], with a Gaussian window."""
+    coords = torch.arange(window, dtype=torch.float64) - window // 2
+    kernel_1d = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel_1d /= kernel_1d.sum()
+    channels = first.shape[1]
+    kernel = (kernel_1d[:, None] * kernel_1d[None, :]).expand(channels, 1, window, window).to(first.dtype)
+
+    def blur(x):
+        return torch.nn.functional.conv2d(x, kernel, groups=channels)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu1, mu2 = blur(first), blur(second)
+    var1, var2 = blur(first * first) - mu1**2, blur(second * second) - mu2**2
+    covariance = blur(first * second) - mu1 * mu2
+    ssim = ((2 * mu1 * mu2 + c1) * (2 * covariance + c2)) / ((mu1**2 + mu2**2 + c1) * (var1 + var2 + c2))
+    return ssim.mean(dim=(1, 2, 3))
+
+
+@torch.no_grad()
+def vae_reconstruction_metrics(pipeline: StableDiffusionPipeline, paths: Paths) -> dict:
+    images = torch.from_numpy(load_split(paths, "val")[0]).permute(0, 3, 1, 2).double() / 255.0
+    vae = pipeline.vae
+    reconstructed = vae.decode(vae.encode((images * 2 - 1).float()).latent_dist.mean).sample
+    reconstructed = ((reconstructed.double().clamp(-1, 1) + 1) / 2)
+    mse = float(torch.mean((reconstructed - images) ** 2))
+    return dict(
+        vae_mse=mse,
+        vae_psnr=10 * math.log10(1.0 / mse),
+        vae_ssim=float(gaussian_ssim(reconstructed, images).mean()),
+    )
+
+
 def image_grid(rows: list[list[Image.Image]], zoom: int = GRID_ZOOM) -> Image.Image:
     width, height = rows[0][0].size
     grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
@@ -113,8 +178,10 @@ def evaluate(params: Params, paths: Paths) -> dict:
     torch.manual_seed(params.evaluate.noise_seed)
     pipeline = load_pipeline(paths.sd_model)
     metrics = noise_prediction_metrics(pipeline, paths, params.evaluate)
-    rows = generate_samples(pipeline, params.evaluate)
-    metrics.update(adherence_metrics(rows))
+    metrics.update(vae_reconstruction_metrics(pipeline, paths))
+    sample_metrics, rows = stability_metrics(pipeline, params.evaluate)
+    metrics.update(sample_metrics)
+    metrics["deterministic"] = float(is_deterministic(pipeline, params.evaluate))
     with atomic_file(paths.samples_grid) as staging:
         image_grid(rows).save(staging, format="PNG")
     write_json(paths.metrics / METRICS, metrics)

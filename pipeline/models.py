@@ -124,9 +124,10 @@ def build_unet(preset: Preset, *, latent_channels: int, latent_size: int) -> UNe
 
 
 def training_scheduler() -> DDPMScheduler:
+    # Latents are not bounded to [-1, 1]: clip_sample would ruin DDPM sampling from the saved config.
     return DDPMScheduler(
         num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        steps_offset=1,
+        steps_offset=1, clip_sample=False,
     )
 
 

@@ -57,6 +57,18 @@ def test_evaluation_is_deterministic(trained_project):
     assert recorded["noise_mse"] == first["noise_mse"]
     assert recorded["noise_rmse"] ** 2 == pytest.approx(recorded["noise_mse"], rel=1e-6)
     assert 0 <= recorded["adherence"] <= min(recorded["colour_accuracy"], recorded["shape_accuracy"])
-    assert recorded["adherence_samples"] == 12 * params.evaluate.samples_per_prompt
+    repeats = params.evaluate.stability_repeats
+    assert recorded["adherence_samples"] == 12 * params.evaluate.samples_per_prompt * repeats
+    assert recorded["adherence_std"] >= 0 and recorded["deterministic"] == 1.0
+    assert 0 < recorded["vae_mse"] and recorded["vae_ssim"] <= 1
     assert paths.samples_grid.is_file()
 
+
+
+def test_ssim_is_one_for_identical_images_and_lower_for_noisy_ones():
+    from pipeline.evaluate import gaussian_ssim
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(gaussian_ssim(images, images), torch.ones(2, dtype=torch.float64))
+    noisy = (images + 0.2 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).clamp(0, 1)
+    assert (gaussian_ssim(noisy, images) < 0.9).all()
