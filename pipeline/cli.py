@@ -74,7 +74,8 @@ def _generate(params: Params, paths: Paths, args):
 
     written = generate(
         params, paths, model=args.model, prompt=args.prompt, count=args.n, seed=args.seed, out=args.out,
-        steps=args.steps, guidance=args.guidance,
+        steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
+        batch_size=args.batch_size,
     )
     print(f"wrote {len(written)} images and grid.png to {args.out}")
 
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=int, help="sampling steps (default: evaluate.num_inference_steps)")
     generate.add_argument("--guidance", type=float, help="guidance scale (default: evaluate.guidance_scale)")
+    generate.add_argument("--negative-prompt", help="what the image should not show")
+    generate.add_argument("--scheduler", default="dpm++", help="dpm++ (default), euler, ddim or ddpm")
+    generate.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     generate.add_argument("--out", type=Path, default=Path("samples"))
     generate.set_defaults(handler=_generate)
     commands.add_parser("models", help="list registered versions with aliases and metrics").set_defaults(handler=_models)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from pipeline.atomic import atomic_file
 from pipeline.config import Params, Paths
@@ -47,17 +48,39 @@ def pipeline_folder(model_dir: Path, artifact: str) -> Path:
     return model_dir / mlmodel["flavors"]["python_function"]["artifacts"][artifact]["path"]
 
 
+SCHEDULERS = {
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {"clip_sample": False}),
+}
+
+
+def use_scheduler(pipeline, name: str) -> None:
+    """Swap the sampler, keeping the model's noise schedule."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    scheduler_class, options = SCHEDULERS[name]
+    pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **options)
+
+
 def generate(
     params: Params, paths: Paths, *, model: str, prompt: str, count: int = 4, seed: int = 0, out: Path,
-    steps: int | None = None, guidance: float | None = None,
+    steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
+    scheduler: str = "dpm++", batch_size: int = 8,
 ) -> list[Path]:
     pipeline = load_pipeline(resolve_model(model, params, paths))
-    images = pipeline(
-        [prompt] * count,
-        num_inference_steps=steps or params.evaluate.num_inference_steps,
-        guidance_scale=guidance or params.evaluate.guidance_scale,
-        generator=[torch.Generator().manual_seed(seed + index) for index in range(count)],
-    ).images
+    use_scheduler(pipeline, scheduler)
+    images = []
+    for first in range(0, count, batch_size):
+        size = min(batch_size, count - first)
+        images += pipeline(
+            [prompt] * size,
+            negative_prompt=[negative_prompt] * size if negative_prompt else None,
+            num_inference_steps=steps or params.evaluate.num_inference_steps,
+            guidance_scale=guidance or params.evaluate.guidance_scale,
+            generator=[torch.Generator().manual_seed(seed + first + index) for index in range(size)],
+        ).images
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

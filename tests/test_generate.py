@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -29,3 +30,17 @@ def test_unknown_registry_alias_is_explained(trained_project, tmp_path):
     params, paths = trained_project
     with pytest.raises(LookupError, match="models:/sdpipe@nobody"):
         generate(params, paths, model="models:/sdpipe@nobody", prompt="a red circle", out=tmp_path)
+
+
+def test_batches_schedulers_and_negative_prompt_keep_seeds_reproducible(trained_project, tmp_path):
+    params, paths = trained_project
+    common = dict(model=str(paths.sd_model), prompt="a red circle", count=3, seed=1, steps=2)
+    one_batch = generate(params, paths, **common, out=tmp_path / "a", batch_size=8)
+    small_batches = generate(params, paths, **common, out=tmp_path / "b", batch_size=2)
+    for together, apart in zip(one_batch, small_batches, strict=True):  # batch size may shift float rounding
+        difference = np.abs(np.asarray(Image.open(together), dtype=int) - np.asarray(Image.open(apart), dtype=int))
+        assert difference.max() <= 2, together.name
+    other = generate(params, paths, **common, out=tmp_path / "c", scheduler="euler", negative_prompt="a blue square")
+    assert len(other) == 3
+    with pytest.raises(ValueError, match="--scheduler 'plms'"):
+        generate(params, paths, **common, out=tmp_path / "d", scheduler="plms")
