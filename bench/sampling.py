@@ -12,16 +12,13 @@ import argparse
 import time
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
 from pipeline.evaluate import adherence_metrics, adherence_prompts, load_pipeline
+from pipeline.generate import use_scheduler
 from pipeline.sources.synthetic import caption_for
 
 GUIDANCE = 4.0
-SCHEDULERS = {
-    "DPM-Solver++ 20 steps": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}, 20),
-    "DDPM 1000 steps": (DDPMScheduler, {"clip_sample": False}, 1000),
-}
+RUNS = {"DPM-Solver++ 20 steps": ("dpm++", 20), "DDPM 1000 steps": ("ddpm", 1000)}
 
 
 def sample_all(pipeline, steps: int, seeds: int) -> tuple[list, float]:
@@ -41,8 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     pipeline = load_pipeline(args.model)
     results = {}
-    for name, (scheduler_class, options, steps) in SCHEDULERS.items():
-        pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **options)
+    for name, (scheduler, steps) in RUNS.items():
+        use_scheduler(pipeline, scheduler)
         rows, seconds = sample_all(pipeline, steps, args.seeds)
         results[name] = (len(rows) * args.seeds / seconds, adherence_metrics(rows)["adherence"])
         print(f"{name:<24} {results[name][0]:8.2f} images/s   adherence {results[name][1]:.2f}")

@@ -29,6 +29,7 @@ from pipeline.models import tokenize
 from pipeline.preprocess import load_split
 from pipeline.sources.synthetic import COLOURS, SHAPES, caption_for
 from pipeline.tracking import model_run
+from pipeline.vae import to_model_range
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,10 @@ def gaussian_ssim(first: torch.Tensor, second: torch.Tensor, *, window: int = 11
 
 @torch.no_grad()
 def vae_reconstruction_metrics(pipeline: StableDiffusionPipeline, paths: Paths) -> dict:
-    images = torch.from_numpy(load_split(paths, "val")[0]).permute(0, 3, 1, 2).double() / 255.0
+    model_input = to_model_range(load_split(paths, "val")[0])
     vae = pipeline.vae
-    reconstructed = vae.decode(vae.encode((images * 2 - 1).float()).latent_dist.mean).sample
-    reconstructed = ((reconstructed.double().clamp(-1, 1) + 1) / 2)
+    reconstructed = vae.decode(vae.encode(model_input).latent_dist.mean).sample
+    images, reconstructed = (model_input.double() + 1) / 2, (reconstructed.double().clamp(-1, 1) + 1) / 2
     mse = float(torch.mean((reconstructed - images) ** 2))
     return dict(
         vae_mse=mse,

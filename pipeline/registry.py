@@ -120,8 +120,6 @@ def _log_new_version(params: Params, paths: Paths, metrics: dict, model_hash: st
 
 
 def register(params: Params, paths: Paths) -> Registration:
-    import mlflow
-
     settings = params.register_
     metrics = read_json(paths.metrics / EVAL_METRICS)
     if settings.gate_metric not in metrics:
@@ -129,8 +127,7 @@ def register(params: Params, paths: Paths) -> Registration:
             f"register.gate_metric: {settings.gate_metric!r} is not in {paths.metrics / EVAL_METRICS} "
             f"(available: {', '.join(sorted(metrics))})"
         )
-    use_experiment(settings, paths.root)
-    client = mlflow.MlflowClient()
+    client = _registry_client(params, paths)
     model_hash = folder_hash(paths.sd_model)
     existing = _existing_version(client, settings.model_name, model_hash)
     version = existing or _log_new_version(params, paths, metrics, model_hash)
