@@ -81,6 +81,7 @@ def _generate(params: Params, paths: Paths, args):
 
 
 def _models(params: Params, paths: Paths, _):
+    from pipeline.evaluate import HEADLINE_METRICS
     from pipeline.registry import list_versions
 
     versions = list_versions(params, paths)
@@ -103,8 +104,6 @@ def _rollback(params: Params, paths: Paths, args):
 
     print(f"champion: version {rollback(params, paths, reason=args.reason, by=getpass.getuser())}")
 
-
-HEADLINE_METRICS = ("adherence", "noise_mse", "noise_r2")
 
 STAGES: dict[str, Callable] = {
     "ingest": _ingest,

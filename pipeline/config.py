@@ -97,6 +97,9 @@ class EvaluateParams(Section):
     stability_repeats: int = Field(3, ge=1, description="sample-based metrics over this many seed sets")
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = Field(4.0, ge=1)
+    inception_weights: str | None = Field(None, description="TorchScript FID Inception file for FID/KID")
+    kid_subset_size: int = Field(50, ge=2, description="capped at the number of samples per seed set")
+    clip_model: str | None = Field(None, description="CLIP folder or cached hub id for the CLIP score")
 
 
 class RegisterParams(Section):

@@ -22,9 +22,10 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from pipeline.adherence import adheres
-from pipeline.atomic import atomic_file, write_json
+from pipeline.atomic import atomic_file, read_json, write_json
 from pipeline.config import EvaluateParams, Params, Paths
 from pipeline.encode import load_latents
+from pipeline.external_metrics import ExternalMetrics, external_metrics
 from pipeline.models import tokenize
 from pipeline.preprocess import load_split
 from pipeline.sources.synthetic import COLOURS, SHAPES, caption_for
@@ -34,6 +35,8 @@ from pipeline.vae import to_model_range
 log = logging.getLogger(__name__)
 
 METRICS = "eval.json"
+HEADLINE_METRICS = ("adherence", "noise_mse", "noise_r2", "vae_psnr", "vae_ssim", "fid", "kid", "clip_score")
+UNAVAILABLE = "unavailable"  # eval.json's map of metric -> why it could not be computed here
 GRID_ZOOM = 4
 SEED_SET_STRIDE = 1000  # seed sets of different repeats never overlap
 
@@ -50,24 +53,29 @@ def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, pa
     latents = cache.mean * pipeline.vae.config.scaling_factor
     states = pipeline.text_encoder(tokenize(pipeline.tokenizer, cache.captions))[0]
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)  # the forward process used in training
-    metrics, predictions, targets = {}, [], []
+    buckets = {}
     for timestep in params.timesteps:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(params.noise_seed + timestep))
         steps = torch.full((len(latents),), timestep, dtype=torch.long)
         prediction = pipeline.unet(scheduler.add_noise(latents, noise, steps), steps, states).sample
-        metrics[f"noise_mse_t{timestep}"] = float(torch.mean((prediction - noise) ** 2))
-        predictions.append(prediction.flatten())
-        targets.append(noise.flatten())
-    prediction, target = torch.cat(predictions), torch.cat(targets)
-    error = prediction - target
+        buckets[timestep] = (prediction.flatten(), noise.flatten())
+    metrics = {}
+    for timestep, (prediction, target) in buckets.items():
+        metrics.update({f"{name}_t{timestep}": value for name, value in error_metrics(prediction, target).items()})
+    overall = error_metrics(*(torch.cat(parts) for parts in zip(*buckets.values(), strict=True)))
+    metrics.update(overall)
+    return metrics
+
+
+def error_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    error = (prediction - target).double()
     mse = float(torch.mean(error**2))
-    metrics.update(
+    return dict(
         noise_mse=mse,
         noise_rmse=mse**0.5,
         noise_mae=float(torch.mean(error.abs())),
-        noise_r2=float(1 - torch.sum(error**2) / torch.sum((target - target.mean()) ** 2)),
+        noise_r2=float(1 - torch.sum(error**2) / torch.sum((target.double() - target.double().mean()) ** 2)),
     )
-    return metrics
 
 
 def adherence_prompts() -> list[tuple[str, str]]:
@@ -107,18 +115,24 @@ def adherence_metrics(rows: list[list[Image.Image]]) -> dict:
     )
 
 
-def stability_metrics(pipeline: StableDiffusionPipeline, params: EvaluateParams) -> tuple[dict, list]:
-    """Adherence over `stability_repeats` seed sets as mean and std; returns the first set's images too."""
+def stability_metrics(
+    pipeline: StableDiffusionPipeline, params: EvaluateParams, external: ExternalMetrics
+) -> tuple[dict, list]:
+    """Every sample metric over `stability_repeats` seed sets as mean and std; returns the first set's images."""
     runs, first_rows = [], None
+    prompts = [caption_for(colour, shape) for colour, shape in adherence_prompts()
+               for _ in range(params.samples_per_prompt)]
     for repeat in range(params.stability_repeats):
         rows = generate_samples(pipeline, params, repeat)
         first_rows = first_rows or rows
-        runs.append(adherence_metrics(rows))
+        samples = adherence_metrics(rows)
+        samples.pop("adherence_samples")
+        runs.append(samples | external.score([image for row in rows for image in row], prompts))
     metrics = {}
-    for name in ("adherence", "colour_accuracy", "shape_accuracy"):
+    for name in runs[0]:
         values = np.array([run[name] for run in runs])
         metrics[name], metrics[f"{name}_std"] = float(values.mean()), float(values.std())
-    metrics["adherence_samples"] = sum(run["adherence_samples"] for run in runs)
+    metrics["adherence_samples"] = len(prompts) * params.stability_repeats
     return metrics, first_rows
 
 
@@ -180,16 +194,25 @@ def evaluate(params: Params, paths: Paths) -> dict:
     pipeline = load_pipeline(paths.sd_model)
     metrics = noise_prediction_metrics(pipeline, paths, params.evaluate)
     metrics.update(vae_reconstruction_metrics(pipeline, paths))
-    sample_metrics, rows = stability_metrics(pipeline, params.evaluate)
+    external = external_metrics(params.evaluate, paths.root, load_split(paths, "val")[0])
+    for name, reason in external.unavailable.items():
+        log.warning("evaluate: %s unavailable: %s", name, reason)
+    sample_metrics, rows = stability_metrics(pipeline, params.evaluate, external)
     metrics.update(sample_metrics)
     metrics["deterministic"] = float(is_deterministic(pipeline, params.evaluate))
     with atomic_file(paths.samples_grid) as staging:
         image_grid(rows).save(staging, format="PNG")
-    write_json(paths.metrics / METRICS, metrics)
+    write_json(paths.metrics / METRICS, {**metrics, UNAVAILABLE: external.unavailable})
     with model_run(params, paths):
         import mlflow
 
         mlflow.log_metrics({f"eval_{name}": value for name, value in metrics.items()})
+        mlflow.set_tags({f"eval_unavailable.{name}": reason for name, reason in external.unavailable.items()})
         mlflow.log_artifact(str(paths.samples_grid), artifact_path="evaluation")
     log.info("evaluate: adherence %.2f, noise MSE %.4f", metrics["adherence"], metrics["noise_mse"])
     return metrics
+
+
+def read_metrics(paths: Paths) -> dict[str, float]:
+    """The numeric metrics of metrics/eval.json (without the `unavailable` reasons)."""
+    return {name: value for name, value in read_json(paths.metrics / METRICS).items() if name != UNAVAILABLE}

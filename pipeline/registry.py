@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.atomic import read_json, write_json
+from pipeline.atomic import write_json
 from pipeline.config import Params, Paths, RegisterParams
-from pipeline.evaluate import METRICS as EVAL_METRICS
+from pipeline.evaluate import HEADLINE_METRICS, METRICS as EVAL_METRICS, read_metrics
 from pipeline.tracking import lineage_tags, model_run, use_experiment
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,24 @@ def _log_new_version(params: Params, paths: Paths, metrics: dict, model_hash: st
     tags.update({METRIC_TAG_PREFIX + name: str(value) for name, value in metrics.items()})
     for key, value in tags.items():
         client.set_model_version_tag(settings.model_name, version.version, key, value)
+    client.update_model_version(settings.model_name, version.version, description=version_description(metrics, tags))
     return version
+
+
+def version_description(metrics: dict, tags: dict) -> str:
+    """What a reviewer reads on the version's page in the MLflow UI."""
+    headline = "\n".join(f"| {name} | {metrics[name]:.4g} |" for name in HEADLINE_METRICS if name in metrics)
+    return (
+        f"Headline metrics (metrics/eval.json; every metric is a `{METRIC_TAG_PREFIX}*` tag):\n\n"
+        f"| metric | value |\n|---|---|\n{headline}\n\n"
+        f"git commit `{tags.get('git_commit', 'unknown')}`, data version `{tags.get('data_version', 'unknown')}`, "
+        f"params hash `{tags.get('params_hash', 'unknown')}`, MLflow run `{tags['run_id']}`"
+    )
 
 
 def register(params: Params, paths: Paths) -> Registration:
     settings = params.register_
-    metrics = read_json(paths.metrics / EVAL_METRICS)
+    metrics = read_metrics(paths)
     if settings.gate_metric not in metrics:
         raise KeyError(
             f"register.gate_metric: {settings.gate_metric!r} is not in {paths.metrics / EVAL_METRICS} "

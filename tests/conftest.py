@@ -18,6 +18,8 @@ for _name, _value in {
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="sdpipe-prefect-"))
+# An empty torch hub cache: FID/KID must not depend on weights a developer happens to have.
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="sdpipe-torch-")
 
 import copy  # noqa: E402
 from pathlib import Path  # noqa: E402

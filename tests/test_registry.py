@@ -45,6 +45,9 @@ def test_first_version_becomes_champion_with_lineage(trained_project):
     version = client.get_model_version_by_alias(params.register_.model_name, CHAMPION)
     assert version.version == 1
     assert {"git_commit", "data_version", "params_hash", "model_hash", "metric.adherence"} <= set(version.tags)
+    recorded = json.loads((paths.metrics / "eval.json").read_text())
+    assert f"| adherence | {recorded['adherence']:.4g} |" in version.description
+    assert version.tags["git_commit"] in version.description
 
 
 def test_registering_the_same_files_twice_makes_no_new_version(project_copy):
