@@ -1,7 +1,8 @@
 """Stage `preprocess`: decode, orient, convert to RGB, resize and crop, split train/val by id.
 
 Writes data/processed/{train,val}/<id>.png with a manifest.parquet each (id, file, caption), and
-data/processed/stats.json: reference statistics of the training set for drift monitoring.
+data/processed/reference_features.parquet and stats.json: the training set's drift features
+(`pipeline.drift`) per sample and summarised, for the monitoring flow.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from PIL import Image, ImageOps
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import Paths, PreprocessParams
+from pipeline.drift import feature_table, words_of
 from pipeline.ingest import MANIFEST
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 STATS = "stats.json"
+REFERENCE_FEATURES = "reference_features.parquet"
 WHITE = (255, 255, 255)
 
 
@@ -52,21 +55,27 @@ def load_training_image(path: Path, resolution: int) -> Image.Image:
         return resize_and_crop(to_rgb(image), resolution)
 
 
-def reference_stats(images: list[np.ndarray], captions: list[str]) -> dict:
-    """Summary statistics of the training set that later batches are compared against."""
-    pixels = np.stack(images).astype(np.float64) / 255.0
-    grey = pixels.mean(axis=-1)
-    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
-    colourfulness = np.sqrt((red - green).std(axis=(1, 2)) ** 2 + ((red + green) / 2 - blue).std(axis=(1, 2)) ** 2)
-    words = [caption.split() for caption in captions]
+def reference_stats(features: pd.DataFrame, vocabulary: set[str]) -> dict:
+    """Summary of the training set's drift features, and the words its captions use."""
     return dict(
-        count=len(images),
-        brightness=dict(mean=float(grey.mean()), std=float(grey.mean(axis=(1, 2)).std())),
-        contrast=dict(mean=float(grey.std(axis=(1, 2)).mean())),
-        colourfulness=dict(mean=float(colourfulness.mean())),
-        caption_words=dict(mean=float(np.mean([len(w) for w in words])) if words else 0.0),
-        vocabulary=sorted({word for caption in words for word in caption}),
+        count=len(features),
+        features={
+            name: dict(mean=float(column.mean()), std=float(column.std(ddof=0)),
+                       quantiles=[float(q) for q in column.quantile([0.05, 0.25, 0.5, 0.75, 0.95])])
+            for name, column in features.items()
+        },
+        vocabulary=sorted(vocabulary),
     )
+
+
+def save_reference(folder: Path, images: list[np.ndarray], rows: pd.DataFrame) -> None:
+    """The training set's per-sample drift features and their summary, for the monitoring flow."""
+    captions = rows["caption"].tolist()
+    vocabulary = {word for caption in captions for word in words_of(caption)}
+    sizes = list(zip(rows["width"], rows["height"], strict=True))
+    features = feature_table(np.stack(images), sizes, captions, vocabulary)
+    features.to_parquet(folder / REFERENCE_FEATURES, index=False)
+    write_json(folder / STATS, reference_stats(features, vocabulary))
 
 
 def preprocess(params: PreprocessParams, paths: Paths) -> dict[str, int]:
@@ -95,8 +104,7 @@ def preprocess(params: PreprocessParams, paths: Paths) -> dict[str, int]:
                 f"preprocess: the split left {counts['train']} train and {counts['val']} val samples; "
                 "both need at least one (add data or change preprocess.val_fraction)"
             )
-        train_captions = manifest.loc[manifest["split"] == "train", "caption"].tolist()
-        write_json(staging / STATS, reference_stats(train_pixels, train_captions))
+        save_reference(staging, train_pixels, manifest[manifest["split"] == "train"])
     log.info("preprocess: %d train, %d val at %d px", counts["train"], counts["val"], params.resolution)
     return counts
 

@@ -1,4 +1,5 @@
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -6,7 +7,8 @@ from PIL import Image
 
 from pipeline.config import Paths, PreprocessParams
 from pipeline.ingest import MANIFEST, ingest
-from pipeline.preprocess import STATS, load_split, preprocess, resize_and_crop, split_of, to_rgb
+from pipeline.drift import FEATURES
+from pipeline.preprocess import REFERENCE_FEATURES, STATS, load_split, preprocess, resize_and_crop, split_of, to_rgb
 from pipeline.validate import validate
 
 
@@ -45,5 +47,8 @@ def test_preprocess_writes_both_splits_and_reference_stats(tiny_params, tmp_path
     images, manifest = load_split(paths, "val")
     assert images.shape == (counts["val"], 16, 16, 3) and images.dtype == np.uint8
     assert list(manifest["file"]) == [f"{i}.png" for i in manifest["id"]]
-    stats = (paths.processed / STATS).read_text()
-    assert '"vocabulary"' in stats and '"circle"' in stats
+    stats = json.loads((paths.processed / STATS).read_text())
+    assert "circle" in stats["vocabulary"] and stats["count"] == counts["train"]
+    features = pd.read_parquet(paths.processed / REFERENCE_FEATURES)
+    assert list(features.columns) == list(FEATURES) and len(features) == counts["train"]
+    assert (features["oov_rate"] == 0).all() and features["brightness"].between(0, 1).all()
