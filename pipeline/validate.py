@@ -108,14 +108,21 @@ def quarantine_reasons(frame: pd.DataFrame, outcomes: list[tuple[Check, dict]]) 
     return reasons
 
 
-def validate(params: ValidateParams, paths: Paths) -> ValidationResult:
-    manifest = pd.read_parquet(paths.raw / MANIFEST)
+@dataclass(frozen=True)
+class ManifestCheck:
+    good: pd.DataFrame
+    quarantined: pd.DataFrame  # id, path, caption, reason
+    summary: dict
+    failed_checks: dict[str, int]
+
+
+def check_manifest(manifest: pd.DataFrame, root: Path, params: ValidateParams) -> ManifestCheck:
+    """Run the suite over a manifest whose paths are relative to `root`; nothing is written."""
     frame = manifest.reset_index(drop=True)
     frame[ROW] = range(len(frame))
-    frame[DECODABLE] = [is_decodable(paths.raw / relative) for relative in frame["path"]]
+    frame[DECODABLE] = [is_decodable(root / relative) for relative in frame["path"]]
     outcomes = run_suite(frame, manifest_checks(params))
     reasons = quarantine_reasons(frame, outcomes)
-
     failed = {
         f"{check.expectation.expectation_type} ({check.reason})": int(result.get("unexpected_count") or 0)
         for check, result in outcomes
@@ -134,19 +141,28 @@ def validate(params: ValidateParams, paths: Paths) -> ValidationResult:
         passed=bad_fraction <= params.max_bad_fraction,
         unexpected_rows={check.reason: int(result.get("unexpected_count") or 0) for check, result in outcomes},
     )
-    _write_reports(paths.validation_reports, summary, quarantined)
-    if not summary["passed"]:
-        detail = ", ".join(f"{name}: {count} rows" for name, count in failed.items())
-        raise ValidationFailed(
-            f"validation failed: {len(reasons)} of {total} rows are bad ({bad_fraction:.1%} > "
-            f"validate.max_bad_fraction {params.max_bad_fraction:.1%}); {detail}. "
-            f"See {paths.validation_reports / QUARANTINE}."
-        )
-    good = manifest.drop(index=sorted(reasons)).reset_index(drop=True)
+    good = manifest.reset_index(drop=True).drop(index=sorted(reasons)).reset_index(drop=True)
+    return ManifestCheck(good, quarantined, summary, failed)
+
+
+def failure_message(check: ManifestCheck, params: ValidateParams) -> str:
+    summary = check.summary
+    detail = ", ".join(f"{name}: {count} rows" for name, count in check.failed_checks.items())
+    return (
+        f"validation failed: {summary['quarantined']} of {summary['total']} rows are bad "
+        f"({summary['bad_fraction']:.1%} > validate.max_bad_fraction {params.max_bad_fraction:.1%}); {detail}"
+    )
+
+
+def validate(params: ValidateParams, paths: Paths) -> ValidationResult:
+    check = check_manifest(pd.read_parquet(paths.raw / MANIFEST), paths.raw, params)
+    _write_reports(paths.validation_reports, check.summary, check.quarantined)
+    if not check.summary["passed"]:
+        raise ValidationFailed(f"{failure_message(check, params)}. See {paths.validation_reports / QUARANTINE}.")
     with atomic_dir(paths.validated) as staging:
-        good.to_parquet(staging / MANIFEST, index=False)
-    log.info("validate: %d rows kept, %d quarantined", len(good), len(reasons))
-    return ValidationResult(total, len(reasons), failed)
+        check.good.to_parquet(staging / MANIFEST, index=False)
+    log.info("validate: %d rows kept, %d quarantined", len(check.good), len(check.quarantined))
+    return ValidationResult(check.summary["total"], len(check.quarantined), check.failed_checks)
 
 
 def _write_reports(directory: Path, summary: dict, quarantined: pd.DataFrame) -> None:

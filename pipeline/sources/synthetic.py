@@ -26,6 +26,7 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "a picture of a {colour} {shape}",
 )
 SUPERSAMPLE = 4
+LIGHT_BACKGROUND = (225, 255)
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,13 @@ def _shape_outline(shape: str, left: float, top: float, size: float) -> list[tup
 
 
 def render_shape(
-    colour: str, shape: str, *, resolution: int, size: float, left: float, top: float, background: int
+    fill: tuple[int, int, int], shape: str, *, resolution: int, size: float, left: float, top: float, background: int
 ) -> Image.Image:
     """Draw one shape; geometry is in image pixels, drawn supersampled and downscaled for clean edges."""
     scale = resolution * SUPERSAMPLE
     canvas = Image.new("RGB", (scale, scale), (background,) * 3)
     draw = ImageDraw.Draw(canvas)
     outline = _shape_outline(shape, left * SUPERSAMPLE, top * SUPERSAMPLE, size * SUPERSAMPLE)
-    fill = COLOURS[colour]
     if shape == "circle":
         draw.ellipse(outline, fill=fill)
     elif shape == "square":
@@ -65,20 +65,22 @@ def render_shape(
 
 
 def generate(
-    *, count: int, resolution: int, seed: int, min_size: float = 0.4, max_size: float = 0.8
+    *, count: int, resolution: int, seed: int, min_size: float = 0.4, max_size: float = 0.8,
+    colours: dict[str, tuple[int, int, int]] = COLOURS, background: tuple[int, int] = LIGHT_BACKGROUND,
 ) -> Iterator[ShapeSample]:
-    """Yield `count` samples; the same arguments always give the same bytes."""
+    """Yield `count` samples; the same arguments always give the same bytes. `colours` and the grey
+    `background` range (low, high inclusive) are there so monitoring demos can shift the distribution."""
     rng = np.random.default_rng(seed)
     for _ in range(count):
-        colour = str(rng.choice(list(COLOURS)))
+        colour = str(rng.choice(list(colours)))
         shape = str(rng.choice(SHAPES))
         template = str(rng.choice(CAPTION_TEMPLATES))
         size = float(rng.uniform(min_size, max_size)) * resolution
         left = float(rng.uniform(0, resolution - size))
         top = float(rng.uniform(0, resolution - size))
-        background = int(rng.integers(225, 256))
+        grey = int(rng.integers(background[0], background[1] + 1))
         image = render_shape(
-            colour, shape, resolution=resolution, size=size, left=left, top=top, background=background
+            colours[colour], shape, resolution=resolution, size=size, left=left, top=top, background=grey
         )
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=False)
