@@ -111,6 +111,22 @@ class RegisterParams(Section):
     min_improvement: float = Field(0.0, ge=0)
 
 
+class MonitorParams(Section):
+    """When new batches in `incoming` make retraining worthwhile (see pipeline/monitor.py)."""
+
+    incoming: str = "data/incoming"
+    min_new_samples: int = Field(100, ge=1, description="valid new samples needed before any retraining")
+    psi_threshold: float = Field(0.25, gt=0, description="a feature drifts above this PSI ...")
+    ks_alpha: float = Field(0.01, gt=0, lt=1, description="... when its KS p-value is also below this")
+    mmd_alpha: float = Field(0.01, gt=0, lt=1, description="latents drift when the MMD p-value is below this")
+    mmd_permutations: int = Field(200, ge=20)
+    reference_samples: int = Field(300, ge=10, description="training images the batch latents are compared to")
+    max_degradation: float = Field(0.25, ge=0, description="allowed rise of the champion's noise MSE on new data")
+    retrain_cron: str = "0 3 * * *"
+    stage_retries: int = Field(1, ge=0, description="retries of a failed stage in the training flow")
+    seed: int = 0
+
+
 class Params(Section):
     ingest: IngestParams = IngestParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
@@ -121,6 +137,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     register_: RegisterParams = Field(RegisterParams(), alias="register")
+    monitor: MonitorParams = MonitorParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
 
@@ -190,6 +207,16 @@ class Paths:
     @property
     def sd_model(self) -> Path:
         return self.root / "models" / "sd"
+
+    @property
+    def batches(self) -> Path:
+        """New batches accepted for training by the retraining flow (read by `ingest`)."""
+        return self.root / "data" / "batches"
+
+    @property
+    def monitoring(self) -> Path:
+        """The monitoring history: one record per checked batch and its decision."""
+        return self.root / "data" / "monitoring"
 
     @property
     def run_record(self) -> Path:

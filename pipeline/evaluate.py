@@ -47,11 +47,18 @@ def load_pipeline(folder) -> StableDiffusionPipeline:
     return pipeline
 
 
-@torch.no_grad()
 def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
     cache = load_latents(paths.latents, "val")
-    latents = cache.mean * pipeline.vae.config.scaling_factor
-    states = pipeline.text_encoder(tokenize(pipeline.tokenizer, cache.captions))[0]
+    return noise_metrics_on(pipeline, cache.mean, cache.captions, params)
+
+
+@torch.no_grad()
+def noise_metrics_on(
+    pipeline: StableDiffusionPipeline, latent_means: torch.Tensor, captions: list[str], params: EvaluateParams
+) -> dict:
+    """Noise-prediction errors on given VAE latent means, at the fixed timesteps and noise seeds."""
+    latents = latent_means * pipeline.vae.config.scaling_factor
+    states = pipeline.text_encoder(tokenize(pipeline.tokenizer, captions))[0]
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)  # the forward process used in training
     buckets = {}
     for timestep in params.timesteps:

@@ -1,0 +1,257 @@
+"""Monitoring: check each new batch, and decide with reasons whether to retrain.
+
+A batch is a folder under `monitor.incoming` (data/incoming/ by default) with images and a
+`metadata.jsonl` of `{"file_name": ..., "text": caption}` lines (the Hugging Face imagefolder layout).
+`check_batch` validates it with the same Great Expectations suite as the `validate` stage, computes
+drift against the training set's reference features (`pipeline.drift`: PSI and KS per feature, MMD on
+the champion VAE's latents) and evaluates the champion on it (noise-prediction MSE at the fixed
+timesteps, against the champion's own validation MSE). `decide` turns the reports of every batch not
+yet trained on into a decision and the reasons for it. Batches are read, never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.atomic import atomic_dir, read_json
+from pipeline.config import MonitorParams, Params, Paths
+from pipeline.drift import feature_drift, feature_table, mmd_test
+from pipeline.encode import encode_images
+from pipeline.evaluate import load_pipeline, noise_metrics_on
+from pipeline.ingest import content_id, describe_image
+from pipeline.preprocess import REFERENCE_FEATURES, STATS, load_split, load_training_image
+from pipeline.validate import check_manifest
+from pipeline.vae import to_model_range
+
+log = logging.getLogger(__name__)
+
+BATCH_METADATA = "metadata.jsonl"
+HISTORY = "history.jsonl"
+UNREADABLE = "unreadable"
+MONITORING_TAG = "sdpipe.monitoring"
+
+
+def batch_manifest(folder: Path) -> pd.DataFrame:
+    """The batch as manifest rows (paths relative to the batch folder), headers read, pixels not decoded."""
+    metadata = folder / BATCH_METADATA
+    if not metadata.is_file():
+        raise FileNotFoundError(f"{folder}: a batch needs {BATCH_METADATA} with file_name and text per line")
+    rows = []
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            name, caption = entry["file_name"], entry.get("text", "")
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{metadata}:{number}: expected {{\"file_name\": ..., \"text\": ...}} ({error})") from None
+        data = (folder / name).read_bytes() if (folder / name).is_file() else b""
+        try:
+            width, height, fmt = describe_image(data)
+        except Exception:  # unreadable or missing: validation quarantines it as not decodable
+            width, height, fmt = 0, 0, UNREADABLE
+        rows.append(dict(id=content_id(data), path=name, caption=caption, width=width, height=height,
+                         format=fmt, bytes=len(data), source=folder.name))
+    return pd.DataFrame(rows)
+
+
+def pending_batches(params: MonitorParams, paths: Paths) -> list[Path]:
+    """Batch folders in `incoming` that no retraining has merged yet, oldest name first."""
+    incoming = Path(params.incoming) if Path(params.incoming).is_absolute() else paths.root / params.incoming
+    if not incoming.is_dir():
+        return []
+    merged = {folder.name for folder in paths.batches.iterdir()} if paths.batches.is_dir() else set()
+    return sorted(f for f in incoming.iterdir() if f.is_dir() and not f.name.startswith(".") and f.name not in merged)
+
+
+@dataclass
+class BatchReport:
+    batch: str
+    samples: int
+    valid: int
+    validation: dict
+    features: dict = field(default_factory=dict)
+    drifted_features: list[str] = field(default_factory=list)
+    mmd: dict = field(default_factory=dict)
+    champion: dict = field(default_factory=dict)
+
+    @property
+    def latents_drifted(self) -> bool:
+        return bool(self.mmd) and self.mmd["drifted"]
+
+
+def _sample_reference(paths: Paths, count: int, seed: int) -> np.ndarray:
+    images, _ = load_split(paths, "train")
+    chosen = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
+    return images[np.sort(chosen)]
+
+
+def check_batch(folder: Path, params: Params, paths: Paths, champion_folder: Path, champion_noise_mse: float) -> BatchReport:
+    settings = params.monitor
+    manifest = batch_manifest(folder)
+    validation = check_manifest(manifest, folder, params.validate_)
+    good = validation.good
+    report = BatchReport(batch=folder.name, samples=len(manifest), valid=len(good), validation=validation.summary)
+    if good.empty:
+        return report
+    resolution = params.preprocess.resolution
+    images = np.stack([np.asarray(load_training_image(folder / path, resolution)) for path in good["path"]])
+    stats = read_json(paths.processed / STATS)
+    features = feature_table(images, list(zip(good["width"], good["height"], strict=True)),
+                             good["caption"].tolist(), set(stats["vocabulary"]))
+    report.features = feature_drift(pd.read_parquet(paths.processed / REFERENCE_FEATURES), features)
+    report.drifted_features = [
+        name for name, test in report.features.items()
+        if test["psi"] > settings.psi_threshold and test["ks_pvalue"] < settings.ks_alpha
+    ]
+    champion = load_pipeline(champion_folder)
+    with torch.no_grad():
+        batch_latents, _ = encode_images(champion.vae, to_model_range(images), batch_size=256)
+        reference = _sample_reference(paths, settings.reference_samples, settings.seed)
+        reference_latents, _ = encode_images(champion.vae, to_model_range(reference), batch_size=256)
+    mmd = mmd_test(reference_latents.numpy(), batch_latents.numpy(),
+                   permutations=settings.mmd_permutations, seed=settings.seed)
+    report.mmd = dict(mmd2=mmd.mmd2, pvalue=mmd.pvalue, drifted=mmd.pvalue < settings.mmd_alpha)
+    batch_mse = noise_metrics_on(champion, batch_latents, good["caption"].tolist(), params.evaluate)["noise_mse"]
+    report.champion = dict(noise_mse_batch=batch_mse, noise_mse_validation=champion_noise_mse,
+                           degradation=batch_mse / champion_noise_mse - 1)
+    return report
+
+
+@dataclass(frozen=True)
+class Decision:
+    retrain: bool
+    reasons: list[str]
+    new_samples: int
+
+
+def decide(reports: list[BatchReport], params: MonitorParams) -> Decision:
+    """Retrain when enough valid new data has arrived and it drifted or the champion got worse on it."""
+    new_samples = sum(report.valid for report in reports)
+    triggers = []
+    for report in reports:
+        if report.drifted_features:
+            details = ", ".join(
+                f"{name} (PSI {report.features[name]['psi']:.2f}, KS p {report.features[name]['ks_pvalue']:.1e})"
+                for name in report.drifted_features
+            )
+            triggers.append(f"{report.batch}: features drifted: {details}")
+        if report.latents_drifted:
+            triggers.append(f"{report.batch}: VAE latents drifted (MMD p {report.mmd['pvalue']:.3f} "
+                            f"< monitor.mmd_alpha {params.mmd_alpha})")
+        if report.champion and report.champion["degradation"] > params.max_degradation:
+            triggers.append(f"{report.batch}: champion noise MSE {report.champion['noise_mse_batch']:.4f} is "
+                            f"{report.champion['degradation']:.0%} above its validation MSE "
+                            f"(> monitor.max_degradation {params.max_degradation:.0%})")
+    enough = new_samples >= params.min_new_samples
+    volume = (f"{new_samples} valid new samples in {len(reports)} pending batches "
+              f"({'>=' if enough else '<'} monitor.min_new_samples {params.min_new_samples})")
+    if not triggers:
+        return Decision(False, [volume, "no drift and the champion is within monitor.max_degradation"], new_samples)
+    if not enough:
+        return Decision(False, [volume, *triggers, "waiting for more data before retraining"], new_samples)
+    return Decision(True, [volume, *triggers], new_samples)
+
+
+def record(paths: Paths, reports: list[BatchReport], decision: Decision) -> None:
+    """Append the check to data/monitoring/history.jsonl (one JSON line per decision)."""
+    paths.monitoring.mkdir(parents=True, exist_ok=True)
+    entry = dict(at=datetime.now(UTC).isoformat(), decision=asdict(decision), reports=[asdict(r) for r in reports])
+    with (paths.monitoring / HISTORY).open("a", encoding="utf-8") as history:
+        history.write(json.dumps(entry) + "\n")
+
+
+def merge_batches(folders: list[Path], params: Params, paths: Paths) -> int:
+    """Copy each batch's valid samples into data/batches/<batch>/ (read by `ingest`); returns samples merged."""
+    merged = 0
+    for folder in folders:
+        good = check_manifest(batch_manifest(folder), folder, params.validate_).good
+        with atomic_dir(paths.batches / folder.name) as staging:
+            lines = []
+            for path, caption in zip(good["path"], good["caption"], strict=True):
+                (staging / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(folder / path, staging / path)
+                lines.append(json.dumps({"file_name": path, "text": caption}))
+            (staging / BATCH_METADATA).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        merged += len(good)
+        log.info("monitor: merged %d samples of %s into %s", len(good), folder.name, paths.batches)
+    return merged
+
+
+def champion_reference(params: Params, paths: Paths) -> tuple[Path, float, int]:
+    """The champion's diffusers folder, its validation noise MSE and its version."""
+    from pipeline.generate import resolve_model
+    from pipeline.registry import CHAMPION, METRIC_TAG_PREFIX, _registry_client
+
+    name = params.register_.model_name
+    client = _registry_client(params, paths)
+    version = client.get_model_version_by_alias(name, CHAMPION)
+    folder = resolve_model(f"models:/{name}@{CHAMPION}", params, paths)
+    return folder, float(version.tags[METRIC_TAG_PREFIX + "noise_mse"]), int(version.version)
+
+
+def log_monitoring(params: Params, paths: Paths, reports: list[BatchReport], decision: Decision) -> str:
+    """One long-lived MLflow run per project holds the monitoring time series; returns its id."""
+    import mlflow
+
+    from pipeline.tracking import use_experiment
+
+    use_experiment(params.register_, paths.root)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(params.register_.experiment)
+    found = client.search_runs([experiment.experiment_id], f"tags.{MONITORING_TAG} = 'true'", max_results=1)
+    run_id = found[0].info.run_id if found else client.create_run(
+        experiment.experiment_id, run_name="monitoring", tags={MONITORING_TAG: "true"}).info.run_id
+    step = len(client.get_metric_history(run_id, "retrain"))
+    metrics = {"retrain": float(decision.retrain), "new_samples": float(decision.new_samples)}
+    for report in reports:
+        metrics["valid_share"] = report.valid / report.samples if report.samples else 0.0
+        metrics.update({f"psi_{name}": test["psi"] for name, test in report.features.items()})
+        if report.mmd:
+            metrics.update(mmd2=report.mmd["mmd2"], mmd_pvalue=report.mmd["pvalue"])
+        if report.champion:
+            metrics.update(champion_noise_mse=report.champion["noise_mse_batch"],
+                           champion_degradation=report.champion["degradation"])
+    timestamp = int(datetime.now(UTC).timestamp() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, timestamp, step) for k, v in metrics.items()])
+    return run_id
+
+
+SHIFTS: dict[str, dict] = {
+    "none": {},
+    "colour": dict(colours={"purple": (140, 40, 180), "orange": (245, 130, 20)}),
+    "background": dict(background=(20, 70)),
+}
+
+
+def drop_demo_batch(params: Params, paths: Paths, *, shift: str, count: int, seed: int) -> Path:
+    """Write a batch of synthetic shapes into `incoming`: from the training distribution (`none`),
+    with colours it never saw (`colour`) or on a dark background (`background`)."""
+    from pipeline.sources import synthetic
+
+    if shift not in SHIFTS:
+        raise ValueError(f"--shift {shift!r}: choose one of {', '.join(SHIFTS)}")
+    settings = params.ingest.synthetic
+    incoming = Path(params.monitor.incoming)
+    incoming = incoming if incoming.is_absolute() else paths.root / incoming
+    target = incoming / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{shift}-seed{seed}"
+    with atomic_dir(target) as staging:
+        lines = []
+        for index, sample in enumerate(synthetic.generate(
+            count=count, resolution=settings.resolution, seed=seed, min_size=settings.min_size,
+            max_size=settings.max_size, **SHIFTS[shift],
+        )):
+            name = f"{index:05d}.png"
+            (staging / name).write_bytes(sample.png)
+            lines.append(json.dumps({"file_name": name, "text": sample.caption}))
+        (staging / BATCH_METADATA).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return target

@@ -1,0 +1,101 @@
+"""Monitoring: drift on new batches against the training set, and the retraining decision."""
+
+import hashlib
+import json
+
+import pytest
+
+from pipeline.config import MonitorParams, Paths, parse_params
+from pipeline.monitor import (
+    BatchReport, batch_manifest, check_batch, decide, drop_demo_batch, merge_batches, pending_batches,
+)
+
+from .conftest import merge, tiny_params_dict
+
+
+@pytest.fixture(scope="module")
+def checked(trained_project, tmp_path_factory):
+    """One batch of each kind dropped into a fresh incoming folder and checked against the champion."""
+    _, paths = trained_project
+    incoming = tmp_path_factory.mktemp("incoming")
+    params = parse_params(merge(tiny_params_dict(), {"monitor": {"incoming": str(incoming)}}))
+    champion_mse = json.loads((paths.metrics / "eval.json").read_text())["noise_mse"]
+    folders = {shift: drop_demo_batch(params, paths, shift=shift, count=100, seed=7) for shift in
+               ("none", "colour", "background")}
+    before = {shift: _tree_hash(folder) for shift, folder in folders.items()}
+    reports = {shift: check_batch(folder, params, paths, paths.sd_model, champion_mse)
+               for shift, folder in folders.items()}
+    return params, paths, folders, reports, before
+
+
+def _tree_hash(folder):
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        digest.update(path.name.encode() + (path.read_bytes() if path.is_file() else b""))
+    return digest.hexdigest()
+
+
+def test_an_unshifted_batch_shows_no_drift(checked):
+    _, _, _, reports, _ = checked
+    report = reports["none"]
+    assert report.samples == report.valid == 100
+    assert report.drifted_features == [] and not report.latents_drifted
+    assert set(report.champion) == {"noise_mse_batch", "noise_mse_validation", "degradation"}
+
+
+def test_new_colours_and_a_dark_background_drift(checked):
+    _, _, _, reports, _ = checked
+    assert "oov_rate" in reports["colour"].drifted_features
+    assert "brightness" in reports["background"].drifted_features
+    assert reports["background"].latents_drifted
+    assert reports["background"].mmd["pvalue"] < reports["none"].mmd["pvalue"]
+
+
+def test_batches_are_read_never_modified(checked):
+    _, _, folders, _, before = checked
+    assert {shift: _tree_hash(folder) for shift, folder in folders.items()} == before
+
+
+def test_policy_retrains_on_a_shifted_batch_but_not_on_an_unshifted_one(checked):
+    _, _, _, reports, _ = checked
+    policy = MonitorParams(min_new_samples=50)
+    quiet = decide([reports["none"]], policy)
+    assert not quiet.retrain and "no drift" in quiet.reasons[-1]
+    shifted = decide([reports["none"], reports["background"]], policy)
+    assert shifted.retrain and shifted.new_samples == 200
+    assert any("brightness" in reason for reason in shifted.reasons)
+
+
+def test_policy_waits_for_enough_new_data():
+    drifted = BatchReport(batch="b", samples=10, valid=10, validation={}, drifted_features=["brightness"],
+                          features={"brightness": {"psi": 3.0, "ks_pvalue": 1e-9}})
+    decision = decide([drifted], MonitorParams(min_new_samples=100))
+    assert not decision.retrain and "10 valid new samples" in decision.reasons[0]
+    assert "waiting for more data" in decision.reasons[-1]
+
+
+def test_bad_files_in_a_batch_are_quarantined_and_merging_keeps_only_good_ones(checked, tmp_path):
+    params, _, folders, _, _ = checked
+    batch = tmp_path / "incoming" / "with-bad-file"
+    batch.mkdir(parents=True)
+    source = folders["none"]
+    lines = (source / "metadata.jsonl").read_text().splitlines()[:5]
+    for line in lines:
+        name = json.loads(line)["file_name"]
+        (batch / name).write_bytes((source / name).read_bytes())
+    (batch / "broken.png").write_bytes(b"not a png")
+    (batch / "metadata.jsonl").write_text("\n".join(lines + ['{"file_name": "broken.png", "text": "a red circle"}']))
+    manifest = batch_manifest(batch)
+    assert len(manifest) == 6 and (manifest["format"] == "unreadable").sum() == 1
+    paths = Paths(tmp_path / "project")
+    assert merge_batches([batch], params, paths) == 5
+    merged = paths.batches / "with-bad-file"
+    assert not (merged / "broken.png").exists() and len((merged / "metadata.jsonl").read_text().splitlines()) == 5
+    monitor = MonitorParams(incoming=str(tmp_path / "incoming"))
+    assert pending_batches(monitor, paths) == []
+
+
+def test_a_malformed_metadata_line_is_named(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n{"text": "no file"}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl:2"):
+        batch_manifest(tmp_path)
