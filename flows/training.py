@@ -4,23 +4,33 @@ Each task runs `dvc repro --single-item STAGE`, so DVC still decides what is sta
 stage is skipped (and reported as such) and DVC's cache and lock stay the single source of truth.
 
     python -m flows.training            # a local run (Prefect starts a temporary API if none is set)
+
+Transient failures of a stage are retried `monitor.stage_retries` times; at the end the run publishes a
+markdown artifact with the validation result, the metrics next to the champion's, the promotion and links.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from pipeline.config import PARAMS_FILE, apply_overrides, load_params
+from pipeline.evaluate import HEADLINE_METRICS
 from pipeline.tracking import FLOW_RUN_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SKIPPED_MARK = "didn't change, skipping"
+RETRY_DELAY_SECONDS = 10
+MLFLOW_UI = "http://127.0.0.1:5000"
 
 
 def pipeline_stages(root: Path = PROJECT_ROOT) -> list[str]:
@@ -55,12 +65,67 @@ def run_stage(stage: str, root: Path) -> str:
     return "skipped" if skipped else "ran"
 
 
+def flow_overrides(steps: int | None, learning_rate: float | None, source: str | None, mode: str | None,
+                   overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The typed parameters as dotted params.yaml keys, on top of the free-form overrides."""
+    typed = {"train.steps": steps, "train.learning_rate": learning_rate, "ingest.source": source, "model.mode": mode}
+    return {**(overrides or {}), **{key: value for key, value in typed.items() if value is not None}}
+
+
+def run_summary(root: Path, changes: dict[str, Any], outcomes: dict[str, str]) -> str:
+    """Markdown for the flow run's artifact: validation, metrics against the champion, promotion, links."""
+    def load(relative: str) -> dict:
+        path = root / relative
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    validation, metrics = load("reports/validation/summary.json"), load("metrics/eval.json")
+    registry, run = load("metrics/registry.json"), load("models/mlflow_run.json")
+    champion_value = registry.get("previous_champion_value")
+    lines = [
+        "# sdpipe training run", "",
+        f"- overrides: {changes or 'none'}",
+        f"- stages: " + ", ".join(f"{stage} {outcome}" for stage, outcome in outcomes.items()),
+        f"- validation: {validation.get('total', '?')} rows, {validation.get('quarantined', '?')} quarantined "
+        f"({'passed' if validation.get('passed') else 'failed'})",
+        f"- model: {registry.get('model_name', '?')} version {registry.get('version', '?')}, "
+        + ("**promoted to champion**" if registry.get("promoted") else
+           f"champion stays version {registry.get('champion_version', '?')}"),
+        f"- gate {registry.get('gate_metric', '?')}: {registry.get('gate_value', float('nan')):.4g} "
+        f"vs champion {'-' if champion_value is None else f'{champion_value:.4g}'}",
+        f"- MLflow run: {run.get('run_id', '?')} (`make ui-mlflow`, then "
+        f"{MLFLOW_UI}/#/experiments/{run.get('experiment_id', '')}/runs/{run.get('run_id', '')})",
+        f"- sample grid: {root / 'reports' / 'samples.png'}", "",
+        "| metric | value |", "|---|---|",
+        *(f"| {name} | {metrics[name]:.4g} |" for name in HEADLINE_METRICS if name in metrics),
+    ]
+    return "\n".join(lines)
+
+
 @flow(name="sdpipe-train")
-def training_flow(project_root: str = str(PROJECT_ROOT)) -> dict[str, str]:
+def training_flow(
+    project_root: str = str(PROJECT_ROOT),
+    steps: int | None = None,
+    learning_rate: float | None = None,
+    source: str | None = None,
+    mode: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Run every DVC stage as a task. Parameters other than `project_root` are written into params.yaml
+    (dotted keys in `overrides`, e.g. {"train.batch_size": 32}) before the stages run, so DVC, the MLflow
+    run and a later `dvc repro` all see the same settings."""
+    logger = get_run_logger()
     root = Path(project_root)
+    changes = flow_overrides(steps, learning_rate, source, mode, overrides)
+    params = apply_overrides(root / PARAMS_FILE, changes) if changes else load_params(root / PARAMS_FILE)
+    if changes:
+        logger.info("params.yaml overrides: %s", changes)
     outcomes = {}
     for stage in pipeline_stages(root):
-        outcomes[stage] = run_stage.with_options(name=stage)(stage, root)
+        outcomes[stage] = run_stage.with_options(
+            name=stage, retries=params.monitor.stage_retries, retry_delay_seconds=RETRY_DELAY_SECONDS
+        )(stage, root)
+    create_markdown_artifact(run_summary(root, changes, outcomes), key="training-summary",
+                             description="validation, metrics against the champion, promotion and links")
     return outcomes
 
 

@@ -105,6 +105,13 @@ def _rollback(params: Params, paths: Paths, args):
     print(f"champion: version {rollback(params, paths, reason=args.reason, by=getpass.getuser())}")
 
 
+def _drop_batch(params: Params, paths: Paths, args):
+    from pipeline.monitor import drop_demo_batch
+
+    folder = drop_demo_batch(params, paths, shift=args.shift, count=args.n, seed=args.seed)
+    print(f"new batch: {folder} ({args.n} images, shift: {args.shift}); run `python -m flows.retrain` to check it")
+
+
 STAGES: dict[str, Callable] = {
     "ingest": _ingest,
     "validate": _validate,
@@ -143,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="give the champion alias back to the previous champion")
     rollback.add_argument("--reason", default="rolled back by hand")
     rollback.set_defaults(handler=_rollback)
+    drop = commands.add_parser("drop-batch", help="drop a demo batch of shapes into monitor.incoming")
+    drop.add_argument("--shift", default="none", help="none (same distribution), colour (new colours) or "
+                      "background (dark backgrounds)")
+    drop.add_argument("-n", type=int, default=200, help="number of images")
+    drop.add_argument("--seed", type=int, default=1, help="different seeds give different batches")
+    drop.set_defaults(handler=_drop_batch)
     return parser
 
 

@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.atomic import atomic_file
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -169,6 +171,39 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, str(path))
+
+
+def apply_overrides(path: str | Path, overrides: dict[str, object]) -> Params:
+    """Set dotted keys (`train.steps: 500`) in the parameter file, keeping its comments and order.
+
+    The result is validated before anything is written, so a bad key or value leaves the file as it was.
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    document = YAML()  # round-trip mode: comments survive
+    document.preserve_quotes = True  # "no" must stay a string for PyYAML, which reads params.yaml
+    data = document.load(path.read_text(encoding="utf-8"))
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        node = data
+        for section in sections:
+            if not isinstance(node.get(section), dict):
+                raise ConfigError(f"override {dotted!r}: {section!r} is not a section of {path}")
+            node = node[section]
+        node[key] = value
+    params = parse_params(yaml.safe_load(_dump(document, data)), f"{path} with overrides {overrides}")
+    with atomic_file(path) as staging:
+        staging.write_text(_dump(document, data), encoding="utf-8")
+    return params
+
+
+def _dump(document, data) -> str:
+    from io import StringIO
+
+    buffer = StringIO()
+    document.dump(data, buffer)
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)

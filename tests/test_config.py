@@ -41,3 +41,19 @@ def test_top_level_must_be_a_mapping(tmp_path):
     path.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_params(path)
+
+
+def test_overrides_keep_comments_and_bad_ones_leave_the_file_alone(tmp_path):
+    from pipeline.config import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    params = apply_overrides(path, {"train.steps": 7, "train.learning_rate": 0.01})
+    assert params.train.steps == 7 and params.train.learning_rate == 0.01
+    text = path.read_text()
+    assert "# share of empty captions" in text and "steps: 7" in text
+    with pytest.raises(ConfigError, match="train.stepz: unknown key"):
+        apply_overrides(path, {"train.stepz": 1})
+    with pytest.raises(ConfigError, match="'nosuch' is not a section"):
+        apply_overrides(path, {"nosuch.key": 1})
+    assert path.read_text() == text

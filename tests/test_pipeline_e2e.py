@@ -83,11 +83,23 @@ def test_prefect_flow_runs_each_stage_as_a_task_and_dvc_skips_what_is_fresh(repo
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     registry = repo_copy / "metrics" / "registry.json"
     version_before = json.loads(registry.read_text())["version"]
-    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
-    params["evaluate"]["timesteps"].append(500)  # new noise metrics: eval.json changes, so register runs
-    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    timesteps = yaml.safe_load((repo_copy / "params.yaml").read_text())["evaluate"]["timesteps"]
     with prefect_test_harness(server_startup_timeout=90):
-        outcomes = training_flow(project_root=str(repo_copy))
+        # new noise metrics: eval.json changes, so register runs
+        outcomes = training_flow(project_root=str(repo_copy), overrides={"evaluate.timesteps": timesteps + [500]})
+        summary = _artifact("training-summary")
     assert list(outcomes) == STAGES
     assert {stage for stage, outcome in outcomes.items() if outcome == "ran"} == {"evaluate", "register"}
     assert json.loads(registry.read_text())["version"] == version_before, "same model files: no new version"
+    assert yaml.safe_load((repo_copy / "params.yaml").read_text())["evaluate"]["timesteps"] == timesteps + [500]
+    assert "evaluate.timesteps" in summary and f"version {version_before}" in summary and "| adherence |" in summary
+
+
+def _artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no Prefect artifact {key!r}"
+    return found[0].data
