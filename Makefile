@@ -16,7 +16,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup run test test-fast ui-mlflow clean
+.PHONY: setup run test test-fast ui ui-mlflow ui-prefect deploy clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,17 @@ test-fast: setup
 
 ui-mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+ui-prefect: setup
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# Both UIs in one terminal (Ctrl-C stops both): Prefect on :4200, MLflow on :5000.
+ui: setup
+	trap 'kill 0' EXIT; $(MAKE) --no-print-directory ui-prefect & $(MAKE) --no-print-directory ui-mlflow & wait
+
+# Serve the train and retrain deployments on the server `make ui` started.
+deploy: setup
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/python -m flows.deploy
 
 clean:
 	rm -rf data/raw data/validated data/processed data/latents models reports metrics mlflow.db mlartifacts

@@ -122,7 +122,8 @@ def training_flow(
     outcomes = {}
     for stage in pipeline_stages(root):
         outcomes[stage] = run_stage.with_options(
-            name=stage, retries=params.monitor.stage_retries, retry_delay_seconds=RETRY_DELAY_SECONDS
+            name=stage, task_run_name=stage, retries=params.monitor.stage_retries,
+            retry_delay_seconds=RETRY_DELAY_SECONDS,
         )(stage, root)
     create_markdown_artifact(run_summary(root, changes, outcomes), key="training-summary",
                              description="validation, metrics against the champion, promotion and links")

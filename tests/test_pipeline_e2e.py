@@ -3,10 +3,13 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
 import torch
@@ -103,3 +106,83 @@ def _artifact(key: str) -> str:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
     assert found, f"no Prefect artifact {key!r}"
     return found[0].data
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """A real `prefect server start` on loopback, in its own PREFECT_HOME; yields its API URL."""
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    port = api.split(":")[2].split("/")[0]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                               "127.0.0.1", "--port", port], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy():
+        try:
+            return httpx.get(f"{api}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _wait_for(healthy, 120, f"the Prefect server (log: {tmp_path / 'server.log'})")
+        yield api, env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.e2e
+def test_deployments_on_a_real_prefect_server_run_train_with_an_override(repo_copy, prefect_server, tmp_path):
+    api, env = prefect_server
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (tmp_path / "serve.log").open("w")
+    served = subprocess.Popen([sys.executable, "-m", "flows.deploy"], cwd=repo_copy, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        def deployment(name):
+            found = httpx.post(f"{api}/deployments/filter",
+                               json={"deployments": {"name": {"any_": [name]}}}).json()
+            return found[0] if found else None
+
+        train = _wait_for(lambda: deployment("train"), 120, f"the deployments (log: {tmp_path / 'serve.log'})")
+        retrain = _wait_for(lambda: deployment("retrain"), 30, "the retrain deployment")
+        assert retrain["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+
+        steps = yaml.safe_load((repo_copy / "params.yaml").read_text())["train"]["steps"] + 2
+        run = httpx.post(f"{api}/deployments/{train['id']}/create_flow_run",
+                         json={"parameters": {"steps": steps}}).json()
+
+        def finished():
+            state = httpx.get(f"{api}/flow_runs/{run['id']}").json()["state"]
+            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        state = _wait_for(finished, 420, f"the train flow run (log: {tmp_path / 'serve.log'})", interval=3)
+        assert state["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        task_runs = httpx.post(f"{api}/task_runs/filter",
+                               json={"task_runs": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+        assert sorted(task["name"] for task in task_runs) == sorted(STAGES)
+        assert yaml.safe_load((repo_copy / "params.yaml").read_text())["train"]["steps"] == steps
+        registry = json.loads((repo_copy / "metrics" / "registry.json").read_text())
+        assert not registry["reused_existing_version"], "a retrained model is a new registry version"
+    finally:
+        served.terminate()
+        served.wait(timeout=60)
