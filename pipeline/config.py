@@ -48,6 +48,20 @@ class FolderSource(Section):
     label_template: str | None = Field("a photo of a {label}", description="caption for class sub-folders")
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
 
+    @field_validator("caption_extension")
+    @classmethod
+    def _is_an_extension(cls, value: str) -> str:
+        if not value.startswith("."):
+            raise ValueError("must start with a dot, like .txt")
+        return value
+
+    @field_validator("extensions")
+    @classmethod
+    def _are_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or not all(extension.startswith(".") for extension in value):
+            raise ValueError("must list at least one extension, each starting with a dot, like .png")
+        return tuple(extension.lower() for extension in value)
+
     @field_validator("label_template")
     @classmethod
     def _names_the_label(cls, value: str | None) -> str | None:

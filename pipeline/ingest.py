@@ -27,7 +27,7 @@ from PIL import Image
 
 from pipeline.atomic import atomic_file, read_json, write_json
 from pipeline.config import IngestParams, Paths
-from pipeline.sources import Rejected, SourceItem, folder, hf, manifest, synthetic
+from pipeline.sources import Rejected, SourceError, SourceItem, folder, hf, manifest, synthetic
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ def open_source(params: IngestParams, paths: Paths) -> tuple[str, Iterator[Sourc
     """The configured source's signature (what it is and where) and its items."""
     if params.source == "folder":
         root = paths.resolve(params.folder.path)
+        if paths.raw.is_relative_to(root):
+            # Otherwise every run would walk its own outputs (and the processed data) as new input.
+            raise SourceError(f"ingest.folder.path: {root} contains the pipeline's {paths.raw}; "
+                              "point it at the folder of source images, such as data/incoming")
         return f"folder {root}", folder.items(params.folder, root)
     if params.source == "manifest":
         path = paths.resolve(params.manifest.path)

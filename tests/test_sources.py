@@ -122,6 +122,11 @@ def test_mixed_labelled_partly_labelled_and_unlabelled_images_are_all_kept(tmp_p
     assert result.unconditional == 1
 
 
+def test_a_folder_holding_the_pipeline_data_is_refused(tmp_path):
+    with pytest.raises(SourceError, match=r"ingest\.folder\.path: .* contains the pipeline's .*data/raw"):
+        run_ingest(tmp_path, "folder", path="data")
+
+
 def test_a_folder_that_does_not_exist_names_the_key(tmp_path):
     with pytest.raises(SourceError, match=r"ingest\.folder\.path: .*nowhere is not a folder"):
         run_ingest(tmp_path, "folder", path=str(tmp_path / "nowhere"))
@@ -230,6 +235,7 @@ def test_hf_local_path_that_does_not_exist_names_the_key(tmp_path):
     ({"source": "folder", "folder": {"path": "x", "caption_col": "text"}}, r"ingest\.folder\.caption_col: unknown key"),
     ({"source": "s3"}, r"ingest\.source: .*'synthetic', 'folder', 'manifest' or 'hf'"),
     ({"source": "folder", "folder": {"path": "x", "label_template": "a {cls}"}}, r"ingest\.folder\.label_template: .*\{label\}"),
+    ({"source": "folder", "folder": {"path": "x", "extensions": ["png"]}}, r"ingest\.folder\.extensions: .*dot"),
 ])
 def test_missing_or_unknown_source_settings_are_named(ingest_params, message):
     with pytest.raises(ConfigError, match=message):

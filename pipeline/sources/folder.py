@@ -38,10 +38,9 @@ def items(settings: FolderSource, root: Path) -> Iterator[SourceItem | Rejected]
 
 def image_files(root: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
     """Image files under root by extension, skipping hidden files and folders (.git, .ipynb_checkpoints)."""
-    wanted = {extension.lower() for extension in extensions}
     for path in root.rglob("*"):
         hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-        if not hidden and path.suffix.lower() in wanted and path.is_file():
+        if not hidden and path.suffix.lower() in extensions and path.is_file():
             yield path
 
 
