@@ -114,8 +114,8 @@ def test_mixed_labelled_partly_labelled_and_unlabelled_images_are_all_kept(tmp_p
     (folder / "sidecar.txt").write_text("from a sidecar")
     write_image(folder / "dogs" / "d.webp", 3, fmt="WEBP")
     write_image(folder / "bare.PNG", 4)
-    (folder / ".hidden" ).mkdir()
     write_image(folder / ".hidden" / "skip.png", 5)
+    (folder / ".hidden" / "metadata.jsonl").write_text('{"file_name": "skip.png", "text": "skipped"}\n')
     result, manifest = run_ingest(tmp_path, "folder", path=str(folder))
     assert captions(manifest) == {"bare.PNG": "", "dogs/d.webp": "a photo of a dogs",
                                   "listed.png": "from metadata", "sidecar.png": "from a sidecar"}

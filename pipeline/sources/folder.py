@@ -39,16 +39,20 @@ def items(settings: FolderSource, root: Path) -> Iterator[SourceItem | Rejected]
 def image_files(root: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
     """Image files under root by extension, skipping hidden files and folders (.git, .ipynb_checkpoints)."""
     for path in root.rglob("*"):
-        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-        if not hidden and path.suffix.lower() in extensions and path.is_file():
+        if not is_hidden(path, root) and path.suffix.lower() in extensions and path.is_file():
             yield path
+
+
+def is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def metadata_captions(root: Path, caption_column: str) -> tuple[dict[str, str], list[Rejected]]:
     """Captions from every metadata file under root, keyed by the image's path relative to root."""
     captions: dict[str, str] = {}
     rejected: list[Rejected] = []
-    for metadata in sorted(path for name in METADATA_FILES for path in root.rglob(name)):
+    found = (path for name in METADATA_FILES for path in root.rglob(name) if not is_hidden(path, root))
+    for metadata in sorted(found):
         rows = read_rows(metadata)
         require_column(rows, FILE_NAME, metadata, "the imagefolder layout")
         require_column(rows, caption_column, metadata, "ingest.folder.caption_column")
