@@ -68,7 +68,7 @@ def open_source(params: IngestParams, paths: Paths) -> tuple[str, Iterator[Sourc
         if paths.raw.is_relative_to(root):
             # Otherwise every run would walk its own outputs (and the processed data) as new input.
             raise SourceError(f"ingest.folder.path: {root} contains the pipeline's {paths.raw}; "
-                              "point it at the folder of source images, such as data/incoming")
+                              "point it at the folder of source images, such as data/images")
         return f"folder {root}", folder.items(params.folder, root)
     if params.source == "manifest":
         path = paths.resolve(params.manifest.path)

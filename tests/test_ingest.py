@@ -155,6 +155,6 @@ def test_pointing_at_another_folder_starts_a_new_manifest(tmp_path):
 
 def test_relative_folder_paths_are_relative_to_the_project_root(tmp_path, monkeypatch):
     paths = Paths(tmp_path / "project")
-    write_image(paths.root / "data" / "incoming" / "a.png", 1)
+    write_image(paths.root / "data" / "images" / "a.png", 1)
     monkeypatch.chdir(tmp_path)  # not the project root: the path must not depend on the working directory
-    assert ingest(folder_params("data/incoming"), paths).total == 1
+    assert ingest(folder_params("data/images"), paths).total == 1
