@@ -221,9 +221,12 @@ def test_hf_missing_column_names_the_key(tmp_path):
         run_ingest(tmp_path, "hf", path_or_id=str(tmp_path / "hfds"), caption_column="caption")
 
 
-def test_hf_local_path_that_does_not_exist_names_the_key(tmp_path):
+def test_hf_local_path_that_is_missing_or_no_dataset_names_the_key(tmp_path):
     with pytest.raises(SourceError, match=r"ingest\.hf\.path_or_id: .*missing does not exist"):
         run_ingest(tmp_path, "hf", path_or_id="./missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SourceError, match=r"ingest\.hf\.path_or_id: .*plain is not a dataset written by"):
+        run_ingest(tmp_path, "hf", path_or_id=str(tmp_path / "plain"))
 
 
 # --- configuration ------------------------------------------------------------------------------------

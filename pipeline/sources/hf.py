@@ -28,7 +28,11 @@ def load(settings: HfSource, location: Path | str):
     import datasets
 
     if isinstance(location, Path):
-        loaded = datasets.load_from_disk(str(location))
+        try:
+            loaded = datasets.load_from_disk(str(location))
+        except FileNotFoundError as exc:
+            raise SourceError(f"ingest.hf.path_or_id: {location} is not a dataset written by "
+                              f"datasets.save_to_disk ({exc})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if settings.split not in loaded:
                 raise SourceError(f"ingest.hf.split: {settings.split!r} is not a split of {location} "
