@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipeline.atomic import atomic_file
 
@@ -35,15 +36,81 @@ class SyntheticSource(Section):
     max_size: float = Field(0.8, gt=0, le=1)
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class FolderSource(Section):
+    """A folder of images: imagefolder metadata, sidecar caption files or class sub-folders."""
+
+    path: str = Field(description="the folder, relative to the project root unless absolute")
+    caption_column: str = Field("text", description="caption column of metadata.jsonl / metadata.csv")
+    caption_extension: str = Field(".txt", description="sidecar caption file: photo.jpg + photo.txt")
+    label_template: str | None = Field("a photo of a {label}", description="caption for class sub-folders")
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _is_an_extension(cls, value: str) -> str:
+        if not value.startswith("."):
+            raise ValueError("must start with a dot, like .txt")
+        return value
+
+    @field_validator("extensions")
+    @classmethod
+    def _are_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or not all(extension.startswith(".") for extension in value):
+            raise ValueError("must list at least one extension, each starting with a dot, like .png")
+        return tuple(extension.lower() for extension in value)
+
+    @field_validator("label_template")
+    @classmethod
+    def _names_the_label(cls, value: str | None) -> str | None:
+        if value is not None and "{label}" not in value:
+            raise ValueError("must contain {label} (the sub-folder name), or be null to turn labels off")
+        return value
+
+
+class ManifestSource(Section):
+    """A CSV, Parquet or JSONL file of image paths (relative to the file) and captions."""
+
+    path: str = Field(description="the manifest file, relative to the project root unless absolute")
+    path_column: str = "path"
+    caption_column: str = "text"
+
+
+class HfSource(Section):
+    """A dataset saved with `datasets.save_to_disk`, or a hub id (needs the network)."""
+
+    path_or_id: str
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+
+
 class IngestParams(Section):
-    source: Literal["synthetic"] = "synthetic"
+    source: Literal["synthetic", "folder", "manifest", "hf"] = "synthetic"
     synthetic: SyntheticSource = SyntheticSource()
+    folder: FolderSource | None = None
+    manifest: ManifestSource | None = None
+    hf: HfSource | None = None
+
+    @model_validator(mode="after")
+    def _chosen_source_is_configured(self) -> IngestParams:
+        if self.source != "synthetic" and getattr(self, self.source) is None:
+            key = {"folder": "folder.path", "manifest": "manifest.path", "hf": "hf.path_or_id"}[self.source]
+            raise PydanticCustomError(
+                "missing_source_settings",
+                "ingest.{key}: required when ingest.source is {source}",
+                {"key": key, "source": self.source},
+            )
+        return self
 
 
 class ValidateParams(Section):
     min_width: int = Field(16, ge=1)
     min_height: int = Field(16, ge=1)
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    allow_empty_captions: bool = Field(False, description="keep uncaptioned images as unconditional samples")
 
 
 class PreprocessParams(Section):
@@ -148,6 +215,10 @@ def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
+    if error["type"] == "missing":
+        return f"{key}: required"
+    if error["type"] == "missing_source_settings":
+        return error["msg"]
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 
@@ -214,6 +285,10 @@ class Paths:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).resolve())
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from params.yaml: relative to the project root unless absolute."""
+        return (self.root / Path(path).expanduser()).resolve()
 
     @property
     def raw(self) -> Path:

@@ -16,12 +16,13 @@ from PIL import Image
 
 from pipeline.atomic import atomic_dir, atomic_file, write_json
 from pipeline.config import Paths, ValidateParams
-from pipeline.ingest import MANIFEST
+from pipeline.ingest import MANIFEST, REJECTED
 
 log = logging.getLogger(__name__)
 
 ROW = "row"
 DECODABLE = "decodable"
+REJECTED_AT_INGEST = "rejected at ingest"
 SUMMARY = "summary.json"
 QUARANTINE = "quarantine.csv"
 
@@ -57,9 +58,12 @@ def manifest_checks(params: ValidateParams) -> list[Check]:
     import great_expectations as gx
 
     expect = gx.expectations
-    return [
-        Check(expect.ExpectColumnValuesToNotBeNull(column="caption"), "caption missing"),
-        Check(expect.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=1), "caption empty"),
+    captions = [Check(expect.ExpectColumnValuesToNotBeNull(column="caption"), "caption missing")]
+    if not params.allow_empty_captions:
+        captions.append(
+            Check(expect.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=1), "caption empty")
+        )
+    return captions + [
         Check(expect.ExpectColumnValuesToBeInSet(column=DECODABLE, value_set=[True]), "image cannot be decoded"),
         Check(expect.ExpectColumnValuesToBeBetween(column="width", min_value=params.min_width),
               f"width below {params.min_width} px"),
@@ -154,8 +158,35 @@ def failure_message(check: ManifestCheck, params: ValidateParams) -> str:
     )
 
 
+def ingest_rejects(raw: Path) -> pd.DataFrame:
+    """What ingest could not take (a path outside the data root, a missing file, not an image), with its
+    reason, as quarantine rows."""
+    if not (raw / REJECTED).is_file():
+        return pd.DataFrame(columns=["id", "path", "caption", "reason"])
+    rejected = pd.read_parquet(raw / REJECTED)
+    return pd.DataFrame({"id": None, "path": rejected["origin"], "caption": None, "reason": rejected["reason"]})
+
+
+def with_ingest_rejects(check: ManifestCheck, rejects: pd.DataFrame, params: ValidateParams) -> ManifestCheck:
+    """Ingest's rejects are bad rows like any other: quarantined, counted and able to fail the stage."""
+    if rejects.empty:
+        return check
+    quarantined = pd.concat([check.quarantined, rejects], ignore_index=True)
+    total = check.summary["total"] + len(rejects)
+    bad_fraction = len(quarantined) / total
+    summary = check.summary | dict(
+        total=total,
+        quarantined=len(quarantined),
+        bad_fraction=bad_fraction,
+        passed=bad_fraction <= params.max_bad_fraction,
+        unexpected_rows=check.summary["unexpected_rows"] | {REJECTED_AT_INGEST: len(rejects)},
+    )
+    return ManifestCheck(check.good, quarantined, summary, check.failed_checks | {REJECTED_AT_INGEST: len(rejects)})
+
+
 def validate(params: ValidateParams, paths: Paths) -> ValidationResult:
     check = check_manifest(pd.read_parquet(paths.raw / MANIFEST), paths.raw, params)
+    check = with_ingest_rejects(check, ingest_rejects(paths.raw), params)
     _write_reports(paths.validation_reports, check.summary, check.quarantined)
     if not check.summary["passed"]:
         raise ValidationFailed(f"{failure_message(check, params)}. See {paths.validation_reports / QUARANTINE}.")

@@ -80,3 +80,20 @@ def trained_project(tmp_path_factory) -> tuple[Params, Paths]:
     evaluate(params, paths)
     register(params, paths)
     return params, paths
+
+
+def write_image(path: Path, shade: int, size: tuple[int, int] = (24, 20), fmt: str = "PNG") -> Path:
+    """A tiny solid image whose content (and so its id) is set by `shade`."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (shade % 256, shade // 256 % 256, 128)).save(path, format=fmt)
+    return path
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under folder, by relative path: to prove a folder was not touched."""
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -2,8 +2,19 @@ import hashlib
 
 import pandas as pd
 
-from pipeline.config import Paths
-from pipeline.ingest import MANIFEST, MANIFEST_COLUMNS, ingest
+from pipeline.atomic import read_json
+from pipeline.config import Paths, parse_params
+from pipeline.ingest import INDEX, MANIFEST, MANIFEST_COLUMNS, REJECTED, ingest
+
+from .conftest import tree_hashes, write_image
+
+
+def folder_params(folder):
+    return parse_params({"ingest": {"source": "folder", "folder": {"path": str(folder)}}}).ingest
+
+
+def manifest_of(paths):
+    return pd.read_parquet(paths.raw / MANIFEST).set_index("origin")
 
 
 def test_manifest_describes_every_file(tiny_params, tmp_path):
@@ -11,13 +22,15 @@ def test_manifest_describes_every_file(tiny_params, tmp_path):
     result = ingest(tiny_params.ingest, paths)
     manifest = pd.read_parquet(paths.raw / MANIFEST)
     assert tuple(manifest.columns) == MANIFEST_COLUMNS
-    assert result.ingested == len(manifest) == tiny_params.ingest.synthetic.count - result.duplicates
+    assert result.new == result.total == len(manifest)
+    assert len(manifest) == tiny_params.ingest.synthetic.count - len(result.duplicates)
     for row in manifest.itertuples():
         data = (paths.raw / row.path).read_bytes()
         assert row.id == hashlib.sha256(data).hexdigest()
         assert row.bytes == len(data)
         assert (row.width, row.height, row.format, row.source) == (32, 32, "png", "synthetic")
     assert manifest["id"].is_unique
+    assert result.unconditional == 0 and not result.rejected
 
 
 def test_ingest_is_reproducible(tiny_params, tmp_path):
@@ -25,3 +38,123 @@ def test_ingest_is_reproducible(tiny_params, tmp_path):
     ingest(tiny_params.ingest, first)
     ingest(tiny_params.ingest, second)
     pd.testing.assert_frame_equal(pd.read_parquet(first.raw / MANIFEST), pd.read_parquet(second.raw / MANIFEST))
+
+
+def test_synthetic_rerun_adds_nothing_and_a_changed_setting_starts_afresh(tiny_params, tmp_path):
+    paths = Paths(tmp_path)
+    first = ingest(tiny_params.ingest, paths)
+    again = ingest(tiny_params.ingest, paths)
+    assert (again.new, again.unchanged, again.total) == (0, first.total, first.total)
+
+    fewer = tiny_params.ingest.model_copy(update={"synthetic": tiny_params.ingest.synthetic.model_copy(update={"count": 10})})
+    assert ingest(fewer, paths).total <= 10, "renders of other settings must not pile up in the manifest"
+
+
+def test_rerun_after_adding_ten_files_reads_only_those_ten(tmp_path):
+    folder, paths = tmp_path / "photos", Paths(tmp_path / "project")
+    for shade in range(20):
+        write_image(folder / f"old_{shade:02d}.png", shade)
+    first = ingest(folder_params(folder), paths)
+    assert (first.new, first.read, first.total) == (20, 20, 20)
+    before = pd.read_parquet(paths.raw / MANIFEST)
+
+    for shade in range(100, 110):
+        write_image(folder / f"new_{shade}.png", shade)
+    second = ingest(folder_params(folder), paths)
+
+    assert (second.new, second.unchanged, second.read, second.total) == (10, 20, 10, 30)
+    after = pd.read_parquet(paths.raw / MANIFEST)
+    pd.testing.assert_frame_equal(after.iloc[:20].reset_index(drop=True), before, obj="the earlier rows")
+    assert sorted(after["origin"].iloc[20:]) == [f"new_{shade}.png" for shade in range(100, 110)]
+    assert set(read_json(paths.raw / INDEX)["items"]) == set(after["origin"])
+
+
+def test_same_content_under_another_name_is_a_duplicate_not_a_second_sample(tmp_path):
+    folder, paths = tmp_path / "photos", Paths(tmp_path / "project")
+    write_image(folder / "cat.png", 1)
+    write_image(folder / "dog.png", 2)
+    ingest(folder_params(folder), paths)
+
+    (folder / "cat copy.png").write_bytes((folder / "cat.png").read_bytes())
+    result = ingest(folder_params(folder), paths)
+
+    assert result.duplicates == (("cat copy.png", "cat.png"),)
+    assert (result.new, result.total) == (0, 2)
+    assert sorted(manifest_of(paths).index) == ["cat.png", "dog.png"]
+    assert len(list((paths.raw / "images").iterdir())) == 2
+
+
+def test_source_files_are_never_modified_moved_or_deleted(tmp_path):
+    folder, paths = tmp_path / "photos", Paths(tmp_path / "project")
+    for shade in range(5):
+        write_image(folder / "cats" / f"{shade}.png", shade)
+    (folder / "cats" / "0.txt").write_text("a sleepy cat\n")
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "notes.md").write_text("not ingested")
+    before = tree_hashes(folder)
+    stamps = {path: path.stat().st_mtime_ns for path in folder.rglob("*")}
+
+    ingest(folder_params(folder), paths)
+    write_image(folder / "dogs" / "1.png", 99)
+    ingest(folder_params(folder), paths)
+
+    after = tree_hashes(folder)
+    assert after.pop("dogs/1.png") and after == before
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items() if path.is_file())
+
+
+def test_a_file_pillow_cannot_open_is_rejected_with_its_name_and_the_rest_goes_on(tmp_path):
+    folder, paths = tmp_path / "photos", Paths(tmp_path / "project")
+    write_image(folder / "good.png", 1)
+    (folder / "truncated.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    result = ingest(folder_params(folder), paths)
+
+    assert result.total == 1
+    assert [(r.name, r.reason) for r in result.rejected] == [("truncated.jpg", "not an image Pillow can open (UnidentifiedImageError)")]
+    rejected = pd.read_parquet(paths.raw / REJECTED)
+    assert rejected.to_dict(orient="records") == [{"origin": "truncated.jpg", "reason": result.rejected[0].reason}]
+
+
+def test_an_image_edited_in_place_replaces_its_row(tmp_path):
+    folder, paths = tmp_path / "photos", Paths(tmp_path / "project")
+    write_image(folder / "a.png", 1)
+    write_image(folder / "b.png", 2)
+    ingest(folder_params(folder), paths)
+    first_id = manifest_of(paths).loc["a.png", "id"]
+
+    write_image(folder / "a.png", 3, size=(30, 30))
+    result = ingest(folder_params(folder), paths)
+
+    assert (result.new, result.unchanged, result.read, result.total) == (1, 1, 1, 2)
+    row = manifest_of(paths).loc["a.png"]
+    assert row["id"] != first_id and (row["width"], row["height"]) == (30, 30)
+
+
+def test_a_new_caption_for_an_unchanged_image_is_taken_without_reading_the_image(tmp_path):
+    folder, paths = tmp_path / "photos", Paths(tmp_path / "project")
+    write_image(folder / "a.png", 1)
+    ingest(folder_params(folder), paths)
+    assert manifest_of(paths).loc["a.png", "caption"] == ""
+
+    (folder / "a.txt").write_text("a purple square")
+    result = ingest(folder_params(folder), paths)
+
+    assert (result.read, result.unchanged) == (0, 1)
+    assert manifest_of(paths).loc["a.png", "caption"] == "a purple square"
+
+
+def test_pointing_at_another_folder_starts_a_new_manifest(tmp_path):
+    paths = Paths(tmp_path / "project")
+    write_image(tmp_path / "one" / "a.png", 1)
+    write_image(tmp_path / "two" / "b.png", 2)
+    ingest(folder_params(tmp_path / "one"), paths)
+    result = ingest(folder_params(tmp_path / "two"), paths)
+    assert (result.new, result.total) == (1, 1)
+    assert list(manifest_of(paths).index) == ["b.png"]
+
+
+def test_relative_folder_paths_are_relative_to_the_project_root(tmp_path, monkeypatch):
+    paths = Paths(tmp_path / "project")
+    write_image(paths.root / "data" / "images" / "a.png", 1)
+    monkeypatch.chdir(tmp_path)  # not the project root: the path must not depend on the working directory
+    assert ingest(folder_params("data/images"), paths).total == 1

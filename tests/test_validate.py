@@ -57,3 +57,38 @@ def test_too_many_bad_rows_fail_with_the_expectations_named(dirty_raw):
         validate(ValidateParams(max_bad_fraction=0.01), paths)
     assert (paths.validation_reports / SUMMARY).is_file(), "the report is written even when the stage fails"
     assert not paths.validated.exists()
+
+
+@pytest.fixture
+def partly_labelled_raw(tmp_path):
+    """A manifest source with a captioned image, an uncaptioned one, a row outside the root and a missing file."""
+    from pipeline.config import parse_params
+
+    from .conftest import write_image
+
+    write_image(tmp_path / "data" / "a.png", 1)
+    write_image(tmp_path / "data" / "b.png", 2)
+    (tmp_path / "data" / "list.csv").write_text("path,text\na.png,a cat\nb.png,\n../../etc/passwd,x\ngone.png,y\n")
+    params = parse_params({"ingest": {"source": "manifest", "manifest": {"path": str(tmp_path / "data" / "list.csv")}}})
+    paths = Paths(tmp_path / "project")
+    ingest(params.ingest, paths)
+    return paths
+
+
+def test_ingest_rejects_are_quarantined_and_empty_captions_kept_when_allowed(partly_labelled_raw):
+    paths = partly_labelled_raw
+    result = validate(ValidateParams(max_bad_fraction=0.5, allow_empty_captions=True), paths)
+
+    assert (result.total, result.quarantined) == (4, 2)
+    quarantine = pd.read_csv(paths.validation_reports / QUARANTINE).set_index("path")
+    assert quarantine.loc["../../etc/passwd", "reason"].startswith("list.csv row 3: path '../../etc/passwd' leads outside")
+    assert quarantine.loc["gone.png", "reason"].startswith("list.csv row 4: file not found")
+    kept = pd.read_parquet(paths.validated / MANIFEST)
+    assert sorted(kept["caption"]) == ["", "a cat"], "the uncaptioned image trains the unconditional branch"
+
+
+def test_empty_captions_are_quarantined_by_default(partly_labelled_raw):
+    result = validate(ValidateParams(max_bad_fraction=1.0), partly_labelled_raw)
+    assert result.quarantined == 3
+    quarantine = pd.read_csv(partly_labelled_raw.validation_reports / QUARANTINE)
+    assert "caption empty" in set(quarantine["reason"])

@@ -1,1 +1,50 @@
-"""Ingestion sources: each yields (image bytes, caption, file extension) for the ingest stage."""
+"""Ingestion sources: each yields the same records for the ingest stage.
+
+A source lists what it offers as `SourceItem`s (a stable name, a caption, a way to read the bytes and,
+for files, a cheap change stamp) and what it cannot offer as `Rejected` (a name and the reason), so a
+bad row or file is reported instead of stopping the stage. The bytes are read only when the ingest
+stage has not seen the item's stamp before, which is what makes re-runs incremental.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SourceError(ValueError):
+    """Source input that cannot be used at all; the message names the file, the key or the row."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    name: str  # stable within the source (a relative path, a row): the index key and what reports show
+    caption: str  # "" is an unconditional sample (the classifier-free-guidance branch)
+    read: Callable[[], bytes]
+    stamp: str | None = None  # changes whenever the bytes may have; None means "always read"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    name: str
+    reason: str
+
+
+def file_item(name: str, path: Path, caption: str) -> SourceItem:
+    """An item backed by a file; size and modification time stand in for its content until it changes."""
+    stat = path.stat()
+    return SourceItem(name, caption, path.read_bytes, f"{stat.st_size}:{stat.st_mtime_ns}")
+
+
+def path_inside(root: Path, path: Path) -> Path | None:
+    """`path` resolved, or None when it leads outside `root` (through `../`, an absolute path or a link)."""
+    resolved = path.resolve()
+    return resolved if resolved.is_relative_to(root.resolve()) else None
+
+
+def caption_text(value: object) -> str:
+    """A caption cell as text: missing values (None, NaN, NA) are unconditional samples, ''."""
+    if value is None or value != value:  # NaN is the only value not equal to itself
+        return ""
+    return str(value).strip()

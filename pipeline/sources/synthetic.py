@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.config import SyntheticSource
+from pipeline.sources import SourceItem
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
@@ -85,3 +88,9 @@ def generate(
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=False)
         yield ShapeSample(colour, shape, template.format(colour=colour, shape=shape), buffer.getvalue())
+
+
+def items(settings: SyntheticSource) -> Iterator[SourceItem]:
+    """The renders as ingest items; there is no file to stamp, and rendering again is cheap."""
+    for number, sample in enumerate(generate(**settings.model_dump())):
+        yield SourceItem(f"render {number}", sample.caption, lambda png=sample.png: png)

@@ -1,0 +1,245 @@
+"""Each source layout ingests through the one stage function; bad input is named or rejected, never lost."""
+
+import hashlib
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline.config import ConfigError, Paths, parse_params
+from pipeline.ingest import MANIFEST, ingest
+from pipeline.sources import SourceError
+
+from .conftest import write_image
+
+
+def run_ingest(tmp_path, source, **settings):
+    params = parse_params({"ingest": {"source": source, source: settings}}).ingest
+    paths = Paths(tmp_path / "project")
+    result = ingest(params, paths)
+    return result, pd.read_parquet(paths.raw / MANIFEST).set_index("origin")
+
+
+def captions(manifest):
+    return manifest["caption"].to_dict()
+
+
+# --- folder: imagefolder metadata ---------------------------------------------------------------
+
+def test_imagefolder_with_metadata_jsonl(tmp_path):
+    folder = tmp_path / "images"
+    for shade, name in enumerate(["a.png", "b.png", "c.png", "d.png"]):
+        write_image(folder / name, shade)
+    (folder / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "a red fox"}\n'
+        '{"file_name": "b.png", "text": ""}\n'
+        '{"file_name": "c.png", "text": null}\n'
+    )
+    result, manifest = run_ingest(tmp_path, "folder", path=str(folder))
+    assert captions(manifest) == {"a.png": "a red fox", "b.png": "", "c.png": "", "d.png": ""}
+    assert (result.new, result.unconditional, result.rejected) == (4, 3, ())
+    assert (manifest["source"] == "folder").all()
+
+
+def test_imagefolder_with_metadata_csv_in_a_split_folder_and_a_chosen_caption_column(tmp_path):
+    folder = tmp_path / "images"
+    write_image(folder / "train" / "x.png", 1)
+    write_image(folder / "train" / "y.jpg", 2, fmt="JPEG")
+    (folder / "train" / "metadata.csv").write_text("file_name,caption,score\nx.png,a blue bird,3\ny.jpg,NA,1\n")
+    _, manifest = run_ingest(tmp_path, "folder", path=str(folder), caption_column="caption")
+    # A metadata caption wins over the sub-folder name, and "NA" is a caption, not a missing value.
+    assert captions(manifest) == {"train/x.png": "a blue bird", "train/y.jpg": "NA"}
+    assert manifest.loc["train/y.jpg", "format"] == "jpeg"
+
+
+def test_metadata_without_the_caption_column_names_the_file_and_the_key(tmp_path):
+    folder = tmp_path / "images"
+    write_image(folder / "a.png", 1)
+    (folder / "metadata.csv").write_text("file_name,text\na.png,a cat\n")
+    with pytest.raises(SourceError, match=r"metadata\.csv: no column 'caption' \(set by ingest\.folder\.caption_column\)"):
+        run_ingest(tmp_path, "folder", path=str(folder), caption_column="caption")
+
+
+def test_malformed_metadata_jsonl_names_the_file_and_line(tmp_path):
+    folder = tmp_path / "images"
+    write_image(folder / "a.png", 1)
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{"file_name": "b.png", \n')
+    with pytest.raises(SourceError, match=r"metadata\.jsonl: line 2 is not valid JSON"):
+        run_ingest(tmp_path, "folder", path=str(folder))
+
+
+def test_metadata_rows_outside_the_folder_or_missing_are_rejected_with_row_and_reason(tmp_path):
+    folder = tmp_path / "images"
+    write_image(folder / "a.png", 1)
+    write_image(tmp_path / "secret.png", 2)
+    (folder / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "ok"}\n'
+        '{"file_name": "../secret.png", "text": "escapes"}\n'
+        '{"file_name": "gone.png", "text": "missing"}\n'
+    )
+    result, manifest = run_ingest(tmp_path, "folder", path=str(folder))
+    assert list(manifest.index) == ["a.png"]
+    assert {r.name: r.reason for r in result.rejected} == {
+        "../secret.png": "metadata.jsonl row 2: file_name '../secret.png' points outside the data folder",
+        "gone.png": "metadata.jsonl row 3: file not found: gone.png",
+    }
+
+
+# --- folder: sidecar captions and class sub-folders ------------------------------------------------
+
+def test_sidecar_caption_files(tmp_path):
+    folder = tmp_path / "kohya"
+    write_image(folder / "photo.png", 1)
+    (folder / "photo.caption").write_text("  a girl with an umbrella, rain\n")
+    write_image(folder / "other.png", 2)
+    (folder / "other.txt").write_text("ignored: not the configured extension")
+    _, manifest = run_ingest(tmp_path, "folder", path=str(folder), caption_extension=".caption")
+    assert captions(manifest) == {"other.png": "", "photo.png": "a girl with an umbrella, rain"}
+
+
+def test_class_sub_folders_become_captions_from_the_template(tmp_path):
+    folder = tmp_path / "pets"
+    write_image(folder / "cats" / "1.png", 1)
+    write_image(folder / "golden_retriever" / "1.png", 2)
+    _, manifest = run_ingest(tmp_path, "folder", path=str(folder), label_template="a photo of a {label}")
+    assert captions(manifest) == {"cats/1.png": "a photo of a cats",
+                                  "golden_retriever/1.png": "a photo of a golden retriever"}
+
+
+def test_mixed_labelled_partly_labelled_and_unlabelled_images_are_all_kept(tmp_path):
+    folder = tmp_path / "mixed"
+    write_image(folder / "listed.png", 1)
+    (folder / "metadata.jsonl").write_text('{"file_name": "listed.png", "text": "from metadata"}\n')
+    write_image(folder / "sidecar.png", 2)
+    (folder / "sidecar.txt").write_text("from a sidecar")
+    write_image(folder / "dogs" / "d.webp", 3, fmt="WEBP")
+    write_image(folder / "bare.PNG", 4)
+    write_image(folder / ".hidden" / "skip.png", 5)
+    (folder / ".hidden" / "metadata.jsonl").write_text('{"file_name": "skip.png", "text": "skipped"}\n')
+    result, manifest = run_ingest(tmp_path, "folder", path=str(folder))
+    assert captions(manifest) == {"bare.PNG": "", "dogs/d.webp": "a photo of a dogs",
+                                  "listed.png": "from metadata", "sidecar.png": "from a sidecar"}
+    assert result.unconditional == 1
+
+
+def test_a_folder_holding_the_pipeline_data_is_refused(tmp_path):
+    with pytest.raises(SourceError, match=r"ingest\.folder\.path: .* contains the pipeline's .*data/raw"):
+        run_ingest(tmp_path, "folder", path="data")
+
+
+def test_a_folder_that_does_not_exist_names_the_key(tmp_path):
+    with pytest.raises(SourceError, match=r"ingest\.folder\.path: .*nowhere is not a folder"):
+        run_ingest(tmp_path, "folder", path=str(tmp_path / "nowhere"))
+
+
+# --- manifest -------------------------------------------------------------------------------------
+
+MANIFEST_ROWS = [
+    {"path": "img/a.png", "text": "a red circle"},
+    {"path": "img/b.png", "text": ""},
+    {"path": "../outside.png", "text": "escapes the data root"},
+    {"path": "img/missing.png", "text": "no such file"},
+]
+
+
+def write_manifest(folder, suffix, rows):
+    path = folder / f"list{suffix}"
+    frame = pd.DataFrame(rows)
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_manifest_files_ingest_and_bad_rows_are_recorded_not_fatal(tmp_path, suffix):
+    data = tmp_path / "data"
+    write_image(data / "img" / "a.png", 1)
+    write_image(data / "img" / "b.png", 2)
+    write_image(tmp_path / "outside.png", 3)
+    manifest_file = write_manifest(data, suffix, MANIFEST_ROWS)
+
+    result, manifest = run_ingest(tmp_path, "manifest", path=str(manifest_file))
+
+    assert captions(manifest) == {"img/a.png": "a red circle", "img/b.png": ""}
+    assert manifest.loc["img/a.png", "id"] == hashlib.sha256((data / "img" / "a.png").read_bytes()).hexdigest()
+    reasons = {r.name: r.reason for r in result.rejected}
+    assert reasons["../outside.png"].startswith(f"list{suffix} row 3: path '../outside.png' leads outside")
+    assert reasons["img/missing.png"].startswith(f"list{suffix} row 4: file not found")
+    assert (result.new, result.unconditional) == (2, 1)
+
+
+def test_manifest_without_the_path_column_names_the_key(tmp_path):
+    manifest_file = write_manifest(tmp_path, ".csv", [{"file": "a.png", "text": "x"}])
+    with pytest.raises(SourceError, match=r"no column 'path' \(set by ingest\.manifest\.path_column\).*'file'"):
+        run_ingest(tmp_path, "manifest", path=str(manifest_file))
+
+
+def test_manifest_with_chosen_columns(tmp_path):
+    write_image(tmp_path / "a.png", 1)
+    manifest_file = write_manifest(tmp_path, ".csv", [{"file": "a.png", "prompt": "a cat"}])
+    _, manifest = run_ingest(tmp_path, "manifest", path=str(manifest_file), path_column="file", caption_column="prompt")
+    assert captions(manifest) == {"a.png": "a cat"}
+
+
+# --- hf ---------------------------------------------------------------------------------------------
+
+def save_hf_dataset(folder, captions, *, splits=None):
+    import datasets
+    from PIL import Image
+
+    images = [Image.new("RGB", (20, 16), (shade * 40, 10, 10)) for shade in range(len(captions))]
+    dataset = datasets.Dataset.from_dict({"image": images, "text": captions}).cast_column("image", datasets.Image())
+    (datasets.DatasetDict({name: dataset for name in splits}) if splits else dataset).save_to_disk(str(folder))
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    save_hf_dataset(tmp_path / "hfds", ["a red circle", "", "a blue square"])
+    result, manifest = run_ingest(tmp_path, "hf", path_or_id=str(tmp_path / "hfds"))
+    assert captions(manifest) == {"row 0": "a red circle", "row 1": "", "row 2": "a blue square"}
+    assert (result.new, result.unconditional) == (3, 1)
+    assert (manifest["width"].tolist(), manifest["height"].tolist()) == ([20] * 3, [16] * 3)
+
+    again, _ = run_ingest(tmp_path, "hf", path_or_id=str(tmp_path / "hfds"))
+    assert (again.new, again.unchanged, again.read) == (0, 3, 0), "an unchanged dataset is not read again"
+
+
+def test_hf_dataset_dict_picks_the_split_and_names_a_wrong_one(tmp_path):
+    save_hf_dataset(tmp_path / "hfds", ["a", "b"], splits=["train", "test"])
+    result, _ = run_ingest(tmp_path, "hf", path_or_id=str(tmp_path / "hfds"), split="test")
+    assert result.total == 2
+    with pytest.raises(SourceError, match=r"ingest\.hf\.split: 'validation' is not a split .*\['test', 'train'\]"):
+        run_ingest(tmp_path, "hf", path_or_id=str(tmp_path / "hfds"), split="validation")
+
+
+def test_hf_missing_column_names_the_key(tmp_path):
+    save_hf_dataset(tmp_path / "hfds", ["a"])
+    with pytest.raises(SourceError, match=r"ingest\.hf\.caption_column: no column 'caption'"):
+        run_ingest(tmp_path, "hf", path_or_id=str(tmp_path / "hfds"), caption_column="caption")
+
+
+def test_hf_local_path_that_is_missing_or_no_dataset_names_the_key(tmp_path):
+    with pytest.raises(SourceError, match=r"ingest\.hf\.path_or_id: .*missing does not exist"):
+        run_ingest(tmp_path, "hf", path_or_id="./missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SourceError, match=r"ingest\.hf\.path_or_id: .*plain is not a dataset written by"):
+        run_ingest(tmp_path, "hf", path_or_id=str(tmp_path / "plain"))
+
+
+# --- configuration ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("ingest_params", "message"), [
+    ({"source": "folder"}, r"ingest\.folder\.path: required when ingest\.source is folder"),
+    ({"source": "manifest"}, r"ingest\.manifest\.path: required when ingest\.source is manifest"),
+    ({"source": "hf", "hf": {}}, r"ingest\.hf\.path_or_id: required"),
+    ({"source": "folder", "folder": {"path": "x", "caption_col": "text"}}, r"ingest\.folder\.caption_col: unknown key"),
+    ({"source": "s3"}, r"ingest\.source: .*'synthetic', 'folder', 'manifest' or 'hf'"),
+    ({"source": "folder", "folder": {"path": "x", "label_template": "a {cls}"}}, r"ingest\.folder\.label_template: .*\{label\}"),
+    ({"source": "folder", "folder": {"path": "x", "extensions": ["png"]}}, r"ingest\.folder\.extensions: .*dot"),
+])
+def test_missing_or_unknown_source_settings_are_named(ingest_params, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params({"ingest": ingest_params})
