@@ -7,6 +7,8 @@ Writes into data/raw:
 - rejected.parquet: what the source offered but could not be ingested (origin, reason), for validation;
 - index.json: the source's signature and, per item name, its change stamp and content id.
 
+Batches the retraining flow merged into data/batches/ are ingested after the source's own items.
+
 A re-run reads only items that are new or whose stamp (size and mtime for files) changed; the rest keep
 their rows, with captions refreshed from the source. Content already ingested under another name is a
 duplicate: reported with both names and stored once. When the source itself changes (another kind,
@@ -17,16 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
 from pipeline.atomic import atomic_file, read_json, write_json
-from pipeline.config import IngestParams, Paths
+from pipeline.config import FolderSource, IngestParams, Paths
 from pipeline.sources import Rejected, SourceError, SourceItem, folder, hf, manifest, synthetic
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ MANIFEST = "manifest.parquet"
 REJECTED = "rejected.parquet"
 INDEX = "index.json"
 IMAGES_DIR = "images"
+BATCHES_PREFIX = "batches/"
 MANIFEST_COLUMNS = ("id", "path", "caption", "width", "height", "format", "bytes", "source", "origin")
 REJECTED_COLUMNS = ("origin", "reason")
 
@@ -181,8 +185,18 @@ def save(run: Ingestion, signature: str) -> pd.DataFrame:
     return frame
 
 
+def merged_batches(paths: Paths) -> Iterator[SourceItem | Rejected]:
+    """Batches the retraining flow accepted (data/batches/<batch>/, imagefolder layout): they add to
+    whatever the configured source gives, named `batches/<batch>/<file>`."""
+    if not paths.batches.is_dir():
+        return
+    for item in folder.items(FolderSource(path=str(paths.batches), label_template=None), paths.batches):
+        yield replace(item, name=f"{BATCHES_PREFIX}{item.name}")
+
+
 def ingest(params: IngestParams, paths: Paths) -> IngestResult:
-    signature, items = open_source(params, paths)
+    signature, source_items = open_source(params, paths)
+    items = itertools.chain(source_items, merged_batches(paths))
     rows, index = carried_over(paths.raw, signature)
     run = Ingestion(paths.raw, params.source, rows, index)
     (paths.raw / IMAGES_DIR).mkdir(parents=True, exist_ok=True)

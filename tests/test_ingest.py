@@ -158,3 +158,20 @@ def test_relative_folder_paths_are_relative_to_the_project_root(tmp_path, monkey
     write_image(paths.root / "data" / "images" / "a.png", 1)
     monkeypatch.chdir(tmp_path)  # not the project root: the path must not depend on the working directory
     assert ingest(folder_params("data/images"), paths).total == 1
+
+
+def test_merged_batches_add_to_the_configured_source(tiny_params, tmp_path):
+    import json
+
+    paths = Paths(tmp_path / "project")
+    batch = paths.batches / "20261125-batch"
+    for index in range(2):
+        write_image(batch / f"{index}.png", shade=1000 + index)
+    (batch / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "text": f"a {c} square"}) + "\n" for i, c in enumerate(("red", "blue"))))
+    first = ingest(tiny_params.ingest, paths)
+    manifest = manifest_of(paths)
+    assert manifest.loc["batches/20261125-batch/1.png", "caption"] == "a blue square"
+    assert first.new == first.total == tiny_params.ingest.synthetic.count - len(first.duplicates) + 2
+    again = ingest(tiny_params.ingest, paths)
+    assert again.new == 0 and again.total == first.total

@@ -186,3 +186,33 @@ def test_deployments_on_a_real_prefect_server_run_train_with_an_override(repo_co
     finally:
         served.terminate()
         served.wait(timeout=60)
+
+
+@pytest.mark.e2e
+def test_retrain_flow_ignores_an_unshifted_batch_and_retrains_on_a_shifted_one(repo_copy, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.retrain import retrain_flow
+    from pipeline.config import Paths, load_params
+    from pipeline.monitor import drop_demo_batch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params, paths = load_params(repo_copy / "params.yaml"), Paths(repo_copy)
+    versions_before = json.loads((repo_copy / "metrics" / "registry.json").read_text())["version"]
+    with prefect_test_harness(server_startup_timeout=90):
+        drop_demo_batch(params, paths, shift="none", count=120, seed=11)
+        quiet = retrain_flow(project_root=str(repo_copy))
+        assert not quiet["retrain"] and "no drift" in quiet["reasons"][-1], quiet["reasons"]
+        assert "no retraining" in _artifact("retraining-decision")
+
+        drop_demo_batch(params, paths, shift="background", count=120, seed=12)
+        shifted = retrain_flow(project_root=str(repo_copy))
+        decision = _artifact("retraining-decision")
+    assert shifted["retrain"], shifted["reasons"]
+    assert any("brightness" in reason for reason in shifted["reasons"]) and "brightness" in decision
+    assert shifted["merged_samples"] == 240 and shifted["stages"]["ingest"] == "ran"
+    assert shifted["stages"]["train"] == "ran"
+    registry = json.loads((repo_copy / "metrics" / "registry.json").read_text())
+    assert registry["version"] > versions_before
+    history = (repo_copy / "data" / "monitoring" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["decision"]["retrain"] for line in history] == [False, True]
