@@ -154,7 +154,21 @@ class TrainParams(Section):
     caption_dropout: float = Field(0.1, ge=0, lt=1)
     tokenizer_vocab_size: int = Field(400, ge=64)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting; null: off")
+    noise_offset: float = Field(0.0, ge=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the UNet weights; null: off")
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "classic"] = "sdpa"
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     log_every: int = Field(50, ge=1)
+    validate_every: int = Field(250, ge=1, description="held-out loss at fixed timesteps every this many steps")
+    validation_timesteps: tuple[int, ...] = (100, 500, 900)
+    sample_every: int = Field(0, ge=0, description="sample grid to MLflow every this many steps; 0: off")
+    checkpoint_every: int = Field(250, ge=1)
+    checkpoints_kept: int = Field(2, ge=1)
     seed: int = 0
 
 
@@ -327,6 +341,11 @@ class Paths:
     def monitoring(self) -> Path:
         """The monitoring history: one record per checked batch and its decision."""
         return self.root / "data" / "monitoring"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Training state every `train.checkpoint_every` steps; a re-run after a kill resumes from here."""
+        return self.root / "models" / "checkpoints"
 
     @property
     def run_record(self) -> Path:

@@ -18,15 +18,15 @@ import math
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from pipeline.adherence import adheres
 from pipeline.atomic import atomic_file, read_json, write_json
 from pipeline.config import EvaluateParams, Params, Paths
+from pipeline.diagnostics import image_grid, noise_metrics_on
 from pipeline.encode import load_latents
 from pipeline.external_metrics import ExternalMetrics, external_metrics
-from pipeline.models import tokenize
 from pipeline.preprocess import load_split
 from pipeline.sources.synthetic import COLOURS, SHAPES, caption_for
 from pipeline.tracking import model_run
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 METRICS = "eval.json"
 HEADLINE_METRICS = ("adherence", "noise_mse", "noise_r2", "vae_psnr", "vae_ssim", "fid", "kid", "clip_score")
 UNAVAILABLE = "unavailable"  # eval.json's map of metric -> why it could not be computed here
-GRID_ZOOM = 4
 SEED_SET_STRIDE = 1000  # seed sets of different repeats never overlap
 
 
@@ -49,40 +48,7 @@ def load_pipeline(folder) -> StableDiffusionPipeline:
 
 def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
     cache = load_latents(paths.latents, "val")
-    return noise_metrics_on(pipeline, cache.mean, cache.captions, params)
-
-
-@torch.no_grad()
-def noise_metrics_on(
-    pipeline: StableDiffusionPipeline, latent_means: torch.Tensor, captions: list[str], params: EvaluateParams
-) -> dict:
-    """Noise-prediction errors on given VAE latent means, at the fixed timesteps and noise seeds."""
-    latents = latent_means * pipeline.vae.config.scaling_factor
-    states = pipeline.text_encoder(tokenize(pipeline.tokenizer, captions))[0]
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)  # the forward process used in training
-    buckets = {}
-    for timestep in params.timesteps:
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(params.noise_seed + timestep))
-        steps = torch.full((len(latents),), timestep, dtype=torch.long)
-        prediction = pipeline.unet(scheduler.add_noise(latents, noise, steps), steps, states).sample
-        buckets[timestep] = (prediction.flatten(), noise.flatten())
-    metrics = {}
-    for timestep, (prediction, target) in buckets.items():
-        metrics.update({f"{name}_t{timestep}": value for name, value in error_metrics(prediction, target).items()})
-    overall = error_metrics(*(torch.cat(parts) for parts in zip(*buckets.values(), strict=True)))
-    metrics.update(overall)
-    return metrics
-
-
-def error_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    error = (prediction - target).double()
-    mse = float(torch.mean(error**2))
-    return dict(
-        noise_mse=mse,
-        noise_rmse=mse**0.5,
-        noise_mae=float(torch.mean(error.abs())),
-        noise_r2=float(1 - torch.sum(error**2) / torch.sum((target.double() - target.double().mean()) ** 2)),
-    )
+    return noise_metrics_on(pipeline, cache.mean, cache.captions, params.timesteps, params.noise_seed)
 
 
 def adherence_prompts() -> list[tuple[str, str]]:
@@ -185,15 +151,6 @@ def vae_reconstruction_metrics(pipeline: StableDiffusionPipeline, paths: Paths) 
         vae_psnr=10 * math.log10(1.0 / mse),
         vae_ssim=float(gaussian_ssim(reconstructed, images).mean()),
     )
-
-
-def image_grid(rows: list[list[Image.Image]], zoom: int = GRID_ZOOM) -> Image.Image:
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
-    for row, images in enumerate(rows):
-        for column, image in enumerate(images):
-            grid.paste(image, (column * width, row * height))
-    return grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)
 
 
 def evaluate(params: Params, paths: Paths) -> dict:

@@ -15,7 +15,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from pipeline.atomic import atomic_file
 from pipeline.config import Params, Paths
-from pipeline.evaluate import image_grid, load_pipeline
+from pipeline.diagnostics import image_grid
+from pipeline.evaluate import load_pipeline
 from pipeline.tracking import use_experiment
 
 log = logging.getLogger(__name__)

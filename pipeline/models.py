@@ -123,11 +123,11 @@ def build_unet(preset: Preset, *, latent_channels: int, latent_size: int) -> UNe
     )
 
 
-def training_scheduler() -> DDPMScheduler:
+def training_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     # Latents are not bounded to [-1, 1]: clip_sample would ruin DDPM sampling from the saved config.
     return DDPMScheduler(
         num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        steps_offset=1, clip_sample=False,
+        steps_offset=1, clip_sample=False, prediction_type=prediction_type,
     )
 
 

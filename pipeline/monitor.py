@@ -26,7 +26,8 @@ from pipeline.atomic import atomic_dir, read_json
 from pipeline.config import MonitorParams, Params, Paths
 from pipeline.drift import feature_drift, feature_table, mmd_test
 from pipeline.encode import encode_images
-from pipeline.evaluate import load_pipeline, noise_metrics_on
+from pipeline.diagnostics import noise_metrics_on
+from pipeline.evaluate import load_pipeline
 from pipeline.ingest import content_id, describe_image
 from pipeline.preprocess import REFERENCE_FEATURES, STATS, load_split, load_training_image
 from pipeline.validate import check_manifest
@@ -121,7 +122,8 @@ def check_batch(folder: Path, params: Params, paths: Paths, champion_folder: Pat
     mmd = mmd_test(reference_latents.numpy(), batch_latents.numpy(),
                    permutations=settings.mmd_permutations, seed=settings.seed)
     report.mmd = dict(mmd2=mmd.mmd2, pvalue=mmd.pvalue, drifted=mmd.pvalue < settings.mmd_alpha)
-    batch_mse = noise_metrics_on(champion, batch_latents, good["caption"].tolist(), params.evaluate)["noise_mse"]
+    batch_mse = noise_metrics_on(champion, batch_latents, good["caption"].tolist(), params.evaluate.timesteps,
+                                 params.evaluate.noise_seed)["noise_mse"]
     report.champion = dict(noise_mse_batch=batch_mse, noise_mse_validation=champion_noise_mse,
                            degradation=batch_mse / champion_noise_mse - 1)
     return report

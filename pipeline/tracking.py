@@ -100,15 +100,31 @@ def flat_params(params: Params) -> dict[str, str]:
     return flat
 
 
+def _still_stored(run_id: str | None) -> str | None:
+    """`run_id` when the tracking store still holds that run (mlflow.db may have been deleted)."""
+    import mlflow
+
+    if run_id is None:
+        return None
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return run_id
+
+
 @contextmanager
-def training_run(params: Params, paths: Paths) -> Iterator[object]:
-    """Open a new run for a training; its id goes beside the model for the later stages."""
+def training_run(params: Params, paths: Paths, resume_run_id: str | None = None) -> Iterator[object]:
+    """Open a new run for a training (or continue `resume_run_id`, the run of a training resumed from a
+    checkpoint, when the store still has it); its id goes beside the model for the later stages."""
     import mlflow
 
     experiment_id = use_experiment(params.register_, paths.root)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.set_tags(lineage_tags(params, paths.root))
-        mlflow.log_params(flat_params(params))
+    resume_run_id = _still_stored(resume_run_id)
+    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id) as run:
+        if resume_run_id is None:
+            mlflow.set_tags(lineage_tags(params, paths.root))
+            mlflow.log_params(flat_params(params))
         write_json(paths.run_record, {"run_id": run.info.run_id, "experiment_id": experiment_id})
         yield run
 
@@ -120,12 +136,7 @@ def model_run(params: Params, paths: Paths) -> Iterator[object]:
     import mlflow
 
     experiment_id = use_experiment(params.register_, paths.root)
-    run_id = read_json(paths.run_record)["run_id"] if paths.run_record.is_file() else None
-    if run_id is not None:
-        try:
-            mlflow.get_run(run_id)
-        except mlflow.exceptions.MlflowException:
-            run_id = None
+    run_id = _still_stored(read_json(paths.run_record)["run_id"] if paths.run_record.is_file() else None)
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id) as run:
         if run_id is None:
             mlflow.set_tags(lineage_tags(params, paths.root))

@@ -1,33 +1,47 @@
 """Stage `train`: a text-conditioned UNet and a CLIP text encoder trained on cached latents.
 
 Reads data/latents and models/vae; builds a tokenizer from the training captions; trains with
-accelerate (the same code on a CPU or GPUs); writes models/sd as a standard diffusers folder,
-metrics/train.json, the loss curve metrics/train_loss.csv (a DVC plot) and the MLflow run id.
+accelerate (the same code on a CPU or GPUs); writes models/sd as a standard diffusers folder with a
+model card, metrics/train.json, the loss curve metrics/train_loss.csv (a DVC plot) and the MLflow run id.
 
-    sdpipe train                                   # one process, as `dvc repro` runs it
-    accelerate launch -m pipeline.cli train        # several processes / GPUs
+Every step's data is a function of (seed, step, process): the epoch order comes from (seed, epoch) and
+the step's noise from (seed, step, process). With `accelerator.save_state` checkpoints every
+`train.checkpoint_every` steps in models/checkpoints/ (model, optimizer, LR schedule, EMA and the loss
+curve), a run killed at any point and started again continues exactly where the checkpoint left it.
+
+    sdpipe train                                          # one process, as `dvc repro` runs it
+    accelerate launch --num_processes 2 -m pipeline.cli train   # several processes / GPUs
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
+import os
+import resource
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
-from pipeline.atomic import atomic_dir, atomic_file, write_json
-from pipeline.config import Params, Paths, TrainParams
+from pipeline.atomic import atomic_dir, atomic_file, read_json, write_json
+from pipeline.config import ConfigError, Params, Paths, TrainParams
 from pipeline.encode import CachedLatents, load_latents
+from pipeline.diagnostics import image_grid, noise_metrics_on
 from pipeline.models import (
     PRESETS,
     build_text_encoder,
@@ -37,12 +51,39 @@ from pipeline.models import (
     tokenize,
     training_scheduler,
 )
-from pipeline.tracking import training_run
+from pipeline.tracking import data_version, training_run
 
 log = logging.getLogger(__name__)
 
 METRICS = "train.json"
 LOSS_PLOT = "train_loss.csv"
+CHECKPOINT_PREFIX = "step-"
+FINGERPRINT = "fingerprint.json"
+MODEL_CARD = "README.md"
+# Settings that change what is logged, not what is learned: a checkpoint stays valid when they change.
+OBSERVABILITY_SETTINGS = ("log_every", "validate_every", "validation_timesteps", "sample_every",
+                          "checkpoint_every", "checkpoints_kept")
+SAMPLE_PROMPTS = 8
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def derived_seed(*parts: object) -> int:
+    """A seed for one purpose (an epoch's order, a step's noise) that no other purpose shares."""
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def batch_indices(micro_batch: int, count: int, batch_size: int, processes: int, process: int, seed: int) -> torch.Tensor:
+    """This process's sample indices for the n-th micro-batch of the run: every sample once per epoch
+    (across all processes) in an order fixed by (seed, epoch); a function of its arguments alone."""
+    per_process = min(batch_size, count // processes)
+    global_size = per_process * processes
+    epoch, position = divmod(micro_batch, count // global_size)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch)))
+    start = position * global_size + process * per_process
+    return order[start : start + per_process]
 
 
 @dataclass
@@ -51,132 +92,372 @@ class Batch:
     caption_ids: torch.Tensor
 
 
-def shuffled_batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless batches of indices: every sample once per epoch, in a fresh order each epoch."""
-    batch_size = min(batch_size, count)
-    while True:
-        order = torch.randperm(count, generator=generator)
-        for start in range(0, count - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
-
-
 def drop_captions(ids: torch.Tensor, empty_ids: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Replace a share of captions with the empty prompt: the unconditional branch of guidance."""
     dropped = torch.rand(len(ids), generator=generator) < rate
     return torch.where(dropped[:, None], empty_ids.expand_as(ids), ids)
 
 
-def batch_stream(
-    cache: CachedLatents, caption_ids: torch.Tensor, empty_ids: torch.Tensor, *, scale: float,
-    settings: TrainParams, generator: torch.Generator,
-) -> Iterator[Batch]:
+def make_batch(cache: CachedLatents, caption_ids: torch.Tensor, empty_ids: torch.Tensor, index: torch.Tensor, *,
+               scale: float, caption_dropout: float, generator: torch.Generator) -> Batch:
     """Latents sampled from the cached posterior (scaled to unit variance), captions with dropout."""
-    for index in shuffled_batches(len(cache), settings.batch_size, generator):
-        noise = torch.randn(cache.mean[index].shape, generator=generator)
-        latents = (cache.mean[index] + cache.std[index] * noise) * scale
-        ids = drop_captions(caption_ids[index], empty_ids, settings.caption_dropout, generator)
-        yield Batch(latents, ids)
+    noise = torch.randn(cache.mean[index].shape, generator=generator)
+    latents = (cache.mean[index] + cache.std[index] * noise) * scale
+    return Batch(latents, drop_captions(caption_ids[index], empty_ids, caption_dropout, generator))
 
 
-def diffusion_loss(unet, text_encoder, scheduler: DDPMScheduler, batch: Batch, generator: torch.Generator, device):
+def diffusion_loss(unet, text_encoder, scheduler: DDPMScheduler, batch: Batch, settings: TrainParams,
+                   generator: torch.Generator, device) -> torch.Tensor:
     latents = batch.latents.to(device)
-    noise = torch.randn(latents.shape, generator=generator).to(device)
+    noise = torch.randn(latents.shape, generator=generator)
+    if settings.noise_offset:
+        # shifts each channel's mean: lets the model learn much darker or brighter images than average
+        noise = noise + settings.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+    noise = noise.to(device)
     timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = noise if settings.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
     states = text_encoder(batch.caption_ids.to(device))[0]
-    prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, states).sample
-    return F.mse_loss(prediction.float(), noise)
+    prediction = unet(noisy, timesteps, states).sample.float()
+    if settings.snr_gamma is None:
+        return F.mse_loss(prediction, target.float())
+    # min-SNR-gamma (Hang et al. 2023): caps the weight of easy, low-noise timesteps
+    snr = compute_snr(scheduler, timesteps)
+    weights = snr.clamp(max=settings.snr_gamma) / (snr if settings.prediction_type == "epsilon" else snr + 1)
+    per_sample = ((prediction - target.float()) ** 2).mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
 
 
-def fit(
-    accelerator: Accelerator, unet, text_encoder, batches: Iterator[Batch], settings: TrainParams,
-    generator: torch.Generator, log_metrics: Callable[[dict, int], None],
-) -> list[tuple[int, float]]:
-    """The optimisation loop; returns the loss curve as (step, mean loss since the last point)."""
-    scheduler = training_scheduler()
-    optimizer = torch.optim.AdamW(
-        list(unet.parameters()) + list(text_encoder.parameters()),
-        lr=settings.learning_rate, weight_decay=settings.weight_decay,
-    )
-    lr_schedule = get_scheduler(
-        "cosine", optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps
-    )
-    unet, text_encoder, optimizer, lr_schedule = accelerator.prepare(unet, text_encoder, optimizer, lr_schedule)
-    curve, window, started = [], [], time.perf_counter()
-    progress = tqdm(range(1, settings.steps + 1), desc="train", disable=not accelerator.is_local_main_process)
+@dataclass
+class Progress:
+    """What a checkpoint holds beyond the modules and optimizer: where the run is and what it saw."""
+
+    step: int = 0
+    curve: list[list[float]] = field(default_factory=list)
+    data_digest: str = hashlib.sha256().hexdigest()
+    mlflow_run_id: str | None = None
+
+    def saw(self, index: torch.Tensor) -> None:
+        self.data_digest = hashlib.sha256(self.data_digest.encode() + index.numpy().tobytes()).hexdigest()
+
+    def state_dict(self) -> dict:
+        return dict(step=self.step, curve=self.curve, data_digest=self.data_digest, mlflow_run_id=self.mlflow_run_id)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.curve = state["step"], [list(point) for point in state["curve"]]
+        self.data_digest, self.mlflow_run_id = state["data_digest"], state["mlflow_run_id"]
+
+
+def training_fingerprint(params: Params, paths: Paths, processes: int) -> dict:
+    """Everything a checkpoint's validity depends on: the learning settings, the model, the data, the VAE."""
+    settings = params.train.model_dump(mode="json", exclude=set(OBSERVABILITY_SETTINGS))
+    digest = hashlib.sha256()
+    for folder in (paths.latents, paths.vae_model):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(path.relative_to(folder).as_posix().encode() + hashlib.sha256(path.read_bytes()).digest())
+    return dict(train=settings, model=params.model.model_dump(mode="json"), inputs=digest.hexdigest(),
+                processes=processes)
+
+
+def checkpoint_folders(paths: Paths) -> list[Path]:
+    """Finished checkpoints, oldest first (names are zero-padded steps)."""
+    if not paths.checkpoints.is_dir():
+        return []
+    return sorted(p for p in paths.checkpoints.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and p.is_dir())
+
+
+def resumable_checkpoint(paths: Paths, fingerprint: dict) -> Path | None:
+    for folder in reversed(checkpoint_folders(paths)):
+        if (folder / FINGERPRINT).is_file() and read_json(folder / FINGERPRINT) == fingerprint:
+            return folder
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, paths: Paths, step: int, fingerprint: dict, kept: int) -> Path:
+    """save_state into a hidden folder, then renamed: a kill mid-write never leaves a broken checkpoint.
+    Checkpoints of another configuration, which could never be resumed, are removed."""
+    target = paths.checkpoints / f"{CHECKPOINT_PREFIX}{step:07d}"
+    staging = paths.checkpoints / f".{target.name}.partial"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(staging / FINGERPRINT, fingerprint)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        same = [f for f in checkpoint_folders(paths)
+                if (f / FINGERPRINT).is_file() and read_json(f / FINGERPRINT) == fingerprint]
+        for folder in set(checkpoint_folders(paths)) - set(same[-kept:]):
+            shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def make_optimizer(parameters: list, settings: TrainParams, device: torch.device):
+    if settings.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError("train.optimizer: adamw_8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        if device.type != "cuda":
+            raise ConfigError("train.optimizer: adamw_8bit needs a CUDA GPU; use adamw on this machine")
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+@dataclass
+class Model:
+    """The modules being trained and what turns them into a pipeline."""
+
+    vae: AutoencoderKL
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    prediction_type: str
+
+    def pipeline(self, accelerator: Accelerator) -> StableDiffusionPipeline:
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=accelerator.unwrap_model(self.text_encoder), tokenizer=self.tokenizer,
+            unet=accelerator.unwrap_model(self.unet),
+            scheduler=sampling_scheduler(training_scheduler(self.prediction_type)),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+
+@dataclass
+class Run:
+    """One training: the prepared modules, the data and where progress is logged."""
+
+    accelerator: Accelerator
+    model: Model
+    settings: TrainParams
+    cache: CachedLatents
+    val: CachedLatents
+    caption_ids: torch.Tensor
+    empty_ids: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    progress: Progress
+    ema: EMAModel | None
+    log_metrics: Callable[[dict, int], None]
+    log_image: Callable[[object, str], None]
+
+    def optimizer_step(self) -> None:
+        """A no-op on micro-batches that only accumulate gradients (accelerate's wrappers know)."""
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_lr(self) -> float:
+        return self.lr_schedule.get_last_lr()[0]
+
+    def evaluation_weights(self):
+        """Use the EMA weights (when kept) for validation, samples and the saved model."""
+        if self.ema is None:
+            return nullcontext()
+        return _ema_weights(self.ema, self.accelerator.unwrap_model(self.model.unet))
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        with self.evaluation_weights():
+            metrics = noise_metrics_on(self.model.pipeline(self.accelerator), self.val.mean, self.val.captions,
+                                       self.settings.validation_timesteps, self.settings.seed)
+        return metrics["noise_mse"]
+
+    @torch.no_grad()
+    def sample_grid(self):
+        prompts = list(dict.fromkeys(self.val.captions))[:SAMPLE_PROMPTS]
+        with self.evaluation_weights():
+            images = self.model.pipeline(self.accelerator)(
+                prompts, num_inference_steps=25, guidance_scale=4.0,
+                generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
+            ).images
+        return image_grid([images])
+
+
+class _ema_weights:
+    """Swap the EMA weights into the module for the duration of the block."""
+
+    def __init__(self, ema: EMAModel, module: torch.nn.Module):
+        self.ema, self.module = ema, module
+
+    def __enter__(self):
+        self.ema.store(self.module.parameters())
+        self.ema.copy_to(self.module.parameters())
+
+    def __exit__(self, *_):
+        self.ema.restore(self.module.parameters())
+
+
+def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> None:
+    """The optimisation loop from `start_step` on; progress (curve, data digest) accumulates in run.progress."""
+    accelerator, settings, model = run.accelerator, run.settings, run.model
+    scheduler = training_scheduler(settings.prediction_type)
+    parameters = [p for module in (model.unet, model.text_encoder) for p in module.parameters()]
+    window, started, grad_norm = [], time.perf_counter(), torch.tensor(0.0)
+    images_per_step = settings.batch_size * settings.gradient_accumulation_steps * accelerator.num_processes
+    progress = tqdm(range(start_step + 1, settings.steps + 1), desc="train", initial=start_step, total=settings.steps,
+                    disable=not accelerator.is_local_main_process)
     for step in progress:
-        with accelerator.autocast():
-            loss = diffusion_loss(unet, text_encoder, scheduler, next(batches), generator, accelerator.device)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(optimizer.param_groups[0]["params"], settings.max_grad_norm)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(loss.detach())
-        if step % settings.log_every == 0 or step == settings.steps:
+        for micro in range(settings.gradient_accumulation_steps):
+            micro_batch = (step - 1) * settings.gradient_accumulation_steps + micro
+            index = batch_indices(micro_batch, len(run.cache), settings.batch_size, accelerator.num_processes,
+                                  accelerator.process_index, settings.seed)
+            run.progress.saw(index)
+            generator = torch.Generator().manual_seed(derived_seed(settings.seed, "step", micro_batch,
+                                                                   accelerator.process_index))
+            batch = make_batch(run.cache, run.caption_ids, run.empty_ids, index, scale=model.vae.config.scaling_factor,
+                               caption_dropout=settings.caption_dropout, generator=generator)
+            with accelerator.accumulate(model.unet, model.text_encoder), accelerator.autocast():
+                loss = diffusion_loss(model.unet, model.text_encoder, scheduler, batch, settings, generator,
+                                      accelerator.device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
+                run.optimizer_step()
+            window.append(loss.detach())
+        if run.ema is not None:
+            run.ema.step(accelerator.unwrap_model(model.unet).parameters())
+        run.progress.step = step
+        if step % settings.log_every == 0 or step == settings.steps or step % settings.checkpoint_every == 0:
+            # the one host sync per logging window: a NaN stops the run before it is checkpointed
             mean_loss = float(torch.stack(window).mean())
+            if not torch.isfinite(torch.tensor(mean_loss)):
+                last = checkpoint_folders(paths)
+                raise TrainingDiverged(
+                    f"train: the loss became {mean_loss} in the steps up to {step}; the last good checkpoint is "
+                    f"{last[-1] if last else 'none'} (lower train.learning_rate, or set train.mixed_precision: 'no')"
+                )
             window.clear()
-            curve.append((step, mean_loss))
-            rate = step * settings.batch_size * accelerator.num_processes / (time.perf_counter() - started)
+            run.progress.curve.append([step, mean_loss])
+            rate = (step - start_step) * images_per_step / (time.perf_counter() - started)
             progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
-            log_metrics({"train_loss": mean_loss, "lr": lr_schedule.get_last_lr()[0], "images_per_second": rate}, step)
-    return curve
+            run.log_metrics({"train_loss": mean_loss, "lr": run.optimizer_lr(), "grad_norm": float(grad_norm),
+                             "images_per_second": rate, "peak_memory_mb": peak_memory_mb(accelerator.device)}, step)
+        if step % settings.validate_every == 0 or step == settings.steps:
+            run.log_metrics({"val_loss": run.validation_loss()}, step)
+        if settings.sample_every and step % settings.sample_every == 0 and accelerator.is_main_process:
+            run.log_image(run.sample_grid(), f"samples/step-{step:07d}.png")
+        if step % settings.checkpoint_every == 0 or step == settings.steps:
+            save_checkpoint(accelerator, paths, step, fingerprint, settings.checkpoints_kept)
 
 
-def save_pipeline(paths: Paths, *, vae, text_encoder, tokenizer, unet) -> None:
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=sampling_scheduler(training_scheduler()),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+def save_pipeline(pipeline: StableDiffusionPipeline, paths: Paths, card: str) -> None:
     with atomic_dir(paths.sd_model) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
+        (staging / MODEL_CARD).write_text(card, encoding="utf-8")
 
 
-def write_loss_curve(target, curve: list[tuple[int, float]]) -> None:
+def model_card(params: Params, paths: Paths, metrics: dict) -> str:
+    """README.md of models/sd: how it was made, on what data, and how well it trained."""
+    settings = json.dumps({"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")},
+                          indent=2)
+    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
+    return (
+        "---\nlibrary_name: diffusers\ntags: [text-to-image, stable-diffusion, sdpipe]\n---\n\n"
+        f"# sdpipe {params.model.mode} model ({params.model.preset} preset)\n\n"
+        "A Stable-Diffusion-style latent diffusion pipeline (VAE, CLIP text encoder, UNet) trained by sdpipe.\n\n"
+        "```python\nfrom diffusers import StableDiffusionPipeline\n"
+        "pipe = StableDiffusionPipeline.from_pretrained(\"models/sd\")\n```\n\n"
+        f"- data: DVC version of data/processed `{data_version(paths.root)}`, "
+        f"{metrics.get('train_samples', 0):.0f} training samples\n"
+        f"- prediction type: {params.train.prediction_type}\n\n"
+        f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+        "Evaluation metrics are in metrics/eval.json and on the MLflow model version.\n\n"
+        f"## Parameters\n\n```json\n{settings}\n```\n"
+    )
+
+
+def write_loss_curve(target, curve: list[list[float]]) -> None:
     with atomic_file(target) as staging, open(staging, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", "loss"])
         writer.writerows(curve)
 
 
-def train(params: Params, paths: Paths) -> dict:
+def build_model(params: Params, paths: Paths, cache: CachedLatents) -> Model:
     settings, preset = params.train, PRESETS[params.model.preset]
-    set_seed(settings.seed)
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
-    generator = torch.Generator().manual_seed(settings.seed + accelerator.process_index)
-
-    cache = load_latents(paths.latents, "train")
-    vae = AutoencoderKL.from_pretrained(paths.vae_model)
     tokenizer = build_tokenizer(cache.captions, vocab_size=settings.tokenizer_vocab_size, max_tokens=preset.max_tokens)
     text_encoder = build_text_encoder(tokenizer, preset)
     unet = build_unet(preset, latent_channels=cache.mean.shape[1], latent_size=cache.mean.shape[-1])
-    batches = batch_stream(
-        cache, tokenize(tokenizer, cache.captions), tokenize(tokenizer, [""]),
-        scale=vae.config.scaling_factor, settings=settings, generator=generator,
-    )
+    if settings.attention == "classic":
+        unet.set_attn_processor(AttnProcessor())
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+    return Model(AutoencoderKL.from_pretrained(paths.vae_model), tokenizer, text_encoder, unet, settings.prediction_type)
+
+
+def train(params: Params, paths: Paths) -> dict:
+    settings = params.train
+    set_seed(settings.seed)
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision,
+                              gradient_accumulation_steps=settings.gradient_accumulation_steps)
+    cache, val = load_latents(paths.latents, "train"), load_latents(paths.latents, "val")
+    if len(cache) < accelerator.num_processes:
+        raise ValueError(f"train: {len(cache)} training samples cannot feed {accelerator.num_processes} processes")
+    model = build_model(params, paths, cache)
+    model.vae.to(accelerator.device)  # frozen; only used for validation samples
+    optimizer = make_optimizer([*model.unet.parameters(), *model.text_encoder.parameters()], settings, accelerator.device)
+    lr_schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
+                                num_training_steps=settings.steps)
+    model.unet, model.text_encoder, optimizer, lr_schedule = accelerator.prepare(
+        model.unet, model.text_encoder, optimizer, lr_schedule)
+    ema = EMAModel(accelerator.unwrap_model(model.unet).parameters(), decay=settings.ema_decay) \
+        if settings.ema_decay else None
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    fingerprint = training_fingerprint(params, paths, accelerator.num_processes)
+    checkpoint = resumable_checkpoint(paths, fingerprint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        log.info("train: resuming from %s (step %d of %d)", checkpoint, progress.step, settings.steps)
+    start_step = progress.step
 
     main = accelerator.is_main_process
-    with training_run(params, paths) if main else nullcontext() as run:
+    with training_run(params, paths, progress.mlflow_run_id) if main else nullcontext() as mlflow_run:
         import mlflow
 
-        def log_metrics(metrics: dict, step: int) -> None:
-            if main:
-                mlflow.log_metrics(metrics, step=step)
-
+        progress.mlflow_run_id = mlflow_run.info.run_id if main else None
+        run = Run(
+            accelerator, model, settings, cache, val,
+            caption_ids=tokenize(model.tokenizer, cache.captions), empty_ids=tokenize(model.tokenizer, [""]),
+            optimizer=optimizer, lr_schedule=lr_schedule, progress=progress, ema=ema,
+            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step) if main else None,
+            log_image=lambda image, name: mlflow.log_image(image, name) if main else None,
+        )
         started = time.perf_counter()
-        curve = fit(accelerator, unet, text_encoder, batches, settings, generator, log_metrics)
+        fit(run, paths, fingerprint, start_step)
         seconds = time.perf_counter() - started
+        trained = max(settings.steps - start_step, 1)
         metrics = dict(
-            final_loss=curve[-1][1], steps=settings.steps, seconds=seconds,
-            images_per_second=settings.steps * settings.batch_size * accelerator.num_processes / seconds,
+            final_loss=progress.curve[-1][1], steps=settings.steps, resumed_from_step=start_step,
+            seconds=seconds, train_samples=len(cache),
+            images_per_second=trained * settings.batch_size * settings.gradient_accumulation_steps
+            * accelerator.num_processes / seconds if seconds else 0.0,
+            peak_memory_mb=peak_memory_mb(accelerator.device),
         )
         accelerator.wait_for_everyone()
         if main:
-            # accelerate wraps these modules in place, so they hold the trained weights
-            save_pipeline(paths, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet)
-            write_json(paths.metrics / METRICS, metrics)
-            write_loss_curve(paths.metrics / LOSS_PLOT, curve)
-            log_metrics({"train_seconds": seconds}, settings.steps)
-            log.info("train: %d steps in %.0f s, final loss %.4f (MLflow run %s)",
-                     settings.steps, seconds, metrics["final_loss"], run.info.run_id)
+            with run.evaluation_weights():
+                save_pipeline(model.pipeline(accelerator), paths, model_card(params, paths, metrics))
+            write_json(paths.metrics / METRICS, {**metrics, "data_digest": progress.data_digest})
+            write_loss_curve(paths.metrics / LOSS_PLOT, progress.curve)
+            mlflow.log_metrics({"train_seconds": seconds}, step=settings.steps)
+            log.info("train: steps %d-%d in %.0f s, final loss %.4f (MLflow run %s)", start_step + 1,
+                     settings.steps, seconds, metrics["final_loss"], mlflow_run.info.run_id)
     return metrics

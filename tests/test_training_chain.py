@@ -8,7 +8,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from pipeline.encode import load_latents
 from pipeline.evaluate import load_pipeline, noise_prediction_metrics
-from pipeline.train import LOSS_PLOT, shuffled_batches
+from pipeline.train import LOSS_PLOT, batch_indices
 
 
 def test_vae_is_a_diffusers_model_with_unit_variance_scaling(trained_project):
@@ -42,10 +42,12 @@ def test_loss_curve_and_run_record(trained_project):
     assert json.loads(paths.run_record.read_text())["run_id"]
 
 
-def test_batches_cover_every_sample_each_epoch():
-    batches = shuffled_batches(10, 5, torch.Generator().manual_seed(0))
-    epoch = torch.cat([next(batches), next(batches)])
-    assert sorted(epoch.tolist()) == list(range(10))
+def test_batches_cover_every_sample_each_epoch_across_processes():
+    epoch = torch.cat([batch_indices(micro, 12, 3, 2, process, seed=0) for micro in range(2) for process in range(2)])
+    assert sorted(epoch.tolist()) == list(range(12))
+    next_epoch = torch.cat([batch_indices(micro, 12, 3, 2, process, seed=0) for micro in (2, 3) for process in (0, 1)])
+    assert sorted(next_epoch.tolist()) == list(range(12)) and not torch.equal(epoch, next_epoch)
+    assert torch.equal(batch_indices(5, 12, 3, 2, 1, seed=0), batch_indices(5, 12, 3, 2, 1, seed=0))
 
 
 def test_evaluation_is_deterministic(trained_project):
