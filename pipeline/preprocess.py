@@ -58,7 +58,7 @@ def integer_to_grey(image: Image.Image) -> Image.Image:
     anything outside the 16-bit range is stretched from its own minimum to its maximum.
     """
     values = np.asarray(image).astype(np.float64)
-    low, high = values.min(initial=0), values.max(initial=0)
+    low, high = values.min(), values.max()
     if image.mode in SIXTEEN_BIT_MODES or (low >= 0 and high <= 0xFFFF):
         low, high = 0.0, float(0xFFFF)
     scaled = (values - low) * 255.0 / max(high - low, 1.0)
