@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,17 +127,13 @@ def worker_count(workers: int | None) -> int:
     return workers or os.cpu_count() or 1
 
 
-def convert_all(jobs: list[ImageJob], workers: int) -> Iterator[dict[str, float]]:
-    """convert_image over the jobs, in their order; one worker converts in this process."""
+def convert_all(jobs: list[ImageJob], workers: int) -> list[dict[str, float]]:
+    """convert_image over the jobs, results in job order; with one worker, in this process."""
     if workers == 1 or len(jobs) <= 1:
-        return map(convert_image, jobs)
+        return [convert_image(job) for job in jobs]
     chunksize = max(1, math.ceil(len(jobs) / (workers * CHUNKS_PER_WORKER)))
-    return _pooled(jobs, workers, chunksize)
-
-
-def _pooled(jobs: list[ImageJob], workers: int, chunksize: int) -> Iterator[dict[str, float]]:
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-        yield from pool.map(convert_image, jobs, chunksize=chunksize)
+        return list(pool.map(convert_image, jobs, chunksize=chunksize))
 
 
 def reference_stats(features: pd.DataFrame, vocabulary: set[str]) -> dict:
@@ -190,7 +186,7 @@ def preprocess(params: PreprocessParams, paths: Paths) -> dict[str, int]:
             for sample_id, relative, split, name in zip(
                 manifest["id"], manifest["path"], manifest["split"], manifest["file"], strict=True)
         ]
-        image_rows = list(convert_all(jobs, workers))
+        image_rows = convert_all(jobs, workers)
         for split in SPLITS:
             rows = manifest[manifest["split"] == split]
             rows[["id", "file", "caption"]].to_parquet(staging / split / MANIFEST, index=False)
