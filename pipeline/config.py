@@ -116,6 +116,11 @@ class ValidateParams(Section):
 class PreprocessParams(Section):
     resolution: int = Field(32, ge=8)
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    crop: Literal["center", "random"] = Field(
+        "center", description="random: one crop per sample, fixed by its id and `seed`, so re-runs agree")
+    seed: int = Field(0, description="seeds the random crops")
+    lowercase_captions: bool = False
+    workers: int | None = Field(0, ge=0, description="processes converting images; 0 or null: one per CPU")
 
     @field_validator("resolution")
     @classmethod

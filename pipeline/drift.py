@@ -33,9 +33,8 @@ def words_of(caption: str) -> list[str]:
     return caption.lower().split()
 
 
-def feature_table(images: np.ndarray, sizes: list[tuple[int, int]], captions: list[str],
-                  vocabulary: set[str]) -> pd.DataFrame:
-    """One row of FEATURES per sample; `images` is uint8 NHWC at the training resolution."""
+def image_features(images: np.ndarray) -> pd.DataFrame:
+    """Brightness, contrast and colourfulness per image; `images` is uint8 NHWC at the training resolution."""
     pixels = images.astype(np.float64) / 255.0
     grey = pixels.mean(axis=-1)
     red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
@@ -43,15 +42,31 @@ def feature_table(images: np.ndarray, sizes: list[tuple[int, int]], captions: li
     colourfulness = np.hypot(red_green.std(axis=(1, 2)), yellow_blue.std(axis=(1, 2))) + 0.3 * np.hypot(
         red_green.mean(axis=(1, 2)), yellow_blue.mean(axis=(1, 2))
     )
-    words = [words_of(caption) for caption in captions]
     return pd.DataFrame({
         "brightness": grey.mean(axis=(1, 2)),
         "contrast": grey.std(axis=(1, 2)),
         "colourfulness": colourfulness,
+    })
+
+
+def metadata_features(sizes: list[tuple[int, int]], captions: list[str], vocabulary: set[str]) -> pd.DataFrame:
+    """Original pixel count, caption length and out-of-vocabulary rate per sample."""
+    words = [words_of(caption) for caption in captions]
+    return pd.DataFrame({
         "pixels": np.log10([max(width * height, 1) for width, height in sizes]),
         "caption_words": [len(w) for w in words],
         "oov_rate": [sum(word not in vocabulary for word in w) / len(w) if w else 0.0 for w in words],
     })
+
+
+def feature_table(images: np.ndarray, sizes: list[tuple[int, int]], captions: list[str],
+                  vocabulary: set[str]) -> pd.DataFrame:
+    """One row of FEATURES per sample; `images` is uint8 NHWC at the training resolution."""
+    return combine_features(image_features(images), metadata_features(sizes, captions, vocabulary))
+
+
+def combine_features(images: pd.DataFrame, metadata: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([images.reset_index(drop=True), metadata.reset_index(drop=True)], axis=1)[list(FEATURES)]
 
 
 def population_stability_index(reference: np.ndarray, current: np.ndarray, bins: int = PSI_BINS) -> float:
