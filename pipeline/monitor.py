@@ -29,7 +29,7 @@ from pipeline.encode import encode_images
 from pipeline.diagnostics import noise_metrics_on
 from pipeline.evaluate import load_pipeline
 from pipeline.ingest import content_id, describe_image
-from pipeline.preprocess import REFERENCE_FEATURES, STATS, load_split, load_training_image
+from pipeline.preprocess import REFERENCE_FEATURES, STATS, load_split, load_training_image, normalise_caption
 from pipeline.validate import check_manifest
 from pipeline.vae import to_model_range
 
@@ -100,7 +100,8 @@ def check_batch(folder: Path, params: Params, paths: Paths, champion_folder: Pat
     settings = params.monitor
     manifest = batch_manifest(folder)
     validation = check_manifest(manifest, folder, params.validate_)
-    good = validation.good
+    good = validation.good.assign(caption=lambda rows: [
+        normalise_caption(caption, lowercase=params.preprocess.lowercase_captions) for caption in rows["caption"]])
     report = BatchReport(batch=folder.name, samples=len(manifest), valid=len(good), validation=validation.summary)
     if good.empty:
         return report
