@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 HASH_SIDE = 8  # 8×8 comparisons: a 64-bit hash
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
 STATS_SIDE = 64  # brightness statistics on at most 64×64 px: enough to tell blank from not, and cheap
 
 
@@ -59,6 +60,14 @@ def difference_hash(grey: Image.Image) -> int:
     return int(sum(1 << index for index, bit in enumerate(bits) if bit))
 
 
+def grey_levels(image: Image.Image) -> Image.Image:
+    """8-bit grey levels; 16-bit images are scaled down, where Pillow's `convert` would clip them to white."""
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255; mode I is taken as 16-bit too
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    return image.convert("L")
+
+
 def measure(path: Path, max_pixels: int, hash_min_side: int) -> ImageProperties:
     unreadable = dict(decodable=False, image_format=None, mode=None, pixels=None, dhash=None, brightness=None,
                       contrast=None)
@@ -74,7 +83,7 @@ def measure(path: Path, max_pixels: int, hash_min_side: int) -> ImageProperties:
                                **header)
     try:
         with pixel_limit(max_pixels), Image.open(path) as image:
-            grey = image.convert("L")  # decodes every pixel: truncated and corrupt data fail here
+            grey = grey_levels(image)  # decodes every pixel: truncated and corrupt data fail here
     except Exception as error:  # any decoder error means the file cannot be trained on
         return ImageProperties(decodable=False, problem=decode_problem(error), dhash=None, brightness=None,
                                contrast=None, **header)

@@ -67,13 +67,15 @@ def row_properties(manifest: pd.DataFrame, root: Path, params: ValidateParams) -
     frame["aspect_ratio"] = (frame["width"] / frame["height"].where(frame["height"] > 0)).astype(float)
     properties = property_columns([root / relative for relative in frame["path"]], params.max_pixels,
                                   params.near_duplicate_min_side)
+    hashes = properties.pop("dhash")  # 64-bit unsigned: a pandas column would turn them into floats
     for name, values in properties.items():
         frame[name] = values
+    labels = frame.get("origin", frame["path"]).tolist()
     frame["near_duplicate_of"] = (
-        near_duplicate_of(frame["dhash"].tolist(), frame["path"].tolist(), params.max_near_duplicate_distance)
+        near_duplicate_of(hashes, labels, params.max_near_duplicate_distance)
         if params.max_near_duplicate_distance >= 0 else None
     )
-    return frame.drop(columns="dhash")  # 64-bit unsigned: only the comparison above needs it
+    return frame
 
 
 def caption_share_checks(sources: list[str], params: ValidateParams) -> list[Check]:
@@ -126,8 +128,8 @@ def manifest_checks(params: ValidateParams, sources: list[str] = ()) -> list[Che
               "colour mode not in validate.allowed_modes", detail="mode"),
         Check(expect.ExpectColumnValuesToBeUnique(column="id"), "duplicate content", keep_first=True),
         Check(expect.ExpectColumnValuesToBeNull(column="near_duplicate_of"),
-              f"near-duplicate (dHash within validate.max_near_duplicate_distance "
-              f"{params.max_near_duplicate_distance} bits) of", detail="near_duplicate_of"),
+              f"near-duplicate of an earlier image (dHash within validate.max_near_duplicate_distance "
+              f"{params.max_near_duplicate_distance} bits)", detail="near_duplicate_of"),
         Check(between(column="contrast", min_value=params.min_contrast),
               f"blank or near-uniform image (grey-level spread below validate.min_contrast {params.min_contrast})",
               detail="contrast"),
@@ -186,7 +188,7 @@ def _reason(frame: pd.DataFrame, check: Check, row: int) -> str:
     if check.detail is None:
         return check.reason
     value = frame.loc[row, check.detail]
-    shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+    shown = f"{value:.6g}" if isinstance(value, float) else str(value)  # 5000.0 -> 5000
     return f"{check.reason}: {shown}"
 
 
@@ -217,7 +219,7 @@ def hard_failures(outcomes: list[tuple[Check, dict]]) -> dict[str, str]:
 @dataclass(frozen=True)
 class ManifestCheck:
     good: pd.DataFrame
-    quarantined: pd.DataFrame  # id, path, caption, reason
+    quarantined: pd.DataFrame  # id, path, origin (the name in the source), caption, reason
     summary: dict
     failed_checks: dict[str, int]
 
@@ -239,7 +241,7 @@ def check_manifest(manifest: pd.DataFrame, root: Path, params: ValidateParams, d
         if result.get("unexpected_count") and not check.hard
     }
     rows = sorted(reasons)
-    quarantined = frame.loc[rows, [c for c in ("id", "path", "caption") if c in frame]].assign(
+    quarantined = frame.loc[rows].reindex(columns=["id", "path", "origin", "caption"]).assign(
         reason=["; ".join(reasons[row]) for row in rows])
     summary = dict(
         total=len(frame),
@@ -275,9 +277,10 @@ def ingest_rejects(raw: Path) -> pd.DataFrame:
     """What ingest could not take (a path outside the data root, a missing file, not an image), with its
     reason, as quarantine rows."""
     if not (raw / REJECTED).is_file():
-        return pd.DataFrame(columns=["id", "path", "caption", "reason"])
+        return pd.DataFrame(columns=["id", "path", "origin", "caption", "reason"])
     rejected = pd.read_parquet(raw / REJECTED)
-    return pd.DataFrame({"id": None, "path": rejected["origin"], "caption": None, "reason": rejected["reason"]})
+    return pd.DataFrame({"id": None, "path": rejected["origin"], "origin": rejected["origin"], "caption": None,
+                         "reason": rejected["reason"]})
 
 
 def with_ingest_rejects(check: ManifestCheck, rejects: pd.DataFrame, params: ValidateParams) -> ManifestCheck:
@@ -313,4 +316,4 @@ def _write_reports(directory: Path, summary: dict, quarantined: pd.DataFrame) ->
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / SUMMARY, summary)
     with atomic_file(directory / QUARANTINE) as staging:
-        quarantined[["path", "reason", "id", "caption"]].to_csv(staging, index=False)
+        quarantined[["path", "origin", "reason", "id", "caption"]].to_csv(staging, index=False)

@@ -19,6 +19,11 @@ from pipeline.sources import Rejected, SourceError, SourceItem, caption_text, fi
 from pipeline.sources.tables import read_rows, require_column
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+class CaptionError(ValueError):
+    """One image's caption cannot be read: that image is rejected, the others go on."""
+
 FILE_NAME = "file_name"
 
 
@@ -32,7 +37,14 @@ def items(settings: FolderSource, root: Path) -> Iterator[SourceItem | Rejected]
     found = {path.relative_to(root).as_posix(): path for path in image_files(root, settings.extensions)}
     for name in sorted(listed.keys() | found.keys()):
         path = listed.get(name) or found[name]
-        caption = captions[name] if name in captions else fallback_caption(path, root, settings)
+        if path_inside(root, path) is None:
+            yield Rejected(name, f"a link that leads outside the data folder, to {path.resolve()}")
+            continue
+        try:
+            caption = captions[name] if name in captions else fallback_caption(path, root, settings)
+        except CaptionError as error:
+            yield Rejected(name, str(error))
+            continue
         yield file_item(name, path, caption)
 
 
@@ -86,7 +98,8 @@ def fallback_caption(path: Path, root: Path, settings: FolderSource) -> str:
         try:
             return caption_text(sidecar.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
-            raise SourceError(f"{sidecar}: caption file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            # Rejected rather than decoded with replacement characters, which would train on garbage tokens.
+            raise CaptionError(f"caption file {sidecar.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if settings.label_template and path.parent != root:
         return settings.label_template.format(label=path.parent.name.replace("_", " "))
     return ""
