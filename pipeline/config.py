@@ -125,7 +125,8 @@ class ValidateParams(Section):
     min_height: int = Field(16, ge=1)
     max_width: int = Field(8192, ge=1)
     max_height: int = Field(8192, ge=1)
-    max_pixels: int = Field(50_000_000, ge=1, description="larger headers are refused before decoding")
+    # At most Pillow's own limit, which preprocess decodes under.
+    max_pixels: int = Field(50_000_000, ge=1, le=89_478_485, description="larger headers are refused before decoding")
     min_aspect_ratio: float = Field(0.25, gt=0, description="width / height")
     max_aspect_ratio: float = Field(4.0, gt=0)
     allowed_formats: tuple[str, ...] = ("png", "jpeg", "mpo", "webp", "bmp", "gif", "tiff")
@@ -136,6 +137,15 @@ class ValidateParams(Section):
     min_contrast: float = Field(3.0, ge=0, description="grey-level standard deviation; below it is blank")
     min_brightness: float = Field(4.0, ge=0, le=255)
     max_brightness: float = Field(252.0, ge=0, le=255)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values: object) -> object:
+        if isinstance(values, dict) and "allow_empty_captions" in values:
+            raise PydanticCustomError(
+                "renamed_key", "validate.allow_empty_captions: replaced by validate.max_empty_caption_share "
+                "(for example {folder: 0.3}: the share of a source's rows that may have no caption)", {})
+        return values
 
     @field_validator("max_empty_caption_share")
     @classmethod
@@ -274,7 +284,7 @@ def _describe(error: dict) -> str:
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: required"
-    if error["type"] == "missing_source_settings":
+    if error["type"] in ("missing_source_settings", "renamed_key"):
         return error["msg"]
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 

@@ -127,3 +127,8 @@ def test_a_manifest_without_optional_columns_is_checked(partly_labelled_raw):
     assert len(check.good) == 2 and check.summary["hard_checks"] == {
         "expect_column_values_to_be_in_set (uncaptioned rows of source default above "
         "validate.max_empty_caption_share 0%)": "observed 1 of 2 rows"}
+
+
+def test_the_old_empty_caption_switch_names_its_replacement():
+    with pytest.raises(ValueError, match=r"validate.allow_empty_captions: replaced by validate.max_empty_caption_share"):
+        parse_params({"validate": {"allow_empty_captions": True}})
