@@ -32,6 +32,7 @@ QUARANTINE = "quarantine.csv"
 DATA_DOCS = "data_docs"
 SUITE = "raw_manifest"
 REQUIRED_COLUMNS = ("id", "path", "caption", "width", "height")
+BAD_ROWS = "bad rows (validate.max_bad_fraction)"
 DEFAULT_SOURCE = "default"  # manifests without a `source` column (monitoring batches)
 
 
@@ -93,17 +94,25 @@ def caption_share_checks(sources: list[str], params: ValidateParams) -> list[Che
     return checks
 
 
-def manifest_checks(params: ValidateParams, sources: list[str] = ()) -> list[Check]:
+def table_checks(params: ValidateParams) -> list[Check]:
+    """Hard checks of the table as a whole; the only ones that can run on a manifest missing columns."""
     import great_expectations as gx
 
     expect = gx.expectations
-    between = expect.ExpectColumnValuesToBeBetween
-    hard = [
+    return [
         Check(expect.ExpectTableColumnsToMatchSet(column_set=list(REQUIRED_COLUMNS), exact_match=False),
               f"manifest lacks a required column ({', '.join(REQUIRED_COLUMNS)})", hard=True),
         Check(expect.ExpectTableRowCountToBeBetween(min_value=params.min_rows),
               f"fewer rows than validate.min_rows {params.min_rows}", hard=True),
     ]
+
+
+def manifest_checks(params: ValidateParams, sources: list[str] = ()) -> list[Check]:
+    """The whole suite: table checks, the uncaptioned share of each source, then the soft row checks."""
+    import great_expectations as gx
+
+    expect = gx.expectations
+    between = expect.ExpectColumnValuesToBeBetween
     soft = [
         Check(between(column="caption_length", min_value=params.min_caption_length,
                       max_value=params.max_caption_length),
@@ -137,7 +146,7 @@ def manifest_checks(params: ValidateParams, sources: list[str] = ()) -> list[Che
               f"extreme brightness (mean grey level outside validate.min/max_brightness "
               f"{params.min_brightness}-{params.max_brightness})", detail="brightness"),
     ]
-    return hard + caption_share_checks(list(sources), params) + soft
+    return table_checks(params) + caption_share_checks(list(sources), params) + soft
 
 
 def run_suite(frame: pd.DataFrame, checks: list[Check], docs: Path | None = None) -> list[tuple[Check, dict]]:
@@ -202,18 +211,23 @@ def quarantine_reasons(frame: pd.DataFrame, outcomes: list[tuple[Check, dict]]) 
     return reasons
 
 
-def hard_failures(outcomes: list[tuple[Check, dict]]) -> dict[str, str]:
-    """Each failed hard check, named by its expectation and reason, with what was observed."""
-    failures = {}
+def hard_check_results(outcomes: list[tuple[Check, dict]]) -> dict[str, dict]:
+    """Every hard check, named by its expectation and reason: passed or not, and what was observed."""
+    results = {}
     for check, result in outcomes:
-        if check.hard and not result["success"]:
+        if check.hard:
             observed = result.get("observed_value", "")
             if "unexpected_count" in result:
                 observed = f"{result['unexpected_count']} of {result['element_count']} rows"
             elif isinstance(observed, dict | list):
                 observed = json.dumps(observed, default=str)
-            failures[f"{check.expectation.expectation_type} ({check.reason})"] = f"observed {observed}"
-    return failures
+            name = f"{check.expectation.expectation_type} ({check.reason})"
+            results[name] = dict(passed=bool(result["success"]), observed=str(observed))
+    return results
+
+
+def failed_hard_checks(summary: dict) -> dict[str, str]:
+    return {name: result["observed"] for name, result in summary["hard_checks"].items() if not result["passed"]}
 
 
 @dataclass(frozen=True)
@@ -229,7 +243,7 @@ def check_manifest(manifest: pd.DataFrame, root: Path, params: ValidateParams, d
     missing = [column for column in REQUIRED_COLUMNS if column not in manifest]
     if missing:  # nothing per row can be measured: only the table-level checks run, and fail
         frame = manifest.reset_index(drop=True).assign(**{ROW: range(len(manifest))})
-        checks = manifest_checks(params)[:2]
+        checks = table_checks(params)
     else:
         frame = row_properties(manifest, root, params)
         checks = manifest_checks(params, sorted(frame["source"].astype(str).unique()))
@@ -247,7 +261,7 @@ def check_manifest(manifest: pd.DataFrame, root: Path, params: ValidateParams, d
         total=len(frame),
         quarantined=len(rows),
         max_bad_fraction=params.max_bad_fraction,
-        hard_checks=hard_failures(outcomes),
+        hard_checks=hard_check_results(outcomes),
         unexpected_rows={check.reason: int(result.get("unexpected_count") or 0)
                          for check, result in outcomes if not check.hard},
     )
@@ -259,13 +273,17 @@ def with_verdict(summary: dict, params: ValidateParams) -> dict:
     """The bad-row fraction is itself a hard check; the data set passes when no hard check failed."""
     total = summary["total"]
     bad_fraction = summary["quarantined"] / total if total else 1.0
-    return summary | dict(bad_fraction=bad_fraction,
-                          passed=bad_fraction <= params.max_bad_fraction and not summary["hard_checks"])
+    bad_rows = {BAD_ROWS: dict(passed=bad_fraction <= params.max_bad_fraction,
+                               observed=f"{summary['quarantined']} of {total} rows")}
+    hard_checks = summary["hard_checks"] | bad_rows
+    return summary | dict(bad_fraction=bad_fraction, hard_checks=hard_checks,
+                          passed=all(result["passed"] for result in hard_checks.values()))
 
 
 def failure_message(check: ManifestCheck, params: ValidateParams) -> str:
     summary = check.summary
-    hard = "; ".join(f"{name}: {observed}" for name, observed in summary["hard_checks"].items())
+    hard = "; ".join(f"{name}: observed {observed}" for name, observed in failed_hard_checks(summary).items()
+                     if name != BAD_ROWS)
     detail = ", ".join(f"{name}: {count} rows" for name, count in check.failed_checks.items())
     return (
         f"validation failed: {hard + '; ' if hard else ''}{summary['quarantined']} of {summary['total']} rows "

@@ -185,6 +185,8 @@ def test_conversions_keep_what_the_image_shows(corpus_run):
     blocks = np.asarray(pattern(16, (4, 4)), dtype=int)
     cmyk = fate(paths, "cmyk.jpg").astype(int)[4::8, 4::8]  # the centre of each of the 4×4 blocks
     assert np.abs(cmyk - blocks).max() < 25, "CMYK keeps the colours of the RGB it was made from"
+    assert fate(paths, "rgba.png")[0].min() > 235, "the transparent top (alpha 0) is composited onto white"
+    assert (fate(paths, "palette.png") == 255).all(axis=-1).any(), "the transparent palette entry becomes white"
     grey = fate(paths, "grey.png")
     assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
     rotated = fate(paths, "exif.jpg").astype(int)
