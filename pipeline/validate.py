@@ -238,7 +238,9 @@ class ManifestCheck:
     failed_checks: dict[str, int]
 
 
-def check_manifest(manifest: pd.DataFrame, root: Path, params: ValidateParams, docs: Path | None = None) -> ManifestCheck:
+def check_manifest(
+    manifest: pd.DataFrame, root: Path, params: ValidateParams, docs: Path | None = None
+) -> ManifestCheck:
     """Run the suite over a manifest whose paths are relative to `root`; only `docs`, when given, is written."""
     missing = [column for column in REQUIRED_COLUMNS if column not in manifest]
     if missing:  # nothing per row can be measured: only the table-level checks run, and fail

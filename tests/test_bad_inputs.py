@@ -159,7 +159,8 @@ def fate(paths: Paths, origin: str) -> str | np.ndarray:
     ("tiny.png", "width outside validate.min/max_width 16-8192 px: 1; height outside validate.min/max_height"),
     ("float.tif", "colour mode not in validate.allowed_modes: F"),
     ("bomb.png", "header declares more pixels than validate.max_pixels 50000000; not decoded: 1600000000"),
-    ("near.png", "near-duplicate of an earlier image (dHash within validate.max_near_duplicate_distance 4 bits): near.jpg ("),
+    ("near.png", "near-duplicate of an earlier image (dHash within validate.max_near_duplicate_distance 4 bits): "
+                 "near.jpg ("),
     ("bad caption.png", "caption file bad caption.txt is not UTF-8 text (invalid continuation byte at byte 3)"),
     ("long caption.png", "caption length outside validate.min/max_caption_length 1-1000 characters: 5000"),
     ("link.png", "a link that leads outside the data folder, to "),
@@ -216,7 +217,7 @@ def test_rows_of_a_manifest_outside_the_root_or_missing_are_quarantined(tmp_path
     paths = Paths(tmp_path / "project")
     ingest(params.ingest, paths)
     validate(params.validate_, paths)
-    assert fate(paths, "../secret.png").startswith("list.csv row 2: path '../secret.png' leads outside the manifest's folder")
+    assert fate(paths, "../secret.png").startswith("list.csv row 2: path '../secret.png' leads outside the manifest")
     assert fate(paths, "gone.png").startswith("list.csv row 3: file not found")
     assert len(pd.read_parquet(paths.validated / "manifest.parquet")) == 1
 

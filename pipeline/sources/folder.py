@@ -99,7 +99,8 @@ def fallback_caption(path: Path, root: Path, settings: FolderSource) -> str:
             return caption_text(sidecar.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
             # Rejected rather than decoded with replacement characters, which would train on garbage tokens.
-            raise CaptionError(f"caption file {sidecar.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            raise CaptionError(
+                f"caption file {sidecar.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if settings.label_template and path.parent != root:
         return settings.label_template.format(label=path.parent.name.replace("_", " "))
     return ""
