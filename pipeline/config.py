@@ -134,7 +134,7 @@ class ValidateParams(Section):
                                       "I;16", "I;16B", "I;16L", "I")
     max_near_duplicate_distance: int = Field(4, ge=-1, le=64, description="dHash bits; -1 turns the check off")
     near_duplicate_min_side: int = Field(64, ge=9, description="smaller images are too small to hash reliably")
-    min_contrast: float = Field(3.0, ge=0, description="grey-level standard deviation; below it is blank")
+    min_contrast: float = Field(3.0, ge=0, description="largest colour-channel standard deviation; below it is blank")
     min_brightness: float = Field(4.0, ge=0, le=255)
     max_brightness: float = Field(252.0, ge=0, le=255)
 

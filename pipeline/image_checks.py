@@ -2,8 +2,8 @@
 
 Each image is read once: its header first, and its pixels only when the header's pixel count is within
 `validate.max_pixels`, so a decompression bomb (a small file declaring 40000×40000) is never decoded.
-The decoded pixels give a 64-bit difference hash (dHash: near-duplicates are a few bits apart) and the
-grey-level mean and spread that find blank images and extreme exposures.
+The decoded pixels give a 64-bit difference hash (dHash: near-duplicates are a few bits apart), the
+grey-level mean that finds extreme exposures and the colour spread that finds blank images.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ImageProperties:
     pixels: int | None
     dhash: int | None
     brightness: float | None  # mean grey level, 0-255
-    contrast: float | None  # standard deviation of the grey level: ~0 for a blank image
+    contrast: float | None  # largest standard deviation of a colour channel: ~0 for a blank image
 
 
 @contextmanager
@@ -60,12 +60,12 @@ def difference_hash(grey: Image.Image) -> int:
     return int(sum(1 << index for index, bit in enumerate(bits) if bit))
 
 
-def grey_levels(image: Image.Image) -> Image.Image:
-    """8-bit grey levels; 16-bit images are scaled down, where Pillow's `convert` would clip them to white."""
+def eight_bit(image: Image.Image) -> Image.Image:
+    """8-bit RGB, or grey for 16-bit images, scaled down where Pillow's `convert` would clip them to white."""
     if image.mode in WIDE_MODES:
         values = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255; mode I is taken as 16-bit too
         return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
-    return image.convert("L")
+    return image.convert("RGB")
 
 
 def measure(path: Path, max_pixels: int, hash_min_side: int) -> ImageProperties:
@@ -83,17 +83,20 @@ def measure(path: Path, max_pixels: int, hash_min_side: int) -> ImageProperties:
                                **header)
     try:
         with pixel_limit(max_pixels), Image.open(path) as image:
-            grey = grey_levels(image)  # decodes every pixel: truncated and corrupt data fail here
+            small = eight_bit(image)  # decodes every pixel: truncated and corrupt data fail here
     except Exception as error:  # any decoder error means the file cannot be trained on
         return ImageProperties(decodable=False, problem=decode_problem(error), dhash=None, brightness=None,
                                contrast=None, **header)
-    grey.thumbnail((STATS_SIDE, STATS_SIDE), Image.Resampling.BOX)
-    values = np.asarray(grey, dtype=np.float64)
+    small.thumbnail((STATS_SIDE, STATS_SIDE), Image.Resampling.BOX)
+    grey = small.convert("L")
+    channels = np.asarray(small, dtype=np.float64).reshape(-1, len(small.getbands()))
     # Below hash_min_side a re-encode moves a dHash as far as a different picture does (measured on 32 px
     # shapes: JPEG q85 flips 4-11 bits, while distinct shapes of one colour often differ by 0-1).
     dhash = difference_hash(grey) if min(width, height) >= hash_min_side else None
     return ImageProperties(decodable=True, problem=None, dhash=dhash,
-                           brightness=float(values.mean()), contrast=float(values.std()), **header)
+                           brightness=float(np.asarray(grey).mean()),
+                           # per channel: a blue shape on a dark grey ground has colour but little grey contrast
+                           contrast=float(channels.std(axis=0).max()), **header)
 
 
 def decode_problem(error: Exception) -> str:

@@ -140,7 +140,7 @@ def manifest_checks(params: ValidateParams, sources: list[str] = ()) -> list[Che
               f"near-duplicate of an earlier image (dHash within validate.max_near_duplicate_distance "
               f"{params.max_near_duplicate_distance} bits)", detail="near_duplicate_of"),
         Check(between(column="contrast", min_value=params.min_contrast),
-              f"blank or near-uniform image (grey-level spread below validate.min_contrast {params.min_contrast})",
+              f"blank or near-uniform image (colour spread below validate.min_contrast {params.min_contrast})",
               detail="contrast"),
         Check(between(column="brightness", min_value=params.min_brightness, max_value=params.max_brightness),
               f"extreme brightness (mean grey level outside validate.min/max_brightness "
