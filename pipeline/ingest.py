@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
+
 from pipeline.atomic import atomic_file, read_json, write_json
 from pipeline.config import FolderSource, IngestParams, Paths
 from pipeline.image_checks import read_header

@@ -7,6 +7,8 @@ For each image the first of these that applies gives the caption:
 3. the class sub-folder: `cats/1.jpg` gets `label_template` with `{label}` = `cats`;
 4. nothing: the caption is "" and the image trains the unconditional branch.
 Files are only listed and stat'ed here; their bytes are read by the ingest stage when new or changed.
+An image that is a link leading outside the folder, or whose caption file is not UTF-8, is rejected
+with its reason; the others go on.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from pipeline.sources import Rejected, SourceError, SourceItem, caption_text, fi
 from pipeline.sources.tables import read_rows, require_column
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+FILE_NAME = "file_name"
 
 
 class CaptionError(ValueError):
     """One image's caption cannot be read: that image is rejected, the others go on."""
-
-FILE_NAME = "file_name"
 
 
 def items(settings: FolderSource, root: Path) -> Iterator[SourceItem | Rejected]:
