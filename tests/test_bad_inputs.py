@@ -195,7 +195,6 @@ def test_conversions_keep_what_the_image_shows(corpus_run):
     assert np.abs(rotated[-1].mean(axis=0) - BLUE).max() < 30
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3 item 4: preprocess clips 16-bit images to white (Image.convert)")
 def test_a_16_bit_ramp_stays_a_ramp(corpus_run):
     paths, *_ = corpus_run
     ramp = fate(paths, "deep16.png")[..., 0].astype(int).mean(axis=0)
