@@ -106,11 +106,59 @@ class IngestParams(Section):
         return self
 
 
+SOURCES = ("synthetic", "folder", "manifest", "hf")
+
+
 class ValidateParams(Section):
+    """Thresholds of the validation suite (pipeline/validate.py); hard checks fail the stage, soft ones
+    quarantine the row."""
+
+    # hard
+    min_rows: int = Field(10, ge=1, description="fewer rows fails the stage")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="more quarantined rows fails the stage")
+    max_empty_caption_share: dict[str, float] = Field(
+        {"default": 0.0}, description="share of rows without a caption allowed, per source; 'default' for others")
+    # soft
+    min_caption_length: int = Field(1, ge=1)
+    max_caption_length: int = Field(1000, ge=1)
     min_width: int = Field(16, ge=1)
     min_height: int = Field(16, ge=1)
-    max_bad_fraction: float = Field(0.05, ge=0, le=1)
-    allow_empty_captions: bool = Field(False, description="keep uncaptioned images as unconditional samples")
+    max_width: int = Field(8192, ge=1)
+    max_height: int = Field(8192, ge=1)
+    # At most Pillow's own limit, which preprocess decodes under.
+    max_pixels: int = Field(50_000_000, ge=1, le=89_478_485, description="larger headers are refused before decoding")
+    min_aspect_ratio: float = Field(0.25, gt=0, description="width / height")
+    max_aspect_ratio: float = Field(4.0, gt=0)
+    allowed_formats: tuple[str, ...] = ("png", "jpeg", "mpo", "webp", "bmp", "gif", "tiff")
+    allowed_modes: tuple[str, ...] = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr",
+                                      "I;16", "I;16B", "I;16L", "I")
+    max_near_duplicate_distance: int = Field(4, ge=-1, le=64, description="dHash bits; -1 turns the check off")
+    near_duplicate_min_side: int = Field(64, ge=9, description="smaller images are too small to hash reliably")
+    min_contrast: float = Field(3.0, ge=0, description="largest colour-channel standard deviation; below it is blank")
+    min_brightness: float = Field(4.0, ge=0, le=255)
+    max_brightness: float = Field(252.0, ge=0, le=255)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values: object) -> object:
+        if isinstance(values, dict) and "allow_empty_captions" in values:
+            raise PydanticCustomError(
+                "renamed_key", "validate.allow_empty_captions: replaced by validate.max_empty_caption_share "
+                "(for example {folder: 0.3}: the share of a source's rows that may have no caption)", {})
+        return values
+
+    @field_validator("max_empty_caption_share")
+    @classmethod
+    def _shares_per_source(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - {"default", *SOURCES})
+        if unknown:
+            raise ValueError(f"unknown source {unknown}: use default or one of {', '.join(SOURCES)}")
+        if not all(0 <= share <= 1 for share in value.values()):
+            raise ValueError("each share must be between 0 and 1")
+        return {"default": 0.0} | value
+
+    def empty_caption_share(self, source: str) -> float:
+        return self.max_empty_caption_share.get(source, self.max_empty_caption_share["default"])
 
 
 class PreprocessParams(Section):
@@ -236,7 +284,7 @@ def _describe(error: dict) -> str:
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: required"
-    if error["type"] == "missing_source_settings":
+    if error["type"] in ("missing_source_settings", "renamed_key"):
         return error["msg"]
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from pipeline.atomic import atomic_file, read_json, write_json
 from pipeline.config import FolderSource, IngestParams, Paths
+from pipeline.image_checks import read_header
 from pipeline.sources import Rejected, SourceError, SourceItem, folder, hf, manifest, synthetic
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,13 @@ def content_id(data: bytes) -> str:
 
 
 def describe_image(data: bytes) -> tuple[int, int, str]:
-    """(width, height, format) read from the header only; no pixels are decoded here."""
-    with Image.open(io.BytesIO(data)) as image:
-        return image.width, image.height, (image.format or "unknown").lower()
+    """(width, height, format) read from the header only; no pixels are decoded here.
+
+    Pillow's decompression-bomb guard is off for the header: the size is recorded, and validation refuses
+    images above `validate.max_pixels` before anything decodes them.
+    """
+    width, height, image_format, _ = read_header(io.BytesIO(data))
+    return width, height, image_format
 
 
 def open_source(params: IngestParams, paths: Paths) -> tuple[str, Iterator[SourceItem | Rejected]]:
@@ -115,9 +119,12 @@ class Ingestion:
             self.reject(Rejected(item.name, f"cannot be read: {exc.strerror or exc}"))
             return
         self.read += 1
+        if not data:
+            self.reject(Rejected(item.name, "empty file (0 bytes)"))
+            return
         try:
             width, height, fmt = describe_image(data)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError) as exc:
             self.reject(Rejected(item.name, f"not an image Pillow can open ({type(exc).__name__})"))
             return
         sample_id = content_id(data)

@@ -98,3 +98,14 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_pattern(path: Path, seed: int, size: tuple[int, int] = (24, 20), fmt: str = "PNG") -> Path:
+    """A tiny image of random blocks: unlike `write_image` it is neither blank nor like any other seed's."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blocks = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST).save(path, format=fmt)
+    return path

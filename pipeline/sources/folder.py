@@ -7,6 +7,8 @@ For each image the first of these that applies gives the caption:
 3. the class sub-folder: `cats/1.jpg` gets `label_template` with `{label}` = `cats`;
 4. nothing: the caption is "" and the image trains the unconditional branch.
 Files are only listed and stat'ed here; their bytes are read by the ingest stage when new or changed.
+An image that is a link leading outside the folder, or whose caption file is not UTF-8, is rejected
+with its reason; the others go on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 FILE_NAME = "file_name"
 
 
+class CaptionError(ValueError):
+    """One image's caption cannot be read: that image is rejected, the others go on."""
+
+
 def items(settings: FolderSource, root: Path) -> Iterator[SourceItem | Rejected]:
     root = root.resolve()
     if not root.is_dir():
@@ -32,7 +38,14 @@ def items(settings: FolderSource, root: Path) -> Iterator[SourceItem | Rejected]
     found = {path.relative_to(root).as_posix(): path for path in image_files(root, settings.extensions)}
     for name in sorted(listed.keys() | found.keys()):
         path = listed.get(name) or found[name]
-        caption = captions[name] if name in captions else fallback_caption(path, root, settings)
+        if path_inside(root, path) is None:
+            yield Rejected(name, f"a link that leads outside the data folder, to {path.resolve()}")
+            continue
+        try:
+            caption = captions[name] if name in captions else fallback_caption(path, root, settings)
+        except CaptionError as error:
+            yield Rejected(name, str(error))
+            continue
         yield file_item(name, path, caption)
 
 
@@ -86,7 +99,9 @@ def fallback_caption(path: Path, root: Path, settings: FolderSource) -> str:
         try:
             return caption_text(sidecar.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
-            raise SourceError(f"{sidecar}: caption file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            # Rejected rather than decoded with replacement characters, which would train on garbage tokens.
+            raise CaptionError(
+                f"caption file {sidecar.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if settings.label_template and path.parent != root:
         return settings.label_template.format(label=path.parent.name.replace("_", " "))
     return ""
