@@ -205,7 +205,7 @@ class TrainParams(Section):
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1)
-    tokenizer_vocab_size: int = Field(400, ge=64)
+    tokenizer_vocab_size: int = Field(1000, ge=600, description="the 512 byte-level symbols and 2 specials, plus whole-word tokens")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_accumulation_steps: int = Field(1, ge=1)
     lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"

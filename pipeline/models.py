@@ -7,8 +7,7 @@ a starting point for a single GPU. Everything is a plain diffusers/transformers 
 
 from __future__ import annotations
 
-import json
-import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 from pipeline.config import VaeParams
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+WORD_END = "</w>"  # CLIP's BPE marks a word's last symbol
 TRAIN_TIMESTEPS = 1000
 
 
@@ -53,21 +53,52 @@ def _byte_alphabet() -> list[str]:
 
 
 def build_tokenizer(captions: Iterable[str], *, vocab_size: int, max_tokens: int) -> CLIPTokenizerFast:
-    """A CLIP tokenizer whose merges are learned from the captions; unseen words fall back to bytes."""
+    """A CLIP tokenizer whose merges build the captions' most frequent words whole; unseen words fall
+    back to byte-level characters. Deterministic: the same captions always give the same token ids
+    (the Rust BPE trainer breaks ties by hash order, which changes from process to process)."""
     alphabet = _byte_alphabet()
-    vocab = {symbol: index for index, symbol in enumerate(alphabet + [s + "</w>" for s in alphabet])}
-    vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(folder) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        base = CLIPTokenizerFast(
-            vocab_file=str(Path(folder) / "vocab.json"),
-            merges_file=str(Path(folder) / "merges.txt"),
-            bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
-        )
-        tokenizer = base.train_new_from_iterator(list(captions), vocab_size=vocab_size)
+    symbols = alphabet + [s + WORD_END for s in alphabet]
+    base = _clip_tokenizer({symbol: index for index, symbol in enumerate(symbols)}, [], max_tokens)
+    merges = _whole_word_merges(_word_counts(base, captions), budget=vocab_size - len(symbols) - 2)
+    vocab = {symbol: index for index, symbol in enumerate(symbols + ["".join(pair) for pair in merges])}
+    return _clip_tokenizer(vocab, merges, max_tokens)
+
+
+def _clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], max_tokens: int) -> CLIPTokenizerFast:
+    tokenizer = CLIPTokenizerFast(
+        vocab={**vocab, BOS: len(vocab), EOS: len(vocab) + 1}, merges=merges,
+        bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+    )
     tokenizer.model_max_length = max_tokens
     return tokenizer
+
+
+def _word_counts(tokenizer: CLIPTokenizerFast, captions: Iterable[str]) -> Counter:
+    """Words as CLIP's own normaliser and pre-tokeniser cut them (byte-level characters)."""
+    backend = tokenizer.backend_tokenizer
+    return Counter(
+        word
+        for caption in captions
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(caption))
+    )
+
+
+def _whole_word_merges(counts: Counter, budget: int) -> list[tuple[str, str]]:
+    """Left-to-right merge chains that assemble whole words, most frequent words first (ties by the
+    word itself), until `budget` new tokens are used."""
+    merges: list[tuple[str, str]] = []
+    known: set[str] = set()
+    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        pieces = list(word[:-1]) + [word[-1] + WORD_END]
+        chain = []
+        for piece in pieces[1:]:
+            chain.append((pieces[0] if not chain else "".join(chain[-1]), piece))
+        new = [pair for pair in chain if "".join(pair) not in known]
+        if len(merges) + len(new) > budget:
+            break
+        merges.extend(new)
+        known.update("".join(pair) for pair in new)
+    return merges
 
 
 def tokenize(tokenizer, captions: list[str]):

@@ -7,9 +7,11 @@ CAPTIONS = ["a red circle", "a blue square on a light background", "a picture of
 
 
 def test_tokenizer_learns_whole_words_and_falls_back_to_characters(tmp_path):
-    tokenizer = build_tokenizer(CAPTIONS, vocab_size=400, max_tokens=24)
+    tokenizer = build_tokenizer(CAPTIONS, vocab_size=1000, max_tokens=24)
     assert tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
     assert len(tokenizer.tokenize("a purple hexagon")) > 3
+    again = build_tokenizer(list(reversed(CAPTIONS)), vocab_size=1000, max_tokens=24)
+    assert again.get_vocab() == tokenizer.get_vocab(), "the same captions must give the same token ids"
     tokenizer.save_pretrained(tmp_path)
     from transformers import CLIPTokenizer
 
@@ -18,7 +20,7 @@ def test_tokenizer_learns_whole_words_and_falls_back_to_characters(tmp_path):
 
 def test_components_fit_together():
     preset = PRESETS["tiny"]
-    tokenizer = build_tokenizer(CAPTIONS, vocab_size=400, max_tokens=preset.max_tokens)
+    tokenizer = build_tokenizer(CAPTIONS, vocab_size=1000, max_tokens=preset.max_tokens)
     text_encoder = build_text_encoder(tokenizer, preset)
     vae = build_vae(VaeParams(), resolution=32)
     unet = build_unet(preset, latent_channels=4, latent_size=8)
