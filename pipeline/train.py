@@ -446,7 +446,7 @@ def train(params: Params, paths: Paths) -> dict:
         trained = max(settings.steps - start_step, 1)
         metrics = dict(
             final_loss=progress.curve[-1][1], steps=settings.steps, resumed_from_step=start_step,
-            seconds=seconds, train_samples=len(cache),
+            seconds=seconds, train_samples=len(cache), processes=accelerator.num_processes,
             images_per_second=trained * settings.batch_size * settings.gradient_accumulation_steps
             * accelerator.num_processes / seconds if seconds else 0.0,
             peak_memory_mb=peak_memory_mb(accelerator.device),

@@ -1,0 +1,48 @@
+"""DDP on the CPU: two accelerate processes (gloo) train the stage correctly."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from diffusers import StableDiffusionPipeline
+
+from pipeline.train import FINGERPRINT, checkpoint_folders
+
+from .test_resume import _project
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.e2e
+def test_two_processes_train_one_model(trained_project, tmp_path):
+    params, paths = _project(trained_project, tmp_path / "ddp", {"train": {
+        "steps": 20, "batch_size": 16, "checkpoint_every": 10, "log_every": 5, "validate_every": 20,
+        "sample_every": 0}})
+    bin_dir = Path(sys.executable).parent
+    # `--cpu` alone starts a single process unless an MPI launcher is set up; `--multi_gpu` with
+    # ACCELERATE_USE_CPU=1 starts real DDP processes (torch.distributed.run, gloo) on the CPU.
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "-m", "pipeline.cli", "--params", str(paths.root / "params.yaml"), "train"],
+        cwd=paths.root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((paths.metrics / "train.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 20
+    curve = [float(line.split(",")[1]) for line in (paths.metrics / "train_loss.csv").read_text().splitlines()[1:]]
+    assert curve[-1] < curve[0], f"the loss did not fall: {curve}"
+    assert json.loads((checkpoint_folders(paths)[-1] / FINGERPRINT).read_text())["processes"] == 2
+    pipeline = StableDiffusionPipeline.from_pretrained(paths.sd_model)
+    assert pipeline("a red circle", num_inference_steps=2).images[0].size == (32, 32)
