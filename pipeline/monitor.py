@@ -29,6 +29,8 @@ from pipeline.encode import encode_images
 from pipeline.diagnostics import noise_metrics_on
 from pipeline.evaluate import load_pipeline
 from pipeline.ingest import content_id, describe_image
+from pipeline.sources import path_inside
+from pipeline.sources.tables import read_rows
 from pipeline.preprocess import REFERENCE_FEATURES, STATS, load_split, load_training_image, normalise_caption
 from pipeline.validate import check_manifest
 from pipeline.vae import to_model_range
@@ -47,15 +49,12 @@ def batch_manifest(folder: Path) -> pd.DataFrame:
     if not metadata.is_file():
         raise FileNotFoundError(f"{folder}: a batch needs {BATCH_METADATA} with file_name and text per line")
     rows = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            name, caption = entry["file_name"], entry.get("text", "")
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{metadata}:{number}: expected {{\"file_name\": ..., \"text\": ...}} ({error})") from None
-        data = (folder / name).read_bytes() if (folder / name).is_file() else b""
+    for number, entry in enumerate(read_rows(metadata), start=1):
+        if "file_name" not in entry:
+            raise ValueError(f"{metadata}: row {number} has no file_name")
+        name, caption = entry["file_name"], entry.get("text", "")
+        path = path_inside(folder, folder / name)  # a name with ../ must not read outside the batch
+        data = path.read_bytes() if path is not None and path.is_file() else b""
         try:
             width, height, fmt = describe_image(data)
         except Exception:  # unreadable or missing: validation quarantines it as not decodable

@@ -97,5 +97,5 @@ def test_bad_files_in_a_batch_are_quarantined_and_merging_keeps_only_good_ones(c
 
 def test_a_malformed_metadata_line_is_named(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n{"text": "no file"}\n')
-    with pytest.raises(ValueError, match=r"metadata.jsonl:2"):
+    with pytest.raises(ValueError, match=r"metadata.jsonl: row 2 has no file_name"):
         batch_manifest(tmp_path)
