@@ -84,7 +84,7 @@ def run_summary(root: Path, changes: dict[str, Any], outcomes: dict[str, str]) -
     lines = [
         "# sdpipe training run", "",
         f"- overrides: {changes or 'none'}",
-        f"- stages: " + ", ".join(f"{stage} {outcome}" for stage, outcome in outcomes.items()),
+        "- stages: " + ", ".join(f"{stage} {outcome}" for stage, outcome in outcomes.items()),
         f"- validation: {validation.get('total', '?')} rows, {validation.get('quarantined', '?')} quarantined "
         f"({'passed' if validation.get('passed') else 'failed'})",
         f"- model: {registry.get('model_name', '?')} version {registry.get('version', '?')}, "
