@@ -11,7 +11,6 @@ markdown artifact with the validation result, the metrics next to the champion's
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -23,9 +22,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from pipeline.config import PARAMS_FILE, apply_overrides, load_params
-from pipeline.evaluate import HEADLINE_METRICS
+from pipeline.atomic import read_json
+from pipeline.config import PARAMS_FILE, Paths, apply_overrides, load_params
+from pipeline.evaluate import HEADLINE_METRICS, METRICS as EVAL_METRICS
+from pipeline.registry import RECORD as REGISTRY_RECORD
 from pipeline.tracking import FLOW_RUN_ENV
+from pipeline.validate import SUMMARY
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SKIPPED_MARK = "didn't change, skipping"
@@ -74,12 +76,13 @@ def flow_overrides(steps: int | None, learning_rate: float | None, source: str |
 
 def run_summary(root: Path, changes: dict[str, Any], outcomes: dict[str, str]) -> str:
     """Markdown for the flow run's artifact: validation, metrics against the champion, promotion, links."""
-    def load(relative: str) -> dict:
-        path = root / relative
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    paths = Paths(root)
 
-    validation, metrics = load("reports/validation/summary.json"), load("metrics/eval.json")
-    registry, run = load("metrics/registry.json"), load("models/mlflow_run.json")
+    def load(path: Path) -> dict:
+        return read_json(path) if path.is_file() else {}
+
+    validation, metrics = load(paths.validation_reports / SUMMARY), load(paths.metrics / EVAL_METRICS)
+    registry, run = load(paths.metrics / REGISTRY_RECORD), load(paths.run_record)
     champion_value = registry.get("previous_champion_value")
     lines = [
         "# sdpipe training run", "",
@@ -94,7 +97,7 @@ def run_summary(root: Path, changes: dict[str, Any], outcomes: dict[str, str]) -
         f"vs champion {'-' if champion_value is None else f'{champion_value:.4g}'}",
         f"- MLflow run: {run.get('run_id', '?')} (`make ui-mlflow`, then "
         f"{MLFLOW_UI}/#/experiments/{run.get('experiment_id', '')}/runs/{run.get('run_id', '')})",
-        f"- sample grid: {root / 'reports' / 'samples.png'}", "",
+        f"- sample grid: {paths.samples_grid}", "",
         "| metric | value |", "|---|---|",
         *(f"| {name} | {metrics[name]:.4g} |" for name in HEADLINE_METRICS if name in metrics),
     ]

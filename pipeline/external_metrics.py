@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError, EvaluateParams
+from pipeline.config import ConfigError, EvaluateParams, Paths
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_SIZE = 299
@@ -34,7 +34,7 @@ def inception_cache_path() -> Path:
 def find_inception_weights(configured: str | None, root: Path) -> Path | None:
     """The configured file (which must exist), else the hub cache's copy, else None."""
     if configured:
-        path = Path(configured) if Path(configured).is_absolute() else Path(root) / configured
+        path = Paths(root).resolve(configured)
         if not path.is_file():
             raise ConfigError(f"evaluate.inception_weights: {path} does not exist")
         return path
@@ -133,7 +133,7 @@ class ClipScore:
 
 def load_clip_score(model: str, root: Path) -> tuple[ClipScore | None, str | None]:
     """The CLIP scorer for a local folder or cached hub id; (None, why) when it cannot be loaded."""
-    local = Path(model) if Path(model).is_absolute() else Path(root) / model
+    local = Paths(root).resolve(model)
     try:
         return ClipScore(str(local) if local.exists() else model), None
     except OSError as error:

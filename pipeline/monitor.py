@@ -66,7 +66,7 @@ def batch_manifest(folder: Path) -> pd.DataFrame:
 
 def pending_batches(params: MonitorParams, paths: Paths) -> list[Path]:
     """Batch folders in `incoming` that no retraining has merged yet, oldest name first."""
-    incoming = Path(params.incoming) if Path(params.incoming).is_absolute() else paths.root / params.incoming
+    incoming = paths.resolve(params.incoming)
     if not incoming.is_dir():
         return []
     merged = {folder.name for folder in paths.batches.iterdir()} if paths.batches.is_dir() else set()
@@ -243,9 +243,7 @@ def drop_demo_batch(params: Params, paths: Paths, *, shift: str, count: int, see
     if shift not in SHIFTS:
         raise ValueError(f"--shift {shift!r}: choose one of {', '.join(SHIFTS)}")
     settings = params.ingest.synthetic
-    incoming = Path(params.monitor.incoming)
-    incoming = incoming if incoming.is_absolute() else paths.root / incoming
-    target = incoming / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{shift}-seed{seed}"
+    target = paths.resolve(params.monitor.incoming) / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{shift}-seed{seed}"
     with atomic_dir(target) as staging:
         lines = []
         for index, sample in enumerate(synthetic.generate(

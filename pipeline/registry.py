@@ -8,7 +8,6 @@ metrics/registry.json. `promote`, `rollback` and `list_versions` back the `sdpip
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from datetime import UTC, datetime
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 from pipeline.atomic import write_json
 from pipeline.config import Params, Paths, RegisterParams
 from pipeline.evaluate import HEADLINE_METRICS, METRICS as EVAL_METRICS, read_metrics
-from pipeline.tracking import lineage_tags, model_run, use_experiment
+from pipeline.tracking import folder_hash, lineage_tags, model_run, use_experiment
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +39,6 @@ class Registration:
     gate_value: float
     previous_champion_value: float | None
     reused_existing_version: bool
-
-
-def folder_hash(folder: Path) -> str:
-    """sha256 over every file's relative path and content: the identity of a model folder."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
 
 
 def gate_passes(new: float, champion: float | None, params: RegisterParams) -> bool:

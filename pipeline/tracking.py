@@ -49,6 +49,15 @@ def use_experiment(params: RegisterParams, root: Path) -> str:
     return mlflow.create_experiment(params.experiment, artifact_location=artifacts)
 
 
+def folder_hash(folder: Path) -> str:
+    """sha256 over every file's relative path and content: the identity of a model folder."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def params_hash(params: Params) -> str:
     canonical = json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -51,7 +51,7 @@ from pipeline.models import (
     tokenize,
     training_scheduler,
 )
-from pipeline.tracking import data_version, training_run
+from pipeline.tracking import data_version, folder_hash, training_run
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +151,8 @@ class Progress:
 def training_fingerprint(params: Params, paths: Paths, processes: int) -> dict:
     """Everything a checkpoint's validity depends on: the learning settings, the model, the data, the VAE."""
     settings = params.train.model_dump(mode="json", exclude=set(OBSERVABILITY_SETTINGS))
-    digest = hashlib.sha256()
-    for folder in (paths.latents, paths.vae_model):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(path.relative_to(folder).as_posix().encode() + hashlib.sha256(path.read_bytes()).digest())
-    return dict(train=settings, model=params.model.model_dump(mode="json"), inputs=digest.hexdigest(),
-                processes=processes)
+    return dict(train=settings, model=params.model.model_dump(mode="json"), latents=folder_hash(paths.latents),
+                vae=folder_hash(paths.vae_model), processes=processes)
 
 
 def checkpoint_folders(paths: Paths) -> list[Path]:

@@ -109,3 +109,12 @@ def write_pattern(path: Path, seed: int, size: tuple[int, int] = (24, 20), fmt: 
     blocks = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
     Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST).save(path, format=fmt)
     return path
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on, for servers the tests start."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,8 @@ from diffusers import StableDiffusionPipeline
 
 from pipeline.train import FINGERPRINT, checkpoint_folders
 
+from .conftest import free_port
 from .test_resume import _project
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.e2e
@@ -34,7 +28,7 @@ def test_two_processes_train_one_model(trained_project, tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(
         [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          "-m", "pipeline.cli", "--params", str(paths.root / "params.yaml"), "train"],
         cwd=paths.root, env=env, capture_output=True, text=True, timeout=600,
     )

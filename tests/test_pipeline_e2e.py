@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 
-from .conftest import REPO, tiny_params_dict
+from .conftest import REPO, free_port, tiny_params_dict
 
 STAGES = ["ingest", "validate", "preprocess", "vae", "encode", "train", "evaluate", "register"]
 
@@ -110,12 +109,6 @@ def _artifact(key: str) -> str:
     return found[0].data
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -129,7 +122,7 @@ def _wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
 @pytest.fixture
 def prefect_server(tmp_path):
     """A real `prefect server start` on loopback, in its own PREFECT_HOME; yields its API URL."""
-    api = f"http://127.0.0.1:{_free_port()}/api"
+    api = f"http://127.0.0.1:{free_port()}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
     port = api.split(":")[2].split("/")[0]

@@ -4,7 +4,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,9 @@ from PIL import Image
 
 from pipeline.tracking import tracking_uri
 
+from .conftest import free_port
+
 STARTUP_SECONDS = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _post(url: str, payload: bytes) -> bytes:
@@ -46,7 +41,7 @@ def _wait_until_up(url: str, server: subprocess.Popen) -> None:
 @pytest.mark.e2e
 def test_served_champion_returns_png_images(trained_project, tmp_path):
     params, paths = trained_project
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
