@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 HASH_SIDE = 8  # 8×8 comparisons: a 64-bit hash
-WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
+INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16- and 32-bit integer pixels
 STATS_SIDE = 64  # brightness statistics on at most 64×64 px: enough to tell blank from not, and cheap
 
 
@@ -60,11 +60,26 @@ def difference_hash(grey: Image.Image) -> int:
     return int(sum(1 << index for index, bit in enumerate(bits) if bit))
 
 
+def integer_to_grey(image: Image.Image) -> Image.Image:
+    """8-bit grey from Pillow's integer modes, scaled rather than clipped (convert() clips at 255).
+
+    Values within 0..65535 (every I;16* image, and 16-bit files Pillow decodes as I) are divided by 257
+    and rounded, so 65535 -> 255; anything outside the 16-bit range is stretched from its own minimum to
+    its maximum. Validation measures and preprocessing converts through this one function, so the
+    brightness validate checks is the brightness that gets trained on.
+    """
+    values = np.asarray(image).astype(np.float64)
+    low, high = values.min(), values.max()
+    if low >= 0 and high <= 0xFFFF:
+        low, high = 0.0, float(0xFFFF)
+    scaled = (values - low) * 255.0 / max(high - low, 1.0)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
 def eight_bit(image: Image.Image) -> Image.Image:
-    """8-bit RGB, or grey for 16-bit images, scaled down where Pillow's `convert` would clip them to white."""
-    if image.mode in WIDE_MODES:
-        values = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255; mode I is taken as 16-bit too
-        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    """8-bit RGB, or grey for integer images, scaled down where Pillow's `convert` would clip them to white."""
+    if image.mode in INTEGER_MODES:
+        return integer_to_grey(image)
     return image.convert("RGB")
 
 

@@ -1,7 +1,8 @@
 import numpy as np
 from PIL import Image
 
-from pipeline.image_checks import measure, near_duplicate_of
+from pipeline.image_checks import eight_bit, measure, near_duplicate_of
+from pipeline.preprocess import to_rgb
 
 LIMIT, HASH_FROM = 50_000_000, 64
 
@@ -22,6 +23,15 @@ def test_a_16_bit_image_is_measured_on_its_full_range(tmp_path):
     ramp = Image.fromarray(np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16))
     properties = measure(saved(tmp_path, ramp), LIMIT, HASH_FROM)
     assert properties.mode == "I;16" and 120 < properties.brightness < 135
+
+
+def test_validate_measures_integer_images_as_preprocess_converts_them():
+    sixteen = Image.fromarray(np.array([[0, 33024, 33025, 65535]], dtype=np.uint16))  # 257 x 128.498, 128.502
+    wide = Image.fromarray(np.array([[-100_000, 0, 100_000]], dtype=np.int32))  # mode I beyond 16 bits: stretched
+    assert np.asarray(eight_bit(sixteen)).tolist() == [[0, 128, 129, 255]]
+    assert np.asarray(eight_bit(wide)).tolist() == [[0, 128, 255]]
+    for image in (sixteen, wide):
+        assert np.array_equal(np.asarray(eight_bit(image).convert("RGB")), np.asarray(to_rgb(image)))
 
 
 def test_a_header_above_the_limit_is_not_decoded(tmp_path):
