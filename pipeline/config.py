@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from pipeline.atomic import atomic_file
@@ -168,6 +168,9 @@ class PreprocessParams(Section):
         "center", description="random: one crop per sample, fixed by its id and `seed`, so re-runs agree")
     seed: int = Field(0, description="seeds the random crops")
     lowercase_captions: bool = False
+    bucketing: bool = Field(False, description="train images keep their aspect ratio in buckets; val stays square")
+    bucket_step: int = Field(8, ge=8, description="bucket sides are multiples of this; 64 for Stable Diffusion UNets")
+    max_bucket_ratio: float = Field(2.0, ge=1, description="the most elongated bucket, long side / short side")
     workers: int | None = Field(0, ge=0, description="processes converting images; 0 or null: one per CPU")
 
     @field_validator("resolution")
@@ -175,6 +178,17 @@ class PreprocessParams(Section):
     def _divisible_by_eight(cls, value: int) -> int:
         if value % 8:
             raise ValueError("must be a multiple of 8 (the VAE downsamples by 4 and the UNet by 2)")
+        return value
+
+    @field_validator("bucket_step")
+    @classmethod
+    def _divides_the_square(cls, value: int, info: ValidationInfo) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8 (every bucket side must be, like preprocess.resolution)")
+        resolution = info.data.get("resolution")
+        if info.data.get("bucketing") and resolution and resolution % value:
+            raise ValueError(f"must divide preprocess.resolution ({resolution}) when preprocess.bucketing is on, "
+                             "so that the square bucket is the square val images are cropped to")
         return value
 
 

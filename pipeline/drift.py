@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 from scipy import stats
 
-FEATURES = ("brightness", "contrast", "colourfulness", "pixels", "caption_words", "oov_rate")
+IMAGE_FEATURES = ("brightness", "contrast", "colourfulness")  # measured on the pixels: `image_features`
+FEATURES = (*IMAGE_FEATURES, "pixels", "caption_words", "oov_rate")
 PSI_BINS = 10
 PSI_FLOOR = 1e-4  # an empty bin would make PSI infinite
 

@@ -118,3 +118,29 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def folder_project(root: Path, sizes: list[tuple[int, int]], **preprocess) -> tuple[Params, Paths]:
+    """A folder source of captioned `write_pattern` images, one per (width, height), ingested and validated
+    under root/project with the tiny params and these preprocess settings; any aspect ratio up to 12:1 passes."""
+    from pipeline.ingest import ingest
+    from pipeline.validate import validate
+
+    source = root / "source"
+    add_patterns(source, sizes)
+    params = parse_params(merge(tiny_params_dict(), {
+        "ingest": {"source": "folder", "folder": {"path": str(source)}},
+        "validate": {"min_aspect_ratio": 1 / 12, "max_aspect_ratio": 12.0},
+        "preprocess": preprocess,
+    }))
+    paths = Paths(root / "project")
+    ingest(params.ingest, paths)
+    validate(params.validate_, paths)
+    return params, paths
+
+
+def add_patterns(source: Path, sizes: list[tuple[int, int]], first_seed: int = 0) -> None:
+    """One `write_pattern` image per size, seeds counting from first_seed, each with a sidecar caption."""
+    for seed, size in enumerate(sizes, start=first_seed):
+        write_pattern(source / f"{seed}.png", seed, size)
+        (source / f"{seed}.txt").write_text(f"pattern {seed}", encoding="utf-8")

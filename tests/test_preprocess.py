@@ -1,6 +1,7 @@
 import io
 import json
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,12 +12,14 @@ from PIL import Image
 from pipeline.config import ConfigError, Paths, PreprocessParams, parse_params
 from pipeline.ingest import MANIFEST, ingest
 from pipeline.drift import FEATURES
+from pipeline.buckets import bucket_sizes
 from pipeline.preprocess import (
-    REFERENCE_FEATURES, STATS, crop_centering, load_split, normalise_caption, preprocess, resize_and_crop, split_of, to_rgb,
+    REFERENCE_FEATURES, STATS, crop_centering, load_split, load_split_groups, load_training_image, normalise_caption,
+    preprocess, resize_and_crop, split_of, to_rgb,
 )
 from pipeline.validate import validate
 
-from .conftest import REPO, tree_hashes
+from .conftest import REPO, add_patterns, folder_project, tree_hashes
 
 
 def test_split_is_deterministic_and_stable_under_growth():
@@ -41,8 +44,9 @@ def test_exif_orientation_is_applied():
     assert to_rgb(Image.open(buffer)).size == (20, 40)
 
 
-def test_resize_and_crop_makes_squares():
-    assert resize_and_crop(Image.new("RGB", (100, 50)), 32).size == (32, 32)
+def test_resize_and_crop_makes_the_size_asked_for():
+    assert resize_and_crop(Image.new("RGB", (100, 50)), (32, 32)).size == (32, 32)
+    assert resize_and_crop(Image.new("RGB", (100, 50)), (40, 24)).size == (40, 24)
 
 
 def test_preprocess_writes_both_splits_and_reference_stats(tiny_params, tmp_path):
@@ -132,8 +136,8 @@ def test_random_crop_is_fixed_by_id_and_seed():
 
 def test_random_crop_moves_along_the_longer_side():
     stripes = Image.fromarray(np.repeat(np.arange(0, 250, 10, dtype=np.uint8)[None, :, None], 3, axis=2).repeat(10, 0))
-    left = resize_and_crop(stripes, 10, (0.0, 0.5))
-    right = resize_and_crop(stripes, 10, (1.0, 0.5))
+    left = resize_and_crop(stripes, (10, 10), (0.0, 0.5))
+    right = resize_and_crop(stripes, (10, 10), (1.0, 0.5))
     assert np.asarray(left).mean() < np.asarray(right).mean()
 
 
@@ -149,6 +153,7 @@ def test_outputs_do_not_depend_on_the_number_of_workers(tiny_params, tmp_path):
     settings = dict(resolution=16, val_fraction=0.2, crop="random", seed=3, lowercase_captions=True)
     preprocess(PreprocessParams(**settings, workers=1), paths)
     single = tree_hashes(paths.processed)
+    shutil.rmtree(paths.processed)  # or the second run would reuse every image instead of converting it
     preprocess(PreprocessParams(**settings, workers=2), paths)
     assert tree_hashes(paths.processed) == single
 
@@ -173,9 +178,10 @@ def test_an_undecodable_image_is_named_and_nothing_is_written(tiny_params, tmp_p
     assert not paths.processed.exists()
 
 
-def test_dvc_reruns_preprocess_for_every_setting_but_workers():
+def test_dvc_reruns_preprocess_for_every_setting_but_workers_and_keeps_the_previous_output():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["preprocess"]
     assert set(stage["params"]) == {f"preprocess.{key}" for key in PreprocessParams.model_fields} - {"preprocess.workers"}
+    assert {"data/processed": {"persist": True}} in stage["outs"]
 
 
 def test_bad_preprocess_settings_name_their_key():
@@ -183,3 +189,135 @@ def test_bad_preprocess_settings_name_their_key():
         parse_params({"preprocess": {"crop": "left"}})
     with pytest.raises(ConfigError, match=r"preprocess\.workers: "):
         parse_params({"preprocess": {"workers": -1}})
+    with pytest.raises(ConfigError, match=r"preprocess\.bucket_step: .*multiple of 8"):
+        parse_params({"preprocess": {"bucket_step": 12}})
+    with pytest.raises(ConfigError, match=r"preprocess\.bucket_step: .*must divide preprocess\.resolution"):
+        parse_params({"preprocess": {"bucketing": True, "bucket_step": 64}})
+    with pytest.raises(ConfigError, match=r"preprocess\.max_bucket_ratio: "):
+        parse_params({"preprocess": {"max_bucket_ratio": 0.5}})
+
+
+# Incremental runs
+
+SMALL = [(24, 20)] * 30
+
+
+def _a_run_from_scratch(paths: Paths, params: PreprocessParams, root) -> dict[str, str]:
+    """The processed tree a fresh folder with the same raw and validated data gets."""
+    fresh = Paths(root)
+    shutil.copytree(paths.raw, fresh.raw)
+    shutil.copytree(paths.validated, fresh.validated)
+    preprocess(params, fresh)
+    return tree_hashes(fresh.processed)
+
+
+def test_a_rerun_converts_only_new_images_and_ends_as_a_run_from_scratch(tmp_path):
+    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, crop="random", seed=5, workers=1)
+    first = preprocess(params.preprocess, paths)
+    assert (first["converted"], first["reused"]) == (30, 0)
+    add_patterns(tmp_path / "source", [(24, 20)] * 10, first_seed=30)
+    ingest(params.ingest, paths)
+    validate(params.validate_, paths)
+    again = preprocess(params.preprocess, paths)
+    assert (again["converted"], again["reused"]) == (10, 30)
+    assert tree_hashes(paths.processed) == _a_run_from_scratch(paths, params.preprocess, tmp_path / "fresh")
+
+
+def test_images_no_longer_validated_disappear(tmp_path):
+    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, workers=1)
+    preprocess(params.preprocess, paths)
+    validated = pd.read_parquet(paths.validated / MANIFEST)
+    validated.iloc[3:].to_parquet(paths.validated / MANIFEST, index=False)
+    counts = preprocess(params.preprocess, paths)
+    assert (counts["converted"], counts["reused"]) == (0, 27)
+    written = {path.stem for path in paths.processed.rglob("*.png")}
+    assert written == set(validated["id"].iloc[3:])
+
+
+def test_a_new_resolution_converts_everything(tmp_path):
+    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, workers=1)
+    preprocess(params.preprocess, paths)
+    counts = preprocess(params.preprocess.model_copy(update={"resolution": 24}), paths)
+    assert (counts["converted"], counts["reused"]) == (30, 0)
+    assert load_split(paths, "val")[0].shape[1:] == (24, 24, 3)
+
+
+def test_a_damaged_previous_output_is_converted_again(tmp_path):
+    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, workers=1)
+    preprocess(params.preprocess, paths)
+    before = tree_hashes(paths.processed)
+    train = sorted((paths.processed / "train").glob("*.png"))
+    train[0].unlink()
+    train[1].write_bytes(train[2].read_bytes())  # a valid PNG, but another image's
+    (paths.processed / "val" / pd.read_parquet(paths.processed / "val" / MANIFEST)["file"][0]).write_bytes(b"")
+    counts = preprocess(params.preprocess, paths)
+    assert (counts["converted"], counts["reused"]) == (3, 27)
+    assert tree_hashes(paths.processed) == before
+
+
+def test_train_images_reused_without_their_reference_features_are_converted_again(tmp_path):
+    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, workers=1)
+    first = preprocess(params.preprocess, paths)
+    before = tree_hashes(paths.processed)
+    (paths.processed / REFERENCE_FEATURES).unlink()
+    counts = preprocess(params.preprocess, paths)
+    assert (counts["converted"], counts["reused"]) == (first["train"], first["val"])
+    assert tree_hashes(paths.processed) == before
+
+
+# Aspect-ratio bucketing
+
+MIXED = [(24, 20), (40, 20), (20, 40), (30, 40), (48, 24), (24, 48), (32, 32), (64, 20), (200, 20), (20, 200)] * 3
+
+
+def test_bucketing_off_gives_the_squares_of_load_training_image(tmp_path):
+    params, paths = folder_project(tmp_path, MIXED, val_fraction=0.2, crop="random", seed=1, workers=1)
+    counts = preprocess(params.preprocess, paths)
+    assert counts["beyond_widest_bucket"] == 0
+    raw = pd.read_parquet(paths.validated / MANIFEST).set_index("id")["path"]
+    for split in ("train", "val"):
+        images, manifest = load_split(paths, split)
+        assert (manifest["width"] == 32).all() and (manifest["height"] == 32).all()
+        for pixels, sample_id, crop in zip(images, manifest["id"], manifest["crop"], strict=True):
+            centering = crop_centering(sample_id, "random", 1)
+            assert crop == f"{centering[0]:.6f},{centering[1]:.6f}"
+            assert np.array_equal(pixels, np.asarray(load_training_image(paths.raw / raw[sample_id], 32, centering)))
+
+
+def test_bucketed_train_images_keep_their_shape_and_val_stays_square(tmp_path):
+    params, paths = folder_project(tmp_path, MIXED, val_fraction=0.2, bucketing=True, workers=2)
+    counts = preprocess(params.preprocess, paths)
+    buckets = bucket_sizes(32, 8, 2.0)
+    train = pd.read_parquet(paths.processed / "train" / MANIFEST)
+    assert set(zip(train["width"], train["height"])) <= set(buckets) and (train["crop"] == "center").all()
+    source = pd.read_parquet(paths.validated / MANIFEST).set_index("id").loc[train["id"]]
+    shapes = list(zip(source["width"], source["height"], train["width"], train["height"], strict=True))
+    assert {(w, h) for sw, sh, w, h in shapes if sw == 2 * sh} == {(32, 16)}
+    # 10:1 and 1:10 are kept, in the most elongated buckets, and counted
+    assert {(w, h) for sw, sh, w, h in shapes if sw == 10 * sh} == {(32, 16)}
+    assert {(w, h) for sw, sh, w, h in shapes if sh == 10 * sw} == {(16, 32)}
+    elongated = sum(max(sw, sh) > 2 * min(sw, sh) for sw, sh, _, _ in shapes)  # 64x20 and the 10:1 ones
+    assert counts["beyond_widest_bucket"] == elongated > 0
+    val_images, val = load_split(paths, "val")
+    assert val_images.shape[1:] == (32, 32, 3) and (val["width"] == 32).all() and (val["height"] == 32).all()
+    assert len(pd.read_parquet(paths.processed / REFERENCE_FEATURES)) == counts["train"]
+
+
+def test_load_split_groups_groups_a_bucketed_split_by_size(tmp_path):
+    params, paths = folder_project(tmp_path, MIXED, val_fraction=0.2, bucketing=True, workers=1)
+    preprocess(params.preprocess, paths)
+    manifest = pd.read_parquet(paths.processed / "train" / MANIFEST)
+    groups = load_split_groups(paths, "train")
+    sizes = [(rows["height"].iloc[0], rows["width"].iloc[0]) for _, rows in groups]
+    assert sizes == sorted(set(zip(manifest["height"], manifest["width"]))) and len(sizes) > 1
+    for (height, width), (images, rows) in zip(sizes, groups, strict=True):
+        assert images.dtype == np.uint8 and images.shape == (len(rows), height, width, 3)
+        assert list(rows.index) == list(range(len(rows)))
+        same_size = manifest[(manifest["height"] == height) & (manifest["width"] == width)]
+        assert list(rows["id"]) == list(same_size["id"]), "manifest order within a group"
+        with Image.open(paths.processed / "train" / rows["file"].iloc[-1]) as last:
+            assert np.array_equal(images[-1], np.asarray(last))
+    assert sum(len(rows) for _, rows in groups) == len(manifest)
+    with pytest.raises(ValueError, match=r"train split holds images of \d+ sizes .*load_split_groups"):
+        load_split(paths, "train")
+    assert len(load_split_groups(paths, "val")) == 1

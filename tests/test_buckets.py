@@ -1,0 +1,51 @@
+import math
+
+import pytest
+
+from pipeline.buckets import beyond_widest, bucket_sizes, nearest_bucket
+
+
+@pytest.mark.parametrize(("resolution", "step", "max_ratio"),
+                         [(32, 8, 2.0), (64, 8, 2.0), (512, 64, 2.0), (1024, 64, 4.0)])
+def test_buckets_are_step_multiples_within_the_area_and_ratio(resolution, step, max_ratio):
+    buckets = bucket_sizes(resolution, step, max_ratio)
+    assert (resolution, resolution) in buckets
+    for width, height in buckets:
+        assert width % step == 0 and height % step == 0
+        assert width * height <= resolution**2
+        assert 1 / max_ratio <= width / height <= max_ratio
+        assert (height, width) in buckets
+    ratios = [width / height for width, height in buckets]
+    assert ratios == sorted(set(ratios)), "one bucket per aspect ratio, tallest first"
+
+
+def test_the_stable_diffusion_buckets_at_512():
+    assert bucket_sizes(512, 64, 2.0) == ((320, 640), (384, 640), (448, 576), (512, 512), (576, 448), (640, 384),
+                                          (640, 320))
+
+
+def test_a_square_limit_gives_only_the_square():
+    assert bucket_sizes(64, 8, 1.0) == ((64, 64),)
+
+
+def test_a_two_to_one_image_goes_to_a_two_to_one_bucket():
+    buckets = bucket_sizes(64, 8, 2.0)
+    width, height = nearest_bucket((600, 300), buckets)
+    assert (width, height) == (80, 40) and width * height <= 64 * 64
+    assert nearest_bucket((300, 600), buckets) == (40, 80)
+    assert nearest_bucket((500, 500), buckets) == (64, 64)
+
+
+def test_the_nearest_bucket_is_nearest_in_log_ratio():
+    buckets = bucket_sizes(64, 8, 2.0)
+    for size in [(640, 480), (300, 500), (1000, 999), (1920, 1080)]:
+        chosen = nearest_bucket(size, buckets)
+        distance = abs(math.log(chosen[0] / chosen[1]) - math.log(size[0] / size[1]))
+        assert all(distance <= abs(math.log(w / h) - math.log(size[0] / size[1])) for w, h in buckets)
+
+
+def test_a_ten_to_one_image_goes_to_the_most_elongated_bucket_and_is_beyond_it():
+    buckets = bucket_sizes(64, 8, 2.0)
+    assert nearest_bucket((1000, 100), buckets) == (80, 40) and beyond_widest((1000, 100), buckets)
+    assert nearest_bucket((100, 1000), buckets) == (40, 80) and beyond_widest((100, 1000), buckets)
+    assert not beyond_widest((200, 100), buckets) and not beyond_widest((100, 100), buckets)
