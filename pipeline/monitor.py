@@ -28,10 +28,10 @@ from pipeline.drift import feature_drift, feature_table, mmd_test
 from pipeline.encode import encode_images
 from pipeline.diagnostics import noise_metrics_on
 from pipeline.evaluate import load_pipeline
-from pipeline.ingest import content_id, describe_image
+from pipeline.ingest import MANIFEST, content_id, describe_image
 from pipeline.sources import path_inside
 from pipeline.sources.tables import read_rows
-from pipeline.preprocess import REFERENCE_FEATURES, STATS, load_split, load_training_image, normalise_caption
+from pipeline.preprocess import REFERENCE_FEATURES, STATS, load_training_image, normalise_caption
 from pipeline.validate import check_manifest
 from pipeline.vae import to_model_range
 
@@ -89,10 +89,25 @@ class BatchReport:
         return bool(self.mmd) and self.mmd["drifted"]
 
 
-def _sample_reference(paths: Paths, count: int, seed: int) -> np.ndarray:
-    images, _ = load_split(paths, "train")
-    chosen = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
-    return images[np.sort(chosen)]
+def _sample_reference(paths: Paths, count: int, seed: int, resolution: int) -> np.ndarray:
+    """Up to `count` training images, processed exactly as `check_batch` processes a batch.
+
+    They are decoded from data/raw and centre-cropped to squares at `resolution`, as the batch images are,
+    rather than read from data/processed: there train images may be random crops or, with
+    preprocess.bucketing, not square, and an MMD test between differently processed samples measures the
+    processing, not the data. (The val split is square, but it is not what the model trained on, may be
+    random crops too, and is often smaller than `count`.) With centre crops and no bucketing these are the
+    pixels of data/processed/train.
+    """
+    ids = pd.read_parquet(paths.processed / "train" / MANIFEST, columns=["id"])["id"]
+    positions = np.random.default_rng(seed).choice(len(ids), size=min(count, len(ids)), replace=False)
+    chosen = ids.iloc[np.sort(positions)]
+    raw = pd.read_parquet(paths.validated / MANIFEST, columns=["id", "path"]).set_index("id")["path"]
+    missing = sorted(set(chosen) - set(raw.index))
+    if missing:
+        raise ValueError(f"{paths.validated / MANIFEST}: no row for training sample {missing[0]} of data/processed "
+                         f"({len(missing)} missing); re-run preprocess (dvc repro preprocess)")
+    return np.stack([np.asarray(load_training_image(paths.raw / raw[i], resolution)) for i in chosen])
 
 
 def check_batch(folder: Path, params: Params, paths: Paths, champion_folder: Path, champion_noise_mse: float) -> BatchReport:
@@ -117,7 +132,7 @@ def check_batch(folder: Path, params: Params, paths: Paths, champion_folder: Pat
     champion = load_pipeline(champion_folder)
     with torch.no_grad():
         batch_latents, _ = encode_images(champion.vae, to_model_range(images), batch_size=256)
-        reference = _sample_reference(paths, settings.reference_samples, settings.seed)
+        reference = _sample_reference(paths, settings.reference_samples, settings.seed, resolution)
         reference_latents, _ = encode_images(champion.vae, to_model_range(reference), batch_size=256)
     mmd = mmd_test(reference_latents.numpy(), batch_latents.numpy(),
                    permutations=settings.mmd_permutations, seed=settings.seed)

@@ -1,7 +1,8 @@
 """Stage `vae`: train a small AutoencoderKL from scratch on the processed training images.
 
 Writes models/vae (diffusers format) with `scaling_factor` set so that scaled latents have unit
-variance, and metrics/vae.json with the reconstruction error on the validation split.
+variance, and metrics/vae.json with the reconstruction error on the validation split. A bucketed train
+split (`preprocess.bucketing`) trains on one bucket per batch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import Paths, Params
 from pipeline.models import build_vae
-from pipeline.preprocess import load_split
+from pipeline.preprocess import load_split, load_split_groups
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,22 @@ def reconstruction_loss(vae, batch: torch.Tensor, kl_weight: float) -> torch.Ten
     return F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
 
 
+def sample_batch(groups: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A batch of images of one size (an aspect-ratio bucket: a batch must be one tensor), the size chosen
+    with probability proportional to its image count, so every image is equally likely to be seen. With one
+    size no choice is drawn, so a square data set draws exactly the batches a single pool of images would."""
+    images = groups[0]
+    if len(groups) > 1:
+        counts = torch.tensor([len(group) for group in groups], dtype=torch.float64)
+        images = groups[int(torch.multinomial(counts, 1, generator=generator))]
+    return images[torch.randint(len(images), (batch_size,), generator=generator)]
+
+
 @torch.no_grad()
-def latent_std(vae, images: torch.Tensor, batch_size: int = 256) -> float:
-    means = [vae.encode(images[i : i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)]
+def latent_std(vae, groups: list[torch.Tensor], batch_size: int = 256) -> float:
+    """The standard deviation of the latent means over every image, whatever their sizes."""
+    means = [vae.encode(images[i : i + batch_size]).latent_dist.mean.flatten()
+             for images in groups for i in range(0, len(images), batch_size)]
     return float(torch.cat(means).std())
 
 
@@ -58,7 +72,7 @@ def train_vae(params: Params, paths: Paths) -> dict:
     settings = params.vae
     set_seed(settings.seed)
     accelerator = Accelerator(mixed_precision=params.train.mixed_precision)
-    train_images = to_model_range(load_split(paths, "train")[0])
+    train_groups = [to_model_range(images) for images, _ in load_split_groups(paths, "train")]
     val_images = to_model_range(load_split(paths, "val")[0])
     vae = build_vae(settings, params.preprocess.resolution)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.learning_rate)
@@ -70,8 +84,7 @@ def train_vae(params: Params, paths: Paths) -> dict:
     started = time.perf_counter()
     progress = tqdm(range(settings.steps), desc="vae", disable=not accelerator.is_local_main_process)
     for _ in progress:
-        index = torch.randint(len(train_images), (settings.batch_size,), generator=generator)
-        batch = train_images[index].to(accelerator.device)
+        batch = sample_batch(train_groups, settings.batch_size, generator).to(accelerator.device)
         with accelerator.autocast():
             loss = reconstruction_loss(accelerator.unwrap_model(vae), batch, settings.kl_weight)
         accelerator.backward(loss)
@@ -82,7 +95,7 @@ def train_vae(params: Params, paths: Paths) -> dict:
     seconds = time.perf_counter() - started
 
     vae = accelerator.unwrap_model(vae).eval().cpu()
-    vae.register_to_config(scaling_factor=1.0 / latent_std(vae, train_images))
+    vae.register_to_config(scaling_factor=1.0 / latent_std(vae, train_groups))
     mse = reconstruction_mse(vae, val_images)
     metrics = dict(
         val_mse=mse,

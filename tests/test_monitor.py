@@ -3,14 +3,17 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
 from pipeline.config import MonitorParams, Paths, parse_params
 from pipeline.monitor import (
-    BatchReport, batch_manifest, check_batch, decide, drop_demo_batch, merge_batches, pending_batches,
+    BatchReport, _sample_reference, batch_manifest, check_batch, decide, drop_demo_batch, merge_batches,
+    pending_batches,
 )
+from pipeline.preprocess import load_split, preprocess
 
-from .conftest import merge, tiny_params_dict
+from .conftest import folder_project, merge, tiny_params_dict
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +102,21 @@ def test_a_malformed_metadata_line_is_named(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n{"text": "no file"}\n')
     with pytest.raises(ValueError, match=r"metadata.jsonl: row 2 has no file_name"):
         batch_manifest(tmp_path)
+
+
+SHAPES = [(24, 20), (40, 20), (20, 40), (48, 24)] * 5
+
+
+def test_reference_images_are_the_training_squares_without_bucketing(tmp_path):
+    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2, workers=1)
+    preprocess(params.preprocess, paths)
+    train, _ = load_split(paths, "train")
+    chosen = np.sort(np.random.default_rng(4).choice(len(train), size=5, replace=False))
+    assert np.array_equal(_sample_reference(paths, 5, 4, 32), train[chosen])
+
+
+def test_reference_images_are_squares_when_the_train_split_is_bucketed(tmp_path):
+    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2, bucketing=True, workers=1)
+    counts = preprocess(params.preprocess, paths)
+    reference = _sample_reference(paths, 100, 0, 32)
+    assert reference.shape == (counts["train"], 32, 32, 3) and reference.dtype == np.uint8
