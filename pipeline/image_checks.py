@@ -66,7 +66,8 @@ def integer_to_grey(image: Image.Image) -> Image.Image:
     Values within 0..65535 (every I;16* image, and 16-bit files Pillow decodes as I) are divided by 257
     and rounded, so 65535 -> 255; anything outside the 16-bit range is stretched from its own minimum to
     its maximum. Validation measures and preprocessing converts through this one function, so the
-    brightness validate checks is the brightness that gets trained on.
+    brightness validate checks is the brightness that gets trained on. A change here changes processed
+    images: bump preprocess.CONVERSION_VERSION with it.
     """
     values = np.asarray(image).astype(np.float64)
     low, high = values.min(), values.max()

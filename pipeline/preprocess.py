@@ -329,7 +329,8 @@ def log_buckets(processed: pd.DataFrame, params: PreprocessParams) -> int:
         return 0
     train = processed[processed["split"] == "train"]
     buckets = target_sizes(params)["train"]
-    beyond = sum(beyond_widest(size, buckets) for size in zip(train["source_width"], train["source_height"]))
+    sizes = zip(train["source_width"], train["source_height"], strict=True)
+    beyond = sum(beyond_widest(size, buckets) for size in sizes)
     filled = train.groupby(["width", "height"]).size()
     log.info("preprocess: train images in %d of %d buckets (%s); %d more elongated than the widest bucket "
              "(preprocess.max_bucket_ratio %s) were cropped into it", len(filled), len(buckets),
@@ -338,12 +339,14 @@ def log_buckets(processed: pd.DataFrame, params: PreprocessParams) -> int:
     return beyond
 
 
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
 def read_images(folder: Path, names: pd.Series) -> np.ndarray:
     """PNGs of one size as uint8 NHWC, in the order named."""
-    def pixels(name: str) -> np.ndarray:
-        with Image.open(folder / name) as image:
-            return np.asarray(image)
-    return np.stack([pixels(name) for name in names])
+    return np.stack([read_png(folder / name) for name in names])
 
 
 def load_split_groups(paths: Paths, split: str) -> list[tuple[np.ndarray, pd.DataFrame]]:
