@@ -93,6 +93,10 @@ def crop_centering(sample_id: str, crop: str, seed: int) -> tuple[float, float]:
     return int.from_bytes(digest[:4]) / 0xFFFF_FFFF, int.from_bytes(digest[4:8]) / 0xFFFF_FFFF
 
 
+def crop_label(centering: tuple[float, float]) -> str:
+    return "center" if centering == CENTRE else f"{centering[0]:.6f},{centering[1]:.6f}"
+
+
 def resize_and_crop(image: Image.Image, resolution: int, centering: tuple[float, float] = CENTRE) -> Image.Image:
     """Scale the shorter side to `resolution`, then take the square at `centering` (the centre by default)."""
     return ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS, centering=centering)
@@ -165,6 +169,8 @@ def planned_manifest(params: PreprocessParams, paths: Paths) -> pd.DataFrame:
     manifest["caption"] = [normalise_caption(c, lowercase=params.lowercase_captions) for c in manifest["caption"]]
     manifest["split"] = pd.Categorical([split_of(i, params.val_fraction) for i in manifest["id"]], SPLITS)
     manifest["file"] = manifest["id"] + ".png"
+    manifest["width"] = manifest["height"] = params.resolution
+    manifest["crop"] = [crop_label(crop_centering(i, params.crop, params.seed)) for i in manifest["id"]]
     counts = manifest["split"].value_counts()
     if not counts["train"] or not counts["val"]:
         raise ValueError(
@@ -189,7 +195,7 @@ def preprocess(params: PreprocessParams, paths: Paths) -> dict[str, int]:
         image_rows = convert_all(jobs, workers)
         for split in SPLITS:
             rows = manifest[manifest["split"] == split]
-            rows[["id", "file", "caption"]].to_parquet(staging / split / MANIFEST, index=False)
+            rows[["id", "file", "caption", "width", "height", "crop"]].to_parquet(staging / split / MANIFEST, index=False)
         is_train = (manifest["split"] == "train").to_numpy()
         save_reference(staging, [row for row, train in zip(image_rows, is_train, strict=True) if train],
                        manifest[is_train])
@@ -204,3 +210,12 @@ def load_split(paths: Paths, split: str) -> tuple[np.ndarray, pd.DataFrame]:
     manifest = pd.read_parquet(paths.processed / split / MANIFEST)
     images = np.stack([np.asarray(Image.open(paths.processed / split / name)) for name in manifest["file"]])
     return images, manifest
+
+
+def load_split_groups(paths: Paths, split: str) -> list[tuple[np.ndarray, pd.DataFrame]]:
+    """A split's images grouped by size (height, width) as uint8 NHWC, each with its manifest rows."""
+    manifest = pd.read_parquet(paths.processed / split / MANIFEST)
+    return [
+        (np.stack([np.asarray(Image.open(paths.processed / split / name)) for name in rows["file"]]), rows)
+        for _, rows in manifest.groupby(["height", "width"], sort=True)
+    ]
