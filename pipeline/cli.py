@@ -38,15 +38,15 @@ def _preprocess(params: Params, paths: Paths, _):
 
 
 def _vae(params: Params, paths: Paths, _):
-    from pipeline.vae import train_vae
+    from pipeline.vae import vae_stage
 
-    train_vae(params, paths)
+    vae_stage(params, paths)
 
 
 def _encode(params: Params, paths: Paths, _):
     from pipeline.encode import encode
 
-    encode(params.encode, paths)
+    encode(params, paths)
 
 
 def _train(params: Params, paths: Paths, _):

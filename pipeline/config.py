@@ -99,7 +99,7 @@ class IngestParams(Section):
         if self.source != "synthetic" and getattr(self, self.source) is None:
             key = {"folder": "folder.path", "manifest": "manifest.path", "hf": "hf.path_or_id"}[self.source]
             raise PydanticCustomError(
-                "missing_source_settings",
+                "missing_setting",
                 "ingest.{key}: required when ingest.source is {source}",
                 {"key": key, "source": self.source},
             )
@@ -204,11 +204,32 @@ class VaeParams(Section):
 
 class EncodeParams(Section):
     batch_size: int = Field(256, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="the frozen encoders run and their cached outputs are stored in this dtype")
+
+
+class LoraParams(Section):
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(("to_q", "to_k", "to_v", "to_out.0"), min_length=1,
+                                             description="UNet attention projections that get LoRA layers")
 
 
 class ModelParams(Section):
-    mode: Literal["scratch"] = "scratch"
-    preset: Literal["tiny", "small"] = "tiny"
+    mode: Literal["scratch", "finetune"] = "scratch"
+    preset: Literal["tiny", "small", "sd15"] = Field("tiny", description="scratch mode: the model sizes")
+    pretrained: str | None = Field(None, description="finetune mode: a diffusers folder or a hub id")
+    finetune: Literal["lora", "full"] = Field("lora", description="finetune mode: LoRA layers or the whole UNet")
+    lora: LoraParams = LoraParams()
+
+    @model_validator(mode="after")
+    def _finetune_names_its_model(self) -> ModelParams:
+        if self.mode == "finetune" and not self.pretrained:
+            raise PydanticCustomError(
+                "missing_setting",
+                "model.pretrained: required when model.mode is finetune (a diffusers folder or a hub id)", {})
+        return self
 
 
 class TrainParams(Section):
@@ -219,6 +240,7 @@ class TrainParams(Section):
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1)
+    random_flip: bool = Field(False, description="mirror half the samples; encode caches both orientations")
     tokenizer_vocab_size: int = Field(1000, ge=600, description="the 512 byte-level symbols and 2 specials, plus whole-word tokens")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -298,7 +320,7 @@ def _describe(error: dict) -> str:
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: required"
-    if error["type"] in ("missing_source_settings", "renamed_key"):
+    if error["type"] in ("missing_setting", "renamed_key"):
         return error["msg"]
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 

@@ -1,65 +1,244 @@
-"""Stage `encode`: cache the VAE posterior of every processed image once.
+"""Stage `encode`: cache what the frozen encoders compute, once, so training never runs them.
 
-Training then never runs the VAE encoder: it samples latents from the cached mean and std.
-Writes data/latents/{split}.safetensors (mean, std; unscaled) and {split}.parquet (id, caption)
-in the same row order.
+- the VAE posterior (mean and std, unscaled) of every processed image, and of its mirror image when
+  `train.random_flip` is on (a latent of a mirrored image is not the mirrored latent);
+- in finetune mode, the frozen text encoder's hidden states of every distinct caption (row 0: the empty
+  prompt, which caption dropout uses).
+
+Each cached value has a key made of everything it depends on: a latent's key is the processed file's
+bytes, the image size, the crop, the VAE and the dtype; a caption's key is the caption, the text encoder
+and the dtype. data/latents persists between runs (dvc.yaml), so a re-run reuses every value whose key
+it already holds and encodes only the rest: added images, or everything after the VAE changed.
+
+Writes data/latents/{split}.safetensors and {split}.parquet (id, caption, size group, row within the
+group, keys, text row). Images of one size form a group (one group unless preprocess buckets by aspect
+ratio): tensors `mean.<g>`, `std.<g>` (and `flip_mean.<g>`, `flip_std.<g>`) hold group g's samples.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from diffusers import AutoencoderKL
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_dir
-from pipeline.config import EncodeParams, Paths
-from pipeline.preprocess import SPLITS, load_split
+from pipeline.config import Params, Paths
+from pipeline.models import load_frozen_text_encoder, tokenize
+from pipeline.preprocess import SPLITS, load_split_groups
+from pipeline.tracking import folder_hash, module_hash
 from pipeline.vae import to_model_range
 
 log = logging.getLogger(__name__)
 
+POSTERIOR = ("mean", "std")
+FLIPPED = ("flip_mean", "flip_std")
+TEXT_STATES = "text_states"
+TEXT_KEYS = "text_keys"  # safetensors metadata: the key of every text_states row, as JSON
+EMPTY_PROMPT_ROW = 0  # text_states row of the empty prompt
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LatentGroup:
+    """The cached posteriors of the samples of one image size."""
+
+    rows: torch.Tensor  # these samples' positions in the split
+    mean: torch.Tensor
+    std: torch.Tensor
+    flip_mean: torch.Tensor | None = None
+    flip_std: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
 
 @dataclass(frozen=True)
 class CachedLatents:
-    mean: torch.Tensor
-    std: torch.Tensor
+    groups: list[LatentGroup]
     captions: list[str]
     ids: list[str]
+    text_states: torch.Tensor | None = None  # finetune: hidden states per distinct caption
+    text_rows: torch.Tensor | None = None  # each sample's row in text_states
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def flipped(self) -> bool:
+        return all(group.flip_mean is not None for group in self.groups)
+
+    def single_size(self) -> LatentGroup:
+        """The one group of a split whose images all have one size (the val split always has)."""
+        if len(self.groups) != 1:
+            raise ValueError(f"latents: {len(self.groups)} image sizes where one was expected")
+        return self.groups[0]
+
+
+def key_of(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class KeyedCache:
+    """Values of a previous run by key; `take` returns cached rows and encodes only the missing ones."""
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        self.values, self.reused, self.encoded = values, 0, 0
+
+    def take(self, keys: list[str], encode_missing) -> torch.Tensor:
+        missing = [i for i, key in enumerate(keys) if key not in self.values]
+        if missing:
+            for i, value in zip(missing, encode_missing(missing), strict=True):
+                self.values[keys[i]] = value
+        self.encoded += len(missing)
+        self.reused += len(keys) - len(missing)
+        return torch.stack([self.values[key] for key in keys])
+
+
+def previous_values(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Latents and text states of the last run, by key (nothing when data/latents is new or from before keys)."""
+    latents, texts = {}, {}
+    for split in SPLITS:
+        tensors_file, rows_file = folder / f"{split}.safetensors", folder / f"{split}.parquet"
+        if not (tensors_file.is_file() and rows_file.is_file()):
+            continue
+        rows = pd.read_parquet(rows_file)
+        if "latent_key" not in rows:
+            continue
+        tensors = load_file(tensors_file)
+        for group, members in rows.groupby("group"):
+            for names, key_column in ((POSTERIOR, "latent_key"), (FLIPPED, "flip_key")):
+                if f"{names[0]}.{group}" not in tensors:
+                    continue
+                stacked = torch.stack([tensors[f"{name}.{group}"] for name in names], dim=1)
+                latents.update(zip(members[key_column], stacked[members["group_row"].to_numpy()], strict=True))
+        with safe_open(tensors_file, "pt") as handle:
+            keys = json.loads((handle.metadata() or {}).get(TEXT_KEYS, "[]"))
+        if keys:
+            texts.update(zip(keys, tensors[TEXT_STATES], strict=True))
+    return latents, texts
 
 
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for start in range(0, len(images), batch_size):
-        posterior = vae.encode(images[start : start + batch_size]).latent_dist
+        posterior = vae.encode(images[start : start + batch_size].to(vae.dtype)).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
-def encode(params: EncodeParams, paths: Paths) -> dict[str, int]:
-    vae = AutoencoderKL.from_pretrained(paths.vae_model).eval()
-    counts = {}
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder, captions: list[str], batch_size: int) -> torch.Tensor:
+    states = [text_encoder(tokenize(tokenizer, captions[i : i + batch_size]))[0] for i in range(0, len(captions), batch_size)]
+    return torch.cat(states).contiguous()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class FrozenTextEncoder:
+    tokenizer: object
+    model: torch.nn.Module
+    key: str  # the identity of its weights
+
+
+def encode_group(images: np.ndarray, rows: pd.DataFrame, folder: Path, vae: AutoencoderKL, vae_key: str,
+                 params: Params, cache: KeyedCache) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Posteriors of one size group (both orientations when flipping) as {name: [n, ...]}, and their keys."""
+    height, width = images.shape[1:3]
+    digests = [file_digest(folder / name) for name in rows["file"]]
+
+    def keys(flipped: bool) -> list[str]:
+        return [key_of("latent", digest, width, height, crop, vae_key, params.encode.dtype, flipped)
+                for digest, crop in zip(digests, rows["crop"], strict=True)]
+
+    def encoder(source: np.ndarray):
+        def encode_rows(missing: list[int]) -> torch.Tensor:
+            batch = to_model_range(np.ascontiguousarray(source[missing]))
+            return torch.stack(encode_images(vae, batch, params.encode.batch_size), dim=1)
+        return encode_rows
+
+    orientations = {"latent_key": (POSTERIOR, images)}
+    if params.train.random_flip:
+        orientations["flip_key"] = (FLIPPED, images[:, :, ::-1])  # NHWC: mirrored left to right
+    tensors, key_columns = {}, {}
+    for column, (names, source) in orientations.items():
+        key_columns[column] = keys(flipped=column == "flip_key")
+        posterior = cache.take(key_columns[column], encoder(source))
+        tensors |= {name: part.contiguous() for name, part in zip(names, posterior.unbind(1), strict=True)}
+    return tensors, key_columns
+
+
+def cache_captions(captions: list[str], text_encoder: FrozenTextEncoder, params: Params,
+                   cache: KeyedCache) -> tuple[torch.Tensor, list[str], list[int]]:
+    """Hidden states of the distinct captions (row 0: the empty prompt), their keys, and each caption's row."""
+    distinct = ["", *dict.fromkeys(caption for caption in captions if caption)]
+    keys = [key_of("caption", caption, text_encoder.key, params.encode.dtype) for caption in distinct]
+    states = cache.take(keys, lambda missing: encode_captions(
+        text_encoder.tokenizer, text_encoder.model, [distinct[i] for i in missing], params.encode.batch_size))
+    row_of = {caption: row for row, caption in enumerate(distinct)}
+    return states, keys, [row_of[caption] for caption in captions]
+
+
+def frozen_text_encoder(params: Params, paths: Paths, dtype: torch.dtype) -> FrozenTextEncoder | None:
+    """The pretrained model's text encoder in finetune mode; scratch mode trains its own (nothing to cache)."""
+    if params.model.mode != "finetune":
+        return None
+    tokenizer, model = load_frozen_text_encoder(params.model.pretrained, paths.root)
+    return FrozenTextEncoder(tokenizer, model.to(dtype), key=module_hash(model))
+
+
+def encode_split(split: str, params: Params, paths: Paths, vae: AutoencoderKL, vae_key: str,
+                 text_encoder: FrozenTextEncoder | None, latents: KeyedCache, texts: KeyedCache, staging: Path) -> int:
+    tensors, parts = {}, []
+    for group, (images, rows) in enumerate(load_split_groups(paths, split)):
+        encoded, key_columns = encode_group(images, rows, paths.processed / split, vae, vae_key, params, latents)
+        tensors |= {f"{name}.{group}": value for name, value in encoded.items()}
+        parts.append(rows.assign(group=group, group_row=np.arange(len(rows)), **key_columns))
+    manifest = pd.concat(parts, ignore_index=True)
+    metadata = None
+    if text_encoder is not None:
+        tensors[TEXT_STATES], text_keys, manifest["text_row"] = cache_captions(
+            manifest["caption"].tolist(), text_encoder, params, texts)
+        metadata = {TEXT_KEYS: json.dumps(text_keys)}
+    save_file(tensors, staging / f"{split}.safetensors", metadata=metadata)
+    columns = [c for c in ("id", "caption", "group", "group_row", "latent_key", "flip_key", "text_row") if c in manifest]
+    manifest[columns].to_parquet(staging / f"{split}.parquet", index=False)
+    return len(manifest)
+
+
+def encode(params: Params, paths: Paths) -> dict[str, int]:
+    dtype = DTYPES[params.encode.dtype]
+    vae = AutoencoderKL.from_pretrained(paths.vae_model, torch_dtype=dtype).eval()
+    text_encoder = frozen_text_encoder(params, paths, dtype)
+    latents, texts = (KeyedCache(values) for values in previous_values(paths.latents))
     with atomic_dir(paths.latents) as staging:
-        for split in SPLITS:
-            images, manifest = load_split(paths, split)
-            mean, std = encode_images(vae, to_model_range(images), params.batch_size)
-            save_file({"mean": mean, "std": std}, staging / f"{split}.safetensors")
-            manifest[["id", "caption"]].to_parquet(staging / f"{split}.parquet", index=False)
-            counts[split] = len(manifest)
-    log.info("encode: cached latents for %s", counts)
-    return counts
+        counts = {split: encode_split(split, params, paths, vae, folder_hash(paths.vae_model), text_encoder,
+                                      latents, texts, staging) for split in SPLITS}
+    log.info("encode: %s samples; latents %d encoded, %d reused from the last run%s", counts, latents.encoded,
+             latents.reused, f"; caption states {texts.encoded} encoded, {texts.reused} reused" if text_encoder else "")
+    return dict(counts, encoded=latents.encoded, reused=latents.reused)
 
 
 def load_latents(directory: Path, split: str) -> CachedLatents:
     tensors = load_file(Path(directory) / f"{split}.safetensors")
     rows = pd.read_parquet(Path(directory) / f"{split}.parquet")
-    return CachedLatents(tensors["mean"], tensors["std"], rows["caption"].tolist(), rows["id"].tolist())
+    groups = []
+    for group, members in rows.groupby("group", sort=True):
+        order = torch.as_tensor(members.index.to_numpy())
+        named = {name: tensors.get(f"{name}.{group}") for name in (*POSTERIOR, *FLIPPED)}
+        groups.append(LatentGroup(order, **named))
+    text_rows = torch.as_tensor(rows["text_row"].to_numpy()) if "text_row" in rows else None
+    return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), tensors.get(TEXT_STATES), text_rows)

@@ -48,7 +48,7 @@ def load_pipeline(folder) -> StableDiffusionPipeline:
 
 def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
     cache = load_latents(paths.latents, "val")
-    return noise_metrics_on(pipeline, cache.mean, cache.captions, params.timesteps, params.noise_seed)
+    return noise_metrics_on(pipeline, cache.single_size().mean.float(), cache.captions, params.timesteps, params.noise_seed)
 
 
 def adherence_prompts() -> list[tuple[str, str]]:

@@ -1,8 +1,10 @@
-"""Build the Stable Diffusion components: tokenizer, CLIP text encoder, VAE, UNet, schedulers.
+"""Build or load the Stable Diffusion components: tokenizer, CLIP text encoder, VAE, UNet, schedulers.
 
-Sizes come from named presets (`model.preset`): `tiny` trains on a laptop CPU in minutes, `small` is
-a starting point for a single GPU. Everything is a plain diffusers/transformers object, saved with
-`save_pretrained` and loadable with no sdpipe code.
+Scratch sizes come from named presets (`model.preset`): `tiny` trains on a laptop CPU in minutes, `small`
+is a starting point for a single GPU, `sd15` has Stable Diffusion 1.5's UNet and text-encoder sizes.
+Fine-tuning loads the components of a pretrained diffusers model (`model.pretrained`: a folder or a hub
+id). Everything is a plain diffusers/transformers object, saved with `save_pretrained` and loadable with
+no sdpipe code.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
-from pipeline.config import VaeParams
+from pipeline.config import ConfigError, VaeParams
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WORD_END = "</w>"  # CLIP's BPE marks a word's last symbol
@@ -31,12 +39,15 @@ class Preset:
     text_layers: int
     text_heads: int
     max_tokens: int
+    attention_levels: int  # UNet levels, from the top, with cross-attention
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset((64, 128), 1, 4, 64, 2, 4, 24),
-    "small": Preset((128, 256, 512), 2, 8, 256, 4, 4, 77),
+    "tiny": Preset((64, 128), 1, 4, 64, 2, 4, 24, 2),
+    "small": Preset((128, 256, 512), 2, 8, 256, 4, 4, 77, 3),
+    "sd15": Preset((320, 640, 1280, 1280), 2, 8, 768, 12, 12, 77, 3),
 }
+PIPELINE_INDEX = "model_index.json"
 
 
 def _byte_alphabet() -> list[str]:
@@ -139,13 +150,13 @@ def build_vae(params: VaeParams, resolution: int) -> AutoencoderKL:
 
 
 def build_unet(preset: Preset, *, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
-    levels = len(preset.unet_channels)
+    attention, plain = preset.attention_levels, len(preset.unet_channels) - preset.attention_levels
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * levels,
-        up_block_types=("CrossAttnUpBlock2D",) * levels,
+        down_block_types=("CrossAttnDownBlock2D",) * attention + ("DownBlock2D",) * plain,
+        up_block_types=("UpBlock2D",) * plain + ("CrossAttnUpBlock2D",) * attention,
         block_out_channels=preset.unet_channels,
         layers_per_block=preset.unet_layers_per_block,
         cross_attention_dim=preset.text_width,
@@ -154,7 +165,10 @@ def build_unet(preset: Preset, *, latent_channels: int, latent_size: int) -> UNe
     )
 
 
-def training_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+def training_scheduler(prediction_type: str = "epsilon", pretrained_config: dict | None = None) -> DDPMScheduler:
+    """DDPM with Stable Diffusion's noise schedule, or with a pretrained model's own schedule."""
+    if pretrained_config is not None:
+        return DDPMScheduler.from_config(pretrained_config, prediction_type=prediction_type)
     # Latents are not bounded to [-1, 1]: clip_sample would ruin DDPM sampling from the saved config.
     return DDPMScheduler(
         num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -165,3 +179,62 @@ def training_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 def sampling_scheduler(train_scheduler: DDPMScheduler) -> DPMSolverMultistepScheduler:
     """DPM-Solver++ with the training noise schedule: good samples in 20-25 steps."""
     return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++")
+
+
+def pretrained_location(spec: str, root: Path) -> str:
+    """`model.pretrained` as from_pretrained takes it: a diffusers folder (relative to the project root unless
+    absolute), else a hub id, which must already be in the Hugging Face cache when the hub is offline."""
+    folder = (Path(root) / Path(spec).expanduser()).resolve()
+    if folder.is_dir():
+        if not (folder / PIPELINE_INDEX).is_file():
+            raise ConfigError(f"model.pretrained: {folder} is not a diffusers folder (no {PIPELINE_INDEX})")
+        return str(folder)
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ConfigError(f"model.pretrained: {spec!r} is neither a folder here nor a hub id like owner/name")
+    return spec
+
+
+def load_pretrained(spec: str, root: Path, component: str, loader):
+    """One component (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) of a pretrained model."""
+    location = pretrained_location(spec, root)
+    try:
+        return loader(location, subfolder=component)
+    except (OSError, ValueError) as error:
+        where = (f"there is no folder {Path(root).resolve() / spec}, and as a hub id it needs the network or the "
+                 "Hugging Face cache (the Makefile sets HF_HUB_OFFLINE=1; unset it to download)"
+                 if location == spec else f"the folder {location} lacks it")
+        raise ConfigError(f"model.pretrained: cannot load {component} of {spec!r}: {where} ({error})") from None
+
+
+def load_pretrained_vae(spec: str, root: Path) -> AutoencoderKL:
+    return load_pretrained(spec, root, "vae", AutoencoderKL.from_pretrained)
+
+
+def load_pretrained_unet(spec: str, root: Path) -> UNet2DConditionModel:
+    return load_pretrained(spec, root, "unet", UNet2DConditionModel.from_pretrained)
+
+
+def load_frozen_text_encoder(spec: str, root: Path) -> tuple[object, CLIPTextModel]:
+    """The tokenizer and the text encoder, in eval mode with gradients off."""
+    tokenizer = load_pretrained(spec, root, "tokenizer", AutoTokenizer.from_pretrained)
+    text_encoder = load_pretrained(spec, root, "text_encoder", CLIPTextModel.from_pretrained)
+    return tokenizer, text_encoder.eval().requires_grad_(False)
+
+
+def pretrained_scheduler_config(spec: str, root: Path) -> dict:
+    return dict(load_pretrained(spec, root, "scheduler", DDPMScheduler.load_config))
+
+
+def random_pipeline(captions: Iterable[str], *, preset: str = "tiny", vae: VaeParams = VaeParams(),
+                    resolution: int = 32, vocab_size: int = 1000) -> StableDiffusionPipeline:
+    """A randomly initialised Stable Diffusion pipeline from a preset. Saved with save_pretrained it has the
+    files and layout of real weights such as SD 1.5: the stand-in for them in tests and benchmarks."""
+    sizes = PRESETS[preset]
+    tokenizer = build_tokenizer(captions, vocab_size=vocab_size, max_tokens=sizes.max_tokens)
+    autoencoder = build_vae(vae, resolution)
+    latent_size = resolution // 2 ** (len(vae.block_out_channels) - 1)
+    return StableDiffusionPipeline(
+        vae=autoencoder, text_encoder=build_text_encoder(tokenizer, sizes), tokenizer=tokenizer,
+        unet=build_unet(sizes, latent_channels=vae.latent_channels, latent_size=latent_size),
+        scheduler=training_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

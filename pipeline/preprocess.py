@@ -101,9 +101,9 @@ def crop_centering(sample_id: str, crop: str, seed: int) -> tuple[float, float]:
     return int.from_bytes(digest[:4]) / 0xFFFF_FFFF, int.from_bytes(digest[4:8]) / 0xFFFF_FFFF
 
 
-def crop_label(centering: tuple[float, float], crop: str) -> str:
+def crop_label(centering: tuple[float, float]) -> str:
     """The manifest's `crop`: "center", or the two centering fractions to six places."""
-    return "center" if crop == "center" else f"{centering[0]:.6f},{centering[1]:.6f}"
+    return "center" if centering == CENTRE else f"{centering[0]:.6f},{centering[1]:.6f}"
 
 
 def resize_and_crop(image: Image.Image, size: Size, centering: tuple[float, float] = CENTRE) -> Image.Image:
@@ -232,7 +232,7 @@ def planned_manifest(params: PreprocessParams, paths: Paths) -> pd.DataFrame:
     manifest = manifest.sort_values("split", kind="stable").reset_index(drop=True)
     sizes = target_sizes(params)
     manifest["centering"] = [crop_centering(i, params.crop, params.seed) for i in manifest["id"]]
-    manifest["crop"] = [crop_label(centering, params.crop) for centering in manifest["centering"]]
+    manifest["crop"] = [crop_label(centering) for centering in manifest["centering"]]
     manifest["recipe"] = [recipe_of(i, params.resolution, sizes[split], centering) for i, split, centering
                           in zip(manifest["id"], manifest["split"], manifest["centering"], strict=True)]
     return manifest

@@ -1,8 +1,14 @@
-"""Stage `train`: a text-conditioned UNet and a CLIP text encoder trained on cached latents.
+"""Stage `train`: a text-conditioned UNet trained on cached latents, from scratch or fine-tuned.
 
-Reads data/latents and models/vae; builds a tokenizer from the training captions; trains with
-accelerate (the same code on a CPU or GPUs); writes models/sd as a standard diffusers folder with a
-model card, metrics/train.json, the loss curve metrics/train_loss.csv (a DVC plot) and the MLflow run id.
+- scratch (`model.mode`): a tokenizer built from the training captions, and a CLIP text encoder and UNet
+  of a size preset, trained together;
+- finetune: a pretrained diffusers model (`model.pretrained`); its VAE and text encoder stay frozen (encode
+  cached their outputs), and the whole UNet or LoRA layers on it (`model.finetune`, peft) train.
+
+Reads data/latents and models/vae; trains with accelerate (the same code on a CPU or GPUs); writes
+models/sd as a standard diffusers folder with a model card (LoRA mode adds pytorch_lora_weights.safetensors,
+which `pipe.load_lora_weights` puts onto the base model; the folder's UNet has the LoRA fused in),
+metrics/train.json, the loss curve metrics/train_loss.csv (a DVC plot) and the MLflow run id.
 
 Every step's data is a function of (seed, step, process): the epoch order comes from (seed, epoch) and
 the step's noise from (seed, step, process). With `accelerator.save_state` checkpoints every
@@ -24,6 +30,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,17 +43,23 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_dir, atomic_file, read_json, write_json
 from pipeline.config import ConfigError, Params, Paths, TrainParams
-from pipeline.encode import CachedLatents, load_latents
+from pipeline.encode import EMPTY_PROMPT_ROW, CachedLatents, load_latents
 from pipeline.diagnostics import image_grid, noise_metrics_on
 from pipeline.models import (
     PRESETS,
     build_text_encoder,
     build_tokenizer,
     build_unet,
+    load_frozen_text_encoder,
+    load_pretrained_unet,
+    pretrained_scheduler_config,
     sampling_scheduler,
     tokenize,
     training_scheduler,
@@ -60,6 +73,7 @@ LOSS_PLOT = "train_loss.csv"
 CHECKPOINT_PREFIX = "step-"
 FINGERPRINT = "fingerprint.json"
 MODEL_CARD = "README.md"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 # Settings that change what is logged, not what is learned: a checkpoint stays valid when they change.
 OBSERVABILITY_SETTINGS = ("log_every", "validate_every", "validation_timesteps", "sample_every",
                           "checkpoint_every", "checkpoints_kept")
@@ -75,38 +89,100 @@ def derived_seed(*parts: object) -> int:
     return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
-def batch_indices(micro_batch: int, count: int, batch_size: int, processes: int, process: int, seed: int) -> torch.Tensor:
-    """This process's sample indices for the n-th micro-batch of the run: every sample once per epoch
-    (across all processes) in an order fixed by (seed, epoch); a function of its arguments alone."""
-    per_process = min(batch_size, count // processes)
-    global_size = per_process * processes
-    epoch, position = divmod(micro_batch, count // global_size)
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch)))
-    start = position * global_size + process * per_process
-    return order[start : start + per_process]
+@lru_cache(maxsize=2)
+def epoch_batches(group_sizes: tuple[int, ...], size: int, seed: int, epoch: int) -> list[tuple[int, torch.Tensor]]:
+    """One epoch's micro-batches as (size group, positions in the group): each group's samples in an order
+    fixed by (seed, epoch, group), cut into batches of `size` (a group's last one may be smaller), the batches
+    of all groups then shuffled. Every sample once; a batch never mixes image sizes."""
+    batches = []
+    for group, count in enumerate(group_sizes):
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch, group)))
+        batches += [(group, order[start : start + size]) for start in range(0, count, size)]
+    shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(derived_seed(seed, "batches", epoch)))
+    return [batches[i] for i in shuffle.tolist()]
+
+
+def batch_indices(micro_batch: int, group_sizes: tuple[int, ...], batch_size: int, processes: int, process: int,
+                  seed: int) -> tuple[int, torch.Tensor]:
+    """This process's (size group, positions) for the n-th micro-batch of the run: a function of its
+    arguments alone. With several processes an epoch's last few batches (fewer than the processes) wait for
+    the next epoch, which shuffles again."""
+    size = min(batch_size, sum(group_sizes) // processes)
+    batches = epoch_batches(tuple(group_sizes), size, seed, 0)
+    epoch, position = divmod(micro_batch, len(batches) // processes)
+    return epoch_batches(tuple(group_sizes), size, seed, epoch)[position * processes + process]
 
 
 @dataclass
 class Batch:
     latents: torch.Tensor
-    caption_ids: torch.Tensor
+    conditioning: torch.Tensor
 
 
-def drop_captions(ids: torch.Tensor, empty_ids: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace a share of captions with the empty prompt: the unconditional branch of guidance."""
-    dropped = torch.rand(len(ids), generator=generator) < rate
-    return torch.where(dropped[:, None], empty_ids.expand_as(ids), ids)
+@dataclass(frozen=True)
+class Conditioning:
+    """What each training sample conditions the UNet on: token ids (scratch, where the text encoder trains)
+    or the frozen text encoder's cached hidden states (finetune)."""
+
+    table: torch.Tensor  # ids per sample, or hidden states per distinct caption
+    rows: torch.Tensor  # each sample's row in table
+    empty: torch.Tensor  # the empty prompt's entry: the unconditional branch of guidance
+
+    def for_samples(self, samples: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
+        """The samples' entries, a share `dropout` of them replaced by the empty prompt."""
+        values = self.table[self.rows[samples]]
+        dropped = (torch.rand(len(samples), generator=generator) < dropout).view(-1, *[1] * (values.dim() - 1))
+        return torch.where(dropped, self.empty.expand_as(values), values)
 
 
-def make_batch(cache: CachedLatents, caption_ids: torch.Tensor, empty_ids: torch.Tensor, index: torch.Tensor, *,
-               scale: float, caption_dropout: float, generator: torch.Generator) -> Batch:
-    """Latents sampled from the cached posterior (scaled to unit variance), captions with dropout."""
-    noise = torch.randn(cache.mean[index].shape, generator=generator)
-    latents = (cache.mean[index] + cache.std[index] * noise) * scale
-    return Batch(latents, drop_captions(caption_ids[index], empty_ids, caption_dropout, generator))
+def make_batch(cache: CachedLatents, conditioning: Conditioning, group_index: int, positions: torch.Tensor, *,
+               scale: float, caption_dropout: float, random_flip: bool, generator: torch.Generator) -> Batch:
+    """Latents sampled from the cached posteriors (scaled to unit variance; half of them mirrored when
+    flipping), and their captions with dropout."""
+    group = cache.groups[group_index]
+    mean, std = group.mean[positions].float(), group.std[positions].float()
+    noise = torch.randn(mean.shape, generator=generator)
+    if random_flip:
+        mirrored = (torch.rand(len(positions), generator=generator) < 0.5)[:, None, None, None]
+        mean = torch.where(mirrored, group.flip_mean[positions].float(), mean)
+        std = torch.where(mirrored, group.flip_std[positions].float(), std)
+    latents = (mean + std * noise) * scale
+    return Batch(latents, conditioning.for_samples(group.rows[positions], caption_dropout, generator))
 
 
-def diffusion_loss(unet, text_encoder, scheduler: DDPMScheduler, batch: Batch, settings: TrainParams,
+@dataclass
+class Model:
+    """The modules being trained and what turns them into a pipeline."""
+
+    vae: AutoencoderKL
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: DDPMScheduler  # the training noise schedule, with the prediction type
+    trains_text_encoder: bool  # scratch: yes; finetune: frozen, its outputs come from the encode cache
+    lora: bool
+
+    def condition(self, conditioning: torch.Tensor) -> torch.Tensor:
+        """The UNet's cross-attention states: from the text encoder, or already computed by encode."""
+        return self.text_encoder(conditioning)[0] if self.trains_text_encoder else conditioning.float()
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.text_encoder] if self.trains_text_encoder else [self.unet]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for module in self.trained_modules() for p in module.parameters() if p.requires_grad]
+
+    def pipeline(self, accelerator: Accelerator) -> StableDiffusionPipeline:
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=accelerator.unwrap_model(self.text_encoder), tokenizer=self.tokenizer,
+            unet=accelerator.unwrap_model(self.unet), scheduler=sampling_scheduler(self.scheduler),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+
+def diffusion_loss(model: Model, scheduler: DDPMScheduler, batch: Batch, settings: TrainParams,
                    generator: torch.Generator, device) -> torch.Tensor:
     latents = batch.latents.to(device)
     noise = torch.randn(latents.shape, generator=generator)
@@ -117,8 +193,7 @@ def diffusion_loss(unet, text_encoder, scheduler: DDPMScheduler, batch: Batch, s
     timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = noise if settings.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    states = text_encoder(batch.caption_ids.to(device))[0]
-    prediction = unet(noisy, timesteps, states).sample.float()
+    prediction = model.unet(noisy, timesteps, model.condition(batch.conditioning.to(device))).sample.float()
     if settings.snr_gamma is None:
         return F.mse_loss(prediction, target.float())
     # min-SNR-gamma (Hang et al. 2023): caps the weight of easy, low-noise timesteps
@@ -137,8 +212,9 @@ class Progress:
     data_digest: str = hashlib.sha256().hexdigest()
     mlflow_run_id: str | None = None
 
-    def saw(self, index: torch.Tensor) -> None:
-        self.data_digest = hashlib.sha256(self.data_digest.encode() + index.numpy().tobytes()).hexdigest()
+    def saw(self, group: int, positions: torch.Tensor) -> None:
+        record = f"{group}:".encode() + positions.numpy().tobytes()
+        self.data_digest = hashlib.sha256(self.data_digest.encode() + record).hexdigest()
 
     def state_dict(self) -> dict:
         return dict(step=self.step, curve=self.curve, data_digest=self.data_digest, mlflow_run_id=self.mlflow_run_id)
@@ -211,27 +287,6 @@ def make_optimizer(parameters: list, settings: TrainParams, device: torch.device
 
 
 @dataclass
-class Model:
-    """The modules being trained and what turns them into a pipeline."""
-
-    vae: AutoencoderKL
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    prediction_type: str
-
-    def pipeline(self, accelerator: Accelerator) -> StableDiffusionPipeline:
-        pipeline = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=accelerator.unwrap_model(self.text_encoder), tokenizer=self.tokenizer,
-            unet=accelerator.unwrap_model(self.unet),
-            scheduler=sampling_scheduler(training_scheduler(self.prediction_type)),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-
-@dataclass
 class Run:
     """One training: the prepared modules, the data and where progress is logged."""
 
@@ -240,8 +295,7 @@ class Run:
     settings: TrainParams
     cache: CachedLatents
     val: CachedLatents
-    caption_ids: torch.Tensor
-    empty_ids: torch.Tensor
+    conditioning: Conditioning
     optimizer: torch.optim.Optimizer
     lr_schedule: object
     progress: Progress
@@ -262,12 +316,16 @@ class Run:
         """Use the EMA weights (when kept) for validation, samples and the saved model."""
         if self.ema is None:
             return nullcontext()
-        return _ema_weights(self.ema, self.accelerator.unwrap_model(self.model.unet))
+        return _ema_weights(self.ema, self.ema_parameters())
+
+    def ema_parameters(self) -> list[torch.nn.Parameter]:
+        return trained_unet_parameters(self.accelerator, self.model.unet)
 
     @torch.no_grad()
     def validation_loss(self) -> float:
         with self.evaluation_weights():
-            metrics = noise_metrics_on(self.model.pipeline(self.accelerator), self.val.mean, self.val.captions,
+            metrics = noise_metrics_on(self.model.pipeline(self.accelerator), self.val.single_size().mean.float(),
+                                       self.val.captions,
                                        self.settings.validation_timesteps, self.settings.seed)
         return metrics["noise_mse"]
 
@@ -282,49 +340,55 @@ class Run:
         return image_grid([images])
 
 
-class _ema_weights:
-    """Swap the EMA weights into the module for the duration of the block."""
+def trained_unet_parameters(accelerator: Accelerator, unet) -> list[torch.nn.Parameter]:
+    """The UNet's trained parameters (the LoRA layers in LoRA mode): what the EMA tracks."""
+    return [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
 
-    def __init__(self, ema: EMAModel, module: torch.nn.Module):
-        self.ema, self.module = ema, module
+
+class _ema_weights:
+    """Swap the EMA weights into the parameters for the duration of the block."""
+
+    def __init__(self, ema: EMAModel, parameters: list[torch.nn.Parameter]):
+        self.ema, self.parameters = ema, parameters
 
     def __enter__(self):
-        self.ema.store(self.module.parameters())
-        self.ema.copy_to(self.module.parameters())
+        self.ema.store(self.parameters)
+        self.ema.copy_to(self.parameters)
 
     def __exit__(self, *_):
-        self.ema.restore(self.module.parameters())
+        self.ema.restore(self.parameters)
 
 
-def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> None:
-    """The optimisation loop from `start_step` on; progress (curve, data digest) accumulates in run.progress."""
+def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> int:
+    """The optimisation loop from `start_step` on; progress (curve, data digest) accumulates in run.progress.
+    Returns the number of images trained on, over all processes."""
     accelerator, settings, model = run.accelerator, run.settings, run.model
-    scheduler = training_scheduler(settings.prediction_type)
-    parameters = [p for module in (model.unet, model.text_encoder) for p in module.parameters()]
-    window, started, grad_norm = [], time.perf_counter(), torch.tensor(0.0)
-    images_per_step = settings.batch_size * settings.gradient_accumulation_steps * accelerator.num_processes
+    parameters = model.trainable_parameters()
+    window, started, grad_norm, images = [], time.perf_counter(), torch.tensor(0.0), 0
+    group_sizes = tuple(len(group) for group in run.cache.groups)
     progress = tqdm(range(start_step + 1, settings.steps + 1), desc="train", initial=start_step, total=settings.steps,
                     disable=not accelerator.is_local_main_process)
     for step in progress:
         for micro in range(settings.gradient_accumulation_steps):
             micro_batch = (step - 1) * settings.gradient_accumulation_steps + micro
-            index = batch_indices(micro_batch, len(run.cache), settings.batch_size, accelerator.num_processes,
-                                  accelerator.process_index, settings.seed)
-            run.progress.saw(index)
+            group, positions = batch_indices(micro_batch, group_sizes, settings.batch_size,
+                                             accelerator.num_processes, accelerator.process_index, settings.seed)
+            run.progress.saw(group, positions)
             generator = torch.Generator().manual_seed(derived_seed(settings.seed, "step", micro_batch,
                                                                    accelerator.process_index))
-            batch = make_batch(run.cache, run.caption_ids, run.empty_ids, index, scale=model.vae.config.scaling_factor,
-                               caption_dropout=settings.caption_dropout, generator=generator)
-            with accelerator.accumulate(model.unet, model.text_encoder), accelerator.autocast():
-                loss = diffusion_loss(model.unet, model.text_encoder, scheduler, batch, settings, generator,
-                                      accelerator.device)
+            batch = make_batch(run.cache, run.conditioning, group, positions, scale=model.vae.config.scaling_factor,
+                               caption_dropout=settings.caption_dropout, random_flip=settings.random_flip,
+                               generator=generator)
+            images += len(positions) * accelerator.num_processes
+            with accelerator.accumulate(*model.trained_modules()), accelerator.autocast():
+                loss = diffusion_loss(model, model.scheduler, batch, settings, generator, accelerator.device)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
                 run.optimizer_step()
             window.append(loss.detach())
         if run.ema is not None:
-            run.ema.step(accelerator.unwrap_model(model.unet).parameters())
+            run.ema.step(run.ema_parameters())
         run.progress.step = step
         if step % settings.log_every == 0 or step == settings.steps or step % settings.checkpoint_every == 0:
             # the one host sync per logging window: a NaN stops the run before it is checkpointed
@@ -337,7 +401,7 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> None:
                 )
             window.clear()
             run.progress.curve.append([step, mean_loss])
-            rate = (step - start_step) * images_per_step / (time.perf_counter() - started)
+            rate = images / (time.perf_counter() - started)
             progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
             run.log_metrics({"train_loss": mean_loss, "lr": run.optimizer_lr(), "grad_norm": float(grad_norm),
                              "images_per_second": rate, "peak_memory_mb": peak_memory_mb(accelerator.device)}, step)
@@ -347,12 +411,31 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> None:
             run.log_image(run.sample_grid(), f"samples/step-{step:07d}.png")
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             save_checkpoint(accelerator, paths, step, fingerprint, settings.checkpoints_kept)
+    return images
 
 
-def save_pipeline(pipeline: StableDiffusionPipeline, paths: Paths, card: str) -> None:
+def save_model(model: Model, accelerator: Accelerator, params: Params, paths: Paths, card: str) -> None:
+    """models/sd: the whole pipeline (LoRA fused into the UNet) and, in LoRA mode, the LoRA weights alone."""
     with atomic_dir(paths.sd_model) as staging:
+        pipeline = model.pipeline(accelerator)
+        if model.lora:
+            StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=convert_state_dict_to_diffusers(
+                get_peft_model_state_dict(accelerator.unwrap_model(model.unet))), safe_serialization=True)
+            pipeline = base_pipeline_with_lora(pipeline, params, paths, staging)
         pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / MODEL_CARD).write_text(card, encoding="utf-8")
+
+
+def base_pipeline_with_lora(trained: StableDiffusionPipeline, params: Params, paths: Paths,
+                            lora_folder: Path) -> StableDiffusionPipeline:
+    """The pretrained UNet with the saved LoRA file loaded the way users load it, then fused into its weights."""
+    unet = load_pretrained_unet(params.model.pretrained, paths.root)
+    unet.register_to_config(sample_size=trained.unet.config.sample_size)
+    pipeline = StableDiffusionPipeline(**{**trained.components, "unet": unet}, requires_safety_checker=False)
+    pipeline.load_lora_weights(lora_folder, weight_name=LORA_WEIGHTS)
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    return pipeline
 
 
 def model_card(params: Params, paths: Paths, metrics: dict) -> str:
@@ -360,12 +443,21 @@ def model_card(params: Params, paths: Paths, metrics: dict) -> str:
     settings = json.dumps({"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")},
                           indent=2)
     rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
+    if params.model.mode == "scratch":
+        title = f"# sdpipe model trained from scratch ({params.model.preset} preset)\n\n"
+    else:
+        title = f"# sdpipe {params.model.finetune} fine-tune of `{params.model.pretrained}`\n\n"
+    lora = (
+        f"The LoRA layers alone are in `{LORA_WEIGHTS}` (rank {params.model.lora.rank}, alpha "
+        f"{params.model.lora.alpha}); the UNet in this folder has them fused in. On the base model:\n\n"
+        f"```python\npipe = StableDiffusionPipeline.from_pretrained(\"{params.model.pretrained}\")\n"
+        "pipe.load_lora_weights(\"models/sd\")\n```\n\n"
+    ) if params.model.mode == "finetune" and params.model.finetune == "lora" else ""
     return (
-        "---\nlibrary_name: diffusers\ntags: [text-to-image, stable-diffusion, sdpipe]\n---\n\n"
-        f"# sdpipe {params.model.mode} model ({params.model.preset} preset)\n\n"
+        "---\nlibrary_name: diffusers\ntags: [text-to-image, stable-diffusion, sdpipe]\n---\n\n" + title +
         "A Stable-Diffusion-style latent diffusion pipeline (VAE, CLIP text encoder, UNet) trained by sdpipe.\n\n"
         "```python\nfrom diffusers import StableDiffusionPipeline\n"
-        "pipe = StableDiffusionPipeline.from_pretrained(\"models/sd\")\n```\n\n"
+        "pipe = StableDiffusionPipeline.from_pretrained(\"models/sd\")\n```\n\n" + lora +
         f"- data: DVC version of data/processed `{data_version(paths.root)}`, "
         f"{metrics.get('train_samples', 0):.0f} training samples\n"
         f"- prediction type: {params.train.prediction_type}\n\n"
@@ -382,17 +474,62 @@ def write_loss_curve(target, curve: list[list[float]]) -> None:
         writer.writerows(curve)
 
 
-def build_model(params: Params, paths: Paths, cache: CachedLatents) -> Model:
+def scratch_model(params: Params, paths: Paths, cache: CachedLatents, latents: torch.Tensor) -> Model:
+    """A tokenizer from the training captions; text encoder and UNet of the preset's sizes, both trained."""
     settings, preset = params.train, PRESETS[params.model.preset]
     tokenizer = build_tokenizer(cache.captions, vocab_size=settings.tokenizer_vocab_size, max_tokens=preset.max_tokens)
-    text_encoder = build_text_encoder(tokenizer, preset)
-    unet = build_unet(preset, latent_channels=cache.mean.shape[1], latent_size=cache.mean.shape[-1])
-    if settings.attention == "classic":
-        unet.set_attn_processor(AttnProcessor())
-    if settings.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
-    return Model(AutoencoderKL.from_pretrained(paths.vae_model), tokenizer, text_encoder, unet, settings.prediction_type)
+    unet = build_unet(preset, latent_channels=latents.shape[1], latent_size=latents.shape[-1])
+    return Model(AutoencoderKL.from_pretrained(paths.vae_model), tokenizer, build_text_encoder(tokenizer, preset),
+                 unet, training_scheduler(settings.prediction_type), trains_text_encoder=True, lora=False)
+
+
+def pretrained_model(params: Params, paths: Paths, cache: CachedLatents, latents: torch.Tensor) -> Model:
+    """The pretrained UNet (whole, or frozen under LoRA layers) conditioned on the cached frozen text states."""
+    spec, lora = params.model.pretrained, params.model.finetune == "lora"
+    if cache.text_states is None:
+        raise ValueError(f"train: {paths.latents} holds no text-encoder states; run `sdpipe encode` with "
+                         "model.mode: finetune (dvc repro does)")
+    tokenizer, text_encoder = load_frozen_text_encoder(spec, paths.root)
+    unet = load_pretrained_unet(spec, paths.root)
+    if unet.config.in_channels != latents.shape[1]:
+        raise ValueError(f"train: the UNet of {spec} takes {unet.config.in_channels} latent channels but models/vae "
+                         f"gives {latents.shape[1]}: the VAE must come from the same model (rerun the vae stage)")
+    # a model fine-tuned at one resolution generates at it by default
+    unet.register_to_config(sample_size=latents.shape[-1])
+    if lora:
+        unet.requires_grad_(False)
+        settings = params.model.lora
+        try:
+            unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                        init_lora_weights="gaussian", target_modules=list(settings.target_modules)))
+        except ValueError as error:
+            raise ConfigError(f"model.lora.target_modules: {error}") from None
+    scheduler = training_scheduler(params.train.prediction_type, pretrained_scheduler_config(spec, paths.root))
+    return Model(AutoencoderKL.from_pretrained(paths.vae_model), tokenizer, text_encoder, unet, scheduler,
+                 trains_text_encoder=False, lora=lora)
+
+
+def build_model(params: Params, paths: Paths, cache: CachedLatents, val: CachedLatents) -> Model:
+    latents = val.single_size().mean  # the square resolution the model generates at
+    build = pretrained_model if params.model.mode == "finetune" else scratch_model
+    model = build(params, paths, cache, latents)
+    if params.train.attention == "classic":
+        model.unet.set_attn_processor(AttnProcessor())
+    if params.train.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if model.trains_text_encoder:
+            model.text_encoder.gradient_checkpointing_enable()
+    if params.train.random_flip and not cache.flipped:
+        raise ValueError(f"train: train.random_flip is on but {paths.latents} has no mirrored latents; "
+                         "run `sdpipe encode` again (dvc repro does)")
+    return model
+
+
+def conditioning_of(model: Model, cache: CachedLatents) -> Conditioning:
+    if model.trains_text_encoder:
+        return Conditioning(tokenize(model.tokenizer, cache.captions), torch.arange(len(cache)),
+                            tokenize(model.tokenizer, [""])[0])
+    return Conditioning(cache.text_states, cache.text_rows, cache.text_states[EMPTY_PROMPT_ROW])
 
 
 def train(params: Params, paths: Paths) -> dict:
@@ -403,14 +540,18 @@ def train(params: Params, paths: Paths) -> dict:
     cache, val = load_latents(paths.latents, "train"), load_latents(paths.latents, "val")
     if len(cache) < accelerator.num_processes:
         raise ValueError(f"train: {len(cache)} training samples cannot feed {accelerator.num_processes} processes")
-    model = build_model(params, paths, cache)
+    model = build_model(params, paths, cache, val)
     model.vae.to(accelerator.device)  # frozen; only used for validation samples
-    optimizer = make_optimizer([*model.unet.parameters(), *model.text_encoder.parameters()], settings, accelerator.device)
+    optimizer = make_optimizer(model.trainable_parameters(), settings, accelerator.device)
     lr_schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
                                 num_training_steps=settings.steps)
-    model.unet, model.text_encoder, optimizer, lr_schedule = accelerator.prepare(
-        model.unet, model.text_encoder, optimizer, lr_schedule)
-    ema = EMAModel(accelerator.unwrap_model(model.unet).parameters(), decay=settings.ema_decay) \
+    if model.trains_text_encoder:
+        model.unet, model.text_encoder, optimizer, lr_schedule = accelerator.prepare(
+            model.unet, model.text_encoder, optimizer, lr_schedule)
+    else:
+        model.unet, optimizer, lr_schedule = accelerator.prepare(model.unet, optimizer, lr_schedule)
+        model.text_encoder.to(accelerator.device)  # frozen; only used for validation samples
+    ema = EMAModel(trained_unet_parameters(accelerator, model.unet), decay=settings.ema_decay) \
         if settings.ema_decay else None
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
@@ -431,26 +572,25 @@ def train(params: Params, paths: Paths) -> dict:
         progress.mlflow_run_id = mlflow_run.info.run_id if main else None
         run = Run(
             accelerator, model, settings, cache, val,
-            caption_ids=tokenize(model.tokenizer, cache.captions), empty_ids=tokenize(model.tokenizer, [""]),
+            conditioning=conditioning_of(model, cache),
             optimizer=optimizer, lr_schedule=lr_schedule, progress=progress, ema=ema,
             log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step) if main else None,
             log_image=lambda image, name: mlflow.log_image(image, name) if main else None,
         )
         started = time.perf_counter()
-        fit(run, paths, fingerprint, start_step)
+        images = fit(run, paths, fingerprint, start_step)
         seconds = time.perf_counter() - started
-        trained = max(settings.steps - start_step, 1)
         metrics = dict(
             final_loss=progress.curve[-1][1], steps=settings.steps, resumed_from_step=start_step,
             seconds=seconds, train_samples=len(cache), processes=accelerator.num_processes,
-            images_per_second=trained * settings.batch_size * settings.gradient_accumulation_steps
-            * accelerator.num_processes / seconds if seconds else 0.0,
+            images_per_second=images / seconds if seconds else 0.0,
             peak_memory_mb=peak_memory_mb(accelerator.device),
+            trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
         )
         accelerator.wait_for_everyone()
         if main:
             with run.evaluation_weights():
-                save_pipeline(model.pipeline(accelerator), paths, model_card(params, paths, metrics))
+                save_model(model, accelerator, params, paths, model_card(params, paths, metrics))
             write_json(paths.metrics / METRICS, {**metrics, "data_digest": progress.data_digest})
             write_loss_curve(paths.metrics / LOSS_PLOT, progress.curve)
             mlflow.log_metrics({"train_seconds": seconds}, step=settings.steps)

@@ -1,8 +1,10 @@
-"""Stage `vae`: train a small AutoencoderKL from scratch on the processed training images.
+"""Stage `vae`: train a small AutoencoderKL from scratch, or resolve a pretrained model's VAE.
 
-Writes models/vae (diffusers format) with `scaling_factor` set so that scaled latents have unit
-variance, and metrics/vae.json with the reconstruction error on the validation split. A bucketed train
-split (`preprocess.bucketing`) trains on one bucket per batch.
+Scratch mode trains on the processed training images (one aspect-ratio bucket per batch when
+`preprocess.bucketing` is on) and sets `scaling_factor` so that scaled latents have unit variance;
+finetune mode copies the pretrained VAE (`model.pretrained`) unchanged. Either way models/vae is a
+diffusers folder and metrics/vae.json holds the reconstruction error on the validation split, so a
+pretrained VAE that does not suit the data shows up before any training.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import Paths, Params
-from pipeline.models import build_vae
+from pipeline.models import build_vae, load_pretrained_vae
 from pipeline.preprocess import load_split, load_split_groups
 
 log = logging.getLogger(__name__)
@@ -96,16 +98,32 @@ def train_vae(params: Params, paths: Paths) -> dict:
 
     vae = accelerator.unwrap_model(vae).eval().cpu()
     vae.register_to_config(scaling_factor=1.0 / latent_std(vae, train_groups))
+    return save_vae(vae, val_images, paths, steps=settings.steps,
+                    images_per_second=settings.steps * settings.batch_size / seconds)
+
+
+def resolve_pretrained_vae(params: Params, paths: Paths) -> dict:
+    """The pretrained model's VAE, unchanged (its own scaling factor), measured on the validation split."""
+    vae = load_pretrained_vae(params.model.pretrained, paths.root).eval()
+    return save_vae(vae, to_model_range(load_split(paths, "val")[0]), paths, pretrained=params.model.pretrained)
+
+
+def save_vae(vae, val_images: torch.Tensor, paths: Paths, **facts) -> dict:
     mse = reconstruction_mse(vae, val_images)
     metrics = dict(
         val_mse=mse,
         val_psnr=10 * math.log10(4.0 / mse),  # images span [-1, 1], so the peak-to-peak range is 2
         scaling_factor=vae.config.scaling_factor,
-        steps=settings.steps,
-        images_per_second=settings.steps * settings.batch_size / seconds,
+        **facts,
     )
     with atomic_dir(paths.vae_model) as staging:
         vae.save_pretrained(staging, safe_serialization=True)
     write_json(paths.metrics / METRICS, metrics)
     log.info("vae: val MSE %.5f, PSNR %.2f dB", mse, metrics["val_psnr"])
     return metrics
+
+
+def vae_stage(params: Params, paths: Paths) -> dict:
+    if params.model.mode == "finetune":
+        return resolve_pretrained_vae(params, paths)
+    return train_vae(params, paths)

@@ -66,7 +66,7 @@ def trained_project(tmp_path_factory) -> tuple[Params, Paths]:
     from pipeline.preprocess import preprocess
     from pipeline.registry import register
     from pipeline.train import train
-    from pipeline.vae import train_vae
+    from pipeline.vae import vae_stage
     from pipeline.validate import validate
 
     root = tmp_path_factory.mktemp("project")
@@ -75,8 +75,8 @@ def trained_project(tmp_path_factory) -> tuple[Params, Paths]:
     ingest(params.ingest, paths)
     validate(params.validate_, paths)
     preprocess(params.preprocess, paths)
-    train_vae(params, paths)
-    encode(params.encode, paths)
+    vae_stage(params, paths)
+    encode(params, paths)
     train(params, paths)
     evaluate(params, paths)
     register(params, paths)

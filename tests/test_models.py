@@ -31,3 +31,12 @@ def test_components_fit_together():
         noise = unet(latents, torch.tensor([10]), states).sample
     assert latents.shape == (1, 4, 8, 8)
     assert noise.shape == latents.shape
+
+
+def test_sd15_preset_has_stable_diffusion_15_sizes():
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # shapes only: no 3.4 GB of weights
+        unet = build_unet(PRESETS["sd15"], latent_channels=4, latent_size=64)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # runwayml/stable-diffusion-v1-5's UNet
+    assert unet.config.down_block_types[-1] == "DownBlock2D" and unet.config.cross_attention_dim == 768

@@ -70,7 +70,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(trained_pr
     params, paths = _project(trained_project, tmp_path / "nan", {"train": {
         "steps": 30, "checkpoint_every": 1, "log_every": 1, "validate_every": 30, "sample_every": 0}})
     cache = load_file(paths.latents / "train.safetensors")
-    cache["mean"][-1] = float("nan")  # one poisoned sample: the first batch that draws it fails
+    cache["mean.0"][-1] = float("nan")  # one poisoned sample: the first batch that draws it fails
     save_file(cache, paths.latents / "train.safetensors")
     with pytest.raises(TrainingDiverged, match="last good checkpoint is .*step-") as failure:
         train(params, paths)

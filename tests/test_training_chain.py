@@ -22,8 +22,8 @@ def test_vae_is_a_diffusers_model_with_unit_variance_scaling(trained_project):
 def test_latents_are_cached_for_both_splits(trained_project):
     _, paths = trained_project
     train, val = load_latents(paths.latents, "train"), load_latents(paths.latents, "val")
-    assert train.mean.shape[1:] == (4, 8, 8) and len(train) == len(train.captions)
-    assert (val.std > 0).all()
+    assert train.single_size().mean.shape[1:] == (4, 8, 8) and len(train) == len(train.captions)
+    assert (val.single_size().std > 0).all()
 
 
 def test_model_folder_loads_in_plain_diffusers(trained_project):
@@ -43,11 +43,25 @@ def test_loss_curve_and_run_record(trained_project):
 
 
 def test_batches_cover_every_sample_each_epoch_across_processes():
-    epoch = torch.cat([batch_indices(micro, 12, 3, 2, process, seed=0) for micro in range(2) for process in range(2)])
+    def positions(micros, processes=(0, 1)):
+        return torch.cat([batch_indices(micro, (12,), 3, 2, process, seed=0)[1] for micro in micros for process in processes])
+
+    epoch, next_epoch = positions(range(2)), positions((2, 3))
     assert sorted(epoch.tolist()) == list(range(12))
-    next_epoch = torch.cat([batch_indices(micro, 12, 3, 2, process, seed=0) for micro in (2, 3) for process in (0, 1)])
     assert sorted(next_epoch.tolist()) == list(range(12)) and not torch.equal(epoch, next_epoch)
-    assert torch.equal(batch_indices(5, 12, 3, 2, 1, seed=0), batch_indices(5, 12, 3, 2, 1, seed=0))
+    assert torch.equal(batch_indices(5, (12,), 3, 2, 1, seed=0)[1], batch_indices(5, (12,), 3, 2, 1, seed=0)[1])
+
+
+def test_batches_never_mix_image_sizes_and_drop_no_sample():
+    sizes = (5, 3, 1)  # e.g. three aspect-ratio buckets
+    epoch = [batch_indices(micro, sizes, 2, 1, 0, seed=0) for micro in range(5)]  # 3 + 2 + 1 batches ...
+    assert len({(group, tuple(p.tolist())) for group, p in epoch}) == 5
+    seen = {group: sorted(p for g, positions in epoch if g == group for p in positions.tolist()) for group in range(3)}
+    assert seen[0] == list(range(5)) or len(seen[0]) < 5  # ... of which the epoch's 6th is the next micro-batch
+    whole = [batch_indices(micro, sizes, 2, 1, 0, seed=0) for micro in range(6)]
+    assert {group: sorted(p for g, positions in whole if g == group for p in positions.tolist()) for group in range(3)} \
+        == {0: [0, 1, 2, 3, 4], 1: [0, 1, 2], 2: [0]}
+    assert all(len(positions) <= 2 for _, positions in whole)
 
 
 def test_evaluation_is_deterministic(trained_project):

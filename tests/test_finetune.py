@@ -1,0 +1,132 @@
+"""Fine-tuning a pretrained model (a tiny random Stable Diffusion pipeline saved with save_pretrained, the
+layout real weights have): frozen VAE and text encoder, full UNet or LoRA, and caches keyed by what they
+depend on."""
+
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from pipeline.config import ConfigError, Paths, parse_params
+from pipeline.encode import EMPTY_PROMPT_ROW, encode, load_latents
+from pipeline.models import random_pipeline, tokenize
+from pipeline.train import LORA_WEIGHTS, train
+from pipeline.vae import vae_stage
+
+from .conftest import merge, tiny_params_dict
+
+CAPTIONS = [f"a {colour} {shape}" for colour in ("red", "green", "blue", "yellow", "purple", "orange")
+            for shape in ("circle", "square", "triangle")]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> str:
+    """A randomly initialised SD pipeline in diffusers format: the stand-in for real weights."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("base") / "tiny-sd"
+    random_pipeline(CAPTIONS, resolution=32).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def finetune_params(base_model: str, **model):
+    return parse_params(merge(tiny_params_dict(), {
+        "model": {"mode": "finetune", "pretrained": base_model, **model},
+        "train": {"steps": 8, "learning_rate": 0.01, "validate_every": 8, "sample_every": 0, "checkpoint_every": 8,
+                  "log_every": 4, "warmup_steps": 0},
+    }))
+
+
+def project(trained_project, root, params):
+    """The processed data of the trained project; vae and encode run for this model."""
+    shutil.copytree(trained_project[1].processed, root / "data" / "processed")
+    paths = Paths(root)
+    vae_stage(params, paths)
+    counts = encode(params, paths)
+    return paths, counts
+
+
+def unet_output(unet, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=generator)
+    states = torch.randn(2, 24, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([10, 500]), states).sample
+
+
+def test_lora_finetune_saves_weights_that_load_onto_the_base_model(trained_project, base_model, tmp_path):
+    params = finetune_params(base_model, finetune="lora", lora={"rank": 4, "alpha": 4})
+    paths, _ = project(trained_project, tmp_path, params)
+    metrics = train(params, paths)
+
+    base = StableDiffusionPipeline.from_pretrained(base_model)
+    assert 0 < metrics["trainable_parameters"] < sum(p.numel() for p in base.unet.parameters()) / 10
+    assert (paths.sd_model / LORA_WEIGHTS).is_file()
+    saved = StableDiffusionPipeline.from_pretrained(paths.sd_model)
+    before = unet_output(base.unet)
+    base.load_lora_weights(paths.sd_model)
+    with_lora = unet_output(base.unet)
+    assert not torch.allclose(with_lora, before, atol=1e-4), "training changed nothing"
+    torch.testing.assert_close(unet_output(saved.unet), with_lora, atol=1e-4, rtol=1e-4)
+    frozen = StableDiffusionPipeline.from_pretrained(base_model)
+    for name in ("text_encoder", "vae"):
+        for (key, original), (_, kept) in zip(getattr(frozen, name).state_dict().items(),
+                                              getattr(saved, name).state_dict().items(), strict=True):
+            assert torch.equal(original, kept), f"{name}.{key} changed: it must stay frozen"
+    assert "load_lora_weights" in (paths.sd_model / "README.md").read_text()
+    image = saved("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_full_finetune_trains_the_unet_on_cached_text_states(trained_project, base_model, tmp_path):
+    params = finetune_params(base_model, finetune="full")
+    paths, _ = project(trained_project, tmp_path, params)
+    val = load_latents(paths.latents, "val")
+    base = StableDiffusionPipeline.from_pretrained(base_model)
+    empty = base.text_encoder(tokenize(base.tokenizer, [""]))[0][0]
+    torch.testing.assert_close(val.text_states[EMPTY_PROMPT_ROW], empty, atol=1e-5, rtol=1e-5)
+    assert val.text_states.shape[0] == 1 + len({c for c in val.captions if c})
+
+    metrics = train(params, paths)
+    assert metrics["trainable_parameters"] == sum(p.numel() for p in base.unet.parameters())
+    assert not (paths.sd_model / LORA_WEIGHTS).exists()
+    saved = load_file(paths.sd_model / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(saved[k], v) for k, v in base.unet.state_dict().items())
+    text = load_file(paths.sd_model / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(text[k], v) for k, v in base.text_encoder.state_dict().items() if k in text)
+
+
+def test_caches_are_reused_only_when_their_keys_match(trained_project, base_model, tmp_path):
+    params = finetune_params(base_model)
+    paths, first = project(trained_project, tmp_path, params)
+    samples = first["train"] + first["val"]
+    assert first["encoded"] == samples and first["reused"] == 0
+
+    assert encode(params, paths)["encoded"] == 0
+    flipped = params.model_copy(update={"train": params.train.model_copy(update={"random_flip": True})})
+    both = encode(flipped, paths)
+    assert (both["encoded"], both["reused"]) == (samples, samples)  # only the mirrored images are new
+    group = load_latents(paths.latents, "train").single_size()
+    assert not torch.allclose(group.flip_mean, group.mean)
+    half = params.model_copy(update={"encode": params.encode.model_copy(update={"dtype": "bfloat16"})})
+    assert encode(half, paths)["encoded"] == samples
+    assert load_latents(paths.latents, "train").single_size().mean.dtype == torch.bfloat16
+
+
+def test_finetune_needs_a_pretrained_model_it_can_find(tmp_path):
+    with pytest.raises(ConfigError, match="model.pretrained: required when model.mode is finetune"):
+        parse_params(merge(tiny_params_dict(), {"model": {"mode": "finetune"}}))
+    params = parse_params(merge(tiny_params_dict(), {"model": {"mode": "finetune", "pretrained": "./models/nowhere"}}))
+    with pytest.raises(ConfigError, match="model.pretrained: './models/nowhere' is neither a folder"):
+        vae_stage(params, Paths(tmp_path))
+    not_cached = parse_params(merge(tiny_params_dict(), {"model": {"mode": "finetune", "pretrained": "nobody/nothing"}}))
+    with pytest.raises(ConfigError, match="cannot load vae of 'nobody/nothing': there is no folder .*HF_HUB_OFFLINE"):
+        vae_stage(not_cached, Paths(tmp_path))
+
+
+def test_unknown_lora_target_modules_are_named(trained_project, base_model, tmp_path):
+    params = finetune_params(base_model, lora={"target_modules": ["to_nothing"]})
+    paths, _ = project(trained_project, tmp_path, params)
+    with pytest.raises(ConfigError, match="model.lora.target_modules"):
+        train(params, paths)
