@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -68,9 +68,10 @@ def run_stage(stage: str, root: Path) -> str:
 
 
 def flow_overrides(steps: int | None, learning_rate: float | None, source: str | None, mode: str | None,
-                   overrides: dict[str, Any] | None) -> dict[str, Any]:
+                   pretrained: str | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The typed parameters as dotted params.yaml keys, on top of the free-form overrides."""
-    typed = {"train.steps": steps, "train.learning_rate": learning_rate, "ingest.source": source, "model.mode": mode}
+    typed = {"train.steps": steps, "train.learning_rate": learning_rate, "ingest.source": source, "model.mode": mode,
+             "model.pretrained": pretrained}
     return {**(overrides or {}), **{key: value for key, value in typed.items() if value is not None}}
 
 
@@ -109,8 +110,9 @@ def training_flow(
     project_root: str = str(PROJECT_ROOT),
     steps: int | None = None,
     learning_rate: float | None = None,
-    source: str | None = None,
-    mode: str | None = None,
+    source: Literal["synthetic", "folder", "manifest", "hf"] | None = None,
+    mode: Literal["scratch", "finetune"] | None = None,
+    pretrained: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Run every DVC stage as a task. Parameters other than `project_root` are written into params.yaml
@@ -118,7 +120,7 @@ def training_flow(
     run and a later `dvc repro` all see the same settings."""
     logger = get_run_logger()
     root = Path(project_root)
-    changes = flow_overrides(steps, learning_rate, source, mode, overrides)
+    changes = flow_overrides(steps, learning_rate, source, mode, pretrained, overrides)
     params = apply_overrides(root / PARAMS_FILE, changes) if changes else load_params(root / PARAMS_FILE)
     if changes:
         logger.info("params.yaml overrides: %s", changes)
