@@ -118,3 +118,17 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def save_random_base_model(folder: Path) -> Path:
+    """A randomly initialised Stable Diffusion pipeline saved in diffusers format: the stand-in for real
+    pretrained weights (same files, same loading code)."""
+    import torch
+
+    from pipeline.models import random_pipeline
+
+    torch.manual_seed(0)
+    captions = [f"a {colour} {shape}" for colour in ("red", "green", "blue", "yellow", "purple", "orange")
+                for shape in ("circle", "square", "triangle")]
+    random_pipeline(captions, resolution=32).save_pretrained(folder, safe_serialization=True)
+    return folder
