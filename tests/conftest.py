@@ -144,3 +144,17 @@ def add_patterns(source: Path, sizes: list[tuple[int, int]], first_seed: int = 0
     for seed, size in enumerate(sizes, start=first_seed):
         write_pattern(source / f"{seed}.png", seed, size)
         (source / f"{seed}.txt").write_text(f"pattern {seed}", encoding="utf-8")
+
+
+def save_random_base_model(folder: Path) -> Path:
+    """A randomly initialised Stable Diffusion pipeline saved in diffusers format: the stand-in for real
+    pretrained weights (same files, same loading code)."""
+    import torch
+
+    from pipeline.models import random_pipeline
+
+    torch.manual_seed(0)
+    captions = [f"a {colour} {shape}" for colour in ("red", "green", "blue", "yellow", "purple", "orange")
+                for shape in ("circle", "square", "triangle")]
+    random_pipeline(captions, resolution=32).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -11,23 +11,15 @@ from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, Paths, parse_params
 from pipeline.encode import EMPTY_PROMPT_ROW, encode, load_latents
-from pipeline.models import random_pipeline, tokenize
+from pipeline.models import tokenize
 from pipeline.train import LORA_WEIGHTS, train
 from pipeline.vae import vae_stage
 
-from .conftest import merge, tiny_params_dict
-
-CAPTIONS = [f"a {colour} {shape}" for colour in ("red", "green", "blue", "yellow", "purple", "orange")
-            for shape in ("circle", "square", "triangle")]
-
+from .conftest import merge, save_random_base_model, tiny_params_dict
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> str:
-    """A randomly initialised SD pipeline in diffusers format: the stand-in for real weights."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("base") / "tiny-sd"
-    random_pipeline(CAPTIONS, resolution=32).save_pretrained(folder, safe_serialization=True)
-    return str(folder)
+    return str(save_random_base_model(tmp_path_factory.mktemp("base") / "tiny-sd"))
 
 
 def finetune_params(base_model: str, **model):

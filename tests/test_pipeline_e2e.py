@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import mlflow
 import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 
-from .conftest import REPO, free_port, tiny_params_dict
+from .conftest import REPO, free_port, merge, save_random_base_model, tiny_params_dict
 
 STAGES = ["ingest", "validate", "preprocess", "vae", "encode", "train", "evaluate", "register"]
 
@@ -28,21 +29,28 @@ def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(scope="module")
-def repo_copy(tmp_path_factory) -> Path:
-    """The tracked files of this repository (as a fresh clone has them) with tiny params, committed."""
-    root = tmp_path_factory.mktemp("clone")
+def copy_repository(root: Path, params: dict) -> Path:
+    """The tracked files of this repository (as a fresh clone has them) with the given params, committed."""
     tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.split()
     for name in tracked:
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
         _run(command, root)
     return root
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    return copy_repository(tmp_path_factory.mktemp("clone"), tiny_params_dict())
+
+
+def stages_run(output: str) -> set[str]:
+    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
 
 @pytest.mark.e2e
@@ -72,8 +80,7 @@ def test_changing_a_train_param_reruns_only_what_depends_on_it(repo_copy):
     params["train"]["steps"] += 1
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], repo_copy).stdout
-    ran = {stage for stage in STAGES if f"Running stage '{stage}'" in out}
-    assert ran == {"train", "evaluate", "register"}, out
+    assert stages_run(out) == {"train", "evaluate", "register"}, out
 
 
 @pytest.mark.e2e
@@ -211,3 +218,20 @@ def test_retrain_flow_ignores_an_unshifted_batch_and_retrains_on_a_shifted_one(r
     assert registry["version"] > versions_before
     history = (repo_copy / "data" / "monitoring" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["decision"]["retrain"] for line in history] == [False, True]
+
+
+@pytest.mark.e2e
+def test_dvc_repro_finetunes_with_lora_and_encodes_only_what_changed(tmp_path):
+    params = merge(tiny_params_dict(), {"model": {"mode": "finetune", "pretrained": "models/base"},
+                                        "train": {"steps": 10, "sample_every": 0}})
+    root = copy_repository(tmp_path / "clone", params)
+    save_random_base_model(root / "models" / "base")
+    _run(["dvc", "repro", "train"], root)
+    assert (root / "models" / "sd" / "pytorch_lora_weights.safetensors").is_file()
+    samples = len(pd.read_parquet(root / "data" / "validated" / "manifest.parquet"))
+
+    params["train"]["random_flip"] = True
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    again = _run(["dvc", "repro", "train"], root)
+    assert stages_run(again.stdout) == {"encode", "train"}, again.stdout
+    assert f"latents {samples} encoded, {samples} reused" in again.stderr, "only the mirrored images are new"
