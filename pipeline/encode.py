@@ -6,7 +6,7 @@
   prompt, which caption dropout uses).
 
 Each cached value has a key made of everything it depends on: a latent's key is the processed file's
-bytes, the image size, the crop, the VAE and the dtype; a caption's key is the caption, the text encoder
+sha256 (from the processed manifest), the image size, the crop, the VAE and the dtype; a caption's key is the caption, the text encoder
 and the dtype. data/latents persists between runs (dvc.yaml), so a re-run reuses every value whose key
 it already holds and encodes only the rest: added images, or everything after the VAE changed.
 
@@ -143,10 +143,6 @@ def encode_captions(tokenizer, text_encoder, captions: list[str], batch_size: in
     return torch.cat(states).contiguous()
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @dataclass(frozen=True)
 class FrozenTextEncoder:
     tokenizer: object
@@ -154,15 +150,14 @@ class FrozenTextEncoder:
     key: str  # the identity of its weights
 
 
-def encode_group(images: np.ndarray, rows: pd.DataFrame, folder: Path, vae: AutoencoderKL, vae_key: str,
+def encode_group(images: np.ndarray, rows: pd.DataFrame, vae: AutoencoderKL, vae_key: str,
                  params: Params, cache: KeyedCache) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Posteriors of one size group (both orientations when flipping) as {name: [n, ...]}, and their keys."""
     height, width = images.shape[1:3]
-    digests = [file_digest(folder / name) for name in rows["file"]]
 
     def keys(flipped: bool) -> list[str]:
         return [key_of("latent", digest, width, height, crop, vae_key, params.encode.dtype, flipped)
-                for digest, crop in zip(digests, rows["crop"], strict=True)]
+                for digest, crop in zip(rows["sha256"], rows["crop"], strict=True)]
 
     def encoder(source: np.ndarray):
         def encode_rows(missing: list[int]) -> torch.Tensor:
@@ -204,7 +199,7 @@ def encode_split(split: str, params: Params, paths: Paths, vae: AutoencoderKL, v
                  text_encoder: FrozenTextEncoder | None, latents: KeyedCache, texts: KeyedCache, staging: Path) -> int:
     tensors, parts = {}, []
     for group, (images, rows) in enumerate(load_split_groups(paths, split)):
-        encoded, key_columns = encode_group(images, rows, paths.processed / split, vae, vae_key, params, latents)
+        encoded, key_columns = encode_group(images, rows, vae, vae_key, params, latents)
         tensors |= {f"{name}.{group}": value for name, value in encoded.items()}
         parts.append(rows.assign(group=group, group_row=np.arange(len(rows)), **key_columns))
     manifest = pd.concat(parts, ignore_index=True)
@@ -237,7 +232,7 @@ def load_latents(directory: Path, split: str) -> CachedLatents:
     rows = pd.read_parquet(Path(directory) / f"{split}.parquet")
     groups = []
     for group, members in rows.groupby("group", sort=True):
-        order = torch.as_tensor(members.index.to_numpy())
+        order = torch.tensor(members.index.to_numpy())
         named = {name: tensors.get(f"{name}.{group}") for name in (*POSTERIOR, *FLIPPED)}
         groups.append(LatentGroup(order, **named))
     text_rows = torch.as_tensor(rows["text_row"].to_numpy()) if "text_row" in rows else None

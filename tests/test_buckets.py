@@ -49,3 +49,31 @@ def test_a_ten_to_one_image_goes_to_the_most_elongated_bucket_and_is_beyond_it()
     assert nearest_bucket((1000, 100), buckets) == (80, 40) and beyond_widest((1000, 100), buckets)
     assert nearest_bucket((100, 1000), buckets) == (40, 80) and beyond_widest((100, 1000), buckets)
     assert not beyond_widest((200, 100), buckets) and not beyond_widest((100, 100), buckets)
+
+
+def test_a_bucketed_set_encodes_per_size_and_trains_without_mixing_sizes(tmp_path):
+    from pipeline.encode import encode, load_latents
+    from pipeline.preprocess import preprocess
+    from pipeline.train import train
+    from pipeline.vae import vae_stage
+
+    from .conftest import folder_project
+
+    params, paths = folder_project(tmp_path, [(24, 20), (40, 20), (20, 40), (32, 32), (48, 24)] * 6,
+                                   val_fraction=0.2, bucketing=True, workers=1)
+    params = params.model_copy(update={
+        "vae": params.vae.model_copy(update={"steps": 4, "batch_size": 4}),
+        "train": params.train.model_copy(update={"steps": 6, "batch_size": 4, "validate_every": 6, "sample_every": 0,
+                                                 "checkpoint_every": 6, "log_every": 3, "random_flip": True}),
+    })
+    preprocess(params.preprocess, paths)
+    vae_stage(params, paths)
+    encode(params, paths)
+    cache = load_latents(paths.latents, "train")
+    assert len(cache.groups) > 1 and sum(len(group) for group in cache.groups) == len(cache)
+    for group in cache.groups:
+        assert group.mean.shape == group.flip_mean.shape and group.mean.shape[0] == len(group)
+    assert len({group.mean.shape[2:] for group in cache.groups}) == len(cache.groups)
+    assert load_latents(paths.latents, "val").single_size().mean.shape[2:] == (8, 8)
+    metrics = train(params, paths)
+    assert math.isfinite(metrics["final_loss"]) and metrics["steps"] == 6
