@@ -182,8 +182,9 @@ class Model:
         return pipeline
 
 
-def diffusion_loss(model: Model, scheduler: DDPMScheduler, batch: Batch, settings: TrainParams,
-                   generator: torch.Generator, device) -> torch.Tensor:
+def diffusion_loss(model: Model, batch: Batch, settings: TrainParams, generator: torch.Generator,
+                   device) -> torch.Tensor:
+    scheduler = model.scheduler
     latents = batch.latents.to(device)
     noise = torch.randn(latents.shape, generator=generator)
     if settings.noise_offset:
@@ -381,7 +382,7 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> int:
                                generator=generator)
             images += len(positions) * accelerator.num_processes
             with accelerator.accumulate(*model.trained_modules()), accelerator.autocast():
-                loss = diffusion_loss(model, model.scheduler, batch, settings, generator, accelerator.device)
+                loss = diffusion_loss(model, batch, settings, generator, accelerator.device)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
