@@ -54,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from pipeline.config import Params, Paths, TrainParams, VaeParams, parse_params  # noqa: E402
 from pipeline.ingest import MANIFEST  # noqa: E402
 from pipeline.models import PRESETS, build_unet, random_pipeline, tokenize  # noqa: E402
+from pipeline.train import peak_memory_mb  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RAW_SIDE = 128  # the reference decodes and downsizes every image, as it would real photos
@@ -112,12 +113,6 @@ def timed(function, *args) -> float:
     return time.perf_counter() - started
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM): unlike ru_maxrss it does not carry the parent's peak over exec."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
-
-
 def in_fresh_process(function, *args):
     """Run in a new interpreter: each loop's peak RSS is its own, and no loop inherits another's allocator."""
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
@@ -146,11 +141,9 @@ def logged_rate(params: Params, paths: Paths, train_samples: int, from_step: int
 def our_loop(params: Params, paths: Paths, warmup_steps: int) -> dict:
     from pipeline.train import train
 
-    # a finished run leaves its last checkpoint, which train() would resume from (and train no step)
-    shutil.rmtree(paths.checkpoints, ignore_errors=True)
     metrics = train(params, paths)
     return dict(images_per_second=logged_rate(params, paths, metrics["train_samples"], warmup_steps),
-                peak_rss_mb=peak_rss_mb())
+                peak_rss_mb=peak_memory_mb(torch.device("cpu")))
 
 
 # ---------------------------------------------------------------- reference: train_text_to_image.py
@@ -250,7 +243,7 @@ def reference_loop(settings: TrainParams, pretrained: str, files: list[Path], ca
                 break
     seconds = time.perf_counter() - started
     progress.close()
-    return dict(images_per_second=images / seconds, peak_rss_mb=peak_rss_mb())
+    return dict(images_per_second=images / seconds, peak_rss_mb=peak_memory_mb(torch.device("cpu")))
 
 
 # ---------------------------------------------------------------- sizes

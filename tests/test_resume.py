@@ -77,3 +77,12 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(trained_pr
     last = checkpoint_folders(paths)[-1]
     assert str(last) in str(failure.value)
     assert not paths.sd_model.exists()
+
+
+def test_a_finished_run_is_trained_afresh_when_the_stage_runs_again(trained_project, tmp_path):
+    params, paths = _project(trained_project, tmp_path / "again", {"train": {
+        "steps": 4, "checkpoint_every": 2, "log_every": 2, "validate_every": 4, "sample_every": 0}})
+    first = train(params, paths)
+    second = train(params, paths)  # e.g. `dvc repro -f`, or after a change to the training code
+    assert second["resumed_from_step"] == 0 and second["images_per_second"] > 0
+    assert second["final_loss"] == first["final_loss"]  # the same run again, not a no-op
