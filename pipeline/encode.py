@@ -218,10 +218,11 @@ def encode(params: Params, paths: Paths) -> dict[str, int]:
     dtype = DTYPES[params.encode.dtype]
     vae = AutoencoderKL.from_pretrained(paths.vae_model, torch_dtype=dtype).eval()
     text_encoder = frozen_text_encoder(params, paths, dtype)
+    vae_key = folder_hash(paths.vae_model)
     latents, texts = (KeyedCache(values) for values in previous_values(paths.latents))
     with atomic_dir(paths.latents) as staging:
-        counts = {split: encode_split(split, params, paths, vae, folder_hash(paths.vae_model), text_encoder,
-                                      latents, texts, staging) for split in SPLITS}
+        counts = {split: encode_split(split, params, paths, vae, vae_key, text_encoder, latents, texts, staging)
+                  for split in SPLITS}
     log.info("encode: %s samples; latents %d encoded, %d reused from the last run%s", counts, latents.encoded,
              latents.reused, f"; caption states {texts.encoded} encoded, {texts.reused} reused" if text_encoder else "")
     return dict(counts, encoded=latents.encoded, reused=latents.reused)

@@ -25,6 +25,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -108,8 +109,8 @@ def batch_indices(micro_batch: int, group_sizes: tuple[int, ...], batch_size: in
     arguments alone. With several processes an epoch's last few batches (fewer than the processes) wait for
     the next epoch, which shuffles again."""
     size = min(batch_size, sum(group_sizes) // processes)
-    batches = epoch_batches(tuple(group_sizes), size, seed, 0)
-    epoch, position = divmod(micro_batch, len(batches) // processes)
+    batches_per_epoch = sum(math.ceil(count / size) for count in group_sizes)
+    epoch, position = divmod(micro_batch, batches_per_epoch // processes)
     return epoch_batches(tuple(group_sizes), size, seed, epoch)[position * processes + process]
 
 
