@@ -73,7 +73,9 @@ def row_properties(manifest: pd.DataFrame, root: Path, params: ValidateParams) -
         frame[name] = values
     labels = frame.get("origin", frame["path"]).tolist()
     frame["near_duplicate_of"] = (
-        near_duplicate_of(hashes, labels, params.max_near_duplicate_distance)
+        near_duplicate_of(hashes, [root / relative for relative in frame["path"]], labels,
+                          params.max_near_duplicate_distance, params.max_near_duplicate_colour_difference,
+                          params.max_pixels)
         if params.max_near_duplicate_distance >= 0 else None
     )
     return frame
@@ -138,7 +140,9 @@ def manifest_checks(params: ValidateParams, sources: list[str] = ()) -> list[Che
         Check(expect.ExpectColumnValuesToBeUnique(column="id"), "duplicate content", keep_first=True),
         Check(expect.ExpectColumnValuesToBeNull(column="near_duplicate_of"),
               f"near-duplicate of an earlier image (dHash within validate.max_near_duplicate_distance "
-              f"{params.max_near_duplicate_distance} bits)", detail="near_duplicate_of"),
+              f"{params.max_near_duplicate_distance} bits, colours within "
+              f"validate.max_near_duplicate_colour_difference {params.max_near_duplicate_colour_difference:g})",
+              detail="near_duplicate_of"),
         Check(between(column="contrast", min_value=params.min_contrast),
               f"blank or near-uniform image (colour spread below validate.min_contrast {params.min_contrast})",
               detail="contrast"),

@@ -159,8 +159,8 @@ def fate(paths: Paths, origin: str) -> str | np.ndarray:
     ("tiny.png", "width outside validate.min/max_width 16-8192 px: 1; height outside validate.min/max_height"),
     ("float.tif", "colour mode not in validate.allowed_modes: F"),
     ("bomb.png", "header declares more pixels than validate.max_pixels 50000000; not decoded: 1600000000"),
-    ("near.png", "near-duplicate of an earlier image (dHash within validate.max_near_duplicate_distance 4 bits): "
-                 "near.jpg ("),
+    ("near.png", "near-duplicate of an earlier image (dHash within validate.max_near_duplicate_distance 4 bits, "
+                 "colours within validate.max_near_duplicate_colour_difference 25): near.jpg ("),
     ("bad caption.png", "caption file bad caption.txt is not UTF-8 text (invalid continuation byte at byte 3)"),
     ("long caption.png", "caption length outside validate.min/max_caption_length 1-1000 characters: 5000"),
     ("link.png", "a link that leads outside the data folder, to "),

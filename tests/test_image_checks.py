@@ -1,7 +1,8 @@
 import numpy as np
-from PIL import Image
+import pytest
+from PIL import Image, ImageDraw
 
-from pipeline.image_checks import eight_bit, measure, near_duplicate_of
+from pipeline.image_checks import eight_bit, measure, near_duplicate_of, near_duplicate_pairs
 from pipeline.preprocess import to_rgb
 
 LIMIT, HASH_FROM = 50_000_000, 64
@@ -40,7 +41,50 @@ def test_a_header_above_the_limit_is_not_decoded(tmp_path):
     assert properties.brightness is None
 
 
-def test_near_duplicates_name_the_first_of_their_group():
+def shapes(colour: tuple[int, int, int]) -> Image.Image:
+    """A grey ground with a circle of `colour` and two fixed shapes: the layout of a look-alike set."""
+    image = Image.new("RGB", (96, 96), (160, 160, 160))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((8, 50, 40, 88), fill=(240, 200, 40))
+    draw.polygon([(60, 90), (76, 60), (92, 90)], fill=(30, 30, 30))
+    draw.ellipse((30, 10, 70, 50), fill=colour)
+    return image
+
+
+def test_a_re_encoded_copy_is_a_near_duplicate_but_a_colour_look_alike_is_not(tmp_path):
+    red, green = (200, 40, 40), (40, 122, 40)  # the same grey level (ITU-R 601 luma 88)
+    shapes(red).save(tmp_path / "red.png")
+    shapes(red).save(tmp_path / "red.jpg", quality=60)
+    shapes(green).save(tmp_path / "green.png")
+    paths = [tmp_path / name for name in ("red.png", "red.jpg", "green.png")]
+    hashes = [measure(path, LIMIT, HASH_FROM).dhash for path in paths]
+    assert all(bin(hashes[0] ^ other).count("1") <= 4 for other in hashes[1:]), "the grey hash cannot tell them apart"
+    found = near_duplicate_of(hashes, paths, ["red.png", "red.jpg", "green.png"], max_distance=4,
+                              max_colour_difference=25, max_pixels=LIMIT)
+    assert found[0] is None and found[2] is None
+    assert found[1].startswith("red.png (") and "colour difference" in found[1]
+
+
+def test_near_duplicates_name_the_first_of_their_group(tmp_path):
+    for name in "abcd":
+        shapes((200, 40, 40)).save(tmp_path / f"{name}.png")
+    paths = [tmp_path / f"{name}.png" for name in "abcd"]
     hashes = [0b1111, None, 0b1110, 0xFFFF_0000_0000_0000]
-    assert near_duplicate_of(hashes, ["a", "b", "c", "d"], max_distance=1) == [None, None, "a (1 bits apart)", None]
-    assert near_duplicate_of(hashes, ["a", "b", "c", "d"], max_distance=0) == [None] * 4
+    found = near_duplicate_of(hashes, paths, list("abcd"), max_distance=1, max_colour_difference=25, max_pixels=LIMIT)
+    assert found == [None, None, "a (1 bits apart, colour difference 0.0)", None]
+    assert near_duplicate_of(hashes, paths, list("abcd"), 0, 25, LIMIT) == [None] * 4
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 4, 7, 12])
+def test_the_index_finds_exactly_the_pairs_an_all_pairs_scan_finds(max_distance):
+    rng = np.random.default_rng(max_distance)
+    hashes = rng.integers(0, 2**64, 1500, dtype=np.uint64)
+    # near copies with 0 to 14 bits flipped, and exact repeats, so every distance occurs
+    flips = [sum(1 << int(bit) for bit in rng.choice(64, rng.integers(0, 15), replace=False)) for _ in range(500)]
+    copies = hashes[rng.integers(0, 1500, 500)] ^ np.array(flips, dtype=np.uint64)
+    hashes = np.concatenate([hashes, copies, hashes[:20]])
+    distances = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    first, second = np.nonzero(np.triu(distances <= max_distance, k=1))  # all pairs, row by row
+    expected = sorted(zip(first.tolist(), second.tolist(), strict=True))
+    assert len(expected) >= 20
+    assert sorted(map(tuple, near_duplicate_pairs(hashes, max_distance).tolist())) == expected
