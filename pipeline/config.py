@@ -134,7 +134,7 @@ class ValidateParams(Section):
                                       "I;16", "I;16B", "I;16L", "I")
     max_near_duplicate_distance: int = Field(4, ge=-1, le=64, description="dHash bits; -1 turns the check off")
     max_near_duplicate_colour_difference: float = Field(
-        25.0, ge=0, le=255, description="a dHash candidate is a near-duplicate only if no cell of a 24×24 colour "
+        15.0, ge=0, le=255, description="a dHash candidate is a near-duplicate only if no cell of a 24×24 colour "
         "grid of either image lies further than this (0-255) outside the colours around it in the other")
     near_duplicate_min_side: int = Field(64, ge=9, description="smaller images are too small to hash reliably")
     min_contrast: float = Field(3.0, ge=0, description="largest colour-channel standard deviation; below it is blank")

@@ -14,6 +14,7 @@ of the same brightness, or a picture from one with a small object added.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterator
@@ -225,8 +226,9 @@ def colour_grids(image: Image.Image) -> np.ndarray:
 def neighbourhood_range(grids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per cell and channel, the lowest and highest value in the 3×3 cells around it."""
     padded = np.pad(grids, [(0, 0)] * (grids.ndim - 3) + [(1, 1), (1, 1), (0, 0)], mode="edge")
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(-3, -2))
-    return windows.min(axis=(-2, -1)), windows.max(axis=(-2, -1))
+    shifted = [padded[..., row:row + COMPARE_SIDE, column:column + COMPARE_SIDE, :]
+               for row in range(3) for column in range(3)]
+    return functools.reduce(np.minimum, shifted), functools.reduce(np.maximum, shifted)
 
 
 def unexplained_colour(grids: np.ndarray, reference_range: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

@@ -160,7 +160,7 @@ def fate(paths: Paths, origin: str) -> str | np.ndarray:
     ("float.tif", "colour mode not in validate.allowed_modes: F"),
     ("bomb.png", "header declares more pixels than validate.max_pixels 50000000; not decoded: 1600000000"),
     ("near.png", "near-duplicate of an earlier image (dHash within validate.max_near_duplicate_distance 4 bits, "
-                 "colours within validate.max_near_duplicate_colour_difference 25): near.jpg ("),
+                 "colours within validate.max_near_duplicate_colour_difference 15): near.jpg ("),
     ("bad caption.png", "caption file bad caption.txt is not UTF-8 text (invalid continuation byte at byte 3)"),
     ("long caption.png", "caption length outside validate.min/max_caption_length 1-1000 characters: 5000"),
     ("link.png", "a link that leads outside the data folder, to "),
