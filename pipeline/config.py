@@ -87,17 +87,26 @@ class HfSource(Section):
     caption_column: str = "text"
 
 
+class WebdatasetSource(Section):
+    """img2dataset's webdataset output: .tar shards of {key}.jpg|png|webp + {key}.txt + {key}.json."""
+
+    path: str = Field(description="a folder of .tar shards, a glob (data/shards/*.tar) or an fsspec URL "
+                                  "(s3://bucket/shards/); local paths are relative to the project root unless absolute")
+
+
 class IngestParams(Section):
-    source: Literal["synthetic", "folder", "manifest", "hf"] = "synthetic"
+    source: Literal["synthetic", "folder", "manifest", "hf", "webdataset"] = "synthetic"
     synthetic: SyntheticSource = SyntheticSource()
     folder: FolderSource | None = None
     manifest: ManifestSource | None = None
     hf: HfSource | None = None
+    webdataset: WebdatasetSource | None = None
 
     @model_validator(mode="after")
     def _chosen_source_is_configured(self) -> IngestParams:
         if self.source != "synthetic" and getattr(self, self.source) is None:
-            key = {"folder": "folder.path", "manifest": "manifest.path", "hf": "hf.path_or_id"}[self.source]
+            key = {"folder": "folder.path", "manifest": "manifest.path", "hf": "hf.path_or_id",
+                   "webdataset": "webdataset.path"}[self.source]
             raise PydanticCustomError(
                 "missing_setting",
                 "ingest.{key}: required when ingest.source is {source}",
@@ -106,7 +115,7 @@ class IngestParams(Section):
         return self
 
 
-SOURCES = ("synthetic", "folder", "manifest", "hf")
+SOURCES = ("synthetic", "folder", "manifest", "hf", "webdataset")
 
 
 class ValidateParams(Section):

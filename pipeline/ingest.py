@@ -30,7 +30,7 @@ import pandas as pd
 from pipeline.atomic import atomic_file, read_json, write_json
 from pipeline.config import FolderSource, IngestParams, Paths
 from pipeline.image_checks import read_header
-from pipeline.sources import Rejected, SourceError, SourceItem, folder, hf, manifest, synthetic
+from pipeline.sources import Rejected, SourceError, SourceItem, folder, hf, manifest, synthetic, webdataset
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ def open_source(params: IngestParams, paths: Paths) -> tuple[str, Iterator[Sourc
     if params.source == "hf":
         location = hf.locate(params.hf.path_or_id, paths.resolve(params.hf.path_or_id))
         return f"hf {location} split={params.hf.split}", hf.items(params.hf, location)
+    if params.source == "webdataset":
+        given = params.webdataset.path
+        location = given if webdataset.is_url(given) else str(paths.resolve(given))
+        return f"webdataset {location}", webdataset.items(location)
     return f"synthetic {params.synthetic.model_dump_json()}", synthetic.items(params.synthetic)
 
 

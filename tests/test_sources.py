@@ -1,10 +1,14 @@
 """Each source layout ingests through the one stage function; bad input is named or rejected, never lost."""
 
 import hashlib
+import io
 import json
+import tarfile
 
+import fsspec
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipeline.config import ConfigError, Paths, parse_params
 from pipeline.ingest import MANIFEST, ingest
@@ -229,6 +233,87 @@ def test_hf_local_path_that_is_missing_or_no_dataset_names_the_key(tmp_path):
         run_ingest(tmp_path, "hf", path_or_id=str(tmp_path / "plain"))
 
 
+# --- webdataset: img2dataset's shards ---------------------------------------------------------------
+
+def encoded_image(shade: int, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 20), (shade, 255 - shade, 128)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_shard(filesystem, path: str, samples: dict[str, dict[str, bytes]]) -> None:
+    """An img2dataset shard: `{key}.jpg|png` + `{key}.txt` + `{key}.json` per sample, and `{shard}.parquet`."""
+    with filesystem.open(path, "wb") as stream, tarfile.open(fileobj=stream, mode="w") as archive:
+        for key, files in samples.items():
+            for suffix, data in files.items():
+                member = tarfile.TarInfo(f"{key}{suffix}")
+                member.size = len(data)
+                archive.addfile(member, io.BytesIO(data))
+    metadata = pd.DataFrame({"key": list(samples), "status": "success"})
+    with filesystem.open(path.removesuffix(".tar") + ".parquet", "wb") as stream:
+        metadata.to_parquet(stream)
+
+
+def sample(image: bytes | None, caption: str | None, suffix: str = ".png") -> dict[str, bytes]:
+    files = {} if image is None else {suffix: image}
+    if caption is not None:
+        files[".txt"] = caption.encode()
+    return files | {".json": json.dumps({"url": "https://example.com/x", "status": "success"}).encode()}
+
+
+SHARD_0 = {
+    "000000000": sample(encoded_image(10), "a red fox"),
+    "000000001": sample(encoded_image(20, "JPEG"), None, ".jpg"),  # no caption: an unconditional sample
+    "000000002": sample(b"\xff\xd8 not a jpeg", "a broken picture", ".jpg"),
+    "000000003": sample(None, "a caption without its image"),
+}
+SHARD_1 = {"000010000": sample(encoded_image(30), "a blue square"),
+           "000010001": sample(encoded_image(40, "WEBP"), "a green circle", ".webp")}
+
+
+@pytest.mark.parametrize("where", ["folder", "memory"])
+def test_webdataset_shards_ingest_once_and_a_new_shard_is_read_alone(tmp_path, where):
+    location = str(tmp_path / "shards") if where == "folder" else f"memory://{tmp_path.name}/shards"
+    filesystem, root = fsspec.core.url_to_fs(location)
+    filesystem.makedirs(root, exist_ok=True)
+    write_shard(filesystem, f"{root}/00000.tar", SHARD_0)
+    write_shard(filesystem, f"{root}/00001.tar", SHARD_1)
+
+    first, manifest = run_ingest(tmp_path, "webdataset", path=location)
+    assert captions(manifest) == {"00000.tar/000000000": "a red fox", "00000.tar/000000001": "",
+                                  "00001.tar/000010000": "a blue square", "00001.tar/000010001": "a green circle"}
+    assert manifest.loc["00001.tar/000010001", "format"] == "webp"
+    assert (first.new, first.read, first.unconditional) == (4, 5, 1)
+    assert {rejected.name: rejected.reason for rejected in first.rejected} == {
+        "00000.tar/000000002": "not an image Pillow can open (UnidentifiedImageError)",
+        "00000.tar/000000003": "00000.tar: sample 000000003 has no image (.jpg, .png or .webp), only .json, .txt",
+    }
+
+    again, _ = run_ingest(tmp_path, "webdataset", path=location)
+    # Nothing new; only the rejected broken image is read again (ingest keeps no stamp for rejects).
+    assert (again.new, again.unchanged, again.read, len(again.rejected)) == (0, 4, 1, 2)
+
+    write_shard(filesystem, f"{root}/00002.tar", {"000020000": sample(encoded_image(50), "a white star"),
+                                                  "000020001": sample(encoded_image(60), "a black moon")})
+    grown, manifest = run_ingest(tmp_path, "webdataset", path=location)
+    assert (grown.new, grown.unchanged, grown.read) == (2, 4, 3)
+    assert manifest.loc["00002.tar/000020001", "caption"] == "a black moon"
+
+
+def test_webdataset_without_shards_or_with_a_broken_shard_names_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match=r"ingest\.webdataset\.path: no \.tar shards at .*empty"):
+        run_ingest(tmp_path, "webdataset", path=str(tmp_path / "empty"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes(b"not a tar archive at all" * 40)
+    write_shard(fsspec.filesystem("file"), str(shards / "00001.tar"), SHARD_1)
+    result, manifest = run_ingest(tmp_path, "webdataset", path=str(shards / "*.tar"))
+    assert result.new == 2 and len(manifest) == 2
+    assert [rejected.name for rejected in result.rejected] == ["00000.tar"]
+    assert result.rejected[0].reason.startswith("00000.tar: not a readable tar archive")
+
+
 # --- configuration ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("ingest_params", "message"), [
@@ -236,7 +321,8 @@ def test_hf_local_path_that_is_missing_or_no_dataset_names_the_key(tmp_path):
     ({"source": "manifest"}, r"ingest\.manifest\.path: required when ingest\.source is manifest"),
     ({"source": "hf", "hf": {}}, r"ingest\.hf\.path_or_id: required"),
     ({"source": "folder", "folder": {"path": "x", "caption_col": "text"}}, r"ingest\.folder\.caption_col: unknown key"),
-    ({"source": "s3"}, r"ingest\.source: .*'synthetic', 'folder', 'manifest' or 'hf'"),
+    ({"source": "webdataset"}, r"ingest\.webdataset\.path: required when ingest\.source is webdataset"),
+    ({"source": "s3"}, r"ingest\.source: .*'synthetic', 'folder', 'manifest', 'hf' or 'webdataset'"),
     ({"source": "folder", "folder": {"path": "x", "label_template": "a {cls}"}}, r"ingest\.folder\.label_template: .*\{label\}"),
     ({"source": "folder", "folder": {"path": "x", "extensions": ["png"]}}, r"ingest\.folder\.extensions: .*dot"),
 ])
