@@ -247,9 +247,9 @@ def unexplained_colour(grids: np.ndarray, reference_range: tuple[np.ndarray, np.
 def colour_difference(first: Image.Image, second: Image.Image) -> float:
     """How much of either image the other cannot explain (both ways), at the best of the small crops of
     either: a crop of one is matched by cropping the other the same way."""
+    first_grids, second_grids = colour_grids(first), colour_grids(second)
     best = math.inf
-    for image, other in ((first, second), (second, first)):
-        cropped, reference = colour_grids(image), colour_grids(other)[0]
+    for cropped, reference in ((first_grids, second_grids[0]), (second_grids, first_grids[0])):
         both_ways = np.maximum(unexplained_colour(cropped, neighbourhood_range(reference)),
                                unexplained_colour(reference, neighbourhood_range(cropped)))
         best = min(best, float(both_ways.min()))
