@@ -31,7 +31,7 @@ from pipeline.image_checks import near_duplicate_pairs, property_columns
 from pipeline.validate import row_properties
 
 SIDE = 96
-CLEAR_CHANGE = 120  # summed over the channels (40 a channel on average): a pixel that changed by more is clearly different
+CLEAR_CHANGE = 120  # summed over the channels (40 a channel on average): a pixel changed by more clearly differs
 MIN_CHANGED_SHARE = 0.01
 
 Shape = tuple[int, tuple[int, int, int, int], tuple[int, int, int]]  # kind, box, colour

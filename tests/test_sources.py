@@ -308,10 +308,15 @@ def test_webdataset_without_shards_or_with_a_broken_shard_names_it(tmp_path):
     shards.mkdir()
     (shards / "00000.tar").write_bytes(b"not a tar archive at all" * 40)
     write_shard(fsspec.filesystem("file"), str(shards / "00001.tar"), SHARD_1)
+    write_shard(fsspec.filesystem("file"), str(shards / "00002.tar"),
+                {"000020000": {".png": encoded_image(70), ".txt": b"caf\xe9 latin-1"}})
     result, manifest = run_ingest(tmp_path, "webdataset", path=str(shards / "*.tar"))
     assert result.new == 2 and len(manifest) == 2
-    assert [rejected.name for rejected in result.rejected] == ["00000.tar"]
-    assert result.rejected[0].reason.startswith("00000.tar: not a readable tar archive")
+    reasons = {rejected.name: rejected.reason for rejected in result.rejected}
+    assert reasons.keys() == {"00000.tar", "00002.tar/000020000"}
+    assert reasons["00000.tar"].startswith("00000.tar: not a readable tar archive")
+    assert reasons["00002.tar/000020000"] == ("00002.tar: caption 000020000.txt is not UTF-8 text "
+                                               "(invalid continuation byte at byte 3)")
 
 
 # --- configuration ------------------------------------------------------------------------------------
