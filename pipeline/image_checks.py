@@ -31,6 +31,7 @@ STATS_SIDE = 64  # brightness statistics on at most 64×64 px: enough to tell bl
 COMPARE_SIDE = 24  # the colour grid near-duplicate candidates are confirmed on
 # Crops tried when confirming a candidate: 0, 1 or 2 of 64 px off each edge (a crop of up to ~3 % per edge).
 CROP_STEPS = (0.0, 1 / 64, 2 / 64)
+THUMBNAILS_KEPT = 4096  # ~12 KB each: the images of many candidate pairs are read once, within ~50 MB
 MAX_BLOCK_NEIGHBOURS = 100_000  # a multi-index layout that would look up more values per hash is not tried
 
 
@@ -266,12 +267,10 @@ def near_duplicate_of(hashes: list[int | None], paths: list[Path], labels: list[
     known = [index for index, value in enumerate(hashes) if value is not None]
     found: list[str | None] = [None] * len(hashes)
     values = np.array([hashes[index] for index in known], dtype=np.uint64)
-    thumbnails: dict[int, Image.Image] = {}
 
+    @functools.lru_cache(maxsize=THUMBNAILS_KEPT)
     def thumbnail(index: int) -> Image.Image:
-        if index not in thumbnails:
-            thumbnails[index] = colour_thumbnail(paths[index], max_pixels)
-        return thumbnails[index]
+        return colour_thumbnail(paths[index], max_pixels)
 
     for first, second in near_duplicate_pairs(values, max_distance).tolist():
         earlier, later = known[first], known[second]
