@@ -42,7 +42,8 @@ def main() -> None:
     for name, (scheduler, steps) in RUNS.items():
         use_scheduler(pipeline, scheduler)
         rows, seconds = sample_all(pipeline, steps, args.seeds)
-        results[name] = (len(rows) * args.seeds / seconds, shape_adherence_metrics(rows, list(SHAPE_PROMPTS))["adherence"])
+        adherence = shape_adherence_metrics(rows, list(SHAPE_PROMPTS))["adherence"]
+        results[name] = (len(rows) * args.seeds / seconds, adherence)
         print(f"{name:<24} {results[name][0]:8.2f} images/s   adherence {results[name][1]:.2f}")
     fast, slow = results.values()
     print(f"speed-up {fast[0] / slow[0]:.1f}x")

@@ -83,20 +83,21 @@ def sample_judges(params: Params, paths: Paths, prompts: list[str]) -> tuple[lis
     classifier's accuracy on real images), and why each check that does not apply is left out."""
     source = params.ingest.source
     if source == "synthetic":
-        shapes_apply = any(prompt in SHAPE_PROMPTS for prompt in prompts)
-        return ([shape_adherence_metrics] if shapes_apply else []), {}, {
-            **({} if shapes_apply else {"adherence": "no evaluation prompt is a colour-and-shape caption"}),
-            "label_adherence": "the synthetic source is judged by its colour-and-shape reader (`adherence`)",
-        }
+        unavailable = {"label_adherence": "the synthetic source is judged by its colour-and-shape reader (`adherence`)"}
+        if not any(prompt in SHAPE_PROMPTS for prompt in prompts):
+            return [], {}, unavailable | {"adherence": "no evaluation prompt is a colour-and-shape caption"}
+        return [shape_adherence_metrics], {}, unavailable
     unavailable = {"adherence": f"the colour-and-shape reader applies to the synthetic source only "
                                 f"(ingest.source: {source})"}
     judge, why_not = label_judge(paths, prompts, params.evaluate)
     if judge is None:
         return [], {}, unavailable | {"label_adherence": why_not}
+    fixed = {"labels": len(judge.labels)}
     if judge.accuracy is None:
         unavailable["classifier_accuracy"] = "no validation image carries one of the labels"
-        return [judge], {}, unavailable
-    return [judge], {"classifier_accuracy": judge.accuracy, "labels": len(judge.labels)}, unavailable
+    else:
+        fixed["classifier_accuracy"] = judge.accuracy
+    return [judge], fixed, unavailable
 
 
 def stability_metrics(

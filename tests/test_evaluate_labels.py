@@ -112,3 +112,19 @@ def test_captions_are_labels_only_when_categorical(tiny_params):
     labels, why = categorical_labels([f"caption {i}" for i in range(60) for _ in range(5)], params)
     assert labels == [] and "60 distinct non-empty captions" in why
     assert categorical_labels(["only one"] * 9, params)[0] == []
+
+
+def test_label_adherence_is_the_share_of_images_read_as_their_prompt():
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.labels import label_adherence_metrics, pixel_features
+
+    def image(level):
+        return Image.new("RGB", (8, 8), (level,) * 3)
+
+    examples = np.stack([np.full((8, 8, 3), level, np.uint8) for level in (0, 20, 40, 215, 235, 255)])
+    classifier = LogisticRegression().fit(pixel_features(examples, 4), ["dark"] * 3 + ["light"] * 3)
+    rows = [[image(10), image(250)], [image(245), image(230)], [image(0)]]
+    metrics = label_adherence_metrics(classifier, rows, ["dark", "light", ""], ["dark", "light"], 4)
+    assert metrics == {"label_adherence.dark": 0.5, "label_adherence.light": 1.0, "label_adherence": 0.75,
+                       "label_adherence_samples": 4}  # the empty prompt is no label and is not counted
