@@ -13,9 +13,10 @@ import time
 
 import torch
 
-from pipeline.evaluate import adherence_metrics, adherence_prompts, load_pipeline
+from pipeline.adherence import shape_adherence_metrics
+from pipeline.evaluate import load_pipeline
 from pipeline.generate import use_scheduler
-from pipeline.sources.synthetic import caption_for
+from pipeline.prompts import SHAPE_PROMPTS
 
 GUIDANCE = 4.0
 RUNS = {"DPM-Solver++ 20 steps": ("dpm++", 20), "DDPM 1000 steps": ("ddpm", 1000)}
@@ -23,9 +24,9 @@ RUNS = {"DPM-Solver++ 20 steps": ("dpm++", 20), "DDPM 1000 steps": ("ddpm", 1000
 
 def sample_all(pipeline, steps: int, seeds: int) -> tuple[list, float]:
     rows, started = [], time.perf_counter()
-    for colour, shape in adherence_prompts():
+    for prompt in SHAPE_PROMPTS:
         rows.append(pipeline(
-            [caption_for(colour, shape)] * seeds, num_inference_steps=steps, guidance_scale=GUIDANCE,
+            [prompt] * seeds, num_inference_steps=steps, guidance_scale=GUIDANCE,
             generator=[torch.Generator().manual_seed(seed) for seed in range(seeds)],
         ).images)
     return rows, time.perf_counter() - started
@@ -41,7 +42,8 @@ def main() -> None:
     for name, (scheduler, steps) in RUNS.items():
         use_scheduler(pipeline, scheduler)
         rows, seconds = sample_all(pipeline, steps, args.seeds)
-        results[name] = (len(rows) * args.seeds / seconds, adherence_metrics(rows)["adherence"])
+        adherence = shape_adherence_metrics(rows, list(SHAPE_PROMPTS))["adherence"]
+        results[name] = (len(rows) * args.seeds / seconds, adherence)
         print(f"{name:<24} {results[name][0]:8.2f} images/s   adherence {results[name][1]:.2f}")
     fast, slow = results.values()
     print(f"speed-up {fast[0] / slow[0]:.1f}x")

@@ -94,8 +94,9 @@ def run_summary(root: Path, changes: dict[str, Any], outcomes: dict[str, str]) -
         f"- model: {registry.get('model_name', '?')} version {registry.get('version', '?')}, "
         + ("**promoted to champion**" if registry.get("promoted") else
            f"champion stays version {registry.get('champion_version', '?')}"),
-        f"- gate {registry.get('gate_metric', '?')}: {registry.get('gate_value', float('nan')):.4g} "
-        f"vs champion {'-' if champion_value is None else f'{champion_value:.4g}'}",
+        f"- gate {registry.get('gate_metric', '?')} ({registry.get('gate_rule', '?')}): "
+        f"{_number(registry.get('gate_value'))} vs champion {_number(champion_value)}"
+        + (f"; not promoted: {registry['refused']}" if registry.get("refused") else ""),
         f"- MLflow run: {run.get('run_id', '?')} (`make ui-mlflow`, then "
         f"{MLFLOW_UI}/#/experiments/{run.get('experiment_id', '')}/runs/{run.get('run_id', '')})",
         f"- sample grid: {paths.samples_grid}", "",
@@ -103,6 +104,10 @@ def run_summary(root: Path, changes: dict[str, Any], outcomes: dict[str, str]) -
         *(f"| {name} | {metrics[name]:.4g} |" for name in HEADLINE_METRICS if name in metrics),
     ]
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 @flow(name="sdpipe-train")

@@ -3,7 +3,8 @@
 A rule-based reader of the rendered world: the background is the median of the border pixels, the
 foreground is every pixel far from it; its mean colour names the colour (nearest palette entry) and
 its fill ratio inside its bounding box names the shape (square ~1, circle ~pi/4, triangle ~1/2).
-It is checked against ground-truth renders in the tests.
+It is checked against ground-truth renders in the tests. It applies to the synthetic source only, and
+to the evaluation prompts that are colour-and-shape captions ("a red circle").
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.prompts import SHAPE_PROMPTS
 from pipeline.sources.synthetic import COLOURS
 
 FOREGROUND_DISTANCE = 60.0
@@ -65,3 +67,18 @@ def adheres(image: Image.Image, colour: str, shape: str) -> tuple[bool, bool]:
     """(colour matches, shape matches) for one generated image."""
     reading = read_image(image)
     return reading.colour == colour, reading.shape == shape
+
+
+def shape_adherence_metrics(rows: list[list[Image.Image]], prompts: list[str]) -> dict:
+    """Colour, shape and both right, over the images of the prompts that are colour-and-shape captions."""
+    hits = np.array([
+        adheres(image, *SHAPE_PROMPTS[prompt])
+        for prompt, images in zip(prompts, rows, strict=True) if prompt in SHAPE_PROMPTS
+        for image in images
+    ])
+    return dict(
+        adherence=float(hits.all(axis=1).mean()),
+        colour_accuracy=float(hits[:, 0].mean()),
+        shape_accuracy=float(hits[:, 1].mean()),
+        adherence_samples=len(hits),
+    )

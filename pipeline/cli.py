@@ -66,7 +66,9 @@ def _register(params: Params, paths: Paths, _):
 
     result = register(params, paths)
     state = "champion" if result.champion_version == result.version else "challenger"
-    print(f"models:/{result.model_name}/{result.version} ({state})")
+    print(f"models:/{result.model_name}/{result.version} ({state}; gate {result.gate_metric}: {result.gate_rule})")
+    if result.refused:
+        print(f"not promoted: {result.refused}")
 
 
 def _generate(params: Params, paths: Paths, args):
@@ -89,7 +91,9 @@ def _models(params: Params, paths: Paths, _):
         print(f"no versions of {params.register_.model_name} yet: run `dvc repro` or `sdpipe register`")
     for entry in versions:
         headline = ", ".join(f"{k}={v:.4g}" for k, v in sorted(entry["metrics"].items()) if k in HEADLINE_METRICS)
-        print(f"{entry['version']:>4}  {','.join(entry['aliases']) or '-':<22} {headline}  commit {entry['git_commit'][:10]}")
+        gate = f"gate {entry['gate']['metric']} ({entry['gate'].get('outcome', '?')})" if entry["gate"] else "gate -"
+        print(f"{entry['version']:>4}  {','.join(entry['aliases']) or '-':<22} {headline}  {gate}  "
+              f"commit {entry['git_commit'][:10]}")
 
 
 def _promote(params: Params, paths: Paths, args):

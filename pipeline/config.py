@@ -284,15 +284,33 @@ class EvaluateParams(Section):
     inception_weights: str | None = Field(None, description="TorchScript FID Inception file for FID/KID")
     kid_subset_size: int = Field(50, ge=2, description="capped at the number of samples per seed set")
     clip_model: str | None = Field(None, description="CLIP folder or cached hub id for the CLIP score")
+    prompts: str | None = Field(None, description="file of prompts, one a line, relative to the project root")
+    max_prompts: int = Field(12, ge=1, description="prompts drawn from the validation captions")
+    max_labels: int = Field(50, ge=2, description="captions are labels when at most this many distinct ...")
+    min_images_per_label: int = Field(5, ge=1, description="... each on at least this many training images")
+    classifier_resolution: int = Field(16, ge=2, description="side of the pixels the label classifier reads")
+    classifier_images_per_label: int = Field(500, ge=1, description="training images per label it is fit on")
 
 
 class RegisterParams(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "sdpipe"
     model_name: str = "sdpipe"
-    gate_metric: str = "adherence"
-    gate_direction: Literal["maximize", "minimize"] = "maximize"
+    gate_metric: str = Field("auto", description="auto: the data's metric (README \"Evaluation\"), or an eval.json name")
+    gate_direction: Literal["auto", "maximize", "minimize"] = "auto"
     min_improvement: float = Field(0.0, ge=0)
+    min_classifier_accuracy: float = Field(
+        0.8, ge=0, le=1, description="label adherence gates only when its classifier reads real images this well"
+    )
+
+    @model_validator(mode="after")
+    def _auto_metric_has_its_own_direction(self) -> RegisterParams:
+        if self.gate_metric == "auto" and self.gate_direction != "auto":
+            raise PydanticCustomError(
+                "conflicting_setting",
+                "register.gate_direction: must be auto when register.gate_metric is auto (each data's metric "
+                "has its direction); name a metric to choose the direction", {})
+        return self
 
 
 class MonitorParams(Section):

@@ -3,40 +3,48 @@
 - noise-prediction MSE, RMSE, MAE and R² on the cached validation latents at fixed timesteps with
   fixed noise (so two models are compared on exactly the same inputs), overall and per timestep;
 - VAE reconstruction MSE, PSNR and SSIM on the validation images;
-- prompt adherence for the synthetic source: every colour x shape prompt, several seeds each, read
-  back by `pipeline.adherence`, as mean and std over `stability_repeats` seed sets;
+- samples of the evaluation prompts (`pipeline.prompts`: the user's file, the shapes, or the validation
+  captions), several seeds each, judged by what applies to the data, as mean and std over
+  `stability_repeats` seed sets: the colour-and-shape reader (`pipeline.adherence`) for the synthetic
+  source, a label classifier fit on the real images (`pipeline.labels`) for labelled data sets;
 - a determinism check: the same prompt and seed twice give identical pixels;
 - reports/samples.png: one row per prompt, one column per seed.
+A check that does not apply is listed under `unavailable` with the reason.
 All numbers go to metrics/eval.json and to the model's MLflow run.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from pipeline.adherence import adheres
+from pipeline.adherence import shape_adherence_metrics
 from pipeline.atomic import atomic_file, read_json, write_json
 from pipeline.config import EvaluateParams, Params, Paths
 from pipeline.diagnostics import image_grid, noise_metrics_on
 from pipeline.encode import load_latents
 from pipeline.external_metrics import ExternalMetrics, external_metrics
+from pipeline.labels import label_judge
 from pipeline.preprocess import load_split
-from pipeline.sources.synthetic import COLOURS, SHAPES, caption_for
+from pipeline.prompts import SHAPE_PROMPTS, evaluation_prompts
 from pipeline.tracking import model_run
 from pipeline.vae import to_model_range
 
 log = logging.getLogger(__name__)
 
 METRICS = "eval.json"
-HEADLINE_METRICS = ("adherence", "noise_mse", "noise_r2", "vae_psnr", "vae_ssim", "fid", "kid", "clip_score")
+HEADLINE_METRICS = ("adherence", "label_adherence", "classifier_accuracy", "noise_mse", "noise_r2", "vae_psnr", "vae_ssim",
+                    "fid", "kid", "clip_score")
 UNAVAILABLE = "unavailable"  # eval.json's map of metric -> why it could not be computed here
+PROMPTS = "prompts"  # eval.json's list of the prompts the samples were drawn with, in grid order
+SAMPLE_COUNT_SUFFIX = "_samples"
+Judge = Callable[[list[list[Image.Image]], list[str]], dict]  # (rows of images, their prompts) -> metrics
 SEED_SET_STRIDE = 1000  # seed sets of different repeats never overlap
 
 
@@ -51,21 +59,17 @@ def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, pa
     return noise_metrics_on(pipeline, cache.single_size().mean.float(), cache.captions, params.timesteps, params.noise_seed)
 
 
-def adherence_prompts() -> list[tuple[str, str]]:
-    return list(itertools.product(COLOURS, SHAPES))
-
-
 def generate_samples(
-    pipeline: StableDiffusionPipeline, params: EvaluateParams, repeat: int = 0
+    pipeline: StableDiffusionPipeline, prompts: list[str], params: EvaluateParams, repeat: int = 0
 ) -> list[list[Image.Image]]:
-    """One row of images per colour x shape prompt, one column per fixed seed (a new set per repeat)."""
+    """One row of images per prompt, one column per fixed seed (a new set per repeat)."""
     first_seed = params.sample_seed + repeat * SEED_SET_STRIDE
     rows = []
-    for colour, shape in adherence_prompts():
+    for prompt in prompts:
         generators = [torch.Generator().manual_seed(first_seed + column) for column in range(params.samples_per_prompt)]
         rows.append(
             pipeline(
-                [caption_for(colour, shape)] * params.samples_per_prompt,
+                [prompt] * params.samples_per_prompt,
                 num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
                 generator=generators,
@@ -74,45 +78,57 @@ def generate_samples(
     return rows
 
 
-def adherence_metrics(rows: list[list[Image.Image]]) -> dict:
-    hits = np.array([
-        adheres(image, colour, shape)
-        for (colour, shape), images in zip(adherence_prompts(), rows, strict=True)
-        for image in images
-    ])
-    return dict(
-        adherence=float(hits.all(axis=1).mean()),
-        colour_accuracy=float(hits[:, 0].mean()),
-        shape_accuracy=float(hits[:, 1].mean()),
-        adherence_samples=len(hits),
-    )
+def sample_judges(params: Params, paths: Paths, prompts: list[str]) -> tuple[list[Judge], dict, dict[str, str]]:
+    """The checks that apply to this data and these prompts, the metrics fixed by building them (the label
+    classifier's accuracy on real images), and why each check that does not apply is left out."""
+    source = params.ingest.source
+    if source == "synthetic":
+        unavailable = {"label_adherence": "the synthetic source is judged by its colour-and-shape reader (`adherence`)"}
+        if not any(prompt in SHAPE_PROMPTS for prompt in prompts):
+            return [], {}, unavailable | {"adherence": "no evaluation prompt is a colour-and-shape caption"}
+        return [shape_adherence_metrics], {}, unavailable
+    unavailable = {"adherence": f"the colour-and-shape reader applies to the synthetic source only "
+                                f"(ingest.source: {source})"}
+    judge, why_not = label_judge(paths, prompts, params.evaluate)
+    if judge is None:
+        return [], {}, unavailable | {"label_adherence": why_not}
+    fixed = {"labels": len(judge.labels)}
+    if judge.accuracy is None:
+        unavailable["classifier_accuracy"] = "no validation image carries one of the labels"
+    else:
+        fixed["classifier_accuracy"] = judge.accuracy
+    return [judge], fixed, unavailable
 
 
 def stability_metrics(
-    pipeline: StableDiffusionPipeline, params: EvaluateParams, external: ExternalMetrics
+    pipeline: StableDiffusionPipeline, prompts: list[str], judges: list[Judge], params: EvaluateParams,
+    external: ExternalMetrics,
 ) -> tuple[dict, list]:
-    """Every sample metric over `stability_repeats` seed sets as mean and std; returns the first set's images."""
+    """Every sample metric over `stability_repeats` seed sets as mean and std (sample counts are summed);
+    returns the first set's images."""
     runs, first_rows = [], None
-    prompts = [caption_for(colour, shape) for colour, shape in adherence_prompts()
-               for _ in range(params.samples_per_prompt)]
+    prompt_per_image = [prompt for prompt in prompts for _ in range(params.samples_per_prompt)]
     for repeat in range(params.stability_repeats):
-        rows = generate_samples(pipeline, params, repeat)
+        rows = generate_samples(pipeline, prompts, params, repeat)
         first_rows = first_rows or rows
-        samples = adherence_metrics(rows)
-        samples.pop("adherence_samples")
-        runs.append(samples | external.score([image for row in rows for image in row], prompts))
+        run = external.score([image for row in rows for image in row], prompt_per_image)
+        for judge in judges:
+            run.update(judge(rows, prompts))
+        runs.append(run)
     metrics = {}
     for name in runs[0]:
         values = np.array([run[name] for run in runs])
-        metrics[name], metrics[f"{name}_std"] = float(values.mean()), float(values.std())
-    metrics["adherence_samples"] = len(prompts) * params.stability_repeats
+        if name.endswith(SAMPLE_COUNT_SUFFIX):
+            metrics[name] = int(values.sum())
+        else:
+            metrics[name], metrics[f"{name}_std"] = float(values.mean()), float(values.std())
     return metrics, first_rows
 
 
-def is_deterministic(pipeline: StableDiffusionPipeline, params: EvaluateParams) -> bool:
+def is_deterministic(pipeline: StableDiffusionPipeline, prompt: str, params: EvaluateParams) -> bool:
     """The same prompt and seed twice must give identical pixels."""
     images = [
-        pipeline(caption_for("red", "circle"), num_inference_steps=params.num_inference_steps,
+        pipeline(prompt, num_inference_steps=params.num_inference_steps,
                  guidance_scale=params.guidance_scale,
                  generator=torch.Generator().manual_seed(params.sample_seed)).images[0]
         for _ in range(2)
@@ -158,25 +174,39 @@ def evaluate(params: Params, paths: Paths) -> dict:
     pipeline = load_pipeline(paths.sd_model)
     metrics = noise_prediction_metrics(pipeline, paths, params.evaluate)
     metrics.update(vae_reconstruction_metrics(pipeline, paths))
-    external = external_metrics(params.evaluate, paths.root, load_split(paths, "val")[0])
-    for name, reason in external.unavailable.items():
+    val_images, val_rows = load_split(paths, "val")
+    external = external_metrics(params.evaluate, paths.root, val_images)
+    prompts = evaluation_prompts(params.evaluate, params.ingest.source, val_rows["caption"], paths.root)
+    judges, judge_metrics, unavailable = sample_judges(params, paths, prompts)
+    unavailable |= external.unavailable
+    for name, reason in unavailable.items():
         log.warning("evaluate: %s unavailable: %s", name, reason)
-    sample_metrics, rows = stability_metrics(pipeline, params.evaluate, external)
+    metrics.update(judge_metrics)
+    sample_metrics, rows = stability_metrics(pipeline, prompts, judges, params.evaluate, external)
     metrics.update(sample_metrics)
-    metrics["deterministic"] = float(is_deterministic(pipeline, params.evaluate))
+    metrics["deterministic"] = float(is_deterministic(pipeline, prompts[0], params.evaluate))
     with atomic_file(paths.samples_grid) as staging:
         image_grid(rows).save(staging, format="PNG")
-    write_json(paths.metrics / METRICS, {**metrics, UNAVAILABLE: external.unavailable})
+    write_json(paths.metrics / METRICS, {**metrics, PROMPTS: prompts, UNAVAILABLE: unavailable})
     with model_run(params, paths):
         import mlflow
 
         mlflow.log_metrics({f"eval_{name}": value for name, value in metrics.items()})
-        mlflow.set_tags({f"eval_unavailable.{name}": reason for name, reason in external.unavailable.items()})
+        mlflow.set_tags({f"eval_unavailable.{name}": reason for name, reason in unavailable.items()})
+        mlflow.log_text("\n".join(prompts) + "\n", "evaluation/prompts.txt")
         mlflow.log_artifact(str(paths.samples_grid), artifact_path="evaluation")
-    log.info("evaluate: adherence %.2f, noise MSE %.4f", metrics["adherence"], metrics["noise_mse"])
+    log.info("evaluate: %s, noise MSE %.4f", ", ".join(
+        f"{name} {metrics[name]:.2f}" for name in ("adherence", "label_adherence", "classifier_accuracy")
+        if name in metrics) or "no sample check applies", metrics["noise_mse"])
     return metrics
 
 
 def read_metrics(paths: Paths) -> dict[str, float]:
-    """The numeric metrics of metrics/eval.json (without the `unavailable` reasons)."""
-    return {name: value for name, value in read_json(paths.metrics / METRICS).items() if name != UNAVAILABLE}
+    """The numeric metrics of metrics/eval.json (without the prompts and the `unavailable` reasons)."""
+    return {name: value for name, value in read_json(paths.metrics / METRICS).items()
+            if name not in (UNAVAILABLE, PROMPTS)}
+
+
+def read_unavailable(paths: Paths) -> dict[str, str]:
+    """The metrics metrics/eval.json could not compute, with why."""
+    return read_json(paths.metrics / METRICS).get(UNAVAILABLE, {})

@@ -1,9 +1,12 @@
 """Stage `register`: log models/sd to MLflow, register a version, and move the `champion` alias.
 
-Every new version gets the alias `challenger`; `champion` moves only when the gate in params passes
-(`register.gate_metric` better than the champion's by more than `register.min_improvement`; the first
-version always passes). The same model files never make a second version. Writes
-metrics/registry.json. `promote`, `rollback` and `list_versions` back the `sdpipe` registry commands.
+Every new version gets the alias `challenger`; `champion` moves only when the gate passes: the gate metric
+better than the champion's by more than `register.min_improvement`, or no champion yet. The gate metric is
+`register.gate_metric`, or with `auto` the data's own (`choose_gate`). A gate metric that eval.json lacks,
+that the champion lacks, or that is untrustworthy (label adherence from a classifier that reads real images
+worse than `register.min_classifier_accuracy`) refuses promotion with the reason; it never passes silently.
+The same model files never make a second version. Writes metrics/registry.json; the version's `gate.*`
+tags say which metric decided and how. `promote`, `rollback` and `list_versions` back the `sdpipe` registry commands.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from pipeline.atomic import write_json
 from pipeline.config import Params, Paths, RegisterParams
-from pipeline.evaluate import HEADLINE_METRICS, METRICS as EVAL_METRICS, read_metrics
+from pipeline.evaluate import HEADLINE_METRICS, METRICS as EVAL_METRICS, read_metrics, read_unavailable
 from pipeline.tracking import folder_hash, lineage_tags, model_run, use_experiment
 
 log = logging.getLogger(__name__)
@@ -24,8 +27,17 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_HASH_TAG = "model_hash"
 METRIC_TAG_PREFIX = "metric."
+GATE_TAG_PREFIX = "gate."
+LOWER_IS_BETTER = ("noise_mse", "noise_rmse", "noise_mae", "vae_mse", "fid", "kid")  # and their _t<step>, _std
 RECORD = "registry.json"
 SERVING_PACKAGES = ("diffusers", "transformers", "torch", "pillow", "pandas", "safetensors", "accelerate")
+
+
+@dataclass(frozen=True)
+class Gate:
+    metric: str
+    direction: str  # maximize | minimize
+    rule: str  # why this metric decides
 
 
 @dataclass(frozen=True)
@@ -34,18 +46,54 @@ class Registration:
     version: int
     model_hash: str
     promoted: bool
-    champion_version: int
+    champion_version: int | None
     gate_metric: str
-    gate_value: float
+    gate_direction: str
+    gate_rule: str
+    gate_value: float | None
     previous_champion_value: float | None
+    refused: str | None  # why the gate could not be trusted to promote, else None
     reused_existing_version: bool
 
 
-def gate_passes(new: float, champion: float | None, params: RegisterParams) -> bool:
+def direction_of(metric: str) -> str:
+    lower = any(metric == name or metric.startswith(f"{name}_") for name in LOWER_IS_BETTER)
+    return "minimize" if lower else "maximize"
+
+
+def choose_gate(settings: RegisterParams, metrics: dict) -> Gate:
+    """The metric that decides promotion. `auto` follows the data: the colour-and-shape adherence where
+    evaluate computed it (the synthetic source), label adherence where the data is labelled, else the
+    validation noise-prediction MSE at fixed timesteps and noise (every model has it)."""
+    if settings.gate_metric != "auto":
+        direction = direction_of(settings.gate_metric) if settings.gate_direction == "auto" else settings.gate_direction
+        return Gate(settings.gate_metric, direction, "register.gate_metric")
+    if "adherence" in metrics:
+        return Gate("adherence", "maximize", "auto: the synthetic source's colour-and-shape adherence")
+    if "label_adherence" in metrics:
+        return Gate("label_adherence", "maximize", "auto: labelled data, label adherence")
+    return Gate("noise_mse", "minimize", "auto: no sample check applies to this data, validation noise MSE")
+
+
+def untrusted_reason(gate: Gate, metrics: dict, unavailable: dict, settings: RegisterParams) -> str | None:
+    """Why the gate metric cannot promote a model, or None when it can."""
+    if gate.metric not in metrics:
+        return f"{gate.metric} is not in eval.json: {unavailable[gate.metric]}"
+    if gate.metric.startswith("label_adherence"):
+        accuracy = metrics.get("classifier_accuracy")
+        if accuracy is None:
+            return f"label adherence without classifier_accuracy: {unavailable.get('classifier_accuracy', 'missing')}"
+        if accuracy < settings.min_classifier_accuracy:
+            return (f"the label classifier reads {accuracy:.1%} of the real validation images right, below "
+                    f"register.min_classifier_accuracy={settings.min_classifier_accuracy:g}")
+    return None
+
+
+def gate_passes(new: float, champion: float | None, direction: str, min_improvement: float) -> bool:
     if champion is None:
         return True
-    gain = new - champion if params.gate_direction == "maximize" else champion - new
-    return gain > params.min_improvement
+    gain = new - champion if direction == "maximize" else champion - new
+    return gain > min_improvement
 
 
 def serving_requirements() -> list[str]:
@@ -123,10 +171,11 @@ def version_description(metrics: dict, tags: dict) -> str:
 
 def register(params: Params, paths: Paths) -> Registration:
     settings = params.register_
-    metrics = read_metrics(paths)
-    if settings.gate_metric not in metrics:
+    metrics, unavailable = read_metrics(paths), read_unavailable(paths)
+    gate = choose_gate(settings, metrics)
+    if gate.metric not in metrics and gate.metric not in unavailable:
         raise KeyError(
-            f"register.gate_metric: {settings.gate_metric!r} is not in {paths.metrics / EVAL_METRICS} "
+            f"register.gate_metric: {gate.metric!r} is not in {paths.metrics / EVAL_METRICS} "
             f"(available: {', '.join(sorted(metrics))})"
         )
     client = _registry_client(params, paths)
@@ -136,12 +185,17 @@ def register(params: Params, paths: Paths) -> Registration:
     if existing is None:
         client.set_registered_model_alias(settings.model_name, CHALLENGER, version.version)
 
-    champion_version, champion_value = _champion_value(client, settings.model_name, settings.gate_metric)
-    value = float(metrics[settings.gate_metric])
+    champion_version, champion_value = _champion_value(client, settings.model_name, gate.metric)
+    value = metrics.get(gate.metric)
     is_champion = champion_version == int(version.version)
-    promoted = not is_champion and gate_passes(value, champion_value, settings)
+    refused = None if is_champion else untrusted_reason(gate, metrics, unavailable, settings)
+    if refused is None and not is_champion and champion_version is not None and champion_value is None:
+        refused = (f"champion version {champion_version} has no {gate.metric} to compare with (gated on other "
+                   "data or another metric?): compare them and `sdpipe promote` by hand")
+    promoted = refused is None and not is_champion and gate_passes(
+        float(value), champion_value, gate.direction, settings.min_improvement)
     if promoted:
-        move_champion(client, settings.model_name, int(version.version), reason=f"gate passed on {settings.gate_metric}")
+        move_champion(client, settings.model_name, int(version.version), reason=f"gate passed on {gate.metric}")
         champion_version = int(version.version)
     result = Registration(
         model_name=settings.model_name,
@@ -149,15 +203,32 @@ def register(params: Params, paths: Paths) -> Registration:
         model_hash=model_hash,
         promoted=promoted,
         champion_version=champion_version,
-        gate_metric=settings.gate_metric,
-        gate_value=value,
+        gate_metric=gate.metric,
+        gate_direction=gate.direction,
+        gate_rule=gate.rule,
+        gate_value=None if value is None else float(value),
         previous_champion_value=champion_value,
+        refused=refused,
         reused_existing_version=existing is not None,
     )
+    if not is_champion:
+        _tag_gate(client, result)
     write_json(paths.metrics / RECORD, asdict(result))
-    log.info("register: %s version %s%s", settings.model_name, result.version,
-             " promoted to champion" if promoted else f" (champion stays version {champion_version})")
+    if refused:
+        log.warning("register: %s version %s not promoted: %s", settings.model_name, result.version, refused)
+    log.info("register: %s version %s%s (gate: %s, %s)", settings.model_name, result.version,
+             " promoted to champion" if promoted else f" (champion stays version {champion_version})",
+             gate.metric, gate.rule)
     return result
+
+
+def _tag_gate(client, result: Registration) -> None:
+    """Which metric decided this version's promotion, how, and with what outcome (shown by `sdpipe models`)."""
+    outcome = "promoted" if result.promoted else f"refused: {result.refused}" if result.refused else "not better"
+    tags = {"metric": result.gate_metric, "direction": result.gate_direction, "rule": result.gate_rule,
+            "outcome": outcome}
+    for key, value in tags.items():
+        client.set_model_version_tag(result.model_name, str(result.version), GATE_TAG_PREFIX + key, value)
 
 
 PREVIOUS_CHAMPION_TAG = "previous_champion"
@@ -204,6 +275,7 @@ def list_versions(params: Params, paths: Paths) -> list[dict]:
             version=int(v.version),
             aliases=sorted(alias for alias, held in aliases.items() if int(held) == int(v.version)),
             metrics={k[len(METRIC_TAG_PREFIX):]: float(t) for k, t in v.tags.items() if k.startswith(METRIC_TAG_PREFIX)},
+            gate={k[len(GATE_TAG_PREFIX):]: t for k, t in v.tags.items() if k.startswith(GATE_TAG_PREFIX)},
             git_commit=v.tags.get("git_commit", "unknown"),
         )
         for v in sorted(versions, key=lambda v: int(v.version), reverse=True)

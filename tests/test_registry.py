@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import write_json
 from pipeline.config import Paths, RegisterParams
-from pipeline.registry import CHALLENGER, CHAMPION, gate_passes, register
+from pipeline.registry import CHALLENGER, CHAMPION, choose_gate, gate_passes, register, untrusted_reason
 from pipeline.tracking import tracking_uri
 
 from .conftest import tiny_params_dict
@@ -80,9 +80,61 @@ def test_worse_model_is_challenger_and_better_model_is_promoted(project_copy):
 
 def test_unknown_gate_metric_is_named(project_copy):
     params, paths = project_copy
-    wrong = params.model_copy(update={"register_": RegisterParams(gate_metric="fid")})
-    with pytest.raises(KeyError, match="register.gate_metric: 'fid'"):
+    wrong = params.model_copy(update={"register_": RegisterParams(gate_metric="fdi")})
+    with pytest.raises(KeyError, match="register.gate_metric: 'fdi'"):
         register(wrong, paths)
+
+
+def test_a_gate_metric_evaluate_could_not_compute_refuses_promotion_with_its_reason(project_copy):
+    params, paths = project_copy
+    fid_gate = params.model_copy(update={"register_": RegisterParams(gate_metric="fid")})
+    result = register(fid_gate, paths)
+    assert (result.version, result.promoted, result.champion_version, result.gate_value) == (1, False, None, None)
+    assert result.refused.startswith("fid is not in eval.json: no Inception weights")
+    version = _client(params, paths).get_model_version(params.register_.model_name, "1")
+    assert version.tags["gate.metric"] == "fid" and version.tags["gate.direction"] == "minimize"
+    assert version.tags["gate.outcome"].startswith("refused: fid is not in eval.json")
+    assert json.loads((paths.metrics / "registry.json").read_text())["refused"] == result.refused
+
+
+def test_auto_gate_on_the_synthetic_source_is_adherence(trained_project):
+    params, paths = trained_project
+    recorded = json.loads((paths.metrics / "registry.json").read_text())
+    assert (recorded["gate_metric"], recorded["gate_direction"]) == ("adherence", "maximize")
+    assert recorded["gate_rule"].startswith("auto: the synthetic source") and recorded["refused"] is None
+    version = _client(params, paths).get_model_version(params.register_.model_name, "1")
+    assert (version.tags["gate.metric"], version.tags["gate.outcome"]) == ("adherence", "promoted")
+
+
+@pytest.mark.parametrize(
+    ("metrics", "metric", "direction"),
+    [
+        ({"adherence": 0.9, "noise_mse": 0.1}, "adherence", "maximize"),
+        ({"label_adherence": 0.9, "classifier_accuracy": 0.95, "noise_mse": 0.1}, "label_adherence", "maximize"),
+        ({"noise_mse": 0.1, "vae_psnr": 30.0}, "noise_mse", "minimize"),
+    ],
+)
+def test_auto_gate_follows_the_data(metrics, metric, direction):
+    gate = choose_gate(RegisterParams(), metrics)
+    assert (gate.metric, gate.direction) == (metric, direction)
+    assert gate.rule.startswith("auto")
+
+
+def test_an_explicit_gate_metric_keeps_working_and_knows_its_direction():
+    assert choose_gate(RegisterParams(gate_metric="vae_psnr"), {}).direction == "maximize"
+    assert choose_gate(RegisterParams(gate_metric="noise_mse_t100"), {}).direction == "minimize"
+    assert choose_gate(RegisterParams(gate_metric="fid", gate_direction="maximize"), {}).direction == "maximize"
+    with pytest.raises(ValueError, match="gate_direction: must be auto when register.gate_metric is auto"):
+        RegisterParams(gate_direction="maximize")
+
+
+def test_label_adherence_from_a_weak_classifier_is_not_trusted():
+    gate, settings = choose_gate(RegisterParams(), {"label_adherence": 1.0}), RegisterParams()
+    assert untrusted_reason(gate, {"label_adherence": 1.0, "classifier_accuracy": 0.8}, {}, settings) is None
+    weak = untrusted_reason(gate, {"label_adherence": 1.0, "classifier_accuracy": 0.5}, {}, settings)
+    assert "reads 50.0% of the real validation images right, below register.min_classifier_accuracy=0.8" in weak
+    missing = {"classifier_accuracy": "no validation image carries one of the labels"}
+    assert "no validation image" in untrusted_reason(gate, {"label_adherence": 1.0}, missing, settings)
 
 
 @pytest.mark.parametrize(
@@ -97,8 +149,7 @@ def test_unknown_gate_metric_is_named(project_copy):
     ],
 )
 def test_gate(new, champion, direction, margin, expected):
-    settings = RegisterParams(gate_direction=direction, min_improvement=margin)
-    assert gate_passes(new, champion, settings) is expected
+    assert gate_passes(new, champion, direction, margin) is expected
 
 
 def test_promote_and_rollback_move_champion_and_record_why(project_copy, capsys):
