@@ -6,7 +6,8 @@ better than the champion's by more than `register.min_improvement`, or no champi
 that the champion lacks, or that is untrustworthy (label adherence from a classifier that reads real images
 worse than `register.min_classifier_accuracy`) refuses promotion with the reason; it never passes silently.
 The same model files never make a second version. Writes metrics/registry.json; the version's `gate.*`
-tags say which metric decided and how. `promote`, `rollback` and `list_versions` back the `sdpipe` registry commands.
+tags say which metric decided and how. `promote`, `rollback` and `list_versions` back the `sdpipe`
+registry commands.
 """
 
 from __future__ import annotations

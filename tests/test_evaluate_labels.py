@@ -55,6 +55,7 @@ def digits_project(tmp_path_factory):
     params = parse_params(merge(tiny_params_dict(), {
         "ingest": {"source": "folder", "folder": {"path": "data/digits"}},
         "validate": {"max_empty_caption_share": {"folder": 0.2}},
+        "vae": {"steps": 10}, "train": {"steps": 10, "sample_every": 0},  # what is checked here is evaluation
     }))
     paths = Paths(root)
     ingest(params.ingest, paths)
