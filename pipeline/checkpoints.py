@@ -17,7 +17,8 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.atomic import read_json, write_json
-from pipeline.config import ModelParams, Paths, TrainParams
+from pipeline.config import ModelParams, TrainParams
+from pipeline.contracts.paths import Paths
 from pipeline.tracking import folder_hash
 
 CHECKPOINT_PREFIX = "step-"

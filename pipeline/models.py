@@ -14,6 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -221,3 +224,24 @@ def random_pipeline(captions: Iterable[str], *, preset: str = "tiny", vae: VaePa
         unet=build_unet(sizes, latent_channels=vae.latent_channels, latent_size=latent_size),
         scheduler=training_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def load_pipeline(folder) -> StableDiffusionPipeline:
+    pipeline = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1], the range diffusers' VAEs expect."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        posterior = vae.encode(images[start : start + batch_size].to(vae.dtype)).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
