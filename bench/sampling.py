@@ -14,9 +14,9 @@ import time
 import torch
 
 from pipeline.adherence import shape_adherence_metrics
-from pipeline.evaluate import load_pipeline
-from pipeline.generate import use_scheduler
-from pipeline.prompts import SHAPE_PROMPTS
+from pipeline.diffusion import use_scheduler
+from pipeline.models import load_pipeline
+from pipeline.shapes import SHAPE_PROMPTS
 
 GUIDANCE = 4.0
 RUNS = {"DPM-Solver++ 20 steps": ("dpm++", 20), "DDPM 1000 steps": ("ddpm", 1000)}

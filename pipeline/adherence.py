@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.prompts import SHAPE_PROMPTS
-from pipeline.sources.synthetic import COLOURS
+from pipeline.shapes import COLOURS, SHAPE_PROMPTS
 
 FOREGROUND_DISTANCE = 60.0
 MIN_FOREGROUND_PIXELS = 4

@@ -25,33 +25,25 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from pipeline.adherence import shape_adherence_metrics
-from pipeline.atomic import atomic_file, read_json, write_json
-from pipeline.config import EvaluateParams, Params, Paths
+from pipeline.atomic import atomic_file, write_json
+from pipeline.config import EvaluateParams, Params
+from pipeline.contracts.data import load_split
+from pipeline.contracts.latents import load_latents
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import EVAL_METRICS, PROMPTS, UNAVAILABLE
 from pipeline.diagnostics import image_grid, noise_metrics_on
-from pipeline.encode import load_latents
 from pipeline.external_metrics import ExternalMetrics, external_metrics
 from pipeline.labels import label_judge
-from pipeline.preprocess import load_split
-from pipeline.prompts import SHAPE_PROMPTS, evaluation_prompts
+from pipeline.models import load_pipeline, to_model_range
+from pipeline.prompts import evaluation_prompts
+from pipeline.shapes import SHAPE_PROMPTS
 from pipeline.tracking import model_run
-from pipeline.vae import to_model_range
 
 log = logging.getLogger(__name__)
 
-METRICS = "eval.json"
-HEADLINE_METRICS = ("adherence", "label_adherence", "classifier_accuracy", "noise_mse", "noise_r2", "vae_psnr", "vae_ssim",
-                    "fid", "kid", "clip_score")
-UNAVAILABLE = "unavailable"  # eval.json's map of metric -> why it could not be computed here
-PROMPTS = "prompts"  # eval.json's list of the prompts the samples were drawn with, in grid order
 SAMPLE_COUNT_SUFFIX = "_samples"
 Judge = Callable[[list[list[Image.Image]], list[str]], dict]  # (rows of images, their prompts) -> metrics
 SEED_SET_STRIDE = 1000  # seed sets of different repeats never overlap
-
-
-def load_pipeline(folder) -> StableDiffusionPipeline:
-    pipeline = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
@@ -187,7 +179,7 @@ def evaluate(params: Params, paths: Paths) -> dict:
     metrics["deterministic"] = float(is_deterministic(pipeline, prompts[0], params.evaluate))
     with atomic_file(paths.samples_grid) as staging:
         image_grid(rows).save(staging, format="PNG")
-    write_json(paths.metrics / METRICS, {**metrics, PROMPTS: prompts, UNAVAILABLE: unavailable})
+    write_json(paths.metrics / EVAL_METRICS, {**metrics, PROMPTS: prompts, UNAVAILABLE: unavailable})
     with model_run(params, paths):
         import mlflow
 
@@ -199,14 +191,3 @@ def evaluate(params: Params, paths: Paths) -> dict:
         f"{name} {metrics[name]:.2f}" for name in ("adherence", "label_adherence", "classifier_accuracy")
         if name in metrics) or "no sample check applies", metrics["noise_mse"])
     return metrics
-
-
-def read_metrics(paths: Paths) -> dict[str, float]:
-    """The numeric metrics of metrics/eval.json (without the prompts and the `unavailable` reasons)."""
-    return {name: value for name, value in read_json(paths.metrics / METRICS).items()
-            if name not in (UNAVAILABLE, PROMPTS)}
-
-
-def read_unavailable(paths: Paths) -> dict[str, str]:
-    """The metrics metrics/eval.json could not compute, with why."""
-    return read_json(paths.metrics / METRICS).get(UNAVAILABLE, {})

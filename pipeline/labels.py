@@ -27,8 +27,9 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline.config import EvaluateParams, Paths
-from pipeline.preprocess import MANIFEST, read_images
+from pipeline.config import EvaluateParams
+from pipeline.contracts.data import MANIFEST, read_images
+from pipeline.contracts.paths import Paths
 
 MAX_ITERATIONS = 2000
 # One BLAS thread: the fit is small, and beside torch's threads a BLAS pool of its own was 13x slower on two

@@ -14,20 +14,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
 from pipeline.config import ConfigError, VaeParams
+from pipeline.diffusion import training_scheduler
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WORD_END = "</w>"  # CLIP's BPE marks a word's last symbol
-TRAIN_TIMESTEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -165,22 +167,6 @@ def build_unet(preset: Preset, *, latent_channels: int, latent_size: int) -> UNe
     )
 
 
-def training_scheduler(prediction_type: str = "epsilon", pretrained_config: dict | None = None) -> DDPMScheduler:
-    """DDPM with Stable Diffusion's noise schedule, or with a pretrained model's own schedule."""
-    if pretrained_config is not None:
-        return DDPMScheduler.from_config(pretrained_config, prediction_type=prediction_type)
-    # Latents are not bounded to [-1, 1]: clip_sample would ruin DDPM sampling from the saved config.
-    return DDPMScheduler(
-        num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        steps_offset=1, clip_sample=False, prediction_type=prediction_type,
-    )
-
-
-def sampling_scheduler(train_scheduler: DDPMScheduler) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ with the training noise schedule: good samples in 20-25 steps."""
-    return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++")
-
-
 def pretrained_location(spec: str, root: Path) -> str:
     """`model.pretrained` as from_pretrained takes it: a diffusers folder (relative to the project root unless
     absolute), else a hub id, which must already be in the Hugging Face cache when the hub is offline."""
@@ -238,3 +224,24 @@ def random_pipeline(captions: Iterable[str], *, preset: str = "tiny", vae: VaePa
         unet=build_unet(sizes, latent_channels=vae.latent_channels, latent_size=latent_size),
         scheduler=training_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def load_pipeline(folder) -> StableDiffusionPipeline:
+    pipeline = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1], the range diffusers' VAEs expect."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        posterior = vae.encode(images[start : start + batch_size].to(vae.dtype)).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()

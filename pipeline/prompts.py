@@ -17,9 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.config import ConfigError, EvaluateParams
-from pipeline.sources.synthetic import COLOURS, SHAPES, caption_for
-
-SHAPE_PROMPTS = {caption_for(colour, shape): (colour, shape) for colour, shape in itertools.product(COLOURS, SHAPES)}
+from pipeline.shapes import SHAPE_PROMPTS
 
 
 def prompts_from_file(path: Path) -> list[str]:

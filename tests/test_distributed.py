@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from pipeline.train import FINGERPRINT, checkpoint_folders
+from pipeline.checkpoints import FINGERPRINT, checkpoint_folders
 
 from .conftest import free_port
 from .test_resume import _project

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline.config import Paths, parse_params
+from pipeline.config import parse_params
+from pipeline.contracts.paths import Paths
 from pipeline.labels import categorical_labels, metric_label
 
 from .conftest import merge, tiny_params_dict

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.image_checks import eight_bit, measure, near_duplicate_of, near_duplicate_pairs
-from pipeline.preprocess import to_rgb
+from pipeline.images import to_rgb
 
 LIMIT, HASH_FROM = 50_000_000, 64
 

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import ConfigError, Paths, parse_params
-from pipeline.ingest import MANIFEST, ingest
+from pipeline.config import ConfigError, parse_params
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.data import MANIFEST
+from pipeline.ingest import ingest
 from pipeline.sources import SourceError
 
 from .conftest import write_image
