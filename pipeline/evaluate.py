@@ -24,13 +24,14 @@ from PIL import Image
 from pipeline.adherence import adheres
 from pipeline.atomic import atomic_file, read_json, write_json
 from pipeline.config import EvaluateParams, Params, Paths
+from pipeline.device import compute_device
 from pipeline.diagnostics import image_grid, noise_metrics_on
 from pipeline.encode import load_latents
 from pipeline.external_metrics import ExternalMetrics, external_metrics
 from pipeline.preprocess import load_split
 from pipeline.sources.synthetic import COLOURS, SHAPES, caption_for
 from pipeline.tracking import model_run
-from pipeline.vae import to_model_range
+from pipeline.vae import reconstruct, to_model_range
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,10 @@ SEED_SET_STRIDE = 1000  # seed sets of different repeats never overlap
 
 
 def load_pipeline(folder) -> StableDiffusionPipeline:
+    """A saved pipeline on the compute device (sampling stays deterministic: seeds drive CPU generators)."""
     pipeline = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return pipeline.to(compute_device())
 
 
 def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
@@ -142,9 +144,8 @@ def gaussian_ssim(first: torch.Tensor, second: torch.Tensor, *, window: int = 11
 @torch.no_grad()
 def vae_reconstruction_metrics(pipeline: StableDiffusionPipeline, paths: Paths) -> dict:
     model_input = to_model_range(load_split(paths, "val")[0])
-    vae = pipeline.vae
-    reconstructed = vae.decode(vae.encode(model_input).latent_dist.mean).sample
-    images, reconstructed = (model_input.double() + 1) / 2, (reconstructed.double().clamp(-1, 1) + 1) / 2
+    reconstructed = reconstruct(pipeline.vae, model_input)
+    images, reconstructed = (model_input.double() + 1) / 2, (reconstructed.double() + 1) / 2
     mse = float(torch.mean((reconstructed - images) ** 2))
     return dict(
         vae_mse=mse,

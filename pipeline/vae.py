@@ -22,12 +22,14 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import Paths, Params
+from pipeline.device import compute_device
 from pipeline.models import build_vae, load_pretrained_vae
 from pipeline.preprocess import load_split, load_split_groups
 
 log = logging.getLogger(__name__)
 
 METRICS = "vae.json"
+BATCH_PIXELS = 2**22  # images per forward pass without training: 4,096 at 32 px, 16 at 512 px
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -52,22 +54,30 @@ def sample_batch(groups: list[torch.Tensor], batch_size: int, generator: torch.G
     return images[torch.randint(len(images), (batch_size,), generator=generator)]
 
 
+def batches(images: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """CPU images in slices of about BATCH_PIXELS pixels, moved to where the network runs."""
+    size = max(1, BATCH_PIXELS // (images.shape[-2] * images.shape[-1]))
+    for start in range(0, len(images), size):
+        yield images[start : start + size].to(device, dtype)
+
+
 @torch.no_grad()
-def latent_std(vae, groups: list[torch.Tensor], batch_size: int = 256) -> float:
+def latent_std(vae, groups: list[torch.Tensor]) -> float:
     """The standard deviation of the latent means over every image, whatever their sizes."""
-    means = [vae.encode(images[i : i + batch_size]).latent_dist.mean.flatten()
-             for images in groups for i in range(0, len(images), batch_size)]
+    means = [vae.encode(batch).latent_dist.mean.float().flatten().cpu()
+             for images in groups for batch in batches(images, vae.device, vae.dtype)]
     return float(torch.cat(means).std())
 
 
 @torch.no_grad()
-def reconstruction_mse(vae, images: torch.Tensor, batch_size: int = 256) -> float:
-    errors = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        reconstruction = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
-        errors.append(F.mse_loss(reconstruction, batch, reduction="none").mean(dim=(1, 2, 3)))
-    return float(torch.cat(errors).mean())
+def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
+    """The VAE's reconstructions (of the posterior means) of CPU images in [-1, 1], clamped, on the CPU."""
+    return torch.cat([vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1).float().cpu()
+                      for batch in batches(images, vae.device, vae.dtype)])
+
+
+def reconstruction_mse(vae, images: torch.Tensor) -> float:
+    return float(F.mse_loss(reconstruct(vae, images), images))
 
 
 def train_vae(params: Params, paths: Paths) -> dict:
@@ -96,7 +106,7 @@ def train_vae(params: Params, paths: Paths) -> dict:
         progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     seconds = time.perf_counter() - started
 
-    vae = accelerator.unwrap_model(vae).eval().cpu()
+    vae = accelerator.unwrap_model(vae).eval()
     vae.register_to_config(scaling_factor=1.0 / latent_std(vae, train_groups))
     return save_vae(vae, val_images, paths, steps=settings.steps,
                     images_per_second=settings.steps * settings.batch_size / seconds)
@@ -104,7 +114,7 @@ def train_vae(params: Params, paths: Paths) -> dict:
 
 def resolve_pretrained_vae(params: Params, paths: Paths) -> dict:
     """The pretrained model's VAE, unchanged (its own scaling factor), measured on the validation split."""
-    vae = load_pretrained_vae(params.model.pretrained, paths.root).eval()
+    vae = load_pretrained_vae(params.model.pretrained, paths.root).to(compute_device()).eval()
     return save_vae(vae, to_model_range(load_split(paths, "val")[0]), paths, pretrained=params.model.pretrained)
 
 
