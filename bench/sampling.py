@@ -14,7 +14,7 @@ import time
 import torch
 
 from pipeline.evaluate import adherence_metrics, adherence_prompts, load_pipeline
-from pipeline.generate import use_scheduler
+from pipeline.diffusion import use_scheduler
 from pipeline.sources.synthetic import caption_for
 
 GUIDANCE = 4.0

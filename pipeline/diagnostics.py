@@ -6,6 +6,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from pipeline.diffusion import training_target
 from pipeline.models import tokenize
 
 GRID_ZOOM = 4
@@ -27,7 +28,7 @@ def noise_metrics_on(
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(noise_seed + timestep)).to(device)
         steps = torch.full((len(latents),), timestep, dtype=torch.long, device=device)
         prediction = pipeline.unet(scheduler.add_noise(latents, noise, steps), steps, states).sample
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, steps)
+        target = training_target(scheduler, latents, noise, steps)
         buckets[timestep] = (prediction.flatten().cpu(), target.flatten().cpu())
     metrics = {}
     for timestep, (prediction, target) in buckets.items():

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from pipeline.atomic import atomic_file
 from pipeline.config import Params, Paths
 from pipeline.diagnostics import image_grid
+from pipeline.diffusion import use_scheduler
 from pipeline.evaluate import load_pipeline
 from pipeline.tracking import use_experiment
 
@@ -47,22 +47,6 @@ def pipeline_folder(model_dir: Path, artifact: str) -> Path:
     """Where the pyfunc's MLmodel says the diffusers folder artifact was stored."""
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))
     return model_dir / mlmodel["flavors"]["python_function"]["artifacts"][artifact]["path"]
-
-
-SCHEDULERS = {
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "ddpm": (DDPMScheduler, {"clip_sample": False}),
-}
-
-
-def use_scheduler(pipeline, name: str) -> None:
-    """Swap the sampler, keeping the model's noise schedule."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    scheduler_class, options = SCHEDULERS[name]
-    pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **options)
 
 
 def generate(

@@ -17,17 +17,16 @@ from pathlib import Path
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
 from pipeline.config import ConfigError, VaeParams
+from pipeline.diffusion import training_scheduler
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WORD_END = "</w>"  # CLIP's BPE marks a word's last symbol
-TRAIN_TIMESTEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -163,22 +162,6 @@ def build_unet(preset: Preset, *, latent_channels: int, latent_size: int) -> UNe
         attention_head_dim=preset.attention_heads,
         norm_num_groups=min(32, min(preset.unet_channels)),
     )
-
-
-def training_scheduler(prediction_type: str = "epsilon", pretrained_config: dict | None = None) -> DDPMScheduler:
-    """DDPM with Stable Diffusion's noise schedule, or with a pretrained model's own schedule."""
-    if pretrained_config is not None:
-        return DDPMScheduler.from_config(pretrained_config, prediction_type=prediction_type)
-    # Latents are not bounded to [-1, 1]: clip_sample would ruin DDPM sampling from the saved config.
-    return DDPMScheduler(
-        num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        steps_offset=1, clip_sample=False, prediction_type=prediction_type,
-    )
-
-
-def sampling_scheduler(train_scheduler: DDPMScheduler) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ with the training noise schedule: good samples in 20-25 steps."""
-    return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++")
 
 
 def pretrained_location(spec: str, root: Path) -> str:

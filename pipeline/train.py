@@ -21,20 +21,16 @@ curve), a run killed at any point and started again continues exactly where the 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
-import json
 import logging
 import math
-import os
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from functools import lru_cache
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,17 +40,34 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.training_utils import EMAModel, cast_training_params
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline.atomic import atomic_dir, atomic_file, read_json, write_json
+from pipeline.atomic import write_json
+from pipeline.checkpoints import (
+    Progress,
+    checkpoint_folders,
+    remove_checkpoints,
+    resumable_checkpoint,
+    save_checkpoint,
+    save_lora_checkpoints_only,
+    training_fingerprint,
+)
 from pipeline.config import ConfigError, Params, Paths, TrainParams
 from pipeline.encode import EMPTY_PROMPT_ROW, CachedLatents, load_latents
 from pipeline.diagnostics import image_grid, noise_metrics_on
+from pipeline.diffusion import (
+    SAMPLE_GUIDANCE,
+    SAMPLE_STEPS,
+    min_snr_weights,
+    sampling_scheduler,
+    training_noise,
+    training_scheduler,
+    training_target,
+    training_timesteps,
+)
+from pipeline.export import model_card, save_model, write_loss_curve
 from pipeline.models import (
     PRESETS,
     build_text_encoder,
@@ -63,28 +76,18 @@ from pipeline.models import (
     load_frozen_text_encoder,
     load_pretrained_unet,
     pretrained_scheduler_config,
-    sampling_scheduler,
     tokenize,
-    training_scheduler,
 )
 from pipeline.speed import apply_speed_settings, compile_unet
 from pipeline.throughput import Throughput, flops_of, measured_matmul_flops_per_second, utilisation
-from pipeline.tracking import data_version, folder_hash, training_run
+from pipeline.tracking import training_run
 
 log = logging.getLogger(__name__)
 
 METRICS = "train.json"
 LOSS_PLOT = "train_loss.csv"
-CHECKPOINT_PREFIX = "step-"
-FINGERPRINT = "fingerprint.json"
-MODEL_CARD = "README.md"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
-LORA_CHECKPOINT = "lora.safetensors"  # a LoRA checkpoint's trained weights (the frozen base is not saved)
-WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Settings that change what is logged, not what is learned: a checkpoint stays valid when they change.
-OBSERVABILITY_SETTINGS = ("log_every", "validate_every", "validation_timesteps", "sample_every",
-                          "checkpoint_every", "checkpoints_kept")
 SAMPLE_PROMPTS = 8
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDiverged(RuntimeError):
@@ -193,96 +196,15 @@ def diffusion_loss(model: Model, batch: Batch, settings: TrainParams, generator:
                    device) -> torch.Tensor:
     scheduler = model.scheduler
     latents = batch.latents.to(device)
-    noise = torch.randn(latents.shape, generator=generator)
-    if settings.noise_offset:
-        # shifts each channel's mean: lets the model learn much darker or brighter images than average
-        noise = noise + settings.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-    noise = noise.to(device)
-    timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
+    noise = training_noise(latents.shape, generator, settings.noise_offset).to(device)
+    timesteps = training_timesteps(scheduler, len(latents), generator).to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = noise if settings.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    target = training_target(scheduler, latents, noise, timesteps)
     prediction = model.unet(noisy, timesteps, model.condition(batch.conditioning.to(device))).sample.float()
     if settings.snr_gamma is None:
         return F.mse_loss(prediction, target.float())
-    # min-SNR-gamma (Hang et al. 2023): caps the weight of easy, low-noise timesteps
-    snr = compute_snr(scheduler, timesteps)
-    weights = snr.clamp(max=settings.snr_gamma) / (snr if settings.prediction_type == "epsilon" else snr + 1)
     per_sample = ((prediction - target.float()) ** 2).mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
-
-
-@dataclass
-class Progress:
-    """What a checkpoint holds beyond the modules and optimizer: where the run is and what it saw."""
-
-    step: int = 0
-    curve: list[list[float]] = field(default_factory=list)
-    data_digest: str = hashlib.sha256().hexdigest()
-    mlflow_run_id: str | None = None
-
-    def saw(self, group: int, positions: torch.Tensor) -> None:
-        record = f"{group}:".encode() + positions.numpy().tobytes()
-        self.data_digest = hashlib.sha256(self.data_digest.encode() + record).hexdigest()
-
-    def state_dict(self) -> dict:
-        return dict(step=self.step, curve=self.curve, data_digest=self.data_digest, mlflow_run_id=self.mlflow_run_id)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.curve = state["step"], [list(point) for point in state["curve"]]
-        self.data_digest, self.mlflow_run_id = state["data_digest"], state["mlflow_run_id"]
-
-
-def training_fingerprint(params: Params, paths: Paths, processes: int) -> dict:
-    """Everything a checkpoint's validity depends on: the learning settings, the model, the data, the VAE."""
-    settings = params.train.model_dump(mode="json", exclude=set(OBSERVABILITY_SETTINGS))
-    return dict(train=settings, model=params.model.model_dump(mode="json"), latents=folder_hash(paths.latents),
-                vae=folder_hash(paths.vae_model), processes=processes)
-
-
-def checkpoint_folders(paths: Paths) -> list[Path]:
-    """Finished checkpoints, oldest first (names are zero-padded steps)."""
-    if not paths.checkpoints.is_dir():
-        return []
-    return sorted(p for p in paths.checkpoints.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and p.is_dir())
-
-
-def resumable_checkpoint(paths: Paths, fingerprint: dict, steps: int) -> Path | None:
-    """The newest checkpoint of this configuration that is short of the last step. A finished run is not
-    resumed: running the stage again (after a code change, or `dvc repro -f`) trains afresh."""
-    for folder in reversed(checkpoint_folders(paths)):
-        if (folder / FINGERPRINT).is_file() and read_json(folder / FINGERPRINT) == fingerprint:
-            return None if int(folder.name.removeprefix(CHECKPOINT_PREFIX)) >= steps else folder
-    return None
-
-
-def save_checkpoint(accelerator: Accelerator, paths: Paths, step: int, fingerprint: dict, kept: int) -> Path:
-    """save_state into a hidden folder, then renamed: a kill mid-write never leaves a broken checkpoint.
-    Checkpoints of another configuration, which could never be resumed, are removed."""
-    target = paths.checkpoints / f"{CHECKPOINT_PREFIX}{step:07d}"
-    staging = paths.checkpoints / f".{target.name}.partial"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(staging / FINGERPRINT, fingerprint)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-        same = [f for f in checkpoint_folders(paths)
-                if (f / FINGERPRINT).is_file() and read_json(f / FINGERPRINT) == fingerprint]
-        for folder in set(checkpoint_folders(paths)) - set(same[-kept:]):
-            shutil.rmtree(folder)
-    accelerator.wait_for_everyone()
-    return target
-
-
-def remove_checkpoints(paths: Paths, fingerprint: dict) -> None:
-    """A finished run's checkpoints: never resumed (the stage run again trains afresh), so not kept."""
-    for folder in checkpoint_folders(paths):
-        if (folder / FINGERPRINT).is_file() and read_json(folder / FINGERPRINT) == fingerprint:
-            shutil.rmtree(folder)
+    return (per_sample * min_snr_weights(scheduler, timesteps, settings.snr_gamma)).mean()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -357,7 +279,7 @@ class Run:
         prompts = list(dict.fromkeys(self.val.captions))[:SAMPLE_PROMPTS]
         with self.evaluation_weights(), self.accelerator.autocast():
             images = self.model.pipeline(self.accelerator)(
-                prompts, num_inference_steps=25, guidance_scale=4.0,
+                prompts, num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE,
                 generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
             ).images
         return image_grid([images])
@@ -443,66 +365,6 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughpu
     return speed
 
 
-def save_model(model: Model, accelerator: Accelerator, params: Params, paths: Paths, card: str) -> None:
-    """models/sd: the whole pipeline (LoRA fused into the UNet) and, in LoRA mode, the LoRA weights alone."""
-    with atomic_dir(paths.sd_model) as staging:
-        pipeline = model.pipeline(accelerator)
-        if model.lora:
-            StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(accelerator.unwrap_model(model.unet))), safe_serialization=True)
-            pipeline = base_pipeline_with_lora(pipeline, params, paths, staging)
-        pipeline.save_pretrained(staging, safe_serialization=True)
-        (staging / MODEL_CARD).write_text(card, encoding="utf-8")
-
-
-def base_pipeline_with_lora(trained: StableDiffusionPipeline, params: Params, paths: Paths,
-                            lora_folder: Path) -> StableDiffusionPipeline:
-    """The pretrained UNet with the saved LoRA file loaded the way users load it, then fused into its weights."""
-    unet = load_pretrained_unet(params.model.pretrained, paths.root)
-    unet.register_to_config(sample_size=trained.unet.config.sample_size)
-    pipeline = StableDiffusionPipeline(**{**trained.components, "unet": unet}, requires_safety_checker=False)
-    pipeline.load_lora_weights(lora_folder, weight_name=LORA_WEIGHTS)
-    pipeline.fuse_lora()
-    pipeline.unload_lora_weights()
-    return pipeline
-
-
-def model_card(params: Params, paths: Paths, metrics: dict) -> str:
-    """README.md of models/sd: how it was made, on what data, and how well it trained."""
-    settings = json.dumps({"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")},
-                          indent=2)
-    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
-    if params.model.mode == "scratch":
-        title = f"# sdpipe model trained from scratch ({params.model.preset} preset)\n\n"
-    else:
-        title = f"# sdpipe {params.model.finetune} fine-tune of `{params.model.pretrained}`\n\n"
-    lora = (
-        f"The LoRA layers alone are in `{LORA_WEIGHTS}` (rank {params.model.lora.rank}, alpha "
-        f"{params.model.lora.alpha}); the UNet in this folder has them fused in. On the base model:\n\n"
-        f"```python\npipe = StableDiffusionPipeline.from_pretrained(\"{params.model.pretrained}\")\n"
-        "pipe.load_lora_weights(\"models/sd\")\n```\n\n"
-    ) if params.model.mode == "finetune" and params.model.finetune == "lora" else ""
-    return (
-        "---\nlibrary_name: diffusers\ntags: [text-to-image, stable-diffusion, sdpipe]\n---\n\n" + title +
-        "A Stable-Diffusion-style latent diffusion pipeline (VAE, CLIP text encoder, UNet) trained by sdpipe.\n\n"
-        "```python\nfrom diffusers import StableDiffusionPipeline\n"
-        "pipe = StableDiffusionPipeline.from_pretrained(\"models/sd\")\n```\n\n" + lora +
-        f"- data: DVC version of data/processed `{data_version(paths.root)}`, "
-        f"{metrics.get('train_samples', 0):.0f} training samples\n"
-        f"- prediction type: {params.train.prediction_type}\n\n"
-        f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n\n"
-        "Evaluation metrics are in metrics/eval.json and on the MLflow model version.\n\n"
-        f"## Parameters\n\n```json\n{settings}\n```\n"
-    )
-
-
-def write_loss_curve(target, curve: list[list[float]]) -> None:
-    with atomic_file(target) as staging, open(staging, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "loss"])
-        writer.writerows(curve)
-
-
 def scratch_model(params: Params, paths: Paths, cache: CachedLatents, latents: torch.Tensor) -> Model:
     """A tokenizer from the training captions; text encoder and UNet of the preset's sizes, both trained."""
     settings, preset = params.train, PRESETS[params.model.preset]
@@ -579,24 +441,6 @@ def stored_frozen_modules(model: Model, params: Params, paths: Paths) -> None:
         model.text_encoder = load_frozen_text_encoder(params.model.pretrained, paths.root)[1]
 
 
-def save_lora_checkpoints_only(accelerator: Accelerator) -> None:
-    """LoRA checkpoints hold the LoRA weights (and, as always, their optimizer state), not the frozen base UNet."""
-
-    def save(models: list, weights: list, folder: str) -> None:
-        if accelerator.is_main_process:
-            save_file(get_peft_model_state_dict(accelerator.unwrap_model(models[0])), Path(folder) / LORA_CHECKPOINT)
-        weights.clear()  # accelerate saves no full UNet
-
-    def load(models: list, folder: str) -> None:
-        unet = accelerator.unwrap_model(models.pop())
-        loaded = set_peft_model_state_dict(unet, load_file(Path(folder) / LORA_CHECKPOINT, device=str(unet.device)))
-        if loaded.unexpected_keys:
-            raise ValueError(f"train: {folder} holds weights of other LoRA layers: {loaded.unexpected_keys[:3]}")
-
-    accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
-
-
 def flops_per_image(model: Model, cache: CachedLatents, conditioning: Conditioning, settings: TrainParams,
                     accelerator: Accelerator) -> int:
     """The FLOPs of training on one image (the loss's forward and backward passes), counted once, before training."""
@@ -649,7 +493,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    fingerprint = training_fingerprint(params, paths, accelerator.num_processes)
+    fingerprint = training_fingerprint(params.model, params.train, paths, accelerator.num_processes)
     checkpoint = resumable_checkpoint(paths, fingerprint, settings.steps)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -684,7 +528,9 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
         if main:
             stored_frozen_modules(model, params, paths)
             with run.evaluation_weights():
-                save_model(model, accelerator, params, paths, model_card(params, paths, metrics))
+                lora_unet = accelerator.unwrap_model(model.unet) if model.lora else None
+                save_model(model.pipeline(accelerator), lora_unet, params.model, paths,
+                           model_card(params.model, params.train, paths, metrics))
             write_json(paths.metrics / METRICS, {**metrics, "data_digest": progress.data_digest})
             write_loss_curve(paths.metrics / LOSS_PLOT, progress.curve)
             remove_checkpoints(paths, fingerprint)

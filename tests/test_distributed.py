@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from pipeline.train import checkpoint_folders
+from pipeline.checkpoints import checkpoint_folders
 
 from .conftest import free_port
 from .test_resume import _project

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from pipeline.config import ConfigError, Paths, parse_params
 from pipeline.encode import EMPTY_PROMPT_ROW, encode, load_latents
 from pipeline.models import tokenize
-from pipeline.train import LORA_WEIGHTS, train
+from pipeline.export import LORA_WEIGHTS
+from pipeline.train import train
 from pipeline.vae import vae_stage
 
 from .conftest import merge, save_random_base_model, tiny_params_dict

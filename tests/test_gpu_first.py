@@ -15,7 +15,8 @@ from pipeline.device import FORCE_CPU, compute_device
 from pipeline.encode import my_share
 from pipeline.evaluate import load_pipeline
 from pipeline.throughput import Throughput, flops_of
-from pipeline.train import LORA_CHECKPOINT, checkpoint_folders, train
+from pipeline.checkpoints import LORA_CHECKPOINT, checkpoint_folders
+from pipeline.train import train
 
 from .test_finetune import base_model, finetune_params, project  # noqa: F401  (base_model is a fixture)
 

@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import Paths, parse_params
-from pipeline.train import TrainingDiverged, checkpoint_folders, train
+from pipeline.checkpoints import checkpoint_folders
+from pipeline.train import TrainingDiverged, train
 
 from .conftest import merge, tiny_params_dict
 
