@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import pipeline.train as train_module
+from pipeline.checkpoints import LORA_CHECKPOINT, checkpoint_folders
 from pipeline.cli import main as sdpipe
 from pipeline.device import FORCE_CPU, compute_device
 from pipeline.encode import my_share
 from pipeline.evaluate import load_pipeline
 from pipeline.throughput import Throughput, flops_of
-from pipeline.checkpoints import LORA_CHECKPOINT, checkpoint_folders
 from pipeline.train import train
 
 from .test_finetune import base_model, finetune_params, project  # noqa: F401  (base_model is a fixture)
@@ -92,11 +92,23 @@ def captured_dtypes(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process; this test needs its own (bf16)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 def test_frozen_weights_are_in_the_weight_dtype_and_trained_ones_in_fp32(trained_project, base_model, tmp_path,
-                                                                         captured_dtypes):
+                                                                         captured_dtypes, fresh_accelerator_state):
     params = finetune_params(base_model, finetune="lora")
-    params = params.model_copy(update={"train": params.train.model_copy(update={"mixed_precision": "bf16",
-                                                                                 "steps": 4})})
+    # with the cheap levers on (tf32 is a no-op off CUDA); train.compile has no CPU test: inductor compiling
+    # the UNet's forward and backward takes minutes on the project's 2 shared cores
+    levers = {"mixed_precision": "bf16", "steps": 4, "channels_last": True, "tf32": True}
+    params = params.model_copy(update={"train": params.train.model_copy(update=levers)})
     paths, _ = project(trained_project, tmp_path, params)
     train(params, paths)
     [dtypes] = captured_dtypes
