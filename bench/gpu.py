@@ -41,8 +41,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline.config import Params, Paths, VaeParams, parse_params  # noqa: E402
-from pipeline.ingest import MANIFEST  # noqa: E402
+from pipeline.config import Params, VaeParams, parse_params  # noqa: E402
+from pipeline.contracts.data import MANIFEST  # noqa: E402
+from pipeline.contracts.paths import Paths  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,9 @@ def measure_encode(setup: Setup, root: Path) -> dict:
     from pipeline.vae import vae_stage
 
     params, paths = bench_params(setup, root), Paths(root / "project")
-    vae_stage(params, paths)
+    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
     started = time.perf_counter()
-    counts = encode(params, paths)
+    counts = encode(paths, encode=params.encode, model=params.model, train=params.train)
     seconds = time.perf_counter() - started
     images = counts["train"] + counts["val"]
     return dict(images=images, seconds=seconds, images_per_second=images / seconds,

@@ -22,8 +22,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.config import Paths, PreprocessParams
-from pipeline.ingest import MANIFEST, content_id
+from pipeline.config import PreprocessParams
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.data import MANIFEST
+from pipeline.images import content_id
 from pipeline.preprocess import preprocess
 
 SIDE = 512

@@ -13,9 +13,10 @@ import time
 
 import torch
 
-from pipeline.evaluate import adherence_metrics, adherence_prompts, load_pipeline
+from pipeline.evaluate import adherence_metrics, adherence_prompts
+from pipeline.models import load_pipeline
 from pipeline.diffusion import use_scheduler
-from pipeline.sources.synthetic import caption_for
+from pipeline.shapes import caption_for
 
 GUIDANCE = 4.0
 RUNS = {"DPM-Solver++ 20 steps": ("dpm++", 20), "DDPM 1000 steps": ("ddpm", 1000)}

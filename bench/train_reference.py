@@ -51,8 +51,9 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pipeline.config import Params, Paths, TrainParams, VaeParams, parse_params  # noqa: E402
-from pipeline.ingest import MANIFEST  # noqa: E402
+from pipeline.config import Params, TrainParams, VaeParams, parse_params  # noqa: E402
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.data import MANIFEST  # noqa: E402
 from pipeline.models import PRESETS, build_unet, random_pipeline, tokenize  # noqa: E402
 from pipeline.throughput import warmup_steps  # noqa: E402
 from pipeline.train import peak_memory_mb  # noqa: E402
@@ -304,7 +305,9 @@ def bench_vae(name: str, vae: tuple[int, ...], data: Paths, root: Path, args) ->
     epoch = math.ceil(len(files) / args.batch_size)  # steps per epoch, in both loops
     params, paths = finetune_params(root / "pretrained", vae, images=args.images, steps=epoch * (1 + args.epochs),
                                     batch_size=args.batch_size, log_every=epoch), Paths(root)
-    vae_seconds, encode_seconds = timed(vae_stage, params, paths), timed(encode, params, paths)
+    vae_seconds = timed(lambda: vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess,
+                                          train=params.train))
+    encode_seconds = timed(lambda: encode(paths, encode=params.encode, model=params.model, train=params.train))
     runs = {"ours": [], "reference": []}
     for _ in range(args.repeats):
         runs["ours"].append(in_fresh_process(our_loop, params, paths))

@@ -18,7 +18,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.training import PROJECT_ROOT, training_flow
-from pipeline.config import load_params, Paths, PARAMS_FILE
+from pipeline.config import load_params, PARAMS_FILE
+from pipeline.contracts.paths import Paths
 from pipeline.monitor import (
     BatchReport, Decision, champion_reference, check_batch, decide, log_monitoring, merge_batches, pending_batches,
     record,

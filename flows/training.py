@@ -23,11 +23,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from pipeline.atomic import read_json
-from pipeline.config import PARAMS_FILE, Paths, apply_overrides, load_params
-from pipeline.evaluate import HEADLINE_METRICS, METRICS as EVAL_METRICS
-from pipeline.registry import RECORD as REGISTRY_RECORD
+from pipeline.config import PARAMS_FILE, apply_overrides, load_params
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import EVAL_METRICS, HEADLINE_METRICS, REGISTRY_RECORD, SUMMARY
 from pipeline.tracking import FLOW_RUN_ENV
-from pipeline.validate import SUMMARY
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SKIPPED_MARK = "didn't change, skipping"

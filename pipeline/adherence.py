@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.sources.synthetic import COLOURS
+from pipeline.shapes import COLOURS
 
 FOREGROUND_DISTANCE = 60.0
 MIN_FOREGROUND_PIXELS = 4

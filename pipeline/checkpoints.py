@@ -19,7 +19,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import read_json, write_json
-from pipeline.config import ModelParams, Paths, TrainParams
+from pipeline.config import ModelParams, TrainParams
+from pipeline.contracts.paths import Paths
 from pipeline.tracking import folder_hash
 
 CHECKPOINT_PREFIX = "step-"

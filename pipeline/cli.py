@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import PARAMS_FILE, ConfigError, Params, Paths, load_params
+from pipeline.config import PARAMS_FILE, ConfigError, Params, load_params
+from pipeline.contracts.paths import Paths
 
 
 def _ingest(params: Params, paths: Paths, _):
@@ -41,13 +42,13 @@ def _preprocess(params: Params, paths: Paths, _):
 def _vae(params: Params, paths: Paths, _):
     from pipeline.vae import vae_stage
 
-    vae_stage(params, paths)
+    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
 
 
 def _encode(params: Params, paths: Paths, _):
     from pipeline.encode import encode
 
-    encode(params, paths)
+    encode(paths, encode=params.encode, model=params.model, train=params.train)
 
 
 def _train(params: Params, paths: Paths, _):
@@ -82,7 +83,7 @@ def _generate(params: Params, paths: Paths, args):
 
 
 def _models(params: Params, paths: Paths, _):
-    from pipeline.evaluate import HEADLINE_METRICS
+    from pipeline.contracts.records import HEADLINE_METRICS
     from pipeline.registry import list_versions
 
     versions = list_versions(params, paths)

@@ -33,57 +33,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_dir
-from pipeline.config import Params, Paths
+from pipeline.config import EncodeParams, ModelParams, TrainParams
+from pipeline.contracts.data import SPLITS, load_split_groups
+from pipeline.contracts.latents import FLIPPED, LATENT_COLUMNS, POSTERIOR, TEXT_KEYS, TEXT_STATES
+from pipeline.contracts.paths import Paths
 from pipeline.device import compute_device
-from pipeline.models import load_frozen_text_encoder, tokenize
-from pipeline.preprocess import SPLITS, load_split_groups
+from pipeline.models import encode_images, load_frozen_text_encoder, to_model_range, tokenize
 from pipeline.tracking import folder_hash, module_hash
-from pipeline.vae import to_model_range
 
 log = logging.getLogger(__name__)
 
-POSTERIOR = ("mean", "std")
-FLIPPED = ("flip_mean", "flip_std")
-TEXT_STATES = "text_states"
-TEXT_KEYS = "text_keys"  # safetensors metadata: the key of every text_states row, as JSON
-EMPTY_PROMPT_ROW = 0  # text_states row of the empty prompt
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class LatentGroup:
-    """The cached posteriors of the samples of one image size."""
-
-    rows: torch.Tensor  # these samples' positions in the split
-    mean: torch.Tensor
-    std: torch.Tensor
-    flip_mean: torch.Tensor | None = None
-    flip_std: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-@dataclass(frozen=True)
-class CachedLatents:
-    groups: list[LatentGroup]
-    captions: list[str]
-    ids: list[str]
-    text_states: torch.Tensor | None = None  # finetune: hidden states per distinct caption
-    text_rows: torch.Tensor | None = None  # each sample's row in text_states
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def flipped(self) -> bool:
-        return all(group.flip_mean is not None for group in self.groups)
-
-    def single_size(self) -> LatentGroup:
-        """The one group of a split whose images all have one size (the val split always has)."""
-        if len(self.groups) != 1:
-            raise ValueError(f"latents: {len(self.groups)} image sizes where one was expected")
-        return self.groups[0]
 
 
 def key_of(*parts: object) -> str:
@@ -140,17 +100,6 @@ def previous_values(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
 
 
 @torch.no_grad()
-def encode_images(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of CPU images, computed where the VAE is and returned on the CPU."""
-    means, stds = [], []
-    for start in range(0, len(images), batch_size):
-        posterior = vae.encode(images[start : start + batch_size].to(vae.device, vae.dtype)).latent_dist
-        means.append(posterior.mean.cpu())
-        stds.append(posterior.std.cpu())
-    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
-
-
-@torch.no_grad()
 def encode_captions(tokenizer, text_encoder, captions: list[str], batch_size: int) -> torch.Tensor:
     states = [text_encoder(tokenize(tokenizer, captions[i : i + batch_size]).to(text_encoder.device))[0].cpu()
               for i in range(0, len(captions), batch_size)]
@@ -165,22 +114,22 @@ class FrozenTextEncoder:
 
 
 def encode_group(images: np.ndarray, rows: pd.DataFrame, vae: AutoencoderKL, vae_key: str,
-                 params: Params, cache: KeyedCache) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+                 settings: EncodeParams, random_flip: bool, cache: KeyedCache) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Posteriors of one size group (both orientations when flipping) as {name: [n, ...]}, and their keys."""
     height, width = images.shape[1:3]
 
     def keys(flipped: bool) -> list[str]:
-        return [key_of("latent", digest, width, height, crop, vae_key, params.encode.dtype, flipped)
+        return [key_of("latent", digest, width, height, crop, vae_key, settings.dtype, flipped)
                 for digest, crop in zip(rows["sha256"], rows["crop"], strict=True)]
 
     def encoder(source: np.ndarray):
         def encode_rows(missing: list[int]) -> torch.Tensor:
             batch = to_model_range(np.ascontiguousarray(source[missing]))
-            return torch.stack(encode_images(vae, batch, params.encode.batch_size), dim=1)
+            return torch.stack(encode_images(vae, batch, settings.batch_size), dim=1)
         return encode_rows
 
     orientations = {"latent_key": (POSTERIOR, images)}
-    if params.train.random_flip:
+    if random_flip:
         orientations["flip_key"] = (FLIPPED, images[:, :, ::-1])  # NHWC: mirrored left to right
     tensors, key_columns = {}, {}
     for column, (names, source) in orientations.items():
@@ -190,25 +139,25 @@ def encode_group(images: np.ndarray, rows: pd.DataFrame, vae: AutoencoderKL, vae
     return tensors, key_columns
 
 
-def cache_captions(captions: list[str], text_encoder: FrozenTextEncoder, params: Params,
+def cache_captions(captions: list[str], text_encoder: FrozenTextEncoder, settings: EncodeParams,
                    cache: KeyedCache) -> tuple[torch.Tensor, list[str], list[int]]:
     """Hidden states of the distinct captions (row 0: the empty prompt), their keys, and each caption's row."""
     distinct = ["", *dict.fromkeys(caption for caption in captions if caption)]
-    keys = [key_of("caption", caption, text_encoder.key, params.encode.dtype) for caption in distinct]
+    keys = [key_of("caption", caption, text_encoder.key, settings.dtype) for caption in distinct]
     states = cache.take(keys, lambda missing: encode_captions(
-        text_encoder.tokenizer, text_encoder.model, [distinct[i] for i in missing], params.encode.batch_size))
+        text_encoder.tokenizer, text_encoder.model, [distinct[i] for i in missing], settings.batch_size))
     row_of = {caption: row for row, caption in enumerate(distinct)}
     return states, keys, [row_of[caption] for caption in captions]
 
 
-def frozen_text_encoder(params: Params, paths: Paths, dtype: torch.dtype,
+def frozen_text_encoder(model: ModelParams, paths: Paths, dtype: torch.dtype,
                         device: torch.device) -> FrozenTextEncoder | None:
     """The pretrained model's text encoder in finetune mode; scratch mode trains its own (nothing to cache)."""
-    if params.model.mode != "finetune":
+    if model.mode != "finetune":
         return None
-    tokenizer, model = load_frozen_text_encoder(params.model.pretrained, paths.root)
-    key = module_hash(model.to(dtype))  # before the move: hashing reads the weights on the CPU
-    return FrozenTextEncoder(tokenizer, model.to(device), key=key)
+    tokenizer, text_encoder = load_frozen_text_encoder(model.pretrained, paths.root)
+    key = module_hash(text_encoder.to(dtype))  # before the move: hashing reads the weights on the CPU
+    return FrozenTextEncoder(tokenizer, text_encoder.to(device), key=key)
 
 
 @dataclass
@@ -219,35 +168,36 @@ class EncodedSplit:
 
     def write(self, split: str, staging: Path) -> None:
         save_file(self.tensors, staging / f"{split}.safetensors", metadata=self.metadata)
-        columns = [c for c in ("id", "caption", "group", "group_row", "latent_key", "flip_key", "text_row")
-                   if c in self.manifest]
+        columns = [c for c in LATENT_COLUMNS if c in self.manifest]
         self.manifest[columns].to_parquet(staging / f"{split}.parquet", index=False)
 
 
-def encode_split(split: str, params: Params, paths: Paths, vae: AutoencoderKL, vae_key: str,
-                 text_encoder: FrozenTextEncoder | None, latents: KeyedCache, texts: KeyedCache) -> EncodedSplit:
+def encode_split(split: str, settings: EncodeParams, random_flip: bool, paths: Paths, vae: AutoencoderKL,
+                 vae_key: str, text_encoder: FrozenTextEncoder | None, latents: KeyedCache,
+                 texts: KeyedCache) -> EncodedSplit:
     tensors, parts = {}, []
     for group, (images, rows) in enumerate(load_split_groups(paths, split)):
-        encoded, key_columns = encode_group(images, rows, vae, vae_key, params, latents)
+        encoded, key_columns = encode_group(images, rows, vae, vae_key, settings, random_flip, latents)
         tensors |= {f"{name}.{group}": value for name, value in encoded.items()}
         parts.append(rows.assign(group=group, group_row=np.arange(len(rows)), **key_columns))
     manifest = pd.concat(parts, ignore_index=True)
     metadata = None
     if text_encoder is not None:
         tensors[TEXT_STATES], text_keys, manifest["text_row"] = cache_captions(
-            manifest["caption"].tolist(), text_encoder, params, texts)
+            manifest["caption"].tolist(), text_encoder, settings, texts)
         metadata = {TEXT_KEYS: json.dumps(text_keys)}
     return EncodedSplit(tensors, manifest, metadata)
 
 
-def encode(params: Params, paths: Paths) -> dict[str, int]:
+def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, train: TrainParams) -> dict[str, int]:
     """Run by one process, or by each of `accelerate launch`'s: they share the encoding, the main one writes."""
-    dtype, device, state = DTYPES[params.encode.dtype], compute_device(), PartialState()
+    dtype, device, state = DTYPES[encode.dtype], compute_device(), PartialState()
     vae = AutoencoderKL.from_pretrained(paths.vae_model, torch_dtype=dtype).to(device).eval()
-    text_encoder = frozen_text_encoder(params, paths, dtype, device)
+    text_encoder = frozen_text_encoder(model, paths, dtype, device)
     vae_key = folder_hash(paths.vae_model)
     latents, texts = (KeyedCache(values) for values in previous_values(paths.latents))
-    splits = {split: encode_split(split, params, paths, vae, vae_key, text_encoder, latents, texts) for split in SPLITS}
+    splits = {split: encode_split(split, encode, train.random_flip, paths, vae, vae_key, text_encoder, latents, texts)
+              for split in SPLITS}
     if state.is_main_process:
         with atomic_dir(paths.latents) as staging:
             for split, encoded in splits.items():
@@ -257,15 +207,3 @@ def encode(params: Params, paths: Paths) -> dict[str, int]:
     log.info("encode: %s samples; latents %d encoded, %d reused from the last run%s", counts, latents.encoded,
              latents.reused, f"; caption states {texts.encoded} encoded, {texts.reused} reused" if text_encoder else "")
     return dict(counts, encoded=latents.encoded, reused=latents.reused)
-
-
-def load_latents(directory: Path, split: str) -> CachedLatents:
-    tensors = load_file(Path(directory) / f"{split}.safetensors")
-    rows = pd.read_parquet(Path(directory) / f"{split}.parquet")
-    groups = []
-    for group, members in rows.groupby("group", sort=True):
-        order = torch.tensor(members.index.to_numpy())
-        named = {name: tensors.get(f"{name}.{group}") for name in (*POSTERIOR, *FLIPPED)}
-        groups.append(LatentGroup(order, **named))
-    text_rows = torch.as_tensor(rows["text_row"].to_numpy()) if "text_row" in rows else None
-    return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), tensors.get(TEXT_STATES), text_rows)

@@ -22,30 +22,21 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from pipeline.adherence import adheres
-from pipeline.atomic import atomic_file, read_json, write_json
-from pipeline.config import EvaluateParams, Params, Paths
-from pipeline.device import compute_device
+from pipeline.atomic import atomic_file, write_json
+from pipeline.config import EvaluateParams, Params
+from pipeline.contracts.data import load_split
+from pipeline.contracts.latents import load_latents
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import EVAL_METRICS, UNAVAILABLE
 from pipeline.diagnostics import image_grid, noise_metrics_on
-from pipeline.encode import load_latents
 from pipeline.external_metrics import ExternalMetrics, external_metrics
-from pipeline.preprocess import load_split
-from pipeline.sources.synthetic import COLOURS, SHAPES, caption_for
+from pipeline.models import load_pipeline, reconstruct, to_model_range
+from pipeline.shapes import COLOURS, SHAPES, caption_for
 from pipeline.tracking import model_run
-from pipeline.vae import reconstruct, to_model_range
 
 log = logging.getLogger(__name__)
 
-METRICS = "eval.json"
-HEADLINE_METRICS = ("adherence", "noise_mse", "noise_r2", "vae_psnr", "vae_ssim", "fid", "kid", "clip_score")
-UNAVAILABLE = "unavailable"  # eval.json's map of metric -> why it could not be computed here
 SEED_SET_STRIDE = 1000  # seed sets of different repeats never overlap
-
-
-def load_pipeline(folder) -> StableDiffusionPipeline:
-    """A saved pipeline on the compute device (sampling stays deterministic: seeds drive CPU generators)."""
-    pipeline = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(compute_device())
 
 
 def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
@@ -167,7 +158,7 @@ def evaluate(params: Params, paths: Paths) -> dict:
     metrics["deterministic"] = float(is_deterministic(pipeline, params.evaluate))
     with atomic_file(paths.samples_grid) as staging:
         image_grid(rows).save(staging, format="PNG")
-    write_json(paths.metrics / METRICS, {**metrics, UNAVAILABLE: external.unavailable})
+    write_json(paths.metrics / EVAL_METRICS, {**metrics, UNAVAILABLE: external.unavailable})
     with model_run(params, paths):
         import mlflow
 
@@ -176,8 +167,3 @@ def evaluate(params: Params, paths: Paths) -> dict:
         mlflow.log_artifact(str(paths.samples_grid), artifact_path="evaluation")
     log.info("evaluate: adherence %.2f, noise MSE %.4f", metrics["adherence"], metrics["noise_mse"])
     return metrics
-
-
-def read_metrics(paths: Paths) -> dict[str, float]:
-    """The numeric metrics of metrics/eval.json (without the `unavailable` reasons)."""
-    return {name: value for name, value in read_json(paths.metrics / METRICS).items() if name != UNAVAILABLE}

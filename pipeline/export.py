@@ -1,9 +1,8 @@
 """What the train stage hands on: models/sd as a standard diffusers folder with a model card, the LoRA
-weights alone in LoRA mode, and the loss curve (a DVC plot)."""
+weights alone in LoRA mode."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,8 +11,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
-from pipeline.atomic import atomic_dir, atomic_file
-from pipeline.config import ModelParams, Paths, TrainParams
+from pipeline.atomic import atomic_dir
+from pipeline.config import ModelParams, TrainParams
+from pipeline.contracts.paths import Paths
 from pipeline.models import load_pretrained_unet
 from pipeline.tracking import data_version
 
@@ -73,10 +73,3 @@ def model_card(model: ModelParams, train: TrainParams, paths: Paths, metrics: di
         "Evaluation metrics are in metrics/eval.json and on the MLflow model version.\n\n"
         f"## Parameters\n\n```json\n{settings}\n```\n"
     )
-
-
-def write_loss_curve(target, curve: list[list[float]]) -> None:
-    with atomic_file(target) as staging, open(staging, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "loss"])
-        writer.writerows(curve)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError, EvaluateParams, Paths
+from pipeline.config import ConfigError, EvaluateParams
+from pipeline.contracts.paths import Paths
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_SIZE = 299

@@ -10,51 +10,23 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 
 from pipeline.atomic import atomic_file
-from pipeline.config import Params, Paths
+from pipeline.config import Params
+from pipeline.contracts.paths import Paths
 from pipeline.diagnostics import image_grid
 from pipeline.diffusion import use_scheduler
-from pipeline.evaluate import load_pipeline
-from pipeline.tracking import use_experiment
+from pipeline.models import load_pipeline
+from pipeline.model_source import resolve_model
 
 log = logging.getLogger(__name__)
-
-REGISTRY_SCHEME = "models:/"
-
-
-def resolve_model(model: str, params: Params, paths: Paths) -> Path:
-    """A local diffusers folder as is; a `models:/NAME@ALIAS` (or `/VERSION`) URI downloaded from MLflow."""
-    if not model.startswith(REGISTRY_SCHEME):
-        folder = Path(model)
-        if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"{folder}: not a diffusers folder (no model_index.json); run `dvc repro` first")
-        return folder
-    import mlflow
-
-    from pipeline.mlflow_model import PIPELINE_ARTIFACT
-
-    use_experiment(params.register_, paths.root)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
-    except mlflow.exceptions.MlflowException as exc:
-        raise LookupError(f"{model}: not found in the MLflow registry at {mlflow.get_tracking_uri()} ({exc})") from None
-    return pipeline_folder(local, PIPELINE_ARTIFACT)
-
-
-def pipeline_folder(model_dir: Path, artifact: str) -> Path:
-    """Where the pyfunc's MLmodel says the diffusers folder artifact was stored."""
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))
-    return model_dir / mlmodel["flavors"]["python_function"]["artifacts"][artifact]["path"]
-
 
 def generate(
     params: Params, paths: Paths, *, model: str, prompt: str, count: int = 4, seed: int = 0, out: Path,
     steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
     scheduler: str = "dpm++", batch_size: int = 8,
 ) -> list[Path]:
-    pipeline = load_pipeline(resolve_model(model, params, paths))
+    pipeline = load_pipeline(resolve_model(model, params.register_, paths))
     use_scheduler(pipeline, scheduler)
     images = []
     for first in range(0, count, batch_size):

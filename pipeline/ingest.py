@@ -17,8 +17,6 @@ folder or settings) the manifest starts afresh. Source files are only ever read.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import itertools
 import logging
 from collections.abc import Iterator
@@ -28,19 +26,18 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.atomic import atomic_file, read_json, write_json
-from pipeline.config import FolderSource, IngestParams, Paths
-from pipeline.image_checks import read_header
+from pipeline.config import FolderSource, IngestParams
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.data import MANIFEST, RAW_MANIFEST_COLUMNS, REJECTED, REJECTED_COLUMNS
+from pipeline.contracts.paths import Paths
+from pipeline.images import content_id, describe_image
 from pipeline.sources import Rejected, SourceError, SourceItem, folder, hf, manifest, synthetic
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.parquet"
-REJECTED = "rejected.parquet"
 INDEX = "index.json"
 IMAGES_DIR = "images"
 BATCHES_PREFIX = "batches/"
-MANIFEST_COLUMNS = ("id", "path", "caption", "width", "height", "format", "bytes", "source", "origin")
-REJECTED_COLUMNS = ("origin", "reason")
 
 
 @dataclass(frozen=True)
@@ -53,20 +50,6 @@ class IngestResult:
     total: int  # rows in the manifest
     unconditional: int  # rows with an empty caption
     manifest: Path
-
-
-def content_id(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def describe_image(data: bytes) -> tuple[int, int, str]:
-    """(width, height, format) read from the header only; no pixels are decoded here.
-
-    Pillow's decompression-bomb guard is off for the header: the size is recorded, and validation refuses
-    images above `validate.max_pixels` before anything decodes them.
-    """
-    width, height, image_format, _ = read_header(io.BytesIO(data))
-    return width, height, image_format
 
 
 def open_source(params: IngestParams, paths: Paths) -> tuple[str, Iterator[SourceItem | Rejected]]:
@@ -182,7 +165,7 @@ def carried_over(raw: Path, signature: str) -> tuple[dict[str, dict], dict[str, 
 
 def save(run: Ingestion, signature: str) -> pd.DataFrame:
     """Manifest and rejects first, index last: a crash in between only makes the next run re-read."""
-    frame = pd.DataFrame(list(run.rows.values()), columns=list(MANIFEST_COLUMNS))
+    frame = pd.DataFrame(list(run.rows.values()), columns=list(RAW_MANIFEST_COLUMNS))
     with atomic_file(run.raw / MANIFEST) as staging:
         frame.to_parquet(staging, index=False)
     rejected = pd.DataFrame([(r.name, r.reason) for r in run.rejected], columns=list(REJECTED_COLUMNS))

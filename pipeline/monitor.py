@@ -23,17 +23,18 @@ import pandas as pd
 import torch
 
 from pipeline.atomic import atomic_dir, read_json
-from pipeline.config import MonitorParams, Params, Paths
+from pipeline.captions import normalise_caption
+from pipeline.config import MonitorParams, Params
+from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import CHAMPION, METRIC_TAG_PREFIX
 from pipeline.drift import feature_drift, feature_table, mmd_test
-from pipeline.encode import encode_images
 from pipeline.diagnostics import noise_metrics_on
-from pipeline.evaluate import load_pipeline
-from pipeline.ingest import MANIFEST, content_id, describe_image
+from pipeline.images import content_id, describe_image, load_training_image
+from pipeline.manifest_checks import check_manifest
+from pipeline.models import encode_images, load_pipeline, to_model_range
 from pipeline.sources import path_inside
 from pipeline.sources.tables import read_rows
-from pipeline.preprocess import REFERENCE_FEATURES, STATS, load_training_image, normalise_caption
-from pipeline.validate import check_manifest
-from pipeline.vae import to_model_range
 
 log = logging.getLogger(__name__)
 
@@ -206,13 +207,13 @@ def merge_batches(folders: list[Path], params: Params, paths: Paths) -> int:
 
 def champion_reference(params: Params, paths: Paths) -> tuple[Path, float, int]:
     """The champion's diffusers folder, its validation noise MSE and its version."""
-    from pipeline.generate import resolve_model
-    from pipeline.registry import CHAMPION, METRIC_TAG_PREFIX, _registry_client
+    from pipeline.model_source import resolve_model
+    from pipeline.tracking import registry_client
 
     name = params.register_.model_name
-    client = _registry_client(params, paths)
+    client = registry_client(params.register_, paths.root)
     version = client.get_model_version_by_alias(name, CHAMPION)
-    folder = resolve_model(f"models:/{name}@{CHAMPION}", params, paths)
+    folder = resolve_model(f"models:/{name}@{CHAMPION}", params.register_, paths)
     return folder, float(version.tags[METRIC_TAG_PREFIX + "noise_mse"]), int(version.version)
 
 
@@ -253,7 +254,7 @@ SHIFTS: dict[str, dict] = {
 def drop_demo_batch(params: Params, paths: Paths, *, shift: str, count: int, seed: int) -> Path:
     """Write a batch of synthetic shapes into `incoming`: from the training distribution (`none`),
     with colours it never saw (`colour`) or on a dark background (`background`)."""
-    from pipeline.sources import synthetic
+    from pipeline import shapes
 
     if shift not in SHIFTS:
         raise ValueError(f"--shift {shift!r}: choose one of {', '.join(SHIFTS)}")
@@ -261,7 +262,7 @@ def drop_demo_batch(params: Params, paths: Paths, *, shift: str, count: int, see
     target = paths.resolve(params.monitor.incoming) / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{shift}-seed{seed}"
     with atomic_dir(target) as staging:
         lines = []
-        for index, sample in enumerate(synthetic.generate(
+        for index, sample in enumerate(shapes.generate(
             count=count, resolution=settings.resolution, seed=seed, min_size=settings.min_size,
             max_size=settings.max_size, **SHIFTS[shift],
         )):

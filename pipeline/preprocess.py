@@ -9,9 +9,9 @@ Beside them, reference_features.parquet and stats.json: the training set's drift
 (`pipeline.drift`) per sample and summarised, for the monitoring flow.
 
 Every image is a square at `resolution`, unless `preprocess.bucketing` is on: then each train image is
-cropped to the aspect-ratio bucket (`pipeline.buckets`) nearest its own shape, and `load_split_groups`
-reads the split back one size at a time. Val images stay squares at `resolution` always: evaluation
-compares them with the model's square generations.
+cropped to the aspect-ratio bucket (`pipeline.buckets`) nearest its own shape, and
+`pipeline.contracts.data.load_split_groups` reads the split back one size at a time. Val images stay squares
+at `resolution` always: evaluation compares them with the model's square generations.
 
 A re-run converts only what is new: an image whose file the previous data/processed holds in the same
 split with the same recipe and intact bytes is hard-linked into the new output (with its drift features
@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,27 +35,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import PIL
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.buckets import Size, beyond_widest, bucket_sizes, nearest_bucket
-from pipeline.config import Paths, PreprocessParams
+from pipeline.captions import normalise_caption
+from pipeline.config import PreprocessParams
+from pipeline.contracts.data import MANIFEST, PROCESSED_MANIFEST_COLUMNS, REFERENCE_FEATURES, SPLITS, STATS
+from pipeline.contracts.paths import Paths
 from pipeline.drift import IMAGE_FEATURES, combine_features, image_features, metadata_features, words_of
-from pipeline.image_checks import INTEGER_MODES, integer_to_grey
-from pipeline.ingest import MANIFEST
+from pipeline.images import CENTRE, resize_and_crop, to_rgb
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
-STATS = "stats.json"
-REFERENCE_FEATURES = "reference_features.parquet"
-WHITE = (255, 255, 255)
-CENTRE = (0.5, 0.5)
 CHUNKS_PER_WORKER = 8  # small enough to balance uneven images, large enough to amortise the hand-over
 # Bump whenever to_rgb, integer_to_grey, resize_and_crop or the PNG writing change what an image becomes:
 # it is part of every recipe, so the next run converts everything again instead of reusing stale files.
 CONVERSION_VERSION = "1"
-MANIFEST_COLUMNS = ("id", "file", "caption", "width", "height", "crop", "recipe", "sha256")
 # What converting an image yields, or reusing it carries over; image features only matter for train.
 OUTPUT_TYPES = {"width": "int64", "height": "int64", "sha256": "str"} | dict.fromkeys(IMAGE_FEATURES, "float64")
 
@@ -65,32 +60,6 @@ def split_of(sample_id: str, val_fraction: float) -> str:
     """Deterministic and stable as data is added: a sample's side depends on its id alone."""
     bucket = int(hashlib.sha256(f"split:{sample_id}".encode()).hexdigest()[:8], 16) / 0x1_0000_0000
     return "val" if bucket < val_fraction else "train"
-
-
-def normalise_caption(caption: str, *, lowercase: bool = False) -> str:
-    """Unicode NFC (so "é" typed two ways is one token), whitespace runs collapsed to one space, stripped."""
-    text = " ".join(unicodedata.normalize("NFC", caption).split())
-    return text.lower() if lowercase else text
-
-
-def onto_white(image: Image.Image) -> Image.Image:
-    rgba = image.convert("RGBA")
-    canvas = Image.new("RGB", rgba.size, WHITE)
-    canvas.paste(rgba, mask=rgba.getchannel("A"))
-    return canvas
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Respect EXIF orientation, composite transparency onto white, and return 8-bit RGB.
-
-    Handles 1, L, P (with or without transparency), LA, PA, RGBA, CMYK and 16/32-bit integer images.
-    """
-    image = ImageOps.exif_transpose(image)
-    if image.mode in INTEGER_MODES:
-        image = integer_to_grey(image)
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        return onto_white(image)
-    return image.convert("RGB")
 
 
 def crop_centering(sample_id: str, crop: str, seed: int) -> tuple[float, float]:
@@ -104,17 +73,6 @@ def crop_centering(sample_id: str, crop: str, seed: int) -> tuple[float, float]:
 def crop_label(centering: tuple[float, float]) -> str:
     """The manifest's `crop`: "center", or the two centering fractions to six places."""
     return "center" if centering == CENTRE else f"{centering[0]:.6f},{centering[1]:.6f}"
-
-
-def resize_and_crop(image: Image.Image, size: Size, centering: tuple[float, float] = CENTRE) -> Image.Image:
-    """Scale the image to cover `size` (width, height), then crop that at `centering` (the centre by default)."""
-    return ImageOps.fit(image, size, Image.Resampling.LANCZOS, centering=centering)
-
-
-def load_training_image(path: Path, resolution: int, centering: tuple[float, float] = CENTRE) -> Image.Image:
-    """The image as a square at `resolution`, converted as preprocess converts (monitoring reads batches so)."""
-    with Image.open(path) as image:
-        return resize_and_crop(to_rgb(image), (resolution, resolution), centering)
 
 
 def target_sizes(params: PreprocessParams) -> dict[str, tuple[Size, ...]]:
@@ -250,7 +208,7 @@ def previous_outputs(folder: Path) -> pd.DataFrame:
         if not manifest.is_file():
             continue
         rows = pd.read_parquet(manifest)
-        if not set(MANIFEST_COLUMNS) <= set(rows.columns):  # written before recipes existed
+        if not set(PROCESSED_MANIFEST_COLUMNS) <= set(rows.columns):  # written before recipes existed
             continue
         reference = folder / REFERENCE_FEATURES
         if split == "train" and reference.is_file():
@@ -312,7 +270,7 @@ def preprocess(params: PreprocessParams, paths: Paths) -> dict[str, int]:
         processed = write_outputs(plan, params, paths, staging)
         for split in SPLITS:
             rows = processed[processed["split"] == split]
-            rows[list(MANIFEST_COLUMNS)].to_parquet(staging / split / MANIFEST, index=False)
+            rows[list(PROCESSED_MANIFEST_COLUMNS)].to_parquet(staging / split / MANIFEST, index=False)
         save_reference(staging, processed[processed["split"] == "train"])
     counts = {split: int((processed["split"] == split).sum()) for split in SPLITS}
     counts.update(converted=int((~processed["reused"]).sum()), reused=int(processed["reused"].sum()),
@@ -337,39 +295,3 @@ def log_buckets(processed: pd.DataFrame, params: PreprocessParams) -> int:
              ", ".join(f"{width}x{height}: {count}" for (width, height), count in filled.items()), beyond,
              params.max_bucket_ratio)
     return beyond
-
-
-def read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image)
-
-
-def read_images(folder: Path, names: pd.Series) -> np.ndarray:
-    """PNGs of one size as uint8 NHWC, in the order named."""
-    return np.stack([read_png(folder / name) for name in names])
-
-
-def load_split_groups(paths: Paths, split: str) -> list[tuple[np.ndarray, pd.DataFrame]]:
-    """A processed split's images grouped by size: for each (height, width), in that order, the images as
-    uint8 NHWC with their manifest rows (manifest order, index from 0). One group unless the split is the
-    train split of a bucketed run."""
-    manifest = pd.read_parquet(paths.processed / split / MANIFEST)
-    return [(read_images(paths.processed / split, rows["file"]), rows.reset_index(drop=True))
-            for _, rows in manifest.groupby(["height", "width"], sort=True)]
-
-
-def load_split(paths: Paths, split: str) -> tuple[np.ndarray, pd.DataFrame]:
-    """All images of a processed split as uint8 NHWC, with their manifest rows in the same order.
-
-    The split must hold one size; a bucketed train split does not (read it with load_split_groups).
-    """
-    location = paths.processed / split / MANIFEST
-    manifest = pd.read_parquet(location)
-    sizes = sorted(set(zip(manifest["width"], manifest["height"], strict=True)))
-    if len(sizes) > 1:
-        raise ValueError(
-            f"{location}: the {split} split holds images of {len(sizes)} sizes (width x height: "
-            f"{', '.join(f'{width}x{height}' for width, height in sizes)}), from preprocess.bucketing; "
-            "read it one size at a time with pipeline.preprocess.load_split_groups"
-        )
-    return read_images(paths.processed / split, manifest["file"]), manifest

@@ -15,16 +15,22 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.atomic import write_json
-from pipeline.config import Params, Paths, RegisterParams
-from pipeline.evaluate import HEADLINE_METRICS, METRICS as EVAL_METRICS, read_metrics
-from pipeline.tracking import folder_hash, lineage_tags, model_run, use_experiment
+from pipeline.config import Params, RegisterParams
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import (
+    CHALLENGER,
+    CHAMPION,
+    EVAL_METRICS,
+    HEADLINE_METRICS,
+    METRIC_TAG_PREFIX,
+    REGISTRY_RECORD,
+    read_metrics,
+)
+from pipeline.tracking import folder_hash, lineage_tags, model_run, registry_client
 
 log = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_HASH_TAG = "model_hash"
-METRIC_TAG_PREFIX = "metric."
-RECORD = "registry.json"
 SERVING_PACKAGES = ("diffusers", "transformers", "torch", "pillow", "pandas", "safetensors", "accelerate")
 
 
@@ -129,7 +135,7 @@ def register(params: Params, paths: Paths) -> Registration:
             f"register.gate_metric: {settings.gate_metric!r} is not in {paths.metrics / EVAL_METRICS} "
             f"(available: {', '.join(sorted(metrics))})"
         )
-    client = _registry_client(params, paths)
+    client = registry_client(params.register_, paths.root)
     model_hash = folder_hash(paths.sd_model)
     existing = _existing_version(client, settings.model_name, model_hash)
     version = existing or _log_new_version(params, paths, metrics, model_hash)
@@ -154,7 +160,7 @@ def register(params: Params, paths: Paths) -> Registration:
         previous_champion_value=champion_value,
         reused_existing_version=existing is not None,
     )
-    write_json(paths.metrics / RECORD, asdict(result))
+    write_json(paths.metrics / REGISTRY_RECORD, asdict(result))
     log.info("register: %s version %s%s", settings.model_name, result.version,
              " promoted to champion" if promoted else f" (champion stays version {champion_version})")
     return result
@@ -183,16 +189,9 @@ def move_champion(
     return previous
 
 
-def _registry_client(params: Params, paths: Paths):
-    import mlflow
-
-    use_experiment(params.register_, paths.root)
-    return mlflow.MlflowClient()
-
-
 def list_versions(params: Params, paths: Paths) -> list[dict]:
     """Every version of the model, newest first, with its aliases and headline metrics."""
-    client = _registry_client(params, paths)
+    client = registry_client(params.register_, paths.root)
     name = params.register_.model_name
     versions = client.search_model_versions(f"name = '{name}'")
     if not versions:
@@ -214,7 +213,7 @@ def promote(params: Params, paths: Paths, version: int, *, reason: str, by: str)
     """Make `version` the champion by hand; returns the version it replaced."""
     from mlflow.exceptions import MlflowException
 
-    client = _registry_client(params, paths)
+    client = registry_client(params.register_, paths.root)
     name = params.register_.model_name
     try:
         client.get_model_version(name, str(version))
@@ -227,7 +226,7 @@ def rollback(params: Params, paths: Paths, *, reason: str, by: str) -> int:
     """Give `champion` back to the version it replaced; returns that version."""
     from mlflow.exceptions import MlflowException
 
-    client = _registry_client(params, paths)
+    client = registry_client(params.register_, paths.root)
     name = params.register_.model_name
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)

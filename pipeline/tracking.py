@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from pipeline.atomic import read_json, write_json
-from pipeline.config import Params, Paths, RegisterParams
+from pipeline.config import Params, RegisterParams
+from pipeline.contracts.paths import Paths
 
 ARTIFACTS_DIR = "mlartifacts"
 PROCESSED_DATA_OUT = "data/processed"
@@ -161,3 +162,11 @@ def model_run(params: Params, paths: Paths) -> Iterator[object]:
             mlflow.set_tags(lineage_tags(params, paths.root))
             mlflow.log_params(flat_params(params))
         yield run
+
+
+def registry_client(register: RegisterParams, root: Path):
+    """An MLflow client on the project's tracking store (the model registry)."""
+    import mlflow
+
+    use_experiment(register, root)
+    return mlflow.MlflowClient()

@@ -14,6 +14,8 @@ Every step's data is a function of (seed, step, process): the epoch order comes 
 the step's noise from (seed, step, process). With `accelerator.save_state` checkpoints every
 `train.checkpoint_every` steps in models/checkpoints/ (model, optimizer, LR schedule, EMA and the loss
 curve), a run killed at any point and started again continues exactly where the checkpoint left it.
+This module holds the data order and the loop; the model comes from `pipeline.trainable`, the loss's math
+from `pipeline.diffusion`, checkpoints from `pipeline.checkpoints` and the saved folder from `pipeline.export`.
 
     sdpipe train                                          # one process, as `dvc repro` runs it
     accelerate launch --num_processes 2 -m pipeline.cli train   # several processes / GPUs
@@ -37,11 +39,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-from diffusers.models.attention_processor import AttnProcessor
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, cast_training_params
-from peft import LoraConfig
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pipeline.atomic import write_json
@@ -54,40 +53,29 @@ from pipeline.checkpoints import (
     save_lora_checkpoints_only,
     training_fingerprint,
 )
-from pipeline.config import ConfigError, Params, Paths, TrainParams
-from pipeline.encode import EMPTY_PROMPT_ROW, CachedLatents, load_latents
+from pipeline.config import ConfigError, Params, TrainParams
+from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, load_latents
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
 from pipeline.diagnostics import image_grid, noise_metrics_on
 from pipeline.diffusion import (
     SAMPLE_GUIDANCE,
     SAMPLE_STEPS,
     min_snr_weights,
-    sampling_scheduler,
     training_noise,
-    training_scheduler,
     training_target,
     training_timesteps,
 )
-from pipeline.export import model_card, save_model, write_loss_curve
-from pipeline.models import (
-    PRESETS,
-    build_text_encoder,
-    build_tokenizer,
-    build_unet,
-    load_frozen_text_encoder,
-    load_pretrained_unet,
-    pretrained_scheduler_config,
-    tokenize,
-)
+from pipeline.export import model_card, save_model
+from pipeline.models import tokenize
 from pipeline.speed import apply_speed_settings, compile_unet
 from pipeline.throughput import Throughput, flops_of, measured_matmul_flops_per_second, utilisation
 from pipeline.tracking import training_run
+from pipeline.trainable import WEIGHT_DTYPES, Model, build_model, place_frozen_modules, stored_frozen_modules
 
 log = logging.getLogger(__name__)
 
-METRICS = "train.json"
-LOSS_PLOT = "train_loss.csv"
 SAMPLE_PROMPTS = 8
-WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDiverged(RuntimeError):
@@ -158,38 +146,6 @@ def make_batch(cache: CachedLatents, conditioning: Conditioning, group_index: in
         std = torch.where(mirrored, group.flip_std[positions].float(), std)
     latents = (mean + std * noise) * scale
     return Batch(latents, conditioning.for_samples(group.rows[positions], caption_dropout, generator))
-
-
-@dataclass
-class Model:
-    """The modules being trained and what turns them into a pipeline."""
-
-    vae: AutoencoderKL
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    scheduler: DDPMScheduler  # the training noise schedule, with the prediction type
-    trains_text_encoder: bool  # scratch: yes; finetune: frozen, its outputs come from the encode cache
-    lora: bool
-
-    def condition(self, conditioning: torch.Tensor) -> torch.Tensor:
-        """The UNet's cross-attention states: from the text encoder, or already computed by encode."""
-        return self.text_encoder(conditioning)[0] if self.trains_text_encoder else conditioning.float()
-
-    def trained_modules(self) -> list[torch.nn.Module]:
-        return [self.unet, self.text_encoder] if self.trains_text_encoder else [self.unet]
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for module in self.trained_modules() for p in module.parameters() if p.requires_grad]
-
-    def pipeline(self, accelerator: Accelerator) -> StableDiffusionPipeline:
-        pipeline = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=accelerator.unwrap_model(self.text_encoder), tokenizer=self.tokenizer,
-            unet=accelerator.unwrap_model(self.unet), scheduler=sampling_scheduler(self.scheduler),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
 
 
 def diffusion_loss(model: Model, batch: Batch, settings: TrainParams, generator: torch.Generator,
@@ -365,80 +321,11 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughpu
     return speed
 
 
-def scratch_model(params: Params, paths: Paths, cache: CachedLatents, latents: torch.Tensor) -> Model:
-    """A tokenizer from the training captions; text encoder and UNet of the preset's sizes, both trained."""
-    settings, preset = params.train, PRESETS[params.model.preset]
-    tokenizer = build_tokenizer(cache.captions, vocab_size=settings.tokenizer_vocab_size, max_tokens=preset.max_tokens)
-    unet = build_unet(preset, latent_channels=latents.shape[1], latent_size=latents.shape[-1])
-    return Model(AutoencoderKL.from_pretrained(paths.vae_model), tokenizer, build_text_encoder(tokenizer, preset),
-                 unet, training_scheduler(settings.prediction_type), trains_text_encoder=True, lora=False)
-
-
-def pretrained_model(params: Params, paths: Paths, cache: CachedLatents, latents: torch.Tensor) -> Model:
-    """The pretrained UNet (whole, or frozen under LoRA layers) conditioned on the cached frozen text states."""
-    spec, lora = params.model.pretrained, params.model.finetune == "lora"
-    if cache.text_states is None:
-        raise ValueError(f"train: {paths.latents} holds no text-encoder states; run `sdpipe encode` with "
-                         "model.mode: finetune (dvc repro does)")
-    tokenizer, text_encoder = load_frozen_text_encoder(spec, paths.root)
-    unet = load_pretrained_unet(spec, paths.root)
-    if unet.config.in_channels != latents.shape[1]:
-        raise ValueError(f"train: the UNet of {spec} takes {unet.config.in_channels} latent channels but models/vae "
-                         f"gives {latents.shape[1]}: the VAE must come from the same model (rerun the vae stage)")
-    # a model fine-tuned at one resolution generates at it by default
-    unet.register_to_config(sample_size=latents.shape[-1])
-    if lora:
-        unet.requires_grad_(False)
-        settings = params.model.lora
-        try:
-            unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                                        init_lora_weights="gaussian", target_modules=list(settings.target_modules)))
-        except ValueError as error:
-            raise ConfigError(f"model.lora.target_modules: {error}") from None
-    scheduler = training_scheduler(params.train.prediction_type, pretrained_scheduler_config(spec, paths.root))
-    return Model(AutoencoderKL.from_pretrained(paths.vae_model), tokenizer, text_encoder, unet, scheduler,
-                 trains_text_encoder=False, lora=lora)
-
-
-def build_model(params: Params, paths: Paths, cache: CachedLatents, val: CachedLatents) -> Model:
-    latents = val.single_size().mean  # the square resolution the model generates at
-    build = pretrained_model if params.model.mode == "finetune" else scratch_model
-    model = build(params, paths, cache, latents)
-    if params.train.attention == "classic":
-        model.unet.set_attn_processor(AttnProcessor())
-    if params.train.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        if model.trains_text_encoder:
-            model.text_encoder.gradient_checkpointing_enable()
-    if params.train.random_flip and not cache.flipped:
-        raise ValueError(f"train: train.random_flip is on but {paths.latents} has no mirrored latents; "
-                         "run `sdpipe encode` again (dvc repro does)")
-    return model
-
-
 def conditioning_of(model: Model, cache: CachedLatents) -> Conditioning:
     if model.trains_text_encoder:
         return Conditioning(tokenize(model.tokenizer, cache.captions), torch.arange(len(cache)),
                             tokenize(model.tokenizer, [""])[0])
     return Conditioning(cache.text_states, cache.text_rows, cache.text_states[EMPTY_PROMPT_ROW])
-
-
-def place_frozen_modules(model: Model, device: torch.device, dtype: torch.dtype) -> None:
-    """Frozen weights in the weight dtype, as diffusers' training scripts keep them: the VAE (validation samples
-    only), the finetune text encoder, and under LoRA the base UNet; trained parameters stay in fp32."""
-    model.vae.to(device, dtype)
-    if not model.trains_text_encoder:
-        model.text_encoder.to(device, dtype)
-    if model.lora:
-        model.unet.to(device, dtype)
-        cast_training_params(model.unet, dtype=torch.float32)
-
-
-def stored_frozen_modules(model: Model, params: Params, paths: Paths) -> None:
-    """The frozen modules as stored (fp32), for the saved model: a round trip through bf16 would change them."""
-    model.vae = AutoencoderKL.from_pretrained(paths.vae_model)
-    if not model.trains_text_encoder:
-        model.text_encoder = load_frozen_text_encoder(params.model.pretrained, paths.root)[1]
 
 
 def flops_per_image(model: Model, cache: CachedLatents, conditioning: Conditioning, settings: TrainParams,
@@ -469,7 +356,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
     cache, val = load_latents(paths.latents, "train"), load_latents(paths.latents, "val")
     if len(cache) < accelerator.num_processes:
         raise ValueError(f"train: {len(cache)} training samples cannot feed {accelerator.num_processes} processes")
-    model = build_model(params, paths, cache, val)
+    model = build_model(params.model, params.train, paths, cache, val)
     place_frozen_modules(model, device, WEIGHT_DTYPES[settings.mixed_precision])
     for module in model.trained_modules():
         module.to(device)
@@ -526,12 +413,12 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
         )
         accelerator.wait_for_everyone()
         if main:
-            stored_frozen_modules(model, params, paths)
+            stored_frozen_modules(model, params.model, paths)
             with run.evaluation_weights():
                 lora_unet = accelerator.unwrap_model(model.unet) if model.lora else None
                 save_model(model.pipeline(accelerator), lora_unet, params.model, paths,
                            model_card(params.model, params.train, paths, metrics))
-            write_json(paths.metrics / METRICS, {**metrics, "data_digest": progress.data_digest})
+            write_json(paths.metrics / TRAIN_METRICS, {**metrics, "data_digest": progress.data_digest})
             write_loss_curve(paths.metrics / LOSS_PLOT, progress.curve)
             remove_checkpoints(paths, fingerprint)
             run.log_metrics({"train_seconds": seconds, **{f"train_{name}": value for name, value in metrics.items()

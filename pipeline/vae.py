@@ -13,7 +13,6 @@ import logging
 import math
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -21,21 +20,14 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.config import Paths, Params
+from pipeline.config import ModelParams, PreprocessParams, TrainParams, VaeParams
+from pipeline.contracts.data import load_split, load_split_groups
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import VAE_METRICS
 from pipeline.device import compute_device
-from pipeline.models import build_vae, load_pretrained_vae
-from pipeline.preprocess import load_split, load_split_groups
+from pipeline.models import build_vae, device_batches, load_pretrained_vae, reconstruct, to_model_range
 
 log = logging.getLogger(__name__)
-
-METRICS = "vae.json"
-BATCH_PIXELS = 2**22  # images per forward pass without training: 4,096 at 32 px, 16 at 512 px
-
-
-def to_model_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1], the range diffusers' VAEs expect."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
 
 def reconstruction_loss(vae, batch: torch.Tensor, kl_weight: float) -> torch.Tensor:
     posterior = vae.encode(batch).latent_dist
@@ -54,39 +46,24 @@ def sample_batch(groups: list[torch.Tensor], batch_size: int, generator: torch.G
     return images[torch.randint(len(images), (batch_size,), generator=generator)]
 
 
-def batches(images: torch.Tensor, device: torch.device, dtype: torch.dtype):
-    """CPU images in slices of about BATCH_PIXELS pixels, moved to where the network runs."""
-    size = max(1, BATCH_PIXELS // (images.shape[-2] * images.shape[-1]))
-    for start in range(0, len(images), size):
-        yield images[start : start + size].to(device, dtype)
-
-
 @torch.no_grad()
 def latent_std(vae, groups: list[torch.Tensor]) -> float:
     """The standard deviation of the latent means over every image, whatever their sizes."""
     means = [vae.encode(batch).latent_dist.mean.float().flatten().cpu()
-             for images in groups for batch in batches(images, vae.device, vae.dtype)]
+             for images in groups for batch in device_batches(images, vae.device, vae.dtype)]
     return float(torch.cat(means).std())
-
-
-@torch.no_grad()
-def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
-    """The VAE's reconstructions (of the posterior means) of CPU images in [-1, 1], clamped, on the CPU."""
-    return torch.cat([vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1).float().cpu()
-                      for batch in batches(images, vae.device, vae.dtype)])
 
 
 def reconstruction_mse(vae, images: torch.Tensor) -> float:
     return float(F.mse_loss(reconstruct(vae, images), images))
 
 
-def train_vae(params: Params, paths: Paths) -> dict:
-    settings = params.vae
+def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_precision: str) -> dict:
     set_seed(settings.seed)
-    accelerator = Accelerator(mixed_precision=params.train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
     train_groups = [to_model_range(images) for images, _ in load_split_groups(paths, "train")]
     val_images = to_model_range(load_split(paths, "val")[0])
-    vae = build_vae(settings, params.preprocess.resolution)
+    vae = build_vae(settings, resolution)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
     vae, optimizer = accelerator.prepare(vae, optimizer)
@@ -112,10 +89,10 @@ def train_vae(params: Params, paths: Paths) -> dict:
                     images_per_second=settings.steps * settings.batch_size / seconds)
 
 
-def resolve_pretrained_vae(params: Params, paths: Paths) -> dict:
+def resolve_pretrained_vae(pretrained: str, paths: Paths) -> dict:
     """The pretrained model's VAE, unchanged (its own scaling factor), measured on the validation split."""
-    vae = load_pretrained_vae(params.model.pretrained, paths.root).to(compute_device()).eval()
-    return save_vae(vae, to_model_range(load_split(paths, "val")[0]), paths, pretrained=params.model.pretrained)
+    vae = load_pretrained_vae(pretrained, paths.root).to(compute_device()).eval()
+    return save_vae(vae, to_model_range(load_split(paths, "val")[0]), paths, pretrained=pretrained)
 
 
 def save_vae(vae, val_images: torch.Tensor, paths: Paths, **facts) -> dict:
@@ -128,12 +105,13 @@ def save_vae(vae, val_images: torch.Tensor, paths: Paths, **facts) -> dict:
     )
     with atomic_dir(paths.vae_model) as staging:
         vae.save_pretrained(staging, safe_serialization=True)
-    write_json(paths.metrics / METRICS, metrics)
+    write_json(paths.metrics / VAE_METRICS, metrics)
     log.info("vae: val MSE %.5f, PSNR %.2f dB", mse, metrics["val_psnr"])
     return metrics
 
 
-def vae_stage(params: Params, paths: Paths) -> dict:
-    if params.model.mode == "finetune":
-        return resolve_pretrained_vae(params, paths)
-    return train_vae(params, paths)
+def vae_stage(paths: Paths, *, vae: VaeParams, model: ModelParams, preprocess: PreprocessParams,
+              train: TrainParams) -> dict:
+    if model.mode == "finetune":
+        return resolve_pretrained_vae(model.pretrained, paths)
+    return train_vae(vae, paths, resolution=preprocess.resolution, mixed_precision=train.mixed_precision)

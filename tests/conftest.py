@@ -27,7 +27,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline.config import Params, Paths, parse_params  # noqa: E402
+from pipeline.config import Params, parse_params  # noqa: E402
+from pipeline.contracts.paths import Paths
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,8 +76,8 @@ def trained_project(tmp_path_factory) -> tuple[Params, Paths]:
     ingest(params.ingest, paths)
     validate(params.validate_, paths)
     preprocess(params.preprocess, paths)
-    vae_stage(params, paths)
-    encode(params, paths)
+    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
+    encode(paths, encode=params.encode, model=params.model, train=params.train)
     train(params, paths)
     evaluate(params, paths)
     register(params, paths)

@@ -16,10 +16,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import Paths, parse_params
+from pipeline.config import parse_params
+from pipeline.contracts.paths import Paths
 from pipeline.ingest import ingest
 from pipeline.preprocess import preprocess
-from pipeline.validate import QUARANTINE, validate
+from pipeline.contracts.records import QUARANTINE
+from pipeline.validate import validate
 
 from .conftest import tree_hashes
 

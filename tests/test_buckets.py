@@ -52,7 +52,8 @@ def test_a_ten_to_one_image_goes_to_the_most_elongated_bucket_and_is_beyond_it()
 
 
 def test_a_bucketed_set_encodes_per_size_and_trains_without_mixing_sizes(tmp_path):
-    from pipeline.encode import encode, load_latents
+    from pipeline.contracts.latents import load_latents
+    from pipeline.encode import encode
     from pipeline.preprocess import preprocess
     from pipeline.train import train
     from pipeline.vae import vae_stage
@@ -67,8 +68,8 @@ def test_a_bucketed_set_encodes_per_size_and_trains_without_mixing_sizes(tmp_pat
                                                  "checkpoint_every": 6, "log_every": 3, "random_flip": True}),
     })
     preprocess(params.preprocess, paths)
-    vae_stage(params, paths)
-    encode(params, paths)
+    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
+    encode(paths, encode=params.encode, model=params.model, train=params.train)
     cache = load_latents(paths.latents, "train")
     assert len(cache.groups) > 1 and sum(len(group) for group in cache.groups) == len(cache)
     for group in cache.groups:

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
 
-from pipeline.config import ConfigError, Paths, parse_params
+from pipeline.config import ConfigError, parse_params
+from pipeline.contracts.paths import Paths
 from pipeline.evaluate import evaluate
 from pipeline.external_metrics import ExternalMetrics, InceptionFeatures, external_metrics
-from pipeline.preprocess import load_split
+from pipeline.contracts.data import load_split
 
 from .conftest import merge, tiny_params_dict
 

@@ -14,7 +14,7 @@ from pipeline.checkpoints import LORA_CHECKPOINT, checkpoint_folders
 from pipeline.cli import main as sdpipe
 from pipeline.device import FORCE_CPU, compute_device
 from pipeline.encode import my_share
-from pipeline.evaluate import load_pipeline
+from pipeline.models import load_pipeline
 from pipeline.throughput import Throughput, flops_of
 from pipeline.train import train
 

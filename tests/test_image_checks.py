@@ -2,7 +2,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.image_checks import eight_bit, measure, near_duplicate_of
-from pipeline.preprocess import to_rgb
+from pipeline.images import to_rgb
 
 LIMIT, HASH_FROM = 50_000_000, 64
 

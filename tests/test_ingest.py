@@ -3,8 +3,10 @@ import hashlib
 import pandas as pd
 
 from pipeline.atomic import read_json
-from pipeline.config import Paths, parse_params
-from pipeline.ingest import INDEX, MANIFEST, MANIFEST_COLUMNS, REJECTED, ingest
+from pipeline.config import parse_params
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.data import MANIFEST, RAW_MANIFEST_COLUMNS, REJECTED
+from pipeline.ingest import INDEX, ingest
 
 from .conftest import tree_hashes, write_image
 
@@ -21,7 +23,7 @@ def test_manifest_describes_every_file(tiny_params, tmp_path):
     paths = Paths(tmp_path)
     result = ingest(tiny_params.ingest, paths)
     manifest = pd.read_parquet(paths.raw / MANIFEST)
-    assert tuple(manifest.columns) == MANIFEST_COLUMNS
+    assert tuple(manifest.columns) == RAW_MANIFEST_COLUMNS
     assert result.new == result.total == len(manifest)
     assert len(manifest) == tiny_params.ingest.synthetic.count - len(result.duplicates)
     for row in manifest.itertuples():

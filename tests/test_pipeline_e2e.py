@@ -195,7 +195,8 @@ def test_retrain_flow_ignores_an_unshifted_batch_and_retrains_on_a_shifted_one(r
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.retrain import retrain_flow
-    from pipeline.config import Paths, load_params
+    from pipeline.config import load_params
+    from pipeline.contracts.paths import Paths
     from pipeline.monitor import drop_demo_batch
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

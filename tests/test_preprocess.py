@@ -9,14 +9,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import ConfigError, Paths, PreprocessParams, parse_params
-from pipeline.ingest import MANIFEST, ingest
+from pipeline.config import ConfigError, PreprocessParams, parse_params
+from pipeline.contracts.paths import Paths
+from pipeline.captions import normalise_caption
+from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS, load_split, load_split_groups
+from pipeline.ingest import ingest
 from pipeline.drift import FEATURES
 from pipeline.buckets import bucket_sizes
-from pipeline.preprocess import (
-    REFERENCE_FEATURES, STATS, crop_centering, load_split, load_split_groups, load_training_image, normalise_caption,
-    preprocess, resize_and_crop, split_of, to_rgb,
-)
+from pipeline.images import load_training_image, resize_and_crop, to_rgb
+from pipeline.preprocess import crop_centering, preprocess, split_of
 from pipeline.validate import validate
 
 from .conftest import REPO, add_patterns, folder_project, tree_hashes

@@ -7,8 +7,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import write_json
-from pipeline.config import Paths, RegisterParams
-from pipeline.registry import CHALLENGER, CHAMPION, gate_passes, register
+from pipeline.config import RegisterParams
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import CHALLENGER, CHAMPION
+from pipeline.registry import gate_passes, register
 from pipeline.tracking import tracking_uri
 
 from .conftest import tiny_params_dict

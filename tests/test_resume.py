@@ -13,7 +13,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import Paths, parse_params
+from pipeline.config import parse_params
+from pipeline.contracts.paths import Paths
 from pipeline.checkpoints import checkpoint_folders
 from pipeline.train import TrainingDiverged, train
 

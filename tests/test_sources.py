@@ -6,8 +6,10 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.config import ConfigError, Paths, parse_params
-from pipeline.ingest import MANIFEST, ingest
+from pipeline.config import ConfigError, parse_params
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.data import MANIFEST
+from pipeline.ingest import ingest
 from pipeline.sources import SourceError
 
 from .conftest import write_image

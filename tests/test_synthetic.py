@@ -4,7 +4,7 @@ import re
 from PIL import Image
 
 from pipeline.adherence import Reading, read_image
-from pipeline.sources.synthetic import COLOURS, SHAPES, generate
+from pipeline.shapes import COLOURS, SHAPES, generate
 
 
 def test_rendering_is_deterministic():

@@ -6,9 +6,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from pipeline.encode import load_latents
-from pipeline.evaluate import load_pipeline, noise_prediction_metrics
-from pipeline.train import LOSS_PLOT, batch_indices
+from pipeline.contracts.latents import load_latents
+from pipeline.evaluate import noise_prediction_metrics
+from pipeline.models import load_pipeline
+from pipeline.contracts.records import LOSS_PLOT
+from pipeline.train import batch_indices
 
 
 def test_vae_is_a_diffusers_model_with_unit_variance_scaling(trained_project):

@@ -5,7 +5,8 @@ import math
 import torch
 from diffusers import AutoencoderKL
 
-from pipeline.preprocess import load_split_groups, preprocess
+from pipeline.contracts.data import load_split_groups
+from pipeline.preprocess import preprocess
 from pipeline.vae import sample_batch, train_vae
 
 from .conftest import folder_project
@@ -32,6 +33,7 @@ def test_the_vae_trains_on_a_bucketed_train_split(tmp_path):
     params = params.model_copy(update={"vae": params.vae.model_copy(update={"steps": 4, "batch_size": 4})})
     preprocess(params.preprocess, paths)
     assert len(load_split_groups(paths, "train")) > 1
-    metrics = train_vae(params, paths)
+    metrics = train_vae(params.vae, paths, resolution=params.preprocess.resolution,
+                        mixed_precision=params.train.mixed_precision)
     assert math.isfinite(metrics["val_mse"]) and metrics["scaling_factor"] > 0
     assert AutoencoderKL.from_pretrained(paths.vae_model).config.scaling_factor == metrics["scaling_factor"]

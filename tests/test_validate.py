@@ -4,10 +4,13 @@ import shutil
 import pandas as pd
 import pytest
 
-from pipeline.config import Paths, ValidateParams, parse_params
-from pipeline.ingest import MANIFEST, ingest
-from pipeline.validate import (DATA_DOCS, QUARANTINE, SUMMARY, ValidationFailed, check_manifest,
-                               failed_hard_checks, validate)
+from pipeline.config import ValidateParams, parse_params
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.data import MANIFEST
+from pipeline.ingest import ingest
+from pipeline.contracts.records import DATA_DOCS, QUARANTINE, SUMMARY
+from pipeline.manifest_checks import check_manifest, failed_hard_checks
+from pipeline.validate import ValidationFailed, validate
 
 from .conftest import tree_hashes, write_pattern
 

@@ -1,94 +1,12 @@
-"""The embedded default data set: captioned coloured shapes, rendered deterministically.
-
-One shape per image, random size and position, on a plain light background. Every caption contains
-`a {colour} {shape}`, so a trained model can be checked objectively (see `pipeline.adherence`).
-"""
+"""The embedded default data set: captioned coloured shapes (`pipeline.shapes`), rendered deterministically."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
-from dataclasses import dataclass
-
-import numpy as np
-from PIL import Image, ImageDraw
 
 from pipeline.config import SyntheticSource
+from pipeline.shapes import generate
 from pipeline.sources import SourceItem
-
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 60, 220),
-    "yellow": (240, 200, 20),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-CAPTION_TEMPLATES: tuple[str, ...] = (
-    "a {colour} {shape}",
-    "a {colour} {shape} on a light background",
-    "a picture of a {colour} {shape}",
-)
-SUPERSAMPLE = 4
-LIGHT_BACKGROUND = (225, 255)
-
-
-@dataclass(frozen=True)
-class ShapeSample:
-    colour: str
-    shape: str
-    caption: str
-    png: bytes
-
-
-def caption_for(colour: str, shape: str) -> str:
-    return f"a {colour} {shape}"
-
-
-def _shape_outline(shape: str, left: float, top: float, size: float) -> list[tuple[float, float]] | tuple:
-    if shape == "triangle":
-        return [(left + size / 2, top), (left + size, top + size), (left, top + size)]
-    return (left, top, left + size, top + size)
-
-
-def render_shape(
-    fill: tuple[int, int, int], shape: str, *, resolution: int, size: float, left: float, top: float, background: int
-) -> Image.Image:
-    """Draw one shape; geometry is in image pixels, drawn supersampled and downscaled for clean edges."""
-    scale = resolution * SUPERSAMPLE
-    canvas = Image.new("RGB", (scale, scale), (background,) * 3)
-    draw = ImageDraw.Draw(canvas)
-    outline = _shape_outline(shape, left * SUPERSAMPLE, top * SUPERSAMPLE, size * SUPERSAMPLE)
-    if shape == "circle":
-        draw.ellipse(outline, fill=fill)
-    elif shape == "square":
-        draw.rectangle(outline, fill=fill)
-    else:
-        draw.polygon(outline, fill=fill)
-    return canvas.resize((resolution, resolution), Image.Resampling.LANCZOS)
-
-
-def generate(
-    *, count: int, resolution: int, seed: int, min_size: float = 0.4, max_size: float = 0.8,
-    colours: dict[str, tuple[int, int, int]] = COLOURS, background: tuple[int, int] = LIGHT_BACKGROUND,
-) -> Iterator[ShapeSample]:
-    """Yield `count` samples; the same arguments always give the same bytes. `colours` and the grey
-    `background` range (low, high inclusive) are there so monitoring demos can shift the distribution."""
-    rng = np.random.default_rng(seed)
-    for _ in range(count):
-        colour = str(rng.choice(list(colours)))
-        shape = str(rng.choice(SHAPES))
-        template = str(rng.choice(CAPTION_TEMPLATES))
-        size = float(rng.uniform(min_size, max_size)) * resolution
-        left = float(rng.uniform(0, resolution - size))
-        top = float(rng.uniform(0, resolution - size))
-        grey = int(rng.integers(background[0], background[1] + 1))
-        image = render_shape(
-            colours[colour], shape, resolution=resolution, size=size, left=left, top=top, background=grey
-        )
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", optimize=False)
-        yield ShapeSample(colour, shape, template.format(colour=colour, shape=shape), buffer.getvalue())
-
 
 def items(settings: SyntheticSource) -> Iterator[SourceItem]:
     """The renders as ingest items; there is no file to stamp, and rendering again is cheap."""
