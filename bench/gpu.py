@@ -54,13 +54,14 @@ class Setup:
     batch_size: int
     steps: int
     mixed_precision: str
+    encode_dtype: str
     vae_channels: tuple[int, ...]
     loader_workers: int
     levers: bool  # also measure the speed levers
 
 
-GPU = Setup("sd15", 512, 550, 16, 60, "bf16", (128, 256, 512, 512), 8, levers=True)
-TINY = Setup("tiny", 64, 48, 8, 10, "no", (16, 32, 32, 32), 0, levers=False)
+GPU = Setup("sd15", 512, 550, 16, 60, "bf16", "bfloat16", (128, 256, 512, 512), 8, levers=True)
+TINY = Setup("tiny", 64, 48, 8, 10, "no", "float32", (16, 32, 32, 32), 0, levers=False)
 # seconds each measurement may take on an H100 (compiling the SD 1.5 UNet alone took about 150 s)
 LIMITS = {"encode": 120, "train full": 150, "train LoRA": 150, "diffusers loop": 150,
           "train full, compile": 330, "train full, batch 32": 150}
@@ -75,7 +76,7 @@ def bench_params(setup: Setup, root: Path, **train) -> Params:
     raw["ingest"]["synthetic"].update(count=setup.images, resolution=setup.resolution)
     raw["preprocess"].update(resolution=setup.resolution, workers=0)
     raw["model"].update(mode="finetune", pretrained=str(root / "pretrained"), finetune="full")
-    raw["encode"]["batch_size"] = 32
+    raw["encode"].update(batch_size=32, dtype=setup.encode_dtype)
     raw["train"].update(steps=setup.steps, batch_size=setup.batch_size, mixed_precision=setup.mixed_precision,
                         log_every=10, validate_every=setup.steps, checkpoint_every=setup.steps, sample_every=0,
                         warmup_steps=0, caption_dropout=0.0, ema_decay=None)
