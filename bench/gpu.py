@@ -166,7 +166,7 @@ def measure_reference(setup: Setup, root: Path) -> dict:
 
 
 def peak_mb() -> float:
-    from pipeline.train import peak_memory_mb
+    from pipeline.throughput import peak_memory_mb
 
     return peak_memory_mb(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -56,7 +56,7 @@ from pipeline.contracts.paths import Paths
 from pipeline.contracts.data import MANIFEST  # noqa: E402
 from pipeline.models import PRESETS, build_unet, random_pipeline, tokenize  # noqa: E402
 from pipeline.throughput import warmup_steps  # noqa: E402
-from pipeline.train import peak_memory_mb  # noqa: E402
+from pipeline.throughput import peak_memory_mb  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RAW_SIDE = 128  # the reference decodes and downsizes every image, as it would real photos

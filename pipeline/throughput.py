@@ -8,10 +8,12 @@ asynchronous, so every boundary of a timed span waits for the device first.
 
 from __future__ import annotations
 
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -110,3 +112,14 @@ def utilisation(images_per_second: float, flops_per_image: int, peak: float | No
     if peak is None:
         return {}
     return dict(matmul_flops_per_second=peak, mfu=images_per_second * flops_per_image / peak)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or this process's peak RSS (VmHWM: unlike ru_maxrss, Linux does not carry
+    the parent's peak over into it across exec)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.is_file():
+        return int(next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS reports bytes

@@ -27,13 +27,11 @@ import hashlib
 import importlib
 import logging
 import math
-import resource
 import time
 from collections.abc import Callable
 from functools import lru_cache
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +51,7 @@ from pipeline.checkpoints import (
     save_lora_checkpoints_only,
     training_fingerprint,
 )
-from pipeline.config import ConfigError, Params, TrainParams
+from pipeline.config import Params, TrainParams
 from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, load_latents
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
@@ -69,9 +67,16 @@ from pipeline.diffusion import (
 from pipeline.export import model_card, save_model
 from pipeline.models import tokenize
 from pipeline.speed import apply_speed_settings, compile_unet
-from pipeline.throughput import Throughput, flops_of, measured_matmul_flops_per_second, utilisation
+from pipeline.throughput import Throughput, flops_of, measured_matmul_flops_per_second, peak_memory_mb, utilisation
 from pipeline.tracking import training_run
-from pipeline.trainable import WEIGHT_DTYPES, Model, build_model, place_frozen_modules, stored_frozen_modules
+from pipeline.trainable import (
+    WEIGHT_DTYPES,
+    Model,
+    build_model,
+    make_optimizer,
+    place_frozen_modules,
+    stored_frozen_modules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,30 +166,6 @@ def diffusion_loss(model: Model, batch: Batch, settings: TrainParams, generator:
         return F.mse_loss(prediction, target.float())
     per_sample = ((prediction - target.float()) ** 2).mean(dim=(1, 2, 3))
     return (per_sample * min_snr_weights(scheduler, timesteps, settings.snr_gamma)).mean()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or this process's peak RSS (VmHWM: unlike ru_maxrss, Linux does not carry
-    the parent's peak over into it across exec)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if status.is_file():
-        return int(next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS reports bytes
-
-
-def make_optimizer(parameters: list, settings: TrainParams, device: torch.device):
-    if settings.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise ConfigError("train.optimizer: adamw_8bit needs bitsandbytes (pip install bitsandbytes)") from None
-        if device.type != "cuda":
-            raise ConfigError("train.optimizer: adamw_8bit needs a CUDA GPU; use adamw on this machine")
-        return bitsandbytes.optim.AdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    # fused: one kernel for all parameters; on CPUs the default per-tensor path costs ~20% of a tiny model's step
-    return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True)
 
 
 @dataclass
