@@ -14,9 +14,9 @@ after the other, each in a fresh process, --repeats times:
   per item decode the source file, RGB, resize, crop, normalise, tokenize; per step VAE-encode and sample,
   text-encode, UNet forward and backward, clip, AdamW and LR schedule steps, two `.item()` host syncs.
 
-Both start from the same saved UNet with the same optimiser, LR schedule, batch size and steps. The first
-epoch is warm-up; images/s counts the next --epochs epochs (the same images in both loops). For ours it
-comes from the `images_per_second` the stage logs to MLflow at every epoch's end (log_every = one epoch).
+Both start from the same saved UNet with the same optimiser, LR schedule, batch size and steps (1 + --epochs
+epochs). Both leave out the same warm-up steps (pipeline.throughput: at most 10); for ours images/s is the
+steady-state figure of metrics/train.json, which also leaves out validation and saving.
 Prints images/s of each (median over the repeats), the ratio, the one-time cost of encoding, each loop's
 peak RSS, and the models' sizes and forward FLOPs next to Stable Diffusion 1.5's.
 """
@@ -55,7 +55,8 @@ from pipeline.config import Params, TrainParams, VaeParams, parse_params  # noqa
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.data import MANIFEST  # noqa: E402
 from pipeline.models import PRESETS, build_unet, random_pipeline, tokenize  # noqa: E402
-from pipeline.train import peak_memory_mb  # noqa: E402
+from pipeline.throughput import warmup_steps  # noqa: E402
+from pipeline.throughput import peak_memory_mb  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RAW_SIDE = 128  # the reference decodes and downsizes every image, as it would real photos
@@ -123,28 +124,12 @@ def in_fresh_process(function, *args):
 # ---------------------------------------------------------------- ours
 
 
-def logged_rate(params: Params, paths: Paths, train_samples: int, from_step: int) -> float:
-    """images/s from `from_step` to the last step, from the cumulative images_per_second the stage logs to MLflow
-    (images since its loop started, over the seconds since): both steps end an epoch, which holds every sample once."""
-    from mlflow import MlflowClient
-
-    from pipeline.atomic import read_json
-    from pipeline.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri(params.register_, paths.root))
-    logged = {m.step: m.value for m in client.get_metric_history(read_json(paths.run_record)["run_id"],
-                                                                  "images_per_second")}
-    images = {step: step // params.train.log_every * train_samples for step in (from_step, params.train.steps)}
-    elapsed = {step: images[step] / logged[step] for step in images}
-    return (images[params.train.steps] - images[from_step]) / (elapsed[params.train.steps] - elapsed[from_step])
-
-
-def our_loop(params: Params, paths: Paths, warmup_steps: int) -> dict:
+def our_loop(params: Params, paths: Paths) -> dict:
+    """The stage's own steady-state images/s (train.json: after its warm-up steps, validation and saving left out)."""
     from pipeline.train import train
 
     metrics = train(params, paths)
-    return dict(images_per_second=logged_rate(params, paths, metrics["train_samples"], warmup_steps),
-                peak_rss_mb=peak_memory_mb(torch.device("cpu")))
+    return dict(images_per_second=metrics["images_per_second"], peak_memory_mb=peak_memory_mb(torch.device("cpu")))
 
 
 # ---------------------------------------------------------------- reference: train_text_to_image.py
@@ -189,7 +174,9 @@ def training_sources(data: Paths) -> tuple[list[Path], list[str]]:
 
 
 def reference_loop(settings: TrainParams, pretrained: str, files: list[Path], captions: list[str],
-                   warmup_steps: int) -> dict:
+                   warmup_steps: int, resolution: int = RESOLUTION, workers: int = 0) -> dict:
+    """The script's loop (also bench/gpu.py's, at 512 px in bf16 with loader workers): frozen VAE and text
+    encoder in the weight dtype on the accelerator, the UNet in fp32 under autocast."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -198,19 +185,21 @@ def reference_loop(settings: TrainParams, pretrained: str, files: list[Path], ca
     from transformers import AutoTokenizer, CLIPTextModel
 
     set_seed(settings.seed)
-    accelerator = Accelerator(mixed_precision="no")
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
+    device = accelerator.device
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision, torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
     noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
     text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder")
     vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
     unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    vae.requires_grad_(False).to(device, weight_dtype)
+    text_encoder.requires_grad_(False).to(device, weight_dtype)
     unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate, betas=(0.9, 0.999),
                                   weight_decay=settings.weight_decay, eps=1e-8)
-    loader = torch.utils.data.DataLoader(SourceImages(files, captions, tokenizer, RESOLUTION), shuffle=True,
-                                         collate_fn=collate, batch_size=settings.batch_size, num_workers=0)
+    loader = torch.utils.data.DataLoader(SourceImages(files, captions, tokenizer, resolution), shuffle=True,
+                                         collate_fn=collate, batch_size=settings.batch_size, num_workers=workers)
     lr_scheduler = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
                                  num_training_steps=settings.steps)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
@@ -219,9 +208,11 @@ def reference_loop(settings: TrainParams, pretrained: str, files: list[Path], ca
     while step < settings.steps:
         for batch in loader:
             with accelerator.accumulate(unet):
-                latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+                pixels = batch["pixel_values"].to(weight_dtype)
+                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
                 noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),)).long()
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),),
+                                          device=device).long()
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 encoder_hidden_states = text_encoder(batch["input_ids"])[0]
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
@@ -244,7 +235,7 @@ def reference_loop(settings: TrainParams, pretrained: str, files: list[Path], ca
                 break
     seconds = time.perf_counter() - started
     progress.close()
-    return dict(images_per_second=images / seconds, peak_rss_mb=peak_memory_mb(torch.device("cpu")))
+    return dict(images_per_second=images / seconds, peak_memory_mb=peak_memory_mb(device))
 
 
 # ---------------------------------------------------------------- sizes
@@ -319,9 +310,9 @@ def bench_vae(name: str, vae: tuple[int, ...], data: Paths, root: Path, args) ->
     encode_seconds = timed(lambda: encode(paths, encode=params.encode, model=params.model, train=params.train))
     runs = {"ours": [], "reference": []}
     for _ in range(args.repeats):
-        runs["ours"].append(in_fresh_process(our_loop, params, paths, epoch))
+        runs["ours"].append(in_fresh_process(our_loop, params, paths))
         runs["reference"].append(in_fresh_process(reference_loop, params.train, params.model.pretrained, files,
-                                                  captions, epoch))
+                                                  captions, warmup_steps(params.train.steps)))
     rates = {loop: statistics.median(run["images_per_second"] for run in results) for loop, results in runs.items()}
     ratio = rates["ours"] / rates["reference"]
     # training images after which encoding once has cost less than the reference's encoding per step
@@ -333,7 +324,7 @@ def bench_vae(name: str, vae: tuple[int, ...], data: Paths, root: Path, args) ->
     for loop, label in (("ours", "ours: train stage on cached latents"),
                         ("reference", "reference: train_text_to_image.py loop")):
         each = ", ".join(f"{run['images_per_second']:.0f}" for run in runs[loop])
-        print(f"  {label:<40} {rates[loop]:9.1f} {each:>14} {max(r['peak_rss_mb'] for r in runs[loop]):6.0f} MB")
+        print(f"  {label:<40} {rates[loop]:9.1f} {each:>14} {max(r['peak_memory_mb'] for r in runs[loop]):6.0f} MB")
     print(f"  ratio {ratio:.2f}x; encoding once pays for itself after {break_even:,.0f} training images")
     return dict(name=name, costs=saved_costs(root / "pretrained"), rates=rates, ratio=ratio)
 
@@ -341,7 +332,7 @@ def bench_vae(name: str, vae: tuple[int, ...], data: Paths, root: Path, args) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512, help="synthetic source images (about 90%% train)")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs, after one epoch of warm-up")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs after the first (1 + epochs are run)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loop per VAE; images/s is the median")
     args = parser.parse_args()
@@ -349,7 +340,7 @@ def main() -> None:
     # timings on a shared machine mean little without what else ran on it
     print(f"1-minute load average before the bench: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"batch {args.batch_size} at {RESOLUTION}x{RESOLUTION}, fp32, AdamW, {torch.get_num_threads()} torch "
-          f"threads; images/s over epochs 2-{args.epochs + 1} (epoch 1 is warm-up), median of {args.repeats}")
+          f"threads; {1 + args.epochs} epochs, images/s after the warm-up steps, median of {args.repeats}")
     with tempfile.TemporaryDirectory(prefix="sdpipe-bench-") as folder:
         started = time.perf_counter()
         data = prepared_data(Path(folder) / "data", args.images)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import read_json, write_json
 from pipeline.config import ModelParams, TrainParams
@@ -23,6 +25,7 @@ from pipeline.tracking import folder_hash
 
 CHECKPOINT_PREFIX = "step-"
 FINGERPRINT = "fingerprint.json"
+LORA_CHECKPOINT = "lora.safetensors"  # a LoRA checkpoint's trained weights (the frozen base UNet is not saved)
 # Settings that change what is logged, not what is learned: a checkpoint stays valid when they change.
 OBSERVABILITY_SETTINGS = ("log_every", "validate_every", "validation_timesteps", "sample_every",
                           "checkpoint_every", "checkpoints_kept")
@@ -93,3 +96,29 @@ def save_checkpoint(accelerator: Accelerator, paths: Paths, step: int, fingerpri
             shutil.rmtree(folder)
     accelerator.wait_for_everyone()
     return target
+
+
+def remove_checkpoints(paths: Paths, fingerprint: dict) -> None:
+    """A finished run's checkpoints: never resumed (the stage run again trains afresh), so not kept."""
+    for folder in checkpoint_folders(paths):
+        if (folder / FINGERPRINT).is_file() and read_json(folder / FINGERPRINT) == fingerprint:
+            shutil.rmtree(folder)
+
+
+def save_lora_checkpoints_only(accelerator: Accelerator) -> None:
+    """LoRA checkpoints hold the LoRA weights (and, as always, their optimizer state), not the frozen base UNet:
+    accelerate's save/load hooks, as diffusers' LoRA training scripts use them."""
+
+    def save(models: list, weights: list, folder: str) -> None:
+        if accelerator.is_main_process:
+            save_file(get_peft_model_state_dict(accelerator.unwrap_model(models[0])), Path(folder) / LORA_CHECKPOINT)
+        weights.clear()  # accelerate saves no full UNet
+
+    def load(models: list, folder: str) -> None:
+        unet = accelerator.unwrap_model(models.pop())
+        loaded = set_peft_model_state_dict(unet, load_file(Path(folder) / LORA_CHECKPOINT, device=str(unet.device)))
+        if loaded.unexpected_keys:
+            raise ValueError(f"train: {folder} holds weights of other LoRA layers: {loaded.unexpected_keys[:3]}")
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)

@@ -3,6 +3,7 @@
     sdpipe ingest | validate | preprocess | vae | encode | train | evaluate | register
     sdpipe generate --model models:/sdpipe@champion --prompt "a red circle" -n 4 --out samples/
     sdpipe models | sdpipe promote VERSION [--reason ...] | sdpipe rollback [--reason ...]
+    sdpipe --device cpu <command>   # networks on the CPU even where there is a GPU
 
 Each stage reads params.yaml (or --params) through `pipeline.config` and is what dvc.yaml runs.
 """
@@ -132,6 +133,8 @@ STAGES: dict[str, Callable] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdpipe", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=PARAMS_FILE, help="parameter file; its folder is the project root")
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                        help="auto: the accelerator when there is one (default); cpu: force the CPU")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler in STAGES.items():
         commands.add_parser(name, help=f"run the {name} stage").set_defaults(handler=handler)
@@ -167,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.device == "cpu":
+        from pipeline.device import force_cpu
+
+        force_cpu()
     try:
         params = load_params(args.params)
         args.handler(params, Paths(Path(args.params).resolve().parent), args)

@@ -262,6 +262,9 @@ class TrainParams(Section):
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the UNet weights; null: off")
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "classic"] = "sdpa"
+    compile: bool = Field(False, description="torch.compile the UNet (GPU lever; minutes of compiling first)")
+    channels_last: bool = Field(False, description="the UNet's weights and activations in NHWC (GPU lever)")
+    tf32: bool = Field(False, description="fp32 matmuls on tensor cores (CUDA only)")
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     log_every: int = Field(50, ge=1)
     validate_every: int = Field(250, ge=1, description="held-out loss at fixed timesteps every this many steps")

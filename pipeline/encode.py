@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -35,6 +37,7 @@ from pipeline.config import EncodeParams, ModelParams, TrainParams
 from pipeline.contracts.data import SPLITS, load_split_groups
 from pipeline.contracts.latents import FLIPPED, LATENT_COLUMNS, POSTERIOR, TEXT_KEYS, TEXT_STATES
 from pipeline.contracts.paths import Paths
+from pipeline.device import compute_device
 from pipeline.models import encode_images, load_frozen_text_encoder, to_model_range, tokenize
 from pipeline.tracking import folder_hash, module_hash
 
@@ -47,8 +50,14 @@ def key_of(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def my_share(items: list[int], processes: int, process: int) -> list[int]:
+    """This process's part of the work under `accelerate launch`: every processes-th item, from its index."""
+    return items[process::processes]
+
+
 class KeyedCache:
-    """Values of a previous run by key; `take` returns cached rows and encodes only the missing ones."""
+    """Values of a previous run by key; `take` returns cached rows and encodes only the missing ones, split
+    over the processes of `accelerate launch` (each encodes its share, all receive every value)."""
 
     def __init__(self, values: dict[str, torch.Tensor]):
         self.values, self.reused, self.encoded = values, 0, 0
@@ -56,7 +65,10 @@ class KeyedCache:
     def take(self, keys: list[str], encode_missing) -> torch.Tensor:
         missing = [i for i, key in enumerate(keys) if key not in self.values]
         if missing:
-            for i, value in zip(missing, encode_missing(missing), strict=True):
+            state = PartialState()
+            mine = my_share(missing, state.num_processes, state.process_index)
+            encoded = list(zip(mine, encode_missing(mine), strict=True)) if mine else []
+            for i, value in gather_object(encoded):
                 self.values[keys[i]] = value
         self.encoded += len(missing)
         self.reused += len(keys) - len(missing)
@@ -89,7 +101,8 @@ def previous_values(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
 
 @torch.no_grad()
 def encode_captions(tokenizer, text_encoder, captions: list[str], batch_size: int) -> torch.Tensor:
-    states = [text_encoder(tokenize(tokenizer, captions[i : i + batch_size]))[0] for i in range(0, len(captions), batch_size)]
+    states = [text_encoder(tokenize(tokenizer, captions[i : i + batch_size]).to(text_encoder.device))[0].cpu()
+              for i in range(0, len(captions), batch_size)]
     return torch.cat(states).contiguous()
 
 
@@ -137,17 +150,31 @@ def cache_captions(captions: list[str], text_encoder: FrozenTextEncoder, setting
     return states, keys, [row_of[caption] for caption in captions]
 
 
-def frozen_text_encoder(model: ModelParams, paths: Paths, dtype: torch.dtype) -> FrozenTextEncoder | None:
+def frozen_text_encoder(model: ModelParams, paths: Paths, dtype: torch.dtype,
+                        device: torch.device) -> FrozenTextEncoder | None:
     """The pretrained model's text encoder in finetune mode; scratch mode trains its own (nothing to cache)."""
     if model.mode != "finetune":
         return None
     tokenizer, text_encoder = load_frozen_text_encoder(model.pretrained, paths.root)
-    return FrozenTextEncoder(tokenizer, text_encoder.to(dtype), key=module_hash(text_encoder))
+    key = module_hash(text_encoder.to(dtype))  # before the move: hashing reads the weights on the CPU
+    return FrozenTextEncoder(tokenizer, text_encoder.to(device), key=key)
+
+
+@dataclass
+class EncodedSplit:
+    tensors: dict[str, torch.Tensor]
+    manifest: pd.DataFrame
+    metadata: dict[str, str] | None
+
+    def write(self, split: str, staging: Path) -> None:
+        save_file(self.tensors, staging / f"{split}.safetensors", metadata=self.metadata)
+        columns = [c for c in LATENT_COLUMNS if c in self.manifest]
+        self.manifest[columns].to_parquet(staging / f"{split}.parquet", index=False)
 
 
 def encode_split(split: str, settings: EncodeParams, random_flip: bool, paths: Paths, vae: AutoencoderKL,
-                 vae_key: str, text_encoder: FrozenTextEncoder | None, latents: KeyedCache, texts: KeyedCache,
-                 staging: Path) -> int:
+                 vae_key: str, text_encoder: FrozenTextEncoder | None, latents: KeyedCache,
+                 texts: KeyedCache) -> EncodedSplit:
     tensors, parts = {}, []
     for group, (images, rows) in enumerate(load_split_groups(paths, split)):
         encoded, key_columns = encode_group(images, rows, vae, vae_key, settings, random_flip, latents)
@@ -159,22 +186,24 @@ def encode_split(split: str, settings: EncodeParams, random_flip: bool, paths: P
         tensors[TEXT_STATES], text_keys, manifest["text_row"] = cache_captions(
             manifest["caption"].tolist(), text_encoder, settings, texts)
         metadata = {TEXT_KEYS: json.dumps(text_keys)}
-    save_file(tensors, staging / f"{split}.safetensors", metadata=metadata)
-    columns = [c for c in LATENT_COLUMNS if c in manifest]
-    manifest[columns].to_parquet(staging / f"{split}.parquet", index=False)
-    return len(manifest)
+    return EncodedSplit(tensors, manifest, metadata)
 
 
 def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, train: TrainParams) -> dict[str, int]:
-    dtype = DTYPES[encode.dtype]
-    vae = AutoencoderKL.from_pretrained(paths.vae_model, torch_dtype=dtype).eval()
-    text_encoder = frozen_text_encoder(model, paths, dtype)
+    """Run by one process, or by each of `accelerate launch`'s: they share the encoding, the main one writes."""
+    dtype, device, state = DTYPES[encode.dtype], compute_device(), PartialState()
+    vae = AutoencoderKL.from_pretrained(paths.vae_model, torch_dtype=dtype).to(device).eval()
+    text_encoder = frozen_text_encoder(model, paths, dtype, device)
     vae_key = folder_hash(paths.vae_model)
     latents, texts = (KeyedCache(values) for values in previous_values(paths.latents))
-    with atomic_dir(paths.latents) as staging:
-        counts = {split: encode_split(split, encode, train.random_flip, paths, vae, vae_key, text_encoder, latents,
-                                      texts, staging)
-                  for split in SPLITS}
+    splits = {split: encode_split(split, encode, train.random_flip, paths, vae, vae_key, text_encoder, latents, texts)
+              for split in SPLITS}
+    if state.is_main_process:
+        with atomic_dir(paths.latents) as staging:
+            for split, encoded in splits.items():
+                encoded.write(split, staging)
+    state.wait_for_everyone()
+    counts = {split: len(encoded.manifest) for split, encoded in splits.items()}
     log.info("encode: %s samples; latents %d encoded, %d reused from the last run%s", counts, latents.encoded,
              latents.reused, f"; caption states {texts.encoded} encoded, {texts.reused} reused" if text_encoder else "")
     return dict(counts, encoded=latents.encoded, reused=latents.reused)

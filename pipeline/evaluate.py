@@ -34,7 +34,7 @@ from pipeline.contracts.records import EVAL_METRICS, PROMPTS, UNAVAILABLE
 from pipeline.diagnostics import image_grid, noise_metrics_on
 from pipeline.external_metrics import ExternalMetrics, external_metrics
 from pipeline.labels import label_judge
-from pipeline.models import load_pipeline, to_model_range
+from pipeline.models import load_pipeline, reconstruct, to_model_range
 from pipeline.prompts import evaluation_prompts
 from pipeline.shapes import SHAPE_PROMPTS
 from pipeline.tracking import model_run
@@ -150,9 +150,8 @@ def gaussian_ssim(first: torch.Tensor, second: torch.Tensor, *, window: int = 11
 @torch.no_grad()
 def vae_reconstruction_metrics(pipeline: StableDiffusionPipeline, paths: Paths) -> dict:
     model_input = to_model_range(load_split(paths, "val")[0])
-    vae = pipeline.vae
-    reconstructed = vae.decode(vae.encode(model_input).latent_dist.mean).sample
-    images, reconstructed = (model_input.double() + 1) / 2, (reconstructed.double().clamp(-1, 1) + 1) / 2
+    reconstructed = reconstruct(pipeline.vae, model_input)
+    images, reconstructed = (model_input.double() + 1) / 2, (reconstructed.double() + 1) / 2
     mse = float(torch.mean((reconstructed - images) ** 2))
     return dict(
         vae_mse=mse,

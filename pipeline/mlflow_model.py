@@ -19,12 +19,16 @@ DEFAULTS = {"negative_prompt": None, "seed": 0, "steps": 25, "guidance": 4.0}
 
 class DiffusersPipelineModel(PythonModel):
     def load_context(self, context):
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
         from diffusers import StableDiffusionPipeline
 
         self.pipeline = StableDiffusionPipeline.from_pretrained(
             context.artifacts[PIPELINE_ARTIFACT], safety_checker=None, requires_safety_checker=False
         )
         self.pipeline.set_progress_bar_config(disable=True)
+        # sdpipe's device rule (pipeline/device.py), restated: this file is served without sdpipe's code
+        self.pipeline.to(PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device)
 
     def _image(self, row: dict) -> str:
         settings = {key: row.get(key) if pd.notna(row.get(key)) else value for key, value in DEFAULTS.items()}

@@ -26,6 +26,7 @@ from diffusers import (
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
 from pipeline.config import ConfigError, VaeParams
+from pipeline.device import compute_device
 from pipeline.diffusion import training_scheduler
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -227,9 +228,10 @@ def random_pipeline(captions: Iterable[str], *, preset: str = "tiny", vae: VaePa
 
 
 def load_pipeline(folder) -> StableDiffusionPipeline:
+    """A saved pipeline on the compute device (sampling stays deterministic: seeds drive CPU generators)."""
     pipeline = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return pipeline.to(compute_device())
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -239,9 +241,27 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of CPU images, computed where the VAE is and returned on the CPU."""
     means, stds = [], []
     for start in range(0, len(images), batch_size):
-        posterior = vae.encode(images[start : start + batch_size].to(vae.dtype)).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        posterior = vae.encode(images[start : start + batch_size].to(vae.device, vae.dtype)).latent_dist
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
     return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+
+
+BATCH_PIXELS = 2**22  # images per VAE pass outside training: 4,096 at 32 px, 16 at 512 px
+
+
+def device_batches(images: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """CPU images in slices of about BATCH_PIXELS pixels, moved to where the network runs."""
+    size = max(1, BATCH_PIXELS // (images.shape[-2] * images.shape[-1]))
+    for start in range(0, len(images), size):
+        yield images[start : start + size].to(device, dtype)
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """The VAE's reconstructions (of the posterior means) of CPU images in [-1, 1], clamped, on the CPU."""
+    return torch.cat([vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1).float().cpu()
+                      for batch in device_batches(images, vae.device, vae.dtype)])

@@ -24,15 +24,14 @@ from `pipeline.diffusion`, checkpoints from `pipeline.checkpoints` and the saved
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import math
-import resource
 import time
 from collections.abc import Callable
 from functools import lru_cache
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +45,13 @@ from pipeline.atomic import write_json
 from pipeline.checkpoints import (
     Progress,
     checkpoint_folders,
+    remove_checkpoints,
     resumable_checkpoint,
     save_checkpoint,
+    save_lora_checkpoints_only,
     training_fingerprint,
 )
-from pipeline.config import ConfigError, Params, TrainParams
+from pipeline.config import Params, TrainParams
 from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, load_latents
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
@@ -65,8 +66,17 @@ from pipeline.diffusion import (
 )
 from pipeline.export import model_card, save_model
 from pipeline.models import tokenize
+from pipeline.speed import apply_speed_settings, compile_unet
+from pipeline.throughput import Throughput, flops_of, measured_matmul_flops_per_second, peak_memory_mb, utilisation
 from pipeline.tracking import training_run
-from pipeline.trainable import Model, build_model
+from pipeline.trainable import (
+    WEIGHT_DTYPES,
+    Model,
+    build_model,
+    make_optimizer,
+    place_frozen_modules,
+    stored_frozen_modules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,30 +168,6 @@ def diffusion_loss(model: Model, batch: Batch, settings: TrainParams, generator:
     return (per_sample * min_snr_weights(scheduler, timesteps, settings.snr_gamma)).mean()
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or this process's peak RSS (VmHWM: unlike ru_maxrss, Linux does not carry
-    the parent's peak over into it across exec)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if status.is_file():
-        return int(next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS reports bytes
-
-
-def make_optimizer(parameters: list, settings: TrainParams, device: torch.device):
-    if settings.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise ConfigError("train.optimizer: adamw_8bit needs bitsandbytes (pip install bitsandbytes)") from None
-        if device.type != "cuda":
-            raise ConfigError("train.optimizer: adamw_8bit needs a CUDA GPU; use adamw on this machine")
-        return bitsandbytes.optim.AdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    # fused: one kernel for all parameters; on CPUs the default per-tensor path costs ~20% of a tiny model's step
-    return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True)
-
-
 @dataclass
 class Run:
     """One training: the prepared modules, the data and where progress is logged."""
@@ -219,7 +205,7 @@ class Run:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        with self.evaluation_weights():
+        with self.evaluation_weights(), self.accelerator.autocast():
             metrics = noise_metrics_on(self.model.pipeline(self.accelerator), self.val.single_size().mean.float(),
                                        self.val.captions,
                                        self.settings.validation_timesteps, self.settings.seed)
@@ -228,7 +214,7 @@ class Run:
     @torch.no_grad()
     def sample_grid(self):
         prompts = list(dict.fromkeys(self.val.captions))[:SAMPLE_PROMPTS]
-        with self.evaluation_weights():
+        with self.evaluation_weights(), self.accelerator.autocast():
             images = self.model.pipeline(self.accelerator)(
                 prompts, num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE,
                 generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
@@ -255,16 +241,18 @@ class _ema_weights:
         self.ema.restore(self.parameters)
 
 
-def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> int:
+def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughput:
     """The optimisation loop from `start_step` on; progress (curve, data digest) accumulates in run.progress.
-    Returns the number of images trained on, over all processes."""
+    Returns its timings. The last step writes no checkpoint: a finished run is never resumed."""
     accelerator, settings, model = run.accelerator, run.settings, run.model
     parameters = model.trainable_parameters()
-    window, started, grad_norm, images = [], time.perf_counter(), torch.tensor(0.0), 0
+    window, grad_norm = [], torch.tensor(0.0)
+    speed = Throughput(accelerator.device, settings.steps - start_step)
     group_sizes = tuple(len(group) for group in run.cache.groups)
     progress = tqdm(range(start_step + 1, settings.steps + 1), desc="train", initial=start_step, total=settings.steps,
                     disable=not accelerator.is_local_main_process)
     for step in progress:
+        images = 0
         for micro in range(settings.gradient_accumulation_steps):
             micro_batch = (step - 1) * settings.gradient_accumulation_steps + micro
             group, positions = batch_indices(micro_batch, group_sizes, settings.batch_size,
@@ -286,6 +274,7 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> int:
         if run.ema is not None:
             run.ema.step(run.ema_parameters())
         run.progress.step = step
+        speed.step_done(images)
         if step % settings.log_every == 0 or step == settings.steps or step % settings.checkpoint_every == 0:
             # the one host sync per logging window: a NaN stops the run before it is checkpointed
             mean_loss = float(torch.stack(window).mean())
@@ -297,17 +286,20 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> int:
                 )
             window.clear()
             run.progress.curve.append([step, mean_loss])
-            rate = images / (time.perf_counter() - started)
+            rate = speed.images_per_second()
             progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
             run.log_metrics({"train_loss": mean_loss, "lr": run.optimizer_lr(), "grad_norm": float(grad_norm),
                              "images_per_second": rate, "peak_memory_mb": peak_memory_mb(accelerator.device)}, step)
         if step % settings.validate_every == 0 or step == settings.steps:
-            run.log_metrics({"val_loss": run.validation_loss()}, step)
+            with speed.excluded("validation"):
+                run.log_metrics({"val_loss": run.validation_loss()}, step)
         if settings.sample_every and step % settings.sample_every == 0 and accelerator.is_main_process:
-            run.log_image(run.sample_grid(), f"samples/step-{step:07d}.png")
-        if step % settings.checkpoint_every == 0 or step == settings.steps:
-            save_checkpoint(accelerator, paths, step, fingerprint, settings.checkpoints_kept)
-    return images
+            with speed.excluded("sampling"):
+                run.log_image(run.sample_grid(), f"samples/step-{step:07d}.png")
+        if step % settings.checkpoint_every == 0 and step < settings.steps:
+            with speed.excluded("checkpoint"):
+                save_checkpoint(accelerator, paths, step, fingerprint, settings.checkpoints_kept)
+    return speed
 
 
 def conditioning_of(model: Model, cache: CachedLatents) -> Conditioning:
@@ -317,17 +309,42 @@ def conditioning_of(model: Model, cache: CachedLatents) -> Conditioning:
     return Conditioning(cache.text_states, cache.text_rows, cache.text_states[EMPTY_PROMPT_ROW])
 
 
-def train(params: Params, paths: Paths) -> dict:
+def flops_per_image(model: Model, cache: CachedLatents, conditioning: Conditioning, settings: TrainParams,
+                    accelerator: Accelerator) -> int:
+    """The FLOPs of training on one image (the loss's forward and backward passes), counted once, before training."""
+    generator = torch.Generator().manual_seed(derived_seed(settings.seed, "flops"))
+    batch = make_batch(cache, conditioning, 0, torch.tensor([0]), scale=model.vae.config.scaling_factor,
+                       caption_dropout=0.0, random_flip=False, generator=generator)
+
+    def one_image() -> None:
+        with accelerator.autocast():
+            loss = diffusion_loss(model, batch, settings, generator, accelerator.device)
+        loss.backward()
+
+    flops = flops_of(one_image)
+    for parameter in model.trainable_parameters():
+        parameter.grad = None
+    return flops
+
+
+def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
+    """The stage. `tracked=False` (bench/gpu.py) logs nothing to MLflow and needs no MLflow installed."""
     settings = params.train
     set_seed(settings.seed)
     accelerator = Accelerator(mixed_precision=settings.mixed_precision,
                               gradient_accumulation_steps=settings.gradient_accumulation_steps)
+    device = accelerator.device
     cache, val = load_latents(paths.latents, "train"), load_latents(paths.latents, "val")
     if len(cache) < accelerator.num_processes:
         raise ValueError(f"train: {len(cache)} training samples cannot feed {accelerator.num_processes} processes")
     model = build_model(params.model, params.train, paths, cache, val)
-    model.vae.to(accelerator.device)  # frozen; only used for validation samples
-    optimizer = make_optimizer(model.trainable_parameters(), settings, accelerator.device)
+    place_frozen_modules(model, device, WEIGHT_DTYPES[settings.mixed_precision])
+    for module in model.trained_modules():
+        module.to(device)
+    apply_speed_settings(model.unet, settings, device)
+    conditioning = conditioning_of(model, cache)
+    flops = flops_per_image(model, cache, conditioning, settings, accelerator)
+    optimizer = make_optimizer(model.trainable_parameters(), settings, device)
     lr_schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
                                 num_training_steps=settings.steps)
     if model.trains_text_encoder:
@@ -335,7 +352,8 @@ def train(params: Params, paths: Paths) -> dict:
             model.unet, model.text_encoder, optimizer, lr_schedule)
     else:
         model.unet, optimizer, lr_schedule = accelerator.prepare(model.unet, optimizer, lr_schedule)
-        model.text_encoder.to(accelerator.device)  # frozen; only used for validation samples
+    if model.lora:
+        save_lora_checkpoints_only(accelerator)
     ema = EMAModel(trained_unet_parameters(accelerator, model.unet), decay=settings.ema_decay) \
         if settings.ema_decay else None
     progress = Progress()
@@ -349,38 +367,44 @@ def train(params: Params, paths: Paths) -> dict:
         accelerator.load_state(str(checkpoint))
         log.info("train: resuming from %s (step %d of %d)", checkpoint, progress.step, settings.steps)
     start_step = progress.step
+    compile_unet(model.unet, settings)
+    peak = measured_matmul_flops_per_second(device)
 
     main = accelerator.is_main_process
-    with training_run(params, paths, progress.mlflow_run_id) if main else nullcontext() as mlflow_run:
-        import mlflow
-
-        progress.mlflow_run_id = mlflow_run.info.run_id if main else None
+    logged = tracked and main
+    with training_run(params, paths, progress.mlflow_run_id) if logged else nullcontext() as mlflow_run:
+        mlflow = importlib.import_module("mlflow") if logged else None
+        progress.mlflow_run_id = mlflow_run.info.run_id if logged else None
         run = Run(
-            accelerator, model, settings, cache, val,
-            conditioning=conditioning_of(model, cache),
+            accelerator, model, settings, cache, val, conditioning=conditioning,
             optimizer=optimizer, lr_schedule=lr_schedule, progress=progress, ema=ema,
-            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step) if main else None,
-            log_image=lambda image, name: mlflow.log_image(image, name) if main else None,
+            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step) if logged else None,
+            log_image=lambda image, name: mlflow.log_image(image, name) if logged else None,
         )
         started = time.perf_counter()
-        images = fit(run, paths, fingerprint, start_step)
+        speed = fit(run, paths, fingerprint, start_step)
         seconds = time.perf_counter() - started
+        throughput = speed.summary()
         metrics = dict(
             final_loss=progress.curve[-1][1], steps=settings.steps, resumed_from_step=start_step,
-            seconds=seconds, train_samples=len(cache), processes=accelerator.num_processes,
-            images_per_second=images / seconds if seconds else 0.0,
-            peak_memory_mb=peak_memory_mb(accelerator.device),
+            seconds=seconds, train_samples=len(cache), processes=accelerator.num_processes, **throughput,
+            flops_per_image=flops, **utilisation(throughput["images_per_second"], flops, peak),
+            peak_memory_mb=peak_memory_mb(device),
             trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
         )
         accelerator.wait_for_everyone()
         if main:
+            stored_frozen_modules(model, params.model, paths)
             with run.evaluation_weights():
                 lora_unet = accelerator.unwrap_model(model.unet) if model.lora else None
                 save_model(model.pipeline(accelerator), lora_unet, params.model, paths,
                            model_card(params.model, params.train, paths, metrics))
             write_json(paths.metrics / TRAIN_METRICS, {**metrics, "data_digest": progress.data_digest})
             write_loss_curve(paths.metrics / LOSS_PLOT, progress.curve)
-            mlflow.log_metrics({"train_seconds": seconds}, step=settings.steps)
-            log.info("train: steps %d-%d in %.0f s, final loss %.4f (MLflow run %s)", start_step + 1,
-                     settings.steps, seconds, metrics["final_loss"], mlflow_run.info.run_id)
+            remove_checkpoints(paths, fingerprint)
+            run.log_metrics({"train_seconds": seconds, **{f"train_{name}": value for name, value in metrics.items()
+                                                          if name != "final_loss"}}, settings.steps)
+            log.info("train: steps %d-%d in %.0f s, final loss %.4f, %.1f images/s in the steady state%s",
+                     start_step + 1, settings.steps, seconds, metrics["final_loss"], metrics["images_per_second"],
+                     f" (MLflow run {mlflow_run.info.run_id})" if logged else "")
     return metrics

@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from pipeline.config import ConfigError, ModelParams, TrainParams
@@ -25,6 +26,8 @@ from pipeline.models import (
     load_pretrained_unet,
     pretrained_scheduler_config,
 )
+
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -111,3 +114,34 @@ def build_model(model: ModelParams, train: TrainParams, paths: Paths, cache: Cac
         raise ValueError(f"train: train.random_flip is on but {paths.latents} has no mirrored latents; "
                          "run `sdpipe encode` again (dvc repro does)")
     return built
+
+
+def place_frozen_modules(model: Model, device: torch.device, dtype: torch.dtype) -> None:
+    """Frozen weights in the weight dtype, as diffusers' training scripts keep them: the VAE (validation samples
+    only), the finetune text encoder, and under LoRA the base UNet; trained parameters stay in fp32."""
+    model.vae.to(device, dtype)
+    if not model.trains_text_encoder:
+        model.text_encoder.to(device, dtype)
+    if model.lora:
+        model.unet.to(device, dtype)
+        cast_training_params(model.unet, dtype=torch.float32)
+
+
+def stored_frozen_modules(model: Model, settings: ModelParams, paths: Paths) -> None:
+    """The frozen modules as stored (fp32), for the saved model: a round trip through bf16 would change them."""
+    model.vae = AutoencoderKL.from_pretrained(paths.vae_model)
+    if not model.trains_text_encoder:
+        model.text_encoder = load_frozen_text_encoder(settings.pretrained, paths.root)[1]
+
+
+def make_optimizer(parameters: list, settings: TrainParams, device: torch.device):
+    if settings.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError("train.optimizer: adamw_8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        if device.type != "cuda":
+            raise ConfigError("train.optimizer: adamw_8bit needs a CUDA GPU; use adamw on this machine")
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    # fused: one kernel for all parameters; on CPUs the default per-tensor path costs ~20% of a tiny model's step
+    return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True)

@@ -24,7 +24,8 @@ from pipeline.config import ModelParams, PreprocessParams, TrainParams, VaeParam
 from pipeline.contracts.data import load_split, load_split_groups
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import VAE_METRICS
-from pipeline.models import build_vae, load_pretrained_vae, to_model_range
+from pipeline.device import compute_device
+from pipeline.models import build_vae, device_batches, load_pretrained_vae, reconstruct, to_model_range
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +47,15 @@ def sample_batch(groups: list[torch.Tensor], batch_size: int, generator: torch.G
 
 
 @torch.no_grad()
-def latent_std(vae, groups: list[torch.Tensor], batch_size: int = 256) -> float:
+def latent_std(vae, groups: list[torch.Tensor]) -> float:
     """The standard deviation of the latent means over every image, whatever their sizes."""
-    means = [vae.encode(images[i : i + batch_size]).latent_dist.mean.flatten()
-             for images in groups for i in range(0, len(images), batch_size)]
+    means = [vae.encode(batch).latent_dist.mean.float().flatten().cpu()
+             for images in groups for batch in device_batches(images, vae.device, vae.dtype)]
     return float(torch.cat(means).std())
 
 
-@torch.no_grad()
-def reconstruction_mse(vae, images: torch.Tensor, batch_size: int = 256) -> float:
-    errors = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        reconstruction = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
-        errors.append(F.mse_loss(reconstruction, batch, reduction="none").mean(dim=(1, 2, 3)))
-    return float(torch.cat(errors).mean())
+def reconstruction_mse(vae, images: torch.Tensor) -> float:
+    return float(F.mse_loss(reconstruct(vae, images), images))
 
 
 def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_precision: str) -> dict:
@@ -88,7 +83,7 @@ def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_preci
         progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     seconds = time.perf_counter() - started
 
-    vae = accelerator.unwrap_model(vae).eval().cpu()
+    vae = accelerator.unwrap_model(vae).eval()
     vae.register_to_config(scaling_factor=1.0 / latent_std(vae, train_groups))
     return save_vae(vae, val_images, paths, steps=settings.steps,
                     images_per_second=settings.steps * settings.batch_size / seconds)
@@ -96,7 +91,7 @@ def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_preci
 
 def resolve_pretrained_vae(pretrained: str, paths: Paths) -> dict:
     """The pretrained model's VAE, unchanged (its own scaling factor), measured on the validation split."""
-    vae = load_pretrained_vae(pretrained, paths.root).eval()
+    vae = load_pretrained_vae(pretrained, paths.root).to(compute_device()).eval()
     return save_vae(vae, to_model_range(load_split(paths, "val")[0]), paths, pretrained=pretrained)
 
 

@@ -2,17 +2,52 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
 
-from pipeline.checkpoints import FINGERPRINT, checkpoint_folders
+from pipeline.checkpoints import checkpoint_folders
 
 from .conftest import free_port
 from .test_resume import _project
+
+
+def launch_two_processes(paths, command: str) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    # `--cpu` alone starts a single process unless an MPI launcher is set up; `--multi_gpu` with
+    # ACCELERATE_USE_CPU=1 starts real DDP processes (torch.distributed.run, gloo) on the CPU.
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         "-m", "pipeline.cli", "--params", str(paths.root / "params.yaml"), command],
+        cwd=paths.root, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.mark.e2e
+def test_two_processes_encode_one_cache(trained_project, tmp_path):
+    """Each process encodes half of the images; the main one writes the cache a single process writes."""
+    params, paths = _project(trained_project, tmp_path / "encode", {})
+    shutil.copytree(trained_project[1].processed, paths.processed)
+    shutil.rmtree(paths.latents)
+    result = launch_two_processes(paths, "encode")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"latents \d+ encoded, 0 reused", result.stderr), result.stderr[-3000:]
+    for split in ("train", "val"):
+        one, two = (load_file(folder / f"{split}.safetensors") for folder in (trained_project[1].latents, paths.latents))
+        assert one.keys() == two.keys()
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.e2e
@@ -20,23 +55,12 @@ def test_two_processes_train_one_model(trained_project, tmp_path):
     params, paths = _project(trained_project, tmp_path / "ddp", {"train": {
         "steps": 20, "batch_size": 16, "checkpoint_every": 10, "log_every": 5, "validate_every": 20,
         "sample_every": 0}})
-    bin_dir = Path(sys.executable).parent
-    # `--cpu` alone starts a single process unless an MPI launcher is set up; `--multi_gpu` with
-    # ACCELERATE_USE_CPU=1 starts real DDP processes (torch.distributed.run, gloo) on the CPU.
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "ACCELERATE_USE_CPU": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(
-        [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         "-m", "pipeline.cli", "--params", str(paths.root / "params.yaml"), "train"],
-        cwd=paths.root, env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = launch_two_processes(paths, "train")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((paths.metrics / "train.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 20
     curve = [float(line.split(",")[1]) for line in (paths.metrics / "train_loss.csv").read_text().splitlines()[1:]]
     assert curve[-1] < curve[0], f"the loss did not fall: {curve}"
-    assert json.loads((checkpoint_folders(paths)[-1] / FINGERPRINT).read_text())["processes"] == 2
+    assert not checkpoint_folders(paths)  # the one at step 10 went when the run finished
     pipeline = StableDiffusionPipeline.from_pretrained(paths.sd_model)
     assert pipeline("a red circle", num_inference_steps=2).images[0].size == (32, 32)
