@@ -1,0 +1,85 @@
+"""DVC experiments for flow runs: a run with overrides is `dvc exp run --temp --set-param ...`.
+
+The experiment runs in a temporary copy of the project under .dvc/tmp/exps, so params.yaml, dvc.lock and
+the workspace's outputs stay as they are; DVC keeps the result as an experiment (`dvc exp show`) that
+can be compared, applied or branched. The stages see `DVC_EXP_NAME` (the experiment's name, which
+pipeline/tracking.py records) and `DVC_ROOT` (this project, where the MLflow store lives).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+STAGE_LINE = re.compile(r"^(?:Running stage|Stage) '([^']+)'")
+
+
+def leaf_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys down to the leaves: {"validate.max_empty_caption_share": {"folder": 0.3}} becomes
+    {"validate.max_empty_caption_share.folder": 0.3}, which `--set-param` can set without replacing siblings."""
+    leaves: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and value:
+            leaves.update(leaf_overrides({f"{key}.{inner}": item for inner, item in value.items()}))
+        else:
+            leaves[key] = value
+    return leaves
+
+
+def hydra_value(value: Any) -> str:
+    """A value in the override grammar `dvc exp run --set-param` parses (Hydra's): JSON's numbers, true/false,
+    null, double-quoted strings and [lists] read back as the same values."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def set_param_args(overrides: dict[str, Any]) -> list[str]:
+    args = []
+    for key, value in leaf_overrides(overrides).items():
+        args += ["--set-param", f"{key}={hydra_value(value)}"]
+    return args
+
+
+def experiment_ref(root: Path, name: str) -> str:
+    """The git ref DVC stores experiment `name` under: refs/exps/<baseline commit split 2/38>/<name>."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    return f"refs/exps/{head[:2]}/{head[2:]}/{name}"
+
+
+def read_json_at(root: Path, revision: str, path: str) -> dict:
+    """A JSON file as committed in `revision` (an experiment's ref), or {} when it has no such file."""
+    shown = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=root, capture_output=True, text=True)
+    return json.loads(shown.stdout) if shown.returncode == 0 else {}
+
+
+class StageOutput:
+    """The output of one `dvc exp run`, handed out stage by stage: DVC starts each stage with
+    "Running stage 'X'" (or reports "Stage 'X' didn't change"), so every stage's lines can go to its own
+    task run although one command runs them all."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+        self._pending: str | None = None
+
+    def _lines(self) -> Iterator[str]:
+        if self._pending is not None:
+            line, self._pending = self._pending, None
+            yield line
+        yield from self.process.stdout
+
+    def of_stage(self, stage: str, last: bool) -> Iterator[str]:
+        """The lines up to the next stage's first line (for the last stage: to the end)."""
+        started = False
+        for line in self._lines():
+            found = STAGE_LINE.match(line)
+            if found and started and not last:
+                self._pending = line
+                return
+            if found and found.group(1) != stage:
+                raise RuntimeError(f"dvc exp run reached stage {found.group(1)!r} where {stage!r} was expected")
+            started = started or bool(found)
+            yield line
