@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+LOCK_FILE = "dvc.lock"
 STAGE_LINE = re.compile(r"^(?:Running stage|Stage) '([^']+)'")
 
 
@@ -37,10 +40,31 @@ def hydra_value(value: Any) -> str:
 
 
 def set_param_args(overrides: dict[str, Any]) -> list[str]:
+    """`--set-param KEY=VALUE` for every leaf of the overrides."""
     args = []
     for key, value in leaf_overrides(overrides).items():
         args += ["--set-param", f"{key}={hydra_value(value)}"]
     return args
+
+
+def _declared(entries: list) -> dict[str, dict]:
+    """dvc.yaml's `- path` and `- path: {options}` entries as {path: options}."""
+    return {path: options or {} for entry in entries
+            for path, options in (entry.items() if isinstance(entry, dict) else [(entry, {})])}
+
+
+def copy_paths(root: Path) -> list[str]:
+    """What the temporary copy needs, beyond git's committed files and DVC's cache, to start from this
+    workspace's state: dvc.lock when it is not committed, the outputs DVC does not cache (metrics, reports,
+    models/mlflow_run.json: without them DVC would re-run their stages) and the dependencies no stage
+    produces (code, and data/batches, whose merged batches git ignores: without them ingest would run
+    without the batches)."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"].values()
+    outputs = {path: options for stage in stages for kind in ("outs", "metrics", "plots")
+               for path, options in _declared(stage.get(kind, [])).items()}
+    uncached = [path for path, options in outputs.items() if options.get("cache") is False]
+    sources = [path for stage in stages for path in stage.get("deps", []) if path not in outputs]
+    return [path for path in dict.fromkeys([LOCK_FILE, *uncached, *sources]) if (root / path).exists()]
 
 
 def experiment_ref(root: Path, name: str) -> str:
@@ -63,13 +87,16 @@ class StageOutput:
 
     def __init__(self, process: subprocess.Popen):
         self.process = process
+        self.ended = False  # the command's output is exhausted
         self._pending: str | None = None
 
     def _lines(self) -> Iterator[str]:
         if self._pending is not None:
             line, self._pending = self._pending, None
             yield line
-        yield from self.process.stdout
+        for line in self.process.stdout:  # not `yield from`: closing this generator would close the pipe
+            yield line
+        self.ended = True
 
     def of_stage(self, stage: str, last: bool) -> Iterator[str]:
         """The lines up to the next stage's first line (for the last stage: to the end)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.atomic import write_json
 from pipeline.config import Params, Paths, RegisterParams
 from pipeline.evaluate import HEADLINE_METRICS, METRICS as EVAL_METRICS, read_metrics
-from pipeline.tracking import folder_hash, lineage_tags, model_run, use_experiment
+from pipeline.tracking import EXPERIMENT_TAG, folder_hash, lineage_tags, model_run, use_experiment
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def version_description(metrics: dict, tags: dict) -> str:
         f"| metric | value |\n|---|---|\n{headline}\n\n"
         f"git commit `{tags.get('git_commit', 'unknown')}`, data version `{tags.get('data_version', 'unknown')}`, "
         f"params hash `{tags.get('params_hash', 'unknown')}`, MLflow run `{tags['run_id']}`"
+        + (f", DVC experiment `{tags[EXPERIMENT_TAG]}` (`dvc exp show`)" if EXPERIMENT_TAG in tags else "")
     )
 
 
