@@ -40,10 +40,11 @@ def hydra_value(value: Any) -> str:
 
 
 def set_param_args(overrides: dict[str, Any]) -> list[str]:
-    """`--set-param KEY=VALUE` for every leaf of the overrides."""
+    """`--set-param ++KEY=VALUE` for every leaf of the overrides (`++`: set the key whether or not
+    params.yaml has it yet; the keys were validated against the typed params first)."""
     args = []
     for key, value in leaf_overrides(overrides).items():
-        args += ["--set-param", f"{key}={hydra_value(value)}"]
+        args += ["--set-param", f"++{key}={hydra_value(value)}"]
     return args
 
 
@@ -57,14 +58,34 @@ def copy_paths(root: Path) -> list[str]:
     """What the temporary copy needs, beyond git's committed files and DVC's cache, to start from this
     workspace's state: dvc.lock when it is not committed, the outputs DVC does not cache (metrics, reports,
     models/mlflow_run.json: without them DVC would re-run their stages) and the dependencies no stage
-    produces (code, and data/batches, whose merged batches git ignores: without them ingest would run
-    without the batches)."""
+    produces where git does not hold them (data/batches' merged batches: without them ingest would run
+    without the batches). models/ is in git (its .gitignore) so that models/mlflow_run.json can be copied
+    alone."""
     stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"].values()
     outputs = {path: options for stage in stages for kind in ("outs", "metrics", "plots")
                for path, options in _declared(stage.get(kind, [])).items()}
     uncached = [path for path, options in outputs.items() if options.get("cache") is False]
     sources = [path for stage in stages for path in stage.get("deps", []) if path not in outputs]
-    return [path for path in dict.fromkeys([LOCK_FILE, *uncached, *sources]) if (root / path).exists()]
+    wanted = [path for path in dict.fromkeys([LOCK_FILE, *uncached, *sources]) if (root / path).exists()]
+    return _untracked_tops(root, wanted) if wanted else []
+
+
+def _git_files(root: Path, *args: str) -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "-z", *args], cwd=root, capture_output=True, text=True, check=True)
+    return [entry.rstrip("/") for entry in listed.stdout.split("\0") if entry]
+
+
+def _untracked_tops(root: Path, paths: list[str]) -> list[str]:
+    """The untracked files and folders under `paths`, each lifted to the topmost folder git holds nothing
+    of (DVC copies a file only into a folder the copy has, and a folder only where the copy has none)."""
+    tracked_folders = {str(parent) for path in _git_files(root) for parent in Path(path).parents}
+    tops = []
+    for entry in _git_files(root, "--others", "--directory", "--", *paths):
+        while str(Path(entry).parent) not in tracked_folders:
+            entry = str(Path(entry).parent)
+        tops.append(entry)
+    return sorted(entry for entry in set(tops)
+                  if not any(Path(entry).is_relative_to(other) and entry != other for other in tops))
 
 
 def experiment_ref(root: Path, name: str) -> str:

@@ -29,7 +29,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.experiments import STAGE_LINE, StageOutput, copy_paths, experiment_ref, read_json_at, set_param_args
+from flows.experiments import (
+    STAGE_LINE, StageOutput, copy_paths, experiment_ref, leaf_overrides, read_json_at, set_param_args,
+)
 from pipeline.atomic import read_json
 from pipeline.config import PARAMS_FILE, read_params_file, with_overrides
 from pipeline.tracking import FLOW_RUN_ENV
@@ -199,7 +201,7 @@ def training_flow(
     root = Path(project_root)
     typed = dict(steps=steps, learning_rate=learning_rate, batch_size=batch_size, source=source, mode=mode,
                  finetune=finetune, pretrained=pretrained)
-    changes = flow_overrides(root, typed, overrides)
+    changes = leaf_overrides(flow_overrides(root, typed, overrides))  # as --set-param sets them
     params = with_overrides(root / PARAMS_FILE, changes)  # a bad key fails here, before any stage runs
     if changes or experiment:
         experiment = experiment or flow_run.name

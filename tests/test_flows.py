@@ -52,11 +52,11 @@ def test_overrides_become_set_param_arguments_down_to_the_leaves():
 
     assert set_param_args({"train.mixed_precision": "no", "evaluate.timesteps": [100, 900],
                            "validate.max_empty_caption_share": {"folder": 0.3}, "train.snr_gamma": None}) == [
-        "--set-param", 'train.mixed_precision="no"', "--set-param", "evaluate.timesteps=[100, 900]",
-        "--set-param", "validate.max_empty_caption_share.folder=0.3", "--set-param", "train.snr_gamma=null"]
+        "--set-param", '++train.mixed_precision="no"', "--set-param", "++evaluate.timesteps=[100, 900]",
+        "--set-param", "++validate.max_empty_caption_share.folder=0.3", "--set-param", "++train.snr_gamma=null"]
 
 
-def test_the_experiment_copy_gets_what_dvc_does_not_cache(tmp_path):
+def test_the_experiment_copy_gets_what_dvc_and_git_do_not_hold(tmp_path):
     from flows.experiments import copy_paths
 
     (tmp_path / "dvc.yaml").write_text(
@@ -64,10 +64,15 @@ def test_the_experiment_copy_gets_what_dvc_does_not_cache(tmp_path):
         "          persist: true\n      - run.json:\n          cache: false\n    metrics:\n"
         "      - metrics/a.json:\n          cache: false\n  b:\n    cmd: y\n    deps: [data/raw]\n"
     )
-    for path in ("dvc.lock", "data/batches/x/1.png", "code.py", "data/raw/1.png", "run.json", "metrics/a.json"):
+    for path in ("code.py", "data/batches/.gitkeep"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("x")
-    assert copy_paths(tmp_path) == ["dvc.lock", "run.json", "metrics/a.json", "data/batches", "code.py"]
+    for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True)
+    for path in ("dvc.lock", "data/batches/x/1.png", "data/raw/1.png", "run.json", "metrics/a.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    assert sorted(copy_paths(tmp_path)) == ["data/batches/x", "dvc.lock", "metrics", "run.json"]
 
 
 def _stage_output(lines: list[str], exit_code: int = 0):
