@@ -54,7 +54,8 @@ ui-prefect: setup
 ui: setup
 	trap 'kill 0' EXIT; $(MAKE) --no-print-directory ui-prefect & $(MAKE) --no-print-directory ui-mlflow & wait
 
-# Serve the train and retrain deployments on the server `make ui` started.
+# Serve the train and retrain deployments on the server `make ui` started; the train form's fields start at
+# params.yaml's current values (restart after editing params.yaml).
 deploy: setup
 	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/python -m flows.deploy
 

@@ -47,13 +47,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pipeline.config import Params, TrainParams, VaeParams, parse_params  # noqa: E402
-from pipeline.contracts.paths import Paths
+from pipeline.config import Params, TrainParams, VaeParams, parse_params, read_params_file  # noqa: E402
 from pipeline.contracts.data import MANIFEST  # noqa: E402
+from pipeline.contracts.paths import Paths  # noqa: E402
 from pipeline.models import PRESETS, build_unet, random_pipeline, tokenize  # noqa: E402
 from pipeline.throughput import warmup_steps  # noqa: E402
 from pipeline.throughput import peak_memory_mb  # noqa: E402
@@ -68,7 +67,7 @@ VAES = {"8x VAE (24, 48, 96, 96)": (24, 48, 96, 96), "4x VAE (16, 32, 32)": (16,
 
 def data_params(images: int) -> dict:
     """params.yaml with the bench's source and resolution."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = read_params_file(REPO / "params.yaml")
     raw["ingest"]["synthetic"].update(count=images, resolution=RAW_SIDE)
     # plain shapes on a plain background look alike to dHash from 64 px up: most would be near-duplicates
     raw["validate"]["max_near_duplicate_distance"] = -1

@@ -1,7 +1,9 @@
 """Create and serve the two deployments on the Prefect server named by PREFECT_API_URL.
 
-- `sdpipe-train/train`: manual; its parameters (steps, learning rate, source, mode, params.yaml
-  overrides) are a form in the UI's "Custom run".
+- `sdpipe-train/train`: manual; its parameters (steps, learning rate, source, mode, ..., other params.yaml
+  keys, an experiment name) are a form in the UI's "Custom run", each with its description and, as its
+  default, the value params.yaml holds when this command starts (restart it after editing params.yaml).
+  A run that changes any of them is a DVC experiment; params.yaml is never written.
 - `sdpipe-retrain/retrain`: on `monitor.retrain_cron` from params.yaml (daily by default).
 
 This process runs the flow runs itself, at most one at a time, so two trainings never share the project
@@ -20,20 +22,39 @@ from pathlib import Path
 from prefect import serve
 
 from flows.retrain import retrain_flow
-from flows.training import PROJECT_ROOT, training_flow
-from pipeline.config import PARAMS_FILE, load_params
+from flows.training import PARAMETER_KEYS, PROJECT_ROOT, training_flow
+from pipeline.config import PARAMS_FILE, load_params, read_params_file
 
 TRAIN, RETRAIN = "train", "retrain"
+
+
+def show_current_values(deployment, root: Path) -> None:
+    """Each typed parameter of the custom-run form starts at the value params.yaml holds (not an empty
+    optional field); the flow treats a value equal to params.yaml as no change."""
+    current = read_params_file(root / PARAMS_FILE)
+    properties = deployment._parameter_openapi_schema.properties  # Prefect edits it the same way (readOnly)
+    for name, dotted in PARAMETER_KEYS.items():
+        value = current
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        schema = properties[name]
+        typed = next((branch for branch in schema.pop("anyOf", []) if branch.get("type") != "null"), {})
+        schema.update(typed, default=value)
 
 
 def deployments(root: Path = PROJECT_ROOT) -> list:
     params = load_params(root / PARAMS_FILE)
     location = {"project_root": str(root)}
+    train = training_flow.to_deployment(
+        name=TRAIN, parameters=location, concurrency_limit=1, tags=["sdpipe"],
+        description="Run the DVC stages as task runs. A run that changes a parameter is a DVC experiment "
+                    "(`dvc exp show`): params.yaml and the workspace stay as they are.",
+    )
+    show_current_values(train, root)
     return [
-        training_flow.to_deployment(
-            name=TRAIN, parameters=location, concurrency_limit=1, tags=["sdpipe"],
-            description="Run the DVC stages as task runs; set overrides to change params.yaml for this run.",
-        ),
+        train,
         retrain_flow.to_deployment(
             name=RETRAIN, parameters=location, cron=params.monitor.retrain_cron, concurrency_limit=1,
             tags=["sdpipe"], description="Check new batches for drift and retrain when the policy says so.",

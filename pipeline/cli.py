@@ -4,6 +4,7 @@
     sdpipe generate --model models:/sdpipe@champion --prompt "a red circle" -n 4 --out samples/
     sdpipe models | sdpipe promote VERSION [--reason ...] | sdpipe rollback [--reason ...]
     sdpipe --device cpu <command>   # networks on the CPU even where there is a GPU
+    sdpipe pending-batches | check-batch FOLDER | decide REPORT... | merge-batches FOLDER...   (--out FILE.json)
 
 Each stage reads params.yaml (or --params) through `pipeline.config` and is what dvc.yaml runs.
 """
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.atomic import read_json, write_json
 from pipeline.config import PARAMS_FILE, ConfigError, Params, load_params
 from pipeline.contracts.paths import Paths
 
@@ -118,6 +120,50 @@ def _drop_batch(params: Params, paths: Paths, args):
     print(f"new batch: {folder} ({args.n} images, shift: {args.shift}); run `python -m flows.retrain` to check it")
 
 
+def _pending_batches(params: Params, paths: Paths, args):
+    from pipeline.monitor import champion_reference, pending_batches
+
+    folders = pending_batches(params.monitor, paths)
+    plan: dict = {"incoming": str(paths.resolve(params.monitor.incoming)), "batches": [str(f) for f in folders]}
+    if folders:
+        folder, noise_mse, version = champion_reference(params, paths)
+        plan["champion"] = {"folder": str(folder), "noise_mse": noise_mse, "version": version}
+    write_json(args.out, plan)
+    print(f"{len(folders)} pending batches in {params.monitor.incoming}")
+
+
+def _check_batch(params: Params, paths: Paths, args):
+    from dataclasses import asdict
+
+    from pipeline.monitor import check_batch
+
+    report = check_batch(args.folder, params, paths, args.champion, args.champion_mse)
+    write_json(args.out, asdict(report))
+    print(f"{report.batch}: {report.valid}/{report.samples} valid, drifted features: "
+          f"{', '.join(report.drifted_features) or 'none'}, MMD p {report.mmd.get('pvalue', float('nan')):.3f}")
+
+
+def _decide(params: Params, paths: Paths, args):
+    from dataclasses import asdict
+
+    from pipeline.monitor import BatchReport, decide, log_monitoring, record
+
+    reports = [BatchReport(**read_json(path)) for path in args.reports]
+    decision = decide(reports, params.monitor)
+    record(paths, reports, decision)
+    log_monitoring(params, paths, reports, decision)
+    write_json(args.out, asdict(decision))
+    print("\n".join([f"retrain: {decision.retrain}", *decision.reasons]))
+
+
+def _merge_batches(params: Params, paths: Paths, args):
+    from pipeline.monitor import merge_batches
+
+    merged = merge_batches(args.folders, params, paths)
+    write_json(args.out, {"merged_samples": merged})
+    print(f"merged {merged} samples into {paths.batches}")
+
+
 STAGES: dict[str, Callable] = {
     "ingest": _ingest,
     "validate": _validate,
@@ -164,7 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("-n", type=int, default=200, help="number of images")
     drop.add_argument("--seed", type=int, default=1, help="different seeds give different batches")
     drop.set_defaults(handler=_drop_batch)
+    _add_monitoring_commands(commands)
     return parser
+
+
+def _add_monitoring_commands(commands) -> None:
+    """The retraining flow's steps, each a command that writes its result as JSON to --out."""
+    pending = commands.add_parser("pending-batches", help="list the batches no retraining merged yet, and "
+                                  "fetch the champion they are checked against")
+    check = commands.add_parser("check-batch", help="validate a batch, measure its drift and the champion on it")
+    check.add_argument("folder", type=Path)
+    check.add_argument("--champion", type=Path, required=True, help="the champion's diffusers folder")
+    check.add_argument("--champion-mse", type=float, required=True, help="the champion's validation noise MSE")
+    decide = commands.add_parser("decide", help="decide from batch reports whether to retrain; record why")
+    decide.add_argument("reports", type=Path, nargs="+", help="check-batch outputs")
+    merge = commands.add_parser("merge-batches", help="copy the batches' valid samples into data/batches")
+    merge.add_argument("folders", type=Path, nargs="+")
+    for command, handler in ((pending, _pending_batches), (check, _check_batch), (decide, _decide),
+                             (merge, _merge_batches)):
+        command.add_argument("--out", type=Path, required=True, help="where to write the result (JSON)")
+        command.set_defaults(handler=handler)
 
 
 def main(argv: list[str] | None = None) -> int:

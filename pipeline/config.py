@@ -1,5 +1,8 @@
 """Typed parameters and project paths: the one place that reads params.yaml.
 
+params.yaml is read as YAML 1.2, the version DVC writes: `dvc exp run -S` rewrites the file without the
+quotes of `mixed_precision: "no"`, which a YAML 1.1 reader (PyYAML) would turn into False.
+
 Every stage receives a validated `Params` object. An unknown or mistyped key fails with a message that
 names the key (for example `params.yaml: train.lerning_rate: unknown key`), so a typo never silently
 falls back to a default.
@@ -10,11 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-
-from pipeline.atomic import atomic_file
 
 PARAMS_FILE = "params.yaml"
 
@@ -366,30 +366,34 @@ def parse_params(raw: dict | None, source: str = PARAMS_FILE) -> Params:
         raise ConfigError(f"{source}: invalid parameters:\n  {problems}") from None
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
+def read_params_file(path: str | Path) -> object:
+    """The parsed content of a parameter file, read as YAML 1.2 (plain dicts and lists)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameter file not found (run from the project root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+        return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    raw = read_params_file(path)
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, str(path))
 
 
-def apply_overrides(path: str | Path, overrides: dict[str, object]) -> Params:
-    """Set dotted keys (`train.steps: 500`) in the parameter file, keeping its comments and order.
+def with_overrides(path: str | Path, overrides: dict[str, object]) -> Params:
+    """The parameter file's params with dotted keys (`train.steps: 500`) changed; the file is not written.
 
-    The result is validated before anything is written, so a bad key or value leaves the file as it was.
+    Flows check overrides with this before they start a DVC experiment, so a bad key or value fails
+    before any stage runs and names the key.
     """
-    from ruamel.yaml import YAML
-
-    path = Path(path)
-    document = YAML()  # round-trip mode: comments survive
-    document.preserve_quotes = True  # "no" must stay a string for PyYAML, which reads params.yaml
-    data = document.load(path.read_text(encoding="utf-8"))
+    data = read_params_file(path)
     for dotted, value in overrides.items():
         *sections, key = dotted.split(".")
         node = data
@@ -398,15 +402,4 @@ def apply_overrides(path: str | Path, overrides: dict[str, object]) -> Params:
                 raise ConfigError(f"override {dotted!r}: {section!r} is not a section of {path}")
             node = node[section]
         node[key] = value
-    params = parse_params(yaml.safe_load(_dump(document, data)), f"{path} with overrides {overrides}")
-    with atomic_file(path) as staging:
-        staging.write_text(_dump(document, data), encoding="utf-8")
-    return params
-
-
-def _dump(document, data) -> str:
-    from io import StringIO
-
-    buffer = StringIO()
-    document.dump(data, buffer)
-    return buffer.getvalue()
+    return parse_params(data, f"{path} with overrides {overrides}")

@@ -31,7 +31,7 @@ from pipeline.contracts.records import (
     read_metrics,
     read_unavailable,
 )
-from pipeline.tracking import folder_hash, lineage_tags, model_run, registry_client
+from pipeline.tracking import EXPERIMENT_TAG, folder_hash, lineage_tags, model_run, registry_client
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ def version_description(metrics: dict, tags: dict) -> str:
         f"| metric | value |\n|---|---|\n{headline}\n\n"
         f"git commit `{tags.get('git_commit', 'unknown')}`, data version `{tags.get('data_version', 'unknown')}`, "
         f"params hash `{tags.get('params_hash', 'unknown')}`, MLflow run `{tags['run_id']}`"
+        + (f", DVC experiment `{tags[EXPERIMENT_TAG]}` (`dvc exp show`)" if EXPERIMENT_TAG in tags else "")
     )
 
 

@@ -2,7 +2,12 @@
 
 `train` opens the run and writes its id to models/mlflow_run.json; `evaluate` and `register` log
 into the same run. Every run is tagged with the git commit, the DVC hash of the processed data and a
-hash of the params, so a registered version leads back to the code, data and settings that made it.
+hash of the params, so a registered version leads back to the code, data and settings that made it;
+a run inside `dvc exp run` also carries the experiment's name.
+
+Inside `dvc exp run --temp` the stages run in a copy of the project under .dvc/tmp/exps; DVC then sets
+`DVC_ROOT` to the project itself, and the MLflow store (a relative sqlite path, the artifacts folder) is
+anchored there, so experiments log into the same store as every other run.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 import yaml
 
 from pipeline.atomic import read_json, write_json
@@ -25,9 +29,16 @@ from pipeline.contracts.paths import Paths
 ARTIFACTS_DIR = "mlartifacts"
 PROCESSED_DATA_OUT = "data/processed"
 FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
+EXPERIMENT_ENV, DVC_ROOT_ENV = "DVC_EXP_NAME", "DVC_ROOT"  # set by DVC for the stages it runs
+EXPERIMENT_TAG = "dvc_experiment"
 # Read once at import: mlflow.set_tracking_uri() writes this variable, so reading it later would
 # return whichever store this process touched last instead of the one the user chose.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def store_root(root: Path) -> Path:
+    """Where the MLflow store of this project lives: the project DVC runs the stage for, else `root`."""
+    return Path(os.environ.get(DVC_ROOT_ENV) or root)
 
 
 def tracking_uri(params: RegisterParams, root: Path) -> str:
@@ -35,7 +46,7 @@ def tracking_uri(params: RegisterParams, root: Path) -> str:
     uri = USER_TRACKING_URI or params.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(root) / uri[len(prefix):])
+        return prefix + str(store_root(root) / uri[len(prefix):])
     return uri
 
 
@@ -47,7 +58,7 @@ def use_experiment(params: RegisterParams, root: Path) -> str:
     experiment = mlflow.get_experiment_by_name(params.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    artifacts = (Path(root) / ARTIFACTS_DIR).resolve().as_uri()
+    artifacts = (store_root(root) / ARTIFACTS_DIR).resolve().as_uri()
     return mlflow.create_experiment(params.experiment, artifact_location=artifacts)
 
 
@@ -60,8 +71,10 @@ def folder_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def module_hash(module: torch.nn.Module) -> str:
+def module_hash(module) -> str:
     """sha256 over a module's parameter names and bytes: the identity of weights loaded from anywhere."""
+    import torch  # here, not at the top: flows import this module's names and must not load torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
@@ -103,6 +116,8 @@ def lineage_tags(params: Params, root: Path) -> dict[str, str]:
     }
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    if os.environ.get(EXPERIMENT_ENV):
+        tags[EXPERIMENT_TAG] = os.environ[EXPERIMENT_ENV]
     return tags
 
 

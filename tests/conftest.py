@@ -25,10 +25,8 @@ import copy  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import yaml  # noqa: E402
-
-from pipeline.config import Params, parse_params  # noqa: E402
-from pipeline.contracts.paths import Paths
+from pipeline.config import Params, parse_params, read_params_file  # noqa: E402
+from pipeline.contracts.paths import Paths  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +48,7 @@ def merge(base: dict, overrides: dict) -> dict:
 
 def tiny_params_dict() -> dict:
     """The project's params.yaml with sizes cut down so the whole chain runs in seconds."""
-    return merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_OVERRIDES)
+    return merge(read_params_file(REPO / "params.yaml"), TINY_OVERRIDES)
 
 
 @pytest.fixture

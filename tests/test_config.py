@@ -43,17 +43,45 @@ def test_top_level_must_be_a_mapping(tmp_path):
         load_params(path)
 
 
-def test_overrides_keep_comments_and_bad_ones_leave_the_file_alone(tmp_path):
-    from pipeline.config import apply_overrides
+def test_overrides_are_checked_without_writing_the_file(tmp_path):
+    from pipeline.config import with_overrides
 
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text())
-    params = apply_overrides(path, {"train.steps": 7, "train.learning_rate": 0.01})
-    assert params.train.steps == 7 and params.train.learning_rate == 0.01
     text = path.read_text()
-    assert "# share of empty captions" in text and "steps: 7" in text
+    params = with_overrides(path, {"train.steps": 7, "train.learning_rate": 0.01})
+    assert params.train.steps == 7 and params.train.learning_rate == 0.01
     with pytest.raises(ConfigError, match="train.stepz: unknown key"):
-        apply_overrides(path, {"train.stepz": 1})
+        with_overrides(path, {"train.stepz": 1})
     with pytest.raises(ConfigError, match="'nosuch' is not a section"):
-        apply_overrides(path, {"nosuch.key": 1})
+        with_overrides(path, {"nosuch.key": 1})
     assert path.read_text() == text
+
+
+def _leaves(mapping: dict, prefix: str = "") -> dict:
+    leaves = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            leaves.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def test_every_key_survives_dvcs_params_writer(tmp_path):
+    """`dvc exp run -S KEY=VALUE` rewrites params.yaml with DVC's own writer (dvc.utils.hydra.apply_overrides,
+    which drops the quotes of `mixed_precision: "no"`): setting each key to its value must give the same Params."""
+    from dvc.utils.hydra import apply_overrides
+
+    from flows.experiments import hydra_value
+    from pipeline.config import read_params_file
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    expected = load_params(path)
+    leaves = _leaves(read_params_file(path))
+    assert len(leaves) > 100 and "train.mixed_precision" in leaves
+    for key, value in leaves.items():
+        apply_overrides(path, [f"{key}={hydra_value(value)}"])
+        assert load_params(path) == expected, f"{key}={hydra_value(value)} changed the params"
+    assert 'mixed_precision: "no"' not in path.read_text(), "DVC's writer no longer drops the quotes"

@@ -122,3 +122,24 @@ def test_reference_images_are_squares_when_the_train_split_is_bucketed(tmp_path)
     counts = preprocess(params.preprocess, paths)
     reference = _sample_reference(paths, 100, 0, 32)
     assert reference.shape == (counts["train"], 32, 32, 3) and reference.dtype == np.uint8
+
+
+def test_the_retrain_flows_commands_write_their_results_as_json(checked, tmp_path):
+    """`sdpipe check-batch` and `sdpipe decide`, as the retrain flow runs them, give what the functions give."""
+    import yaml
+
+    from pipeline.cli import main
+
+    params, paths, folders, reports, _ = checked
+    (paths.root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    project = ["--params", str(paths.root / "params.yaml")]
+    report = tmp_path / "report.json"
+    assert main([*project, "check-batch", str(folders["background"]), "--champion", str(paths.sd_model),
+                 "--champion-mse", str(reports["background"].champion["noise_mse_validation"]),
+                 "--out", str(report)]) == 0
+    written = json.loads(report.read_text())
+    assert written["drifted_features"] == reports["background"].drifted_features
+    assert written["mmd"]["pvalue"] == pytest.approx(reports["background"].mmd["pvalue"])
+    decision = tmp_path / "decision.json"
+    assert main([*project, "decide", str(report), "--out", str(decision)]) == 0
+    assert json.loads(decision.read_text())["reasons"] == decide([reports["background"]], params.monitor).reasons

@@ -16,6 +16,8 @@ import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 
+from pipeline.config import read_params_file
+
 from .conftest import REPO, free_port, merge, save_random_base_model, tiny_params_dict
 
 STAGES = ["ingest", "validate", "preprocess", "vae", "encode", "train", "evaluate", "register"]
@@ -76,32 +78,62 @@ def test_dvc_repro_trains_registers_and_then_does_nothing(repo_copy):
 
 @pytest.mark.e2e
 def test_changing_a_train_param_reruns_only_what_depends_on_it(repo_copy):
-    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params = read_params_file(repo_copy / "params.yaml")
     params["train"]["steps"] += 1
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], repo_copy).stdout
     assert stages_run(out) == {"train", "evaluate", "register"}, out
 
 
+def _tracked_state(root: Path) -> tuple[str, str, str]:
+    """git status of the tracked files, params.yaml and dvc.lock (not committed in the copy) as they are."""
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], root).stdout
+    return status, (root / "params.yaml").read_text(), (root / "dvc.lock").read_text()
+
+
+def _experiment(root: Path, name: str) -> dict:
+    """The experiment's row of `dvc exp show --json`: its params and metrics."""
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], root).stdout)
+    rows = [rev["data"] for baseline in shown for exp in baseline.get("experiments") or []
+            for rev in exp["revs"] if rev.get("name") == name]
+    assert rows, f"no experiment {name!r} in dvc exp show"
+    return rows[0]
+
+
 @pytest.mark.e2e
-def test_prefect_flow_runs_each_stage_as_a_task_and_dvc_skips_what_is_fresh(repo_copy, monkeypatch):
+def test_prefect_flow_with_a_change_is_a_dvc_experiment_that_leaves_the_project_alone(repo_copy, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.experiments import experiment_ref, read_json_at
     from flows.training import training_flow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    registry = repo_copy / "metrics" / "registry.json"
-    version_before = json.loads(registry.read_text())["version"]
-    timesteps = yaml.safe_load((repo_copy / "params.yaml").read_text())["evaluate"]["timesteps"]
+    before, registry = _tracked_state(repo_copy), repo_copy / "metrics" / "registry.json"
+    record_before = registry.read_text()
+    learning_rate = read_params_file(repo_copy / "params.yaml")["train"]["learning_rate"] * 2
+    timesteps = read_params_file(repo_copy / "params.yaml")["evaluate"]["timesteps"]
     with prefect_test_harness(server_startup_timeout=90):
-        # new noise metrics: eval.json changes, so register runs
-        outcomes = training_flow(project_root=str(repo_copy), overrides={"evaluate.timesteps": timesteps + [500]})
+        outcomes = training_flow(project_root=str(repo_copy), learning_rate=learning_rate,
+                                 overrides={"evaluate.timesteps": timesteps + [500]}, experiment="faster-lr")
         summary = _artifact("training-summary")
     assert list(outcomes) == STAGES
-    assert {stage for stage, outcome in outcomes.items() if outcome == "ran"} == {"evaluate", "register"}
-    assert json.loads(registry.read_text())["version"] == version_before, "same model files: no new version"
-    assert yaml.safe_load((repo_copy / "params.yaml").read_text())["evaluate"]["timesteps"] == timesteps + [500]
-    assert "evaluate.timesteps" in summary and f"version {version_before}" in summary and "| adherence |" in summary
+    assert {stage for stage, outcome in outcomes.items() if outcome == "ran"} == {"train", "evaluate", "register"}
+    assert _tracked_state(repo_copy) == before, "params.yaml, dvc.lock and git's tracked files are untouched"
+    assert registry.read_text() == record_before, "the workspace's outputs are untouched"
+
+    experiment = _experiment(repo_copy, "faster-lr")
+    assert experiment["params"]["params.yaml"]["data"]["train"]["learning_rate"] == learning_rate
+    assert experiment["params"]["params.yaml"]["data"]["train"]["mixed_precision"] == "no"
+    assert "noise_mse_t500" in experiment["metrics"]["metrics/eval.json"]["data"]
+    registered = read_json_at(repo_copy, experiment_ref(repo_copy, "faster-lr"), "metrics/registry.json")
+    assert not registered["reused_existing_version"]
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    version = client.get_model_version("sdpipe", str(registered["version"]))
+    assert version.tags["dvc_experiment"] == "faster-lr"
+    run = client.get_run(version.run_id)
+    assert run.data.tags["dvc_experiment"] == "faster-lr" and float(run.data.params["train.learning_rate"]) == learning_rate
+    assert "**faster-lr**" in summary and "train.learning_rate" in summary and "| adherence |" in summary
 
 
 def _artifact(key: str) -> str:
@@ -169,9 +201,10 @@ def test_deployments_on_a_real_prefect_server_run_train_with_an_override(repo_co
         retrain = _wait_for(lambda: deployment("retrain"), 30, "the retrain deployment")
         assert retrain["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
-        steps = yaml.safe_load((repo_copy / "params.yaml").read_text())["train"]["steps"] + 2
+        steps, before = read_params_file(repo_copy / "params.yaml")["train"]["steps"] + 2, _tracked_state(repo_copy)
         run = httpx.post(f"{api}/deployments/{train['id']}/create_flow_run",
                          json={"parameters": {"steps": steps}}).json()
+        assert "id" in run, run
 
         def finished():
             state = httpx.get(f"{api}/flow_runs/{run['id']}").json()["state"]
@@ -182,9 +215,10 @@ def test_deployments_on_a_real_prefect_server_run_train_with_an_override(repo_co
         task_runs = httpx.post(f"{api}/task_runs/filter",
                                json={"task_runs": {"flow_run_id": {"any_": [run["id"]]}}}).json()
         assert sorted(task["name"] for task in task_runs) == sorted(STAGES)
-        assert yaml.safe_load((repo_copy / "params.yaml").read_text())["train"]["steps"] == steps
-        registry = json.loads((repo_copy / "metrics" / "registry.json").read_text())
-        assert not registry["reused_existing_version"], "a retrained model is a new registry version"
+        assert _tracked_state(repo_copy) == before
+        experiment = _experiment(repo_copy, run["name"])
+        assert experiment["params"]["params.yaml"]["data"]["train"]["steps"] == steps
+        assert "adherence" in experiment["metrics"]["metrics/eval.json"]["data"]
     finally:
         served.terminate()
         served.wait(timeout=60)
