@@ -56,9 +56,8 @@ def tiny_params() -> Params:
     return parse_params(tiny_params_dict())
 
 
-@pytest.fixture(scope="session")
-def trained_project(tmp_path_factory) -> tuple[Params, Paths]:
-    """Every stage run once, in order, through the same functions the CLI calls."""
+def run_every_stage(params: Params, paths: Paths) -> None:
+    """Every stage once, in order, through the same functions the CLI calls."""
     from pipeline.encode import encode
     from pipeline.evaluate import evaluate
     from pipeline.ingest import ingest
@@ -68,9 +67,6 @@ def trained_project(tmp_path_factory) -> tuple[Params, Paths]:
     from pipeline.vae import vae_stage
     from pipeline.validate import validate
 
-    root = tmp_path_factory.mktemp("project")
-    params = parse_params(tiny_params_dict())
-    paths = Paths(root)
     ingest(params.ingest, paths)
     validate(params.validate_, paths)
     preprocess(params.preprocess, paths)
@@ -79,6 +75,12 @@ def trained_project(tmp_path_factory) -> tuple[Params, Paths]:
     train(params, paths)
     evaluate(params, paths)
     register(params, paths)
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> tuple[Params, Paths]:
+    params, paths = parse_params(tiny_params_dict()), Paths(tmp_path_factory.mktemp("project"))
+    run_every_stage(params, paths)
     return params, paths
 
 

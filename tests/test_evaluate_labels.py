@@ -16,7 +16,7 @@ from pipeline.config import parse_params
 from pipeline.contracts.paths import Paths
 from pipeline.labels import categorical_labels, metric_label
 
-from .conftest import merge, tiny_params_dict
+from .conftest import merge, run_every_stage, tiny_params_dict
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 UNCAPTIONED_EVERY = 10  # one digit in ten has no caption, as a partly labelled folder would
@@ -42,15 +42,6 @@ def write_digits_imagefolder(folder, count: int | None = None) -> list[str]:
 
 @pytest.fixture(scope="module")
 def digits_project(tmp_path_factory):
-    from pipeline.encode import encode
-    from pipeline.evaluate import evaluate
-    from pipeline.ingest import ingest
-    from pipeline.preprocess import preprocess
-    from pipeline.registry import register
-    from pipeline.train import train
-    from pipeline.vae import vae_stage
-    from pipeline.validate import validate
-
     root = tmp_path_factory.mktemp("digits")
     write_digits_imagefolder(root / "data" / "digits", TEST_DIGITS)
     params = parse_params(merge(tiny_params_dict(), {
@@ -59,14 +50,7 @@ def digits_project(tmp_path_factory):
         "vae": {"steps": 10}, "train": {"steps": 10, "sample_every": 0},  # what is checked here is evaluation
     }))
     paths = Paths(root)
-    ingest(params.ingest, paths)
-    validate(params.validate_, paths)
-    preprocess(params.preprocess, paths)
-    vae_stage(params, paths)
-    encode(params, paths)
-    train(params, paths)
-    evaluate(params, paths)
-    register(params, paths)
+    run_every_stage(params, paths)
     return params, paths
 
 
