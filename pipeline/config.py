@@ -93,8 +93,11 @@ class WebdatasetSource(Section):
                                   "(s3://bucket/shards/); local paths are relative to the project root unless absolute")
 
 
+SOURCES = ("synthetic", "folder", "manifest", "hf", "webdataset")
+
+
 class IngestParams(Section):
-    source: Literal["synthetic", "folder", "manifest", "hf", "webdataset"] = "synthetic"
+    source: Literal[SOURCES] = "synthetic"
     synthetic: SyntheticSource = SyntheticSource()
     folder: FolderSource | None = None
     manifest: ManifestSource | None = None
@@ -106,15 +109,9 @@ class IngestParams(Section):
         if self.source != "synthetic" and getattr(self, self.source) is None:
             key = {"folder": "folder.path", "manifest": "manifest.path", "hf": "hf.path_or_id",
                    "webdataset": "webdataset.path"}[self.source]
-            raise PydanticCustomError(
-                "missing_setting",
-                "ingest.{key}: required when ingest.source is {source}",
-                {"key": key, "source": self.source},
-            )
+            raise PydanticCustomError("missing_setting", "ingest.{key}: required when ingest.source is {source}",
+                                      {"key": key, "source": self.source})
         return self
-
-
-SOURCES = ("synthetic", "folder", "manifest", "hf", "webdataset")
 
 
 class ValidateParams(Section):
@@ -301,17 +298,15 @@ class RegisterParams(Section):
     gate_metric: str = Field("auto", description="auto: the data's metric (README \"Evaluation\"), or an eval.json name")
     gate_direction: Literal["auto", "maximize", "minimize"] = "auto"
     min_improvement: float = Field(0.0, ge=0)
-    min_classifier_accuracy: float = Field(
-        0.8, ge=0, le=1, description="label adherence gates only when its classifier reads real images this well"
-    )
+    min_classifier_accuracy: float = Field(0.8, ge=0, le=1, description="label adherence gates only when its "
+                                           "classifier reads real images this well")
 
     @model_validator(mode="after")
     def _auto_metric_has_its_own_direction(self) -> RegisterParams:
         if self.gate_metric == "auto" and self.gate_direction != "auto":
-            raise PydanticCustomError(
-                "conflicting_setting",
-                "register.gate_direction: must be auto when register.gate_metric is auto (each data's metric "
-                "has its direction); name a metric to choose the direction", {})
+            raise PydanticCustomError("conflicting_setting", "register.gate_direction: must be auto when "
+                                      "register.gate_metric is auto (each data's metric has its direction); name a "
+                                      "metric to choose the direction", {})
         return self
 
 
@@ -352,7 +347,7 @@ def _describe(error: dict) -> str:
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: required"
-    if error["type"] in ("missing_setting", "renamed_key"):
+    if error["type"] in ("missing_setting", "renamed_key", "conflicting_setting"):
         return error["msg"]
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 

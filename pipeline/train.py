@@ -75,7 +75,9 @@ from pipeline.trainable import (
     build_model,
     make_optimizer,
     place_frozen_modules,
+    EmaWeights,
     stored_frozen_modules,
+    trained_unet_parameters,
 )
 
 log = logging.getLogger(__name__)
@@ -198,7 +200,7 @@ class Run:
         """Use the EMA weights (when kept) for validation, samples and the saved model."""
         if self.ema is None:
             return nullcontext()
-        return _ema_weights(self.ema, self.ema_parameters())
+        return EmaWeights(self.ema, self.ema_parameters())
 
     def ema_parameters(self) -> list[torch.nn.Parameter]:
         return trained_unet_parameters(self.accelerator, self.model.unet)
@@ -220,25 +222,6 @@ class Run:
                 generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
             ).images
         return image_grid([images])
-
-
-def trained_unet_parameters(accelerator: Accelerator, unet) -> list[torch.nn.Parameter]:
-    """The UNet's trained parameters (the LoRA layers in LoRA mode): what the EMA tracks."""
-    return [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
-
-
-class _ema_weights:
-    """Swap the EMA weights into the parameters for the duration of the block."""
-
-    def __init__(self, ema: EMAModel, parameters: list[torch.nn.Parameter]):
-        self.ema, self.parameters = ema, parameters
-
-    def __enter__(self):
-        self.ema.store(self.parameters)
-        self.ema.copy_to(self.parameters)
-
-    def __exit__(self, *_):
-        self.ema.restore(self.parameters)
 
 
 def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughput:

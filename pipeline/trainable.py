@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import EMAModel, cast_training_params
 from peft import LoraConfig
 
 from pipeline.config import ConfigError, ModelParams, TrainParams
@@ -145,3 +145,22 @@ def make_optimizer(parameters: list, settings: TrainParams, device: torch.device
         return bitsandbytes.optim.AdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     # fused: one kernel for all parameters; on CPUs the default per-tensor path costs ~20% of a tiny model's step
     return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True)
+
+
+def trained_unet_parameters(accelerator: Accelerator, unet) -> list[torch.nn.Parameter]:
+    """The UNet's trained parameters (the LoRA layers in LoRA mode): what the EMA tracks."""
+    return [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
+
+
+class EmaWeights:
+    """Swap the EMA weights into the parameters for the duration of the block."""
+
+    def __init__(self, ema: EMAModel, parameters: list[torch.nn.Parameter]):
+        self.ema, self.parameters = ema, parameters
+
+    def __enter__(self):
+        self.ema.store(self.parameters)
+        self.ema.copy_to(self.parameters)
+
+    def __exit__(self, *_):
+        self.ema.restore(self.parameters)
