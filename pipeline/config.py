@@ -326,6 +326,14 @@ class MonitorParams(Section):
     seed: int = 0
 
 
+class RayParams(Section):
+    """Where the data stages' per-image work runs (pipeline/engine.py); no setting changes an output."""
+
+    address: str | None = Field(None, description="an existing cluster (ray://... or host:port); "
+                                                  "null: RAY_ADDRESS, else Ray started in-process")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the in-process Ray; null: all of this machine's")
+
+
 class Params(Section):
     ingest: IngestParams = IngestParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
@@ -337,6 +345,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     register_: RegisterParams = Field(RegisterParams(), alias="register")
     monitor: MonitorParams = MonitorParams()
+    ray: RayParams = RayParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
 

@@ -1,0 +1,85 @@
+"""Where the data stages' per-image work runs: Ray Data, over one task per shard.
+
+On the embedded default Ray starts on this machine (no dashboard, `ray.num_cpus` CPUs) and stops when the stage ends; with `ray.address` or RAY_ADDRESS set, the same tasks run on that
+cluster, whose nodes must see the project folder at the same path (a shared volume), because tasks read
+and write shards there. A Ray session already open in the calling process (a test's, a notebook's) is used
+as it is. Tasks return plain rows; their order is the order of the tasks, so outputs never depend on how
+many workers ran them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pipeline.config import RayParams
+
+log = logging.getLogger(__name__)
+
+TASK, RESULT = "task", "result"  # the columns Ray Data carries each task and its rows in
+
+
+def cluster_address(params: RayParams) -> str | None:
+    return params.address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextmanager
+def ray_session(params: RayParams) -> Iterator[None]:
+    """Connect to the configured cluster, or start Ray in-process; leave an already open session alone."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = cluster_address(params)
+    settings = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                    configure_logging=False)
+    if address:
+        log.info("ray: connecting to the cluster at %s", address)
+        ray.init(address=address, **settings)
+    else:
+        # "local": a new single-node Ray of this machine, even where a cluster is running here too. Its
+        # services take the machine's address (Ray maps 127.0.0.1 to it) behind Ray's token authentication.
+        ray.init(address="local", num_cpus=params.num_cpus, **settings)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def original_error(error: BaseException) -> BaseException:
+    """The exception the task itself raised, under Ray's wrappers (its message names the file or row)."""
+    import ray
+
+    wrappers = (ray.exceptions.RayError, ray.data.exceptions.UserCodeException)
+    while isinstance(error, wrappers) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def run_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams, label: str) -> list[list[dict]]:
+    """`work(task)` for every task on Ray Data, one task per block; each task's rows, in task order."""
+    if not tasks:
+        return []
+    import ray
+    from ray import cloudpickle
+
+    def run(row: dict) -> dict:
+        # Pickled both ways: tasks and rows travel exactly as they are, whatever Arrow makes of their types.
+        return {RESULT: cloudpickle.dumps(work(cloudpickle.loads(row[TASK])))}
+
+    with ray_session(params):
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        dataset = ray.data.from_items([{TASK: cloudpickle.dumps(task)} for task in tasks], override_num_blocks=len(tasks))
+        try:
+            results = dataset.map(run, num_cpus=1).take_all()
+        except Exception as error:
+            raise original_error(error) from None
+        log.info("%s: %d task(s) on Ray (%s CPUs)", label, len(tasks), ray.cluster_resources().get("CPU"))
+    return [cloudpickle.loads(result[RESULT]) for result in results]
