@@ -26,19 +26,19 @@ from pipeline.contracts.paths import Paths
 def _ingest(params: Params, paths: Paths, _):
     from pipeline.ingest import ingest
 
-    ingest(params.ingest, paths)
+    ingest(params.ingest, paths, params.ray)
 
 
 def _validate(params: Params, paths: Paths, _):
     from pipeline.validate import validate
 
-    validate(params.validate_, paths)
+    validate(params.validate_, paths, params.ray)
 
 
 def _preprocess(params: Params, paths: Paths, _):
     from pipeline.preprocess import preprocess
 
-    preprocess(params.preprocess, paths)
+    preprocess(params.preprocess, paths, params.ray)
 
 
 def _vae(params: Params, paths: Paths, _):

@@ -103,6 +103,7 @@ class IngestParams(Section):
     manifest: ManifestSource | None = None
     hf: HfSource | None = None
     webdataset: WebdatasetSource | None = None
+    shard_size: int = Field(1000, ge=1, description="images per data/raw shard; a run's new images fill new shards")
 
     @model_validator(mode="after")
     def _chosen_source_is_configured(self) -> IngestParams:
@@ -179,7 +180,6 @@ class PreprocessParams(Section):
     bucketing: bool = Field(False, description="train images keep their aspect ratio in buckets; val stays square")
     bucket_step: int = Field(8, ge=8, description="bucket sides are multiples of this; 64 for Stable Diffusion UNets")
     max_bucket_ratio: float = Field(2.0, ge=1, description="the most elongated bucket, long side / short side")
-    workers: int | None = Field(0, ge=0, description="processes converting images; 0 or null: one per CPU")
 
     @field_validator("resolution")
     @classmethod

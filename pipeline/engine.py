@@ -26,14 +26,10 @@ def cluster_address(params: RayParams) -> str | None:
     return params.address or os.environ.get("RAY_ADDRESS") or None
 
 
-@contextmanager
-def ray_session(params: RayParams) -> Iterator[None]:
-    """Connect to the configured cluster, or start Ray in-process; leave an already open session alone."""
+def start_ray(params: RayParams) -> None:
+    """Connect to the configured cluster, or start Ray in-process."""
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
     address = cluster_address(params)
     settings = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                     configure_logging=False)
@@ -44,42 +40,53 @@ def ray_session(params: RayParams) -> Iterator[None]:
         # "local": a new single-node Ray of this machine, even where a cluster is running here too. Its
         # services take the machine's address (Ray maps 127.0.0.1 to it) behind Ray's token authentication.
         ray.init(address="local", num_cpus=params.num_cpus, **settings)
+
+
+@contextmanager
+def ray_session(params: RayParams) -> Iterator[None]:
+    """Ray for the duration of a stage; a session already open in this process is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    start_ray(params)
     try:
         yield
     finally:
         ray.shutdown()
 
 
-def original_error(error: BaseException) -> BaseException:
-    """The exception the task itself raised, under Ray's wrappers (its message names the file or row)."""
-    import ray
-
-    wrappers = (ray.exceptions.RayError, ray.data.exceptions.UserCodeException)
-    while isinstance(error, wrappers) and error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
-def run_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams, label: str) -> list[list[dict]]:
-    """`work(task)` for every task on Ray Data, one task per block; each task's rows, in task order."""
+def iter_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams, label: str) -> Iterator[list[dict]]:
+    """`work(task)` for every task on Ray Data, one task per block; each task's rows, in task order, as they
+    finish (Ray Data holds back tasks while the caller is behind, so results never pile up in memory)."""
     if not tasks:
-        return []
+        return
     import ray
     from ray import cloudpickle
 
     def run(row: dict) -> dict:
         # Pickled both ways: tasks and rows travel exactly as they are, whatever Arrow makes of their types.
-        return {RESULT: cloudpickle.dumps(work(cloudpickle.loads(row[TASK])))}
+        # A task's exception travels back the same way and is raised here as it was: Ray Data would wrap it
+        # in its own, whose message is a traceback.
+        try:
+            return {RESULT: cloudpickle.dumps(work(cloudpickle.loads(row[TASK])))}
+        except Exception as error:
+            return {RESULT: cloudpickle.dumps(error)}
 
     with ray_session(params):
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        dataset = ray.data.from_items([{TASK: cloudpickle.dumps(task)} for task in tasks], override_num_blocks=len(tasks))
-        try:
-            results = dataset.map(run, num_cpus=1).take_all()
-        except Exception as error:
-            raise original_error(error) from None
         log.info("%s: %d task(s) on Ray (%s CPUs)", label, len(tasks), ray.cluster_resources().get("CPU"))
-    return [cloudpickle.loads(result[RESULT]) for result in results]
+        dataset = ray.data.from_items([{TASK: cloudpickle.dumps(task)} for task in tasks], override_num_blocks=len(tasks))
+        for result in dataset.map(run, num_cpus=1).iter_rows():
+            rows = cloudpickle.loads(result[RESULT])
+            if isinstance(rows, Exception):
+                raise rows
+            yield rows
+
+
+def run_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams, label: str) -> list[list[dict]]:
+    return list(iter_tasks(work, tasks, params, label))

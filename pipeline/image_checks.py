@@ -15,9 +15,10 @@ of the same brightness, or a picture from one with a small object added.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ COMPARE_SIDE = 24  # the colour grid near-duplicate candidates are confirmed on
 CROP_STEPS = (0.0, 1 / 64, 2 / 64)
 THUMBNAILS_KEPT = 4096  # ~12 KB each: the images of many candidate pairs are read once, within ~50 MB
 MAX_BLOCK_NEIGHBOURS = 100_000  # a multi-index layout that would look up more values per hash is not tried
+
+ImageSource = Path | bytes | None  # a file, an image's bytes (from a shard), or nothing found
 
 
 @dataclass(frozen=True)
@@ -98,13 +101,21 @@ def eight_bit(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def measure(path: Path, max_pixels: int, hash_min_side: int) -> ImageProperties:
+def opened(source: ImageSource) -> Path | io.BytesIO:
+    """What Image.open reads: the file, or the bytes (an image kept in a shard)."""
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def measure(source: ImageSource, max_pixels: int, hash_min_side: int) -> ImageProperties:
+    """The properties of one image: a file, or its bytes; None for one that could not be found."""
     unreadable = dict(decodable=False, image_format=None, mode=None, pixels=None, dhash=None, brightness=None,
                       contrast=None)
-    if not path.is_file():
-        return ImageProperties(**unreadable, problem=f"file not found: {path.name}")
+    if source is None:
+        return ImageProperties(**unreadable, problem="image not found in its shard")
+    if isinstance(source, Path) and not source.is_file():
+        return ImageProperties(**unreadable, problem=f"file not found: {source.name}")
     try:
-        width, height, image_format, mode = read_header(path)
+        width, height, image_format, mode = read_header(opened(source))
     except Exception as error:  # any header Pillow refuses: nothing to decode
         return ImageProperties(**unreadable, problem=f"no image header Pillow can read ({type(error).__name__})")
     header = dict(image_format=image_format, mode=mode, pixels=width * height)
@@ -112,7 +123,7 @@ def measure(path: Path, max_pixels: int, hash_min_side: int) -> ImageProperties:
         return ImageProperties(decodable=None, problem="not decoded", dhash=None, brightness=None, contrast=None,
                                **header)
     try:
-        with pixel_limit(max_pixels), Image.open(path) as image:
+        with pixel_limit(max_pixels), Image.open(opened(source)) as image:
             small = eight_bit(image)  # decodes every pixel: truncated and corrupt data fail here
     except Exception as error:  # any decoder error means the file cannot be trained on
         return ImageProperties(decodable=False, problem=decode_problem(error), dhash=None, brightness=None,
@@ -134,9 +145,9 @@ def decode_problem(error: Exception) -> str:
     return f"{type(error).__name__}: {message}"
 
 
-def property_columns(paths: list[Path], max_pixels: int, hash_min_side: int) -> dict[str, list]:
+def property_columns(sources: list[ImageSource], max_pixels: int, hash_min_side: int) -> dict[str, list]:
     """The properties of every image, as columns for the frame the suite validates."""
-    measured = [asdict(measure(path, max_pixels, hash_min_side)) for path in paths]
+    measured = [asdict(measure(source, max_pixels, hash_min_side)) for source in sources]
     return {name: [row[name] for row in measured] for name in ImageProperties.__dataclass_fields__}
 
 
@@ -206,9 +217,9 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     return pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]
 
 
-def colour_thumbnail(path: Path, max_pixels: int) -> Image.Image:
+def colour_thumbnail(source: ImageSource, max_pixels: int) -> Image.Image:
     """The image as 8-bit RGB of at most 64×64 px, read again (only candidates are)."""
-    with pixel_limit(max_pixels), Image.open(path) as image:
+    with pixel_limit(max_pixels), Image.open(opened(source)) as image:
         small = eight_bit(image).convert("RGB")
     small.thumbnail((STATS_SIDE, STATS_SIDE), Image.Resampling.BOX)
     return small
@@ -257,8 +268,8 @@ def colour_difference(first: Image.Image, second: Image.Image) -> float:
     return best
 
 
-def near_duplicate_of(hashes: list[int | None], paths: list[Path], labels: list[str], max_distance: int,
-                      max_colour_difference: float, max_pixels: int) -> list[str | None]:
+def near_duplicate_of(hashes: list[int | None], source: Callable[[int], ImageSource], labels: list[str],
+                      max_distance: int, max_colour_difference: float, max_pixels: int) -> list[str | None]:
     """For each image, the label of the earliest earlier image whose dHash is at most `max_distance`
     bits away and whose colours differ by at most `max_colour_difference` (see `colour_difference`).
 
@@ -270,7 +281,7 @@ def near_duplicate_of(hashes: list[int | None], paths: list[Path], labels: list[
 
     @functools.lru_cache(maxsize=THUMBNAILS_KEPT)
     def thumbnail(index: int) -> Image.Image:
-        return colour_thumbnail(paths[index], max_pixels)
+        return colour_thumbnail(source(index), max_pixels)
 
     for first, second in near_duplicate_pairs(values, max_distance).tolist():
         earlier, later = known[first], known[second]

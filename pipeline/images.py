@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
@@ -54,7 +55,8 @@ def resize_and_crop(image: Image.Image, size: tuple[int, int], centering: tuple[
     return ImageOps.fit(image, size, Image.Resampling.LANCZOS, centering=centering)
 
 
-def load_training_image(path: Path, resolution: int, centering: tuple[float, float] = CENTRE) -> Image.Image:
-    """The image as a square at `resolution`, converted as preprocess converts (monitoring reads batches so)."""
-    with Image.open(path) as image:
+def load_training_image(source: Path | BinaryIO, resolution: int, centering: tuple[float, float] = CENTRE) -> Image.Image:
+    """The image (a file, or its bytes) as a square at `resolution`, converted as preprocess converts
+    (monitoring reads batches so)."""
+    with Image.open(source) as image:
         return resize_and_crop(to_rgb(image), (resolution, resolution), centering)

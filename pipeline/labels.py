@@ -73,7 +73,7 @@ def split_features(paths: Paths, split: str, labels: list[str], params: Evaluate
         rows = rows.groupby("caption", sort=False).head(per_label)
     features, targets = [], []
     for _, group in rows.groupby(["height", "width"], sort=True):
-        features.append(pixel_features(read_images(paths.processed / split, group["file"]), params.classifier_resolution))
+        features.append(pixel_features(read_images(paths, group), params.classifier_resolution))
         targets.append(group["caption"].to_numpy())
     if not features:
         return np.empty((0, 3 * params.classifier_resolution**2)), np.empty(0, dtype=object)

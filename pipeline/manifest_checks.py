@@ -13,17 +13,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 
 from pipeline.config import ValidateParams
 from pipeline.contracts.records import DATA_DOCS
-from pipeline.image_checks import near_duplicate_of, property_columns
+from pipeline.image_checks import ImageSource, near_duplicate_of, property_columns
 
 ROW = "row"
 DECODABLE = "decodable"
 SUITE = "raw_manifest"
-REQUIRED_COLUMNS = ("id", "path", "caption", "width", "height")
+REQUIRED_COLUMNS = ("id", "caption", "width", "height")
 BAD_ROWS = "bad rows (validate.max_bad_fraction)"
 DEFAULT_SOURCE = "default"  # manifests without a `source` column (monitoring batches)
 
@@ -37,7 +38,31 @@ class Check:
     detail: str | None = None  # a column whose value makes the row's reason specific
 
 
-def row_properties(manifest: pd.DataFrame, root: Path, params: ValidateParams) -> pd.DataFrame:
+class Images(Protocol):
+    """Where a manifest's images are: it measures them all and hands out single ones again."""
+
+    def measure(self, frame: pd.DataFrame, params: ValidateParams) -> dict[str, list]:
+        """`pipeline.image_checks.property_columns` of every row's image, in row order."""
+
+    def source(self, frame: pd.DataFrame, row: int) -> ImageSource:
+        """One row's image again (near-duplicate candidates are compared in colour)."""
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Images as files, the manifest's `path` column relative to `root` (monitoring's incoming batches)."""
+
+    root: Path
+
+    def measure(self, frame: pd.DataFrame, params: ValidateParams) -> dict[str, list]:
+        return property_columns([self.source(frame, row) for row in range(len(frame))], params.max_pixels,
+                                params.near_duplicate_min_side)
+
+    def source(self, frame: pd.DataFrame, row: int) -> Path:
+        return self.root / frame["path"].iat[row]
+
+
+def row_properties(manifest: pd.DataFrame, images: Images, params: ValidateParams) -> pd.DataFrame:
     """The manifest with the per-row columns the suite checks; every image is read once, header first."""
     frame = manifest.reset_index(drop=True)
     frame[ROW] = range(len(frame))
@@ -47,14 +72,14 @@ def row_properties(manifest: pd.DataFrame, root: Path, params: ValidateParams) -
     frame["uncaptioned"] = captions.eq("")
     frame["caption_length"] = captions.str.len().where(~frame["uncaptioned"])
     frame["aspect_ratio"] = (frame["width"] / frame["height"].where(frame["height"] > 0)).astype(float)
-    properties = property_columns([root / relative for relative in frame["path"]], params.max_pixels,
-                                  params.near_duplicate_min_side)
+    properties = images.measure(frame, params)
     hashes = properties.pop("dhash")  # 64-bit unsigned: a pandas column would turn them into floats
     for name, values in properties.items():
         frame[name] = values
-    labels = frame.get("origin", frame["path"]).tolist()
+    if "origin" not in frame:  # a batch's manifest: its files are the names a person knows
+        frame["origin"] = frame.get("path", frame["id"])
     frame["near_duplicate_of"] = (
-        near_duplicate_of(hashes, [root / relative for relative in frame["path"]], labels,
+        near_duplicate_of(hashes, lambda row: images.source(frame, row), frame["origin"].tolist(),
                           params.max_near_duplicate_distance, params.max_near_duplicate_colour_difference,
                           params.max_pixels)
         if params.max_near_duplicate_distance >= 0 else None
@@ -218,21 +243,21 @@ def failed_hard_checks(summary: dict) -> dict[str, str]:
 @dataclass(frozen=True)
 class ManifestCheck:
     good: pd.DataFrame
-    quarantined: pd.DataFrame  # id, path, origin (the name in the source), caption, reason
+    quarantined: pd.DataFrame  # id, origin (the name in the source), caption, reason
     summary: dict
     failed_checks: dict[str, int]
 
 
 def check_manifest(
-    manifest: pd.DataFrame, root: Path, params: ValidateParams, docs: Path | None = None
+    manifest: pd.DataFrame, images: Images, params: ValidateParams, docs: Path | None = None
 ) -> ManifestCheck:
-    """Run the suite over a manifest whose paths are relative to `root`; only `docs`, when given, is written."""
+    """Run the suite over a manifest whose images `images` reads; only `docs`, when given, is written."""
     missing = [column for column in REQUIRED_COLUMNS if column not in manifest]
     if missing:  # nothing per row can be measured: only the table-level checks run, and fail
         frame = manifest.reset_index(drop=True).assign(**{ROW: range(len(manifest))})
         checks = table_checks(params)
     else:
-        frame = row_properties(manifest, root, params)
+        frame = row_properties(manifest, images, params)
         checks = manifest_checks(params, sorted(frame["source"].astype(str).unique()))
     outcomes = run_suite(frame, checks, docs)
     reasons = quarantine_reasons(frame, outcomes)
@@ -242,7 +267,7 @@ def check_manifest(
         if result.get("unexpected_count") and not check.hard
     }
     rows = sorted(reasons)
-    quarantined = frame.loc[rows].reindex(columns=["id", "path", "origin", "caption"]).assign(
+    quarantined = frame.loc[rows].reindex(columns=["id", "origin", "caption"]).assign(
         reason=["; ".join(reasons[row]) for row in rows])
     summary = dict(
         total=len(frame),

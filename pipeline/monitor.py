@@ -11,6 +11,7 @@ yet trained on into a decision and the reasons for it. Batches are read, never m
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -28,10 +29,11 @@ from pipeline.config import MonitorParams, Params
 from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import CHAMPION, METRIC_TAG_PREFIX
+from pipeline.contracts.shards import image_bytes
 from pipeline.drift import feature_drift, feature_table, mmd_test
 from pipeline.diagnostics import noise_metrics_on
 from pipeline.images import content_id, describe_image, load_training_image
-from pipeline.manifest_checks import check_manifest
+from pipeline.manifest_checks import ImageFiles, check_manifest
 from pipeline.models import encode_images, load_pipeline, to_model_range
 from pipeline.sources import path_inside
 from pipeline.sources.tables import read_rows
@@ -103,18 +105,19 @@ def _sample_reference(paths: Paths, count: int, seed: int, resolution: int) -> n
     ids = pd.read_parquet(paths.processed / "train" / MANIFEST, columns=["id"])["id"]
     positions = np.random.default_rng(seed).choice(len(ids), size=min(count, len(ids)), replace=False)
     chosen = ids.iloc[np.sort(positions)]
-    raw = pd.read_parquet(paths.validated / MANIFEST, columns=["id", "path"]).set_index("id")["path"]
+    raw = pd.read_parquet(paths.validated / MANIFEST, columns=["id", "shard"]).set_index("id")
     missing = sorted(set(chosen) - set(raw.index))
     if missing:
         raise ValueError(f"{paths.validated / MANIFEST}: no row for training sample {missing[0]} of data/processed "
                          f"({len(missing)} missing); re-run preprocess (dvc repro preprocess)")
-    return np.stack([np.asarray(load_training_image(paths.raw / raw[i], resolution)) for i in chosen])
+    images = image_bytes(paths.raw, raw.loc[chosen].reset_index())
+    return np.stack([np.asarray(load_training_image(io.BytesIO(data), resolution)) for data in images])
 
 
 def check_batch(folder: Path, params: Params, paths: Paths, champion_folder: Path, champion_noise_mse: float) -> BatchReport:
     settings = params.monitor
     manifest = batch_manifest(folder)
-    validation = check_manifest(manifest, folder, params.validate_)
+    validation = check_manifest(manifest, ImageFiles(folder), params.validate_)
     good = validation.good.assign(caption=lambda rows: [
         normalise_caption(caption, lowercase=params.preprocess.lowercase_captions) for caption in rows["caption"]])
     report = BatchReport(batch=folder.name, samples=len(manifest), valid=len(good), validation=validation.summary)
@@ -192,7 +195,7 @@ def merge_batches(folders: list[Path], params: Params, paths: Paths) -> int:
     """Copy each batch's valid samples into data/batches/<batch>/ (read by `ingest`); returns samples merged."""
     merged = 0
     for folder in folders:
-        good = check_manifest(batch_manifest(folder), folder, params.validate_).good
+        good = check_manifest(batch_manifest(folder), ImageFiles(folder), params.validate_).good
         with atomic_dir(paths.batches / folder.name) as staging:
             lines = []
             for path, caption in zip(good["path"], good["caption"], strict=True):

@@ -1,10 +1,11 @@
 """Stage `preprocess`: decode, orient, convert to 8-bit RGB, resize and crop, clean captions, split by id.
 
-Writes data/processed/{train,val}/<id>.png with a manifest.parquet each, one row per image:
-- id, file, caption: the normalised caption that encode, train and evaluate read;
+Writes data/processed/{train,val}/manifest.parquet, one row per image:
+- id, caption: the normalised caption that encode, train and evaluate read;
+- shard: the shard under data/processed/shards that holds the processed PNG (`pipeline.contracts.shards`);
 - width, height: the processed image's size; crop: "center", or the crop position as the two fractions
   ImageOps.fit centres on ("0.123456,0.654321");
-- recipe: a hash of everything that decides the processed file; sha256: the file's own hash.
+- recipe: a hash of everything that decides the processed image; sha256: the PNG's own hash.
 Beside them, reference_features.parquet and stats.json: the training set's drift features
 (`pipeline.drift`) per sample and summarised, for the monitoring flow.
 
@@ -13,22 +14,21 @@ cropped to the aspect-ratio bucket (`pipeline.buckets`) nearest its own shape, a
 `pipeline.contracts.data.load_split_groups` reads the split back one size at a time. Val images stay squares
 at `resolution` always: evaluation compares them with the model's square generations.
 
-A re-run converts only what is new: an image whose file the previous data/processed holds in the same
-split with the same recipe and intact bytes is hard-linked into the new output (with its drift features
-taken from the previous reference_features.parquet); the rest are converted by a pool of
-`preprocess.workers` processes. The outputs are the same as a run from scratch, whatever the number of
-workers.
+Each data/raw shard's images of one split become one processed shard, named by their recipes; converting
+runs on Ray (`pipeline.engine`), one task per shard, and a shard holds each image's size, hash and drift
+features beside its PNG. A re-run converts only what is new: a shard the previous data/processed holds
+under the same name is hard-linked into the new output, so adding images converts only their shards. The
+outputs are the same as a run from scratch, however many Ray workers ran it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,19 +40,20 @@ from PIL import Image
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.buckets import Size, beyond_widest, bucket_sizes, nearest_bucket
 from pipeline.captions import normalise_caption
-from pipeline.config import PreprocessParams
+from pipeline.config import PreprocessParams, RayParams
 from pipeline.contracts.data import MANIFEST, PROCESSED_MANIFEST_COLUMNS, REFERENCE_FEATURES, SPLITS, STATS
 from pipeline.contracts.paths import Paths
+from pipeline.contracts.shards import IMAGE, SHARDS_DIR, read_shard, shard_name, write_shard
 from pipeline.drift import IMAGE_FEATURES, combine_features, image_features, metadata_features, words_of
+from pipeline.engine import run_tasks
 from pipeline.images import CENTRE, resize_and_crop, to_rgb
 
 log = logging.getLogger(__name__)
 
-CHUNKS_PER_WORKER = 8  # small enough to balance uneven images, large enough to amortise the hand-over
 # Bump whenever to_rgb, integer_to_grey, resize_and_crop or the PNG writing change what an image becomes:
 # it is part of every recipe, so the next run converts everything again instead of reusing stale files.
 CONVERSION_VERSION = "1"
-# What converting an image yields, or reusing it carries over; image features only matter for train.
+# What converting an image yields, kept in its shard beside the PNG; image features only matter for train.
 OUTPUT_TYPES = {"width": "int64", "height": "int64", "sha256": "str"} | dict.fromkeys(IMAGE_FEATURES, "float64")
 
 
@@ -94,56 +95,52 @@ def recipe_of(sample_id: str, resolution: int, sizes: tuple[Size, ...], centerin
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str | None:
-    """The file's sha256, or None when it cannot be read (a previous output deleted or unreadable)."""
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 @dataclass(frozen=True)
-class ImageJob:
-    """One image for a worker: where to read it, where to write it, and how to size and crop it."""
+class ShardConversion:
+    """A Ray task: convert these images of one data/raw shard into one processed shard."""
 
-    source: Path
-    target: Path
-    sizes: tuple[Size, ...]  # the square, or the buckets its aspect ratio picks from
+    source: Path  # the data/raw shard
+    target: Path  # the processed shard, in the staging folder
+    ids: tuple[str, ...]
+    centerings: tuple[tuple[float, float], ...]
+    sizes: tuple[Size, ...]  # the square, or the buckets each image's aspect ratio picks from
     resolution: int  # side of the square the drift features are measured on
-    centering: tuple[float, float]
 
 
-def convert_image(job: ImageJob) -> dict:
-    """Load, convert, crop and write one image; return its size, its file's sha256 and its drift features.
+def convert_image(data: bytes, sizes: tuple[Size, ...], resolution: int,
+                  centering: tuple[float, float]) -> tuple[bytes, dict]:
+    """Convert, crop and encode one image as PNG; with its size and drift features.
 
     The drift features are measured on the square at `resolution`, whatever the image's bucket, because
     monitoring measures new batches that way (`load_training_image`).
     """
-    try:
-        with Image.open(job.source) as opened:
-            image = to_rgb(opened)
-        size = nearest_bucket(image.size, job.sizes)
-        processed = resize_and_crop(image, size, job.centering)
-        processed.save(job.target, format="PNG")
-    except Exception as error:  # any decoder or writer failure: the message must name the file
-        raise ValueError(f"preprocess: {job.source}: {type(error).__name__}: {error}") from error
-    square = (job.resolution, job.resolution)
-    measured = processed if size == square else resize_and_crop(image, square, job.centering)
+    with Image.open(io.BytesIO(data)) as opened:
+        image = to_rgb(opened)
+    size = nearest_bucket(image.size, sizes)
+    processed = resize_and_crop(image, size, centering)
+    encoded = io.BytesIO()
+    processed.save(encoded, format="PNG")
+    square = (resolution, resolution)
+    measured = processed if size == square else resize_and_crop(image, square, centering)
     features = image_features(np.asarray(measured)[None]).to_dict("records")[0]
-    return dict(width=size[0], height=size[1], sha256=file_sha256(job.target), **features)
+    return encoded.getvalue(), dict(width=size[0], height=size[1], **features)
 
 
-def worker_count(workers: int | None) -> int:
-    return workers or os.cpu_count() or 1
-
-
-def convert_all(jobs: list[ImageJob], workers: int) -> list[dict]:
-    """convert_image over the jobs, results in job order; with one worker, in this process."""
-    if workers == 1 or len(jobs) <= 1:
-        return [convert_image(job) for job in jobs]
-    chunksize = max(1, math.ceil(len(jobs) / (workers * CHUNKS_PER_WORKER)))
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-        return list(pool.map(convert_image, jobs, chunksize=chunksize))
+def convert_shard(task: ShardConversion) -> list[dict]:
+    """Convert one shard's images and write them as a processed shard; nothing to return (the shard holds
+    the results)."""
+    originals = read_shard(task.source, [IMAGE])[IMAGE]
+    images, results = [], []
+    for sample_id, centering in zip(task.ids, task.centerings, strict=True):
+        try:
+            png, result = convert_image(originals[sample_id], task.sizes, task.resolution, centering)
+        except Exception as error:  # any decoder or writer failure: the message must name the image
+            raise ValueError(f"preprocess: image {sample_id} of {task.source}: {type(error).__name__}: {error}") from error
+        images.append(png)
+        results.append(result | dict(sha256=hashlib.sha256(png).hexdigest()))
+    columns = {name: [result[name] for result in results] for name in OUTPUT_TYPES}
+    write_shard(task.target, task.ids, images, columns)
+    return []
 
 
 def reference_stats(features: pd.DataFrame, vocabulary: set[str]) -> dict:
@@ -180,7 +177,6 @@ def planned_manifest(params: PreprocessParams, paths: Paths) -> pd.DataFrame:
         columns={"width": "source_width", "height": "source_height"})
     manifest["caption"] = [normalise_caption(c, lowercase=params.lowercase_captions) for c in manifest["caption"]]
     manifest["split"] = pd.Categorical([split_of(i, params.val_fraction) for i in manifest["id"]], SPLITS)
-    manifest["file"] = manifest["id"] + ".png"
     counts = manifest["split"].value_counts()
     if not counts["train"] or not counts["val"]:
         raise ValueError(
@@ -193,41 +189,31 @@ def planned_manifest(params: PreprocessParams, paths: Paths) -> pd.DataFrame:
     manifest["crop"] = [crop_label(centering) for centering in manifest["centering"]]
     manifest["recipe"] = [recipe_of(i, params.resolution, sizes[split], centering) for i, split, centering
                           in zip(manifest["id"], manifest["split"], manifest["centering"], strict=True)]
-    return manifest
+    return with_shards(manifest)
 
 
-def previous_outputs(folder: Path) -> pd.DataFrame:
-    """What the last run wrote, one row per image: split, id, path, recipe and OUTPUT_TYPES' columns.
-
-    A train image's features come from reference_features.parquet, whose rows follow the train manifest's;
-    when that file is missing or does not match, its train images have none and are converted again.
-    """
-    found = []
-    for split in SPLITS:
-        manifest = folder / split / MANIFEST
-        if not manifest.is_file():
-            continue
-        rows = pd.read_parquet(manifest)
-        if not set(PROCESSED_MANIFEST_COLUMNS) <= set(rows.columns):  # written before recipes existed
-            continue
-        reference = folder / REFERENCE_FEATURES
-        if split == "train" and reference.is_file():
-            features = pd.read_parquet(reference, columns=list(IMAGE_FEATURES))
-            if len(features) == len(rows):
-                rows = pd.concat([rows, features], axis=1)
-        found.append(rows.assign(split=split, path=[folder / split / name for name in rows["file"]]))
-    columns = ["split", "id", "path", "recipe", *OUTPUT_TYPES]
-    return pd.concat(found).reindex(columns=columns) if found else pd.DataFrame(columns=columns)
+def with_shards(plan: pd.DataFrame) -> pd.DataFrame:
+    """The plan with each row's processed shard (the raw one moves to `raw_shard`): one per data/raw shard
+    and split, named by its rows' recipes, so it keeps its name while they do not change."""
+    names = pd.Series(index=plan.index, dtype=object)
+    for (_, split), rows in plan.groupby(["shard", "split"], sort=False, observed=True):
+        names[rows.index] = shard_name(split, rows["recipe"])
+    return plan.assign(raw_shard=plan["shard"], shard=names)
 
 
-def reusable_outputs(plan: pd.DataFrame, previous: pd.DataFrame) -> pd.DataFrame:
-    """The previous outputs that this run can link instead of convert, indexed by their row in `plan`:
-    same split, id and recipe, a file whose bytes still have the recorded sha256, and (train) features."""
-    matched = (plan[["id", "recipe"]].assign(split=plan["split"].astype(str)).reset_index()
-               .merge(previous, on=["split", "id", "recipe"]).set_index("index"))
-    intact = [file_sha256(path) == digest for path, digest in zip(matched["path"], matched["sha256"], strict=True)]
-    featured = (matched["split"] != "train") | matched[list(IMAGE_FEATURES)].notna().all(axis=1)
-    return matched[np.array(intact, dtype=bool) & featured.to_numpy()]
+def conversions(plan: pd.DataFrame, params: PreprocessParams, paths: Paths, staging: Path) -> list[ShardConversion]:
+    sizes = target_sizes(params)
+    return [ShardConversion(paths.raw / rows["raw_shard"].iat[0], staging / shard, tuple(rows["id"]),
+                            tuple(rows["centering"]), sizes[rows["split"].iat[0]], params.resolution)
+            for shard, rows in plan.groupby("shard", sort=False)]
+
+
+def holds_exactly(shard: Path, ids: pd.Series) -> bool:
+    """Whether a previous shard is there, readable and holds these images (reading its ids only)."""
+    try:
+        return read_shard(shard, ["id"]).index.tolist() == ids.tolist()
+    except (OSError, ValueError):
+        return False
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -238,36 +224,33 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def conversion_jobs(plan: pd.DataFrame, params: PreprocessParams, paths: Paths, staging: Path) -> list[ImageJob]:
-    sizes = target_sizes(params)
-    return [
-        ImageJob(paths.raw / relative, staging / split / name, sizes[split], params.resolution, centering)
-        for relative, split, name, centering in zip(
-            plan["path"], plan["split"], plan["file"], plan["centering"], strict=True)
-    ]
+def write_outputs(plan: pd.DataFrame, params: PreprocessParams, ray: RayParams, paths: Paths,
+                  staging: Path) -> pd.DataFrame:
+    """Link the shards the previous run wrote under the same names and convert the rest into `staging`; the
+    plan with OUTPUT_TYPES' columns (read back from the shards) and `reused` (bool) added."""
+    (staging / SHARDS_DIR).mkdir()
+    reused = {shard for shard, rows in plan.groupby("shard", sort=False)
+              if holds_exactly(paths.processed / shard, rows["id"])}
+    for shard in reused:
+        link_or_copy(paths.processed / shard, staging / shard)
+    todo = [task for task in conversions(plan, params, paths, staging) if task.target.relative_to(staging).as_posix() not in reused]
+    run_tasks(convert_shard, todo, ray, "preprocess")
+    outputs = pd.concat([read_shard(staging / shard, list(OUTPUT_TYPES)).assign(shard=shard)
+                         for shard in plan["shard"].unique()])
+    columns = plan[["id", "shard"]].merge(outputs.reset_index(), on=["id", "shard"], how="left")
+    columns.index = plan.index
+    return pd.concat([plan, columns[list(OUTPUT_TYPES)].astype(OUTPUT_TYPES)], axis=1).assign(
+        reused=plan["shard"].isin(reused))
 
 
-def write_outputs(plan: pd.DataFrame, params: PreprocessParams, paths: Paths, staging: Path) -> pd.DataFrame:
-    """Link what can be reused and convert the rest into `staging`; the plan with OUTPUT_TYPES' columns and
-    `reused` (bool) added."""
-    reused = reusable_outputs(plan, previous_outputs(paths.processed))
-    for path, split, name in zip(reused["path"], reused["split"], plan.loc[reused.index, "file"], strict=True):
-        link_or_copy(path, staging / split / name)
-    todo = plan.index.difference(reused.index)
-    converted = convert_all(conversion_jobs(plan.loc[todo], params, paths, staging), worker_count(params.workers))
-    outputs = reused[list(OUTPUT_TYPES)].to_dict("index") | dict(zip(todo, converted, strict=True))
-    columns = pd.DataFrame([outputs[index] for index in plan.index], index=plan.index, columns=list(OUTPUT_TYPES))
-    return pd.concat([plan, columns.astype(OUTPUT_TYPES)], axis=1).assign(reused=plan.index.isin(reused.index))
-
-
-def preprocess(params: PreprocessParams, paths: Paths) -> dict[str, int]:
+def preprocess(params: PreprocessParams, paths: Paths, ray: RayParams = RayParams()) -> dict[str, int]:
     """Returns the images per split, how many were converted and reused, and how many train images were
     more elongated than the widest bucket (cropped into it, never dropped)."""
     plan = planned_manifest(params, paths)
     with atomic_dir(paths.processed) as staging:
         for split in SPLITS:
             (staging / split).mkdir()
-        processed = write_outputs(plan, params, paths, staging)
+        processed = write_outputs(plan, params, ray, paths, staging)
         for split in SPLITS:
             rows = processed[processed["split"] == split]
             rows[list(PROCESSED_MANIFEST_COLUMNS)].to_parquet(staging / split / MANIFEST, index=False)
@@ -275,9 +258,8 @@ def preprocess(params: PreprocessParams, paths: Paths) -> dict[str, int]:
     counts = {split: int((processed["split"] == split).sum()) for split in SPLITS}
     counts.update(converted=int((~processed["reused"]).sum()), reused=int(processed["reused"].sum()),
                   beyond_widest_bucket=log_buckets(processed, params))
-    log.info("preprocess: %d train, %d val at %d px (%s crop) with %d worker(s): %d converted, %d reused",
-             counts["train"], counts["val"], params.resolution, params.crop, worker_count(params.workers),
-             counts["converted"], counts["reused"])
+    log.info("preprocess: %d train, %d val at %d px (%s crop): %d converted, %d reused",
+             counts["train"], counts["val"], params.resolution, params.crop, counts["converted"], counts["reused"])
     return counts
 
 

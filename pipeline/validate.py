@@ -6,11 +6,13 @@ source, its share of bad rows): when one fails the stage fails, naming the expec
 Soft checks judge each row; a failing row is quarantined with a reason a person can act on
 (reports/validation/quarantine.csv). Image properties Great Expectations cannot compute (decodable,
 colour mode, perceptual hash, brightness) come from `pipeline.image_checks`, read once per row, headers
-before pixels. The good rows go on to data/validated/manifest.parquet; raw files are never touched.
+before pixels, on Ray (`pipeline.engine`), one task per data/raw shard. The good rows go on to
+data/validated/manifest.parquet; raw data is never touched.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +20,19 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.atomic import atomic_dir, atomic_file, write_json
-from pipeline.config import ValidateParams
+from pipeline.config import RayParams, ValidateParams
 from pipeline.contracts.data import MANIFEST, REJECTED
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import DATA_DOCS, QUARANTINE, SUMMARY
+from pipeline.contracts.shards import IMAGE, read_shard
+from pipeline.engine import run_tasks
+from pipeline.image_checks import property_columns
 from pipeline.manifest_checks import ManifestCheck, check_manifest, failure_message, with_verdict
 
 log = logging.getLogger(__name__)
 
 REJECTED_AT_INGEST = "rejected at ingest"
+SHARDS_KEPT = 8  # shards whose images near-duplicate confirmation keeps at hand
 
 
 class ValidationFailed(RuntimeError):
@@ -40,14 +46,55 @@ class ValidationResult:
     failed_checks: dict[str, int]
 
 
+@dataclass(frozen=True)
+class ShardMeasurement:
+    """A Ray task: measure these images of one shard, in this order."""
+
+    shard: Path
+    ids: tuple[str, ...]
+    max_pixels: int
+    hash_min_side: int
+
+
+def measure_shard(task: ShardMeasurement) -> list[dict]:
+    images = read_shard(task.shard, [IMAGE])[IMAGE]
+    sources = [images.get(sample_id) for sample_id in task.ids]
+    columns = property_columns(sources, task.max_pixels, task.hash_min_side)
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+@dataclass(frozen=True)
+class ShardedImages:
+    """data/raw's images, in the shards its manifest names; measured on Ray, shard by shard."""
+
+    root: Path
+    ray: RayParams
+
+    def measure(self, frame: pd.DataFrame, params: ValidateParams) -> dict[str, list]:
+        shards = frame.groupby("shard", sort=False).indices
+        tasks = [ShardMeasurement(self.root / shard, tuple(frame["id"].iloc[rows]), params.max_pixels,
+                                  params.near_duplicate_min_side) for shard, rows in shards.items()]
+        measured: list[dict | None] = [None] * len(frame)
+        for rows, results in zip(shards.values(), run_tasks(measure_shard, tasks, self.ray, "validate"), strict=True):
+            for row, result in zip(rows, results, strict=True):
+                measured[row] = result
+        return {name: [row[name] for row in measured] for name in measured[0]} if measured else {}
+
+    def source(self, frame: pd.DataFrame, row: int) -> bytes | None:
+        return self.shard_images(frame["shard"].iat[row]).get(frame["id"].iat[row])
+
+    @functools.lru_cache(maxsize=SHARDS_KEPT)
+    def shard_images(self, shard: str) -> pd.Series:
+        return read_shard(self.root / shard, [IMAGE])[IMAGE]
+
+
 def ingest_rejects(raw: Path) -> pd.DataFrame:
     """What ingest could not take (a path outside the data root, a missing file, not an image), with its
     reason, as quarantine rows."""
     if not (raw / REJECTED).is_file():
-        return pd.DataFrame(columns=["id", "path", "origin", "caption", "reason"])
+        return pd.DataFrame(columns=["id", "origin", "caption", "reason"])
     rejected = pd.read_parquet(raw / REJECTED)
-    return pd.DataFrame({"id": None, "path": rejected["origin"], "origin": rejected["origin"], "caption": None,
-                         "reason": rejected["reason"]})
+    return pd.DataFrame({"id": None, "origin": rejected["origin"], "caption": None, "reason": rejected["reason"]})
 
 
 def with_ingest_rejects(check: ManifestCheck, rejects: pd.DataFrame, params: ValidateParams) -> ManifestCheck:
@@ -64,10 +111,10 @@ def with_ingest_rejects(check: ManifestCheck, rejects: pd.DataFrame, params: Val
                          check.failed_checks | {REJECTED_AT_INGEST: len(rejects)})
 
 
-def validate(params: ValidateParams, paths: Paths) -> ValidationResult:
+def validate(params: ValidateParams, paths: Paths, ray: RayParams = RayParams()) -> ValidationResult:
     reports = paths.validation_reports
     with atomic_dir(reports / DATA_DOCS) as docs:
-        check = check_manifest(pd.read_parquet(paths.raw / MANIFEST), paths.raw, params, docs)
+        check = check_manifest(pd.read_parquet(paths.raw / MANIFEST), ShardedImages(paths.raw, ray), params, docs)
     check = with_ingest_rejects(check, ingest_rejects(paths.raw), params)
     _write_reports(reports, check.summary, check.quarantined)
     if not check.summary["passed"]:
@@ -83,4 +130,4 @@ def _write_reports(directory: Path, summary: dict, quarantined: pd.DataFrame) ->
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / SUMMARY, summary)
     with atomic_file(directory / QUARANTINE) as staging:
-        quarantined[["path", "origin", "reason", "id", "caption"]].to_csv(staging, index=False)
+        quarantined[["origin", "reason", "id", "caption"]].to_csv(staging, index=False)

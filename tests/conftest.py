@@ -21,6 +21,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="sdpipe-prefect-")
 # An empty torch hub cache: FID/KID must not depend on weights a developer happens to have.
 os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="sdpipe-torch-")
 
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -49,6 +50,37 @@ def merge(base: dict, overrides: dict) -> dict:
 def tiny_params_dict() -> dict:
     """The project's params.yaml with sizes cut down so the whole chain runs in seconds."""
     return merge(read_params_file(REPO / "params.yaml"), TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def in_process_ray():
+    """One in-process Ray for the whole session: the data stages use an open session rather than start
+    their own (seconds each). Tests of other Ray settings use `another_ray`."""
+    import ray
+
+    from pipeline.config import RayParams
+    from pipeline.engine import start_ray
+
+    start_ray(RayParams())
+    yield
+    ray.shutdown()
+
+
+@contextlib.contextmanager
+def another_ray(settings):
+    """The session's Ray swapped for one with these RayParams while the block runs."""
+    import ray
+
+    from pipeline.config import RayParams
+    from pipeline.engine import start_ray
+
+    ray.shutdown()
+    try:
+        start_ray(settings)
+        yield
+    finally:
+        ray.shutdown()
+        start_ray(RayParams())
 
 
 @pytest.fixture

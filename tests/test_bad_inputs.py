@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipeline.config import parse_params
 from pipeline.contracts.paths import Paths
+from pipeline.contracts.shards import image_bytes
 from pipeline.ingest import ingest
 from pipeline.preprocess import preprocess
 from pipeline.contracts.records import QUARANTINE
@@ -145,9 +146,9 @@ def fate(paths: Paths, origin: str) -> str | np.ndarray:
         return "; ".join(reasons)
     sample = pd.read_parquet(paths.raw / "manifest.parquet").set_index("origin").loc[origin, "id"]
     for split in ("train", "val"):
-        processed = paths.processed / split / f"{sample}.png"
-        if processed.is_file():
-            with Image.open(processed) as image:
+        rows = pd.read_parquet(paths.processed / split / "manifest.parquet")
+        if sample in set(rows["id"]):
+            with Image.open(io.BytesIO(image_bytes(paths.processed, rows[rows["id"] == sample])[0])) as image:
                 assert image.mode == "RGB"
                 return np.asarray(image)
     raise AssertionError(f"{origin} is neither processed nor quarantined")

@@ -61,7 +61,7 @@ def test_a_bucketed_set_encodes_per_size_and_trains_without_mixing_sizes(tmp_pat
     from .conftest import folder_project
 
     params, paths = folder_project(tmp_path, [(24, 20), (40, 20), (20, 40), (32, 32), (48, 24)] * 6,
-                                   val_fraction=0.2, bucketing=True, workers=1)
+                                   val_fraction=0.2, bucketing=True)
     params = params.model_copy(update={
         "vae": params.vae.model_copy(update={"steps": 4, "batch_size": 4}),
         "train": params.train.model_copy(update={"steps": 6, "batch_size": 4, "validate_every": 6, "sample_every": 0,

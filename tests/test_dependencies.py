@@ -39,7 +39,8 @@ NOT_DEPENDENCIES = {
     "pipeline/atomic.py": "writes files atomically; cannot change what a file holds",
 }
 OUTPUT_NEUTRAL = {
-    "preprocess.workers": "the size of the process pool; the outputs are the same for any (test_preprocess.py)",
+    "ray.address": "where the data stages' Ray tasks run; the outputs are the same on any cluster (test_ray_cluster.py)",
+    "ray.num_cpus": "how many Ray workers run them; the outputs are the same for any number (test_preprocess.py)",
 }
 SECTION_OF_CLASS = {field.annotation.__name__: field.alias or name for name, field in Params.model_fields.items()}
 SECTION_OF_ATTRIBUTE = {name: field.alias or name for name, field in Params.model_fields.items()}

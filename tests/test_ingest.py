@@ -6,6 +6,7 @@ from pipeline.atomic import read_json
 from pipeline.config import parse_params
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.data import MANIFEST, RAW_MANIFEST_COLUMNS, REJECTED
+from pipeline.contracts.shards import SHARDS_DIR, image_bytes, read_shard
 from pipeline.ingest import INDEX, ingest
 
 from .conftest import tree_hashes, write_image
@@ -19,15 +20,26 @@ def manifest_of(paths):
     return pd.read_parquet(paths.raw / MANIFEST).set_index("origin")
 
 
-def test_manifest_describes_every_file(tiny_params, tmp_path):
+def shards_of(paths):
+    """Each shard's file name and sha256 of its bytes."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in (paths.raw / SHARDS_DIR).iterdir()}
+
+
+def stored_images(paths):
+    return sum(len(read_shard(path, ["id"])) for path in (paths.raw / SHARDS_DIR).iterdir())
+
+
+def test_manifest_describes_every_image_and_its_shard(tiny_params, tmp_path):
     paths = Paths(tmp_path)
-    result = ingest(tiny_params.ingest, paths)
+    ingest_params = tiny_params.ingest.model_copy(update={"shard_size": 50})
+    result = ingest(ingest_params, paths)
     manifest = pd.read_parquet(paths.raw / MANIFEST)
     assert tuple(manifest.columns) == RAW_MANIFEST_COLUMNS
     assert result.new == result.total == len(manifest)
     assert len(manifest) == tiny_params.ingest.synthetic.count - len(result.duplicates)
-    for row in manifest.itertuples():
-        data = (paths.raw / row.path).read_bytes()
+    assert len(shards_of(paths)) == manifest["shard"].nunique() == 4, "160 renders in shards of at most 50"
+    assert stored_images(paths) == len(manifest)
+    for row, data in zip(manifest.itertuples(), image_bytes(paths.raw, manifest), strict=True):
         assert row.id == hashlib.sha256(data).hexdigest()
         assert row.bytes == len(data)
         assert (row.width, row.height, row.format, row.source) == (32, 32, "png", "synthetic")
@@ -52,13 +64,13 @@ def test_synthetic_rerun_adds_nothing_and_a_changed_setting_starts_afresh(tiny_p
     assert ingest(fewer, paths).total <= 10, "renders of other settings must not pile up in the manifest"
 
 
-def test_rerun_after_adding_ten_files_reads_only_those_ten(tmp_path):
+def test_rerun_after_adding_ten_files_reads_only_those_ten_and_writes_only_a_new_shard(tmp_path):
     folder, paths = tmp_path / "photos", Paths(tmp_path / "project")
     for shade in range(20):
         write_image(folder / f"old_{shade:02d}.png", shade)
     first = ingest(folder_params(folder), paths)
     assert (first.new, first.read, first.total) == (20, 20, 20)
-    before = pd.read_parquet(paths.raw / MANIFEST)
+    before, shards_before = pd.read_parquet(paths.raw / MANIFEST), shards_of(paths)
 
     for shade in range(100, 110):
         write_image(folder / f"new_{shade}.png", shade)
@@ -69,6 +81,10 @@ def test_rerun_after_adding_ten_files_reads_only_those_ten(tmp_path):
     pd.testing.assert_frame_equal(after.iloc[:20].reset_index(drop=True), before, obj="the earlier rows")
     assert sorted(after["origin"].iloc[20:]) == [f"new_{shade}.png" for shade in range(100, 110)]
     assert set(read_json(paths.raw / INDEX)["items"]) == set(after["origin"])
+    shards_after = shards_of(paths)
+    assert shards_after.items() >= shards_before.items(), "the earlier shards stay, byte for byte"
+    (new_shard,) = set(shards_after) - set(shards_before)
+    assert sorted(read_shard(paths.raw / SHARDS_DIR / new_shard, ["id"]).index) == sorted(after["id"].iloc[20:])
 
 
 def test_same_content_under_another_name_is_a_duplicate_not_a_second_sample(tmp_path):
@@ -83,7 +99,7 @@ def test_same_content_under_another_name_is_a_duplicate_not_a_second_sample(tmp_
     assert result.duplicates == (("cat copy.png", "cat.png"),)
     assert (result.new, result.total) == (0, 2)
     assert sorted(manifest_of(paths).index) == ["cat.png", "dog.png"]
-    assert len(list((paths.raw / "images").iterdir())) == 2
+    assert stored_images(paths) == 2
 
 
 def test_source_files_are_never_modified_moved_or_deleted(tmp_path):

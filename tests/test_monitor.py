@@ -110,7 +110,7 @@ SHAPES = [(24, 20), (40, 20), (20, 40), (48, 24)] * 5
 
 
 def test_reference_images_are_the_training_squares_without_bucketing(tmp_path):
-    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2, workers=1)
+    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2)
     preprocess(params.preprocess, paths)
     train, _ = load_split(paths, "train")
     chosen = np.sort(np.random.default_rng(4).choice(len(train), size=5, replace=False))
@@ -118,7 +118,7 @@ def test_reference_images_are_the_training_squares_without_bucketing(tmp_path):
 
 
 def test_reference_images_are_squares_when_the_train_split_is_bucketed(tmp_path):
-    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2, bucketing=True, workers=1)
+    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2, bucketing=True)
     counts = preprocess(params.preprocess, paths)
     reference = _sample_reference(paths, 100, 0, 32)
     assert reference.shape == (counts["train"], 32, 32, 3) and reference.dtype == np.uint8

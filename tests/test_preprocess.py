@@ -9,10 +9,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import ConfigError, PreprocessParams, parse_params
+from pipeline.config import ConfigError, PreprocessParams, RayParams, parse_params
 from pipeline.contracts.paths import Paths
 from pipeline.captions import normalise_caption
-from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS, load_split, load_split_groups
+from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS, decode_png, load_split, load_split_groups
+from pipeline.contracts.shards import SHARDS_DIR, image_bytes, read_shard, write_shard
 from pipeline.ingest import ingest
 from pipeline.drift import FEATURES
 from pipeline.buckets import bucket_sizes
@@ -20,7 +21,7 @@ from pipeline.images import load_training_image, resize_and_crop, to_rgb
 from pipeline.preprocess import crop_centering, preprocess, split_of
 from pipeline.validate import validate
 
-from .conftest import REPO, add_patterns, folder_project, tree_hashes
+from .conftest import REPO, add_patterns, another_ray, folder_project, tree_hashes
 
 
 def test_split_is_deterministic_and_stable_under_growth():
@@ -58,7 +59,8 @@ def test_preprocess_writes_both_splits_and_reference_stats(tiny_params, tmp_path
     assert counts["train"] + counts["val"] == len(pd.read_parquet(paths.validated / MANIFEST))
     images, manifest = load_split(paths, "val")
     assert images.shape == (counts["val"], 16, 16, 3) and images.dtype == np.uint8
-    assert list(manifest["file"]) == [f"{i}.png" for i in manifest["id"]]
+    for shard, rows in manifest.groupby("shard"):
+        assert read_shard(paths.processed / shard, ["id"]).index.tolist() == rows["id"].tolist()
     stats = json.loads((paths.processed / STATS).read_text())
     assert "circle" in stats["vocabulary"] and stats["count"] == counts["train"]
     features = pd.read_parquet(paths.processed / REFERENCE_FEATURES)
@@ -149,14 +151,17 @@ def _prepared_project(params, root):
     return paths
 
 
-def test_outputs_do_not_depend_on_the_number_of_workers(tiny_params, tmp_path):
-    paths = _prepared_project(tiny_params, tmp_path)
-    settings = dict(resolution=16, val_fraction=0.2, crop="random", seed=3, lowercase_captions=True)
-    preprocess(PreprocessParams(**settings, workers=1), paths)
-    single = tree_hashes(paths.processed)
-    shutil.rmtree(paths.processed)  # or the second run would reuse every image instead of converting it
-    preprocess(PreprocessParams(**settings, workers=2), paths)
-    assert tree_hashes(paths.processed) == single
+def test_outputs_do_not_depend_on_the_number_of_ray_workers(tiny_params, tmp_path):
+    paths = _prepared_project(tiny_params.model_copy(update={"ingest": tiny_params.ingest.model_copy(
+        update={"shard_size": 40})}), tmp_path)
+    params = PreprocessParams(resolution=16, val_fraction=0.2, crop="random", seed=3, lowercase_captions=True)
+    outputs = []
+    for cpus in (1, 2):
+        with another_ray(RayParams(num_cpus=cpus)):
+            preprocess(params, paths)
+        outputs.append(tree_hashes(paths.processed))
+        shutil.rmtree(paths.processed)  # or the second run would reuse every shard instead of converting it
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 8, "four raw shards, two splits each"
 
 
 def test_processed_manifest_carries_normalised_captions(tiny_params, tmp_path):
@@ -164,7 +169,7 @@ def test_processed_manifest_carries_normalised_captions(tiny_params, tmp_path):
     validated = pd.read_parquet(paths.validated / MANIFEST)
     validated["caption"] = "  A   RED circle "
     validated.to_parquet(paths.validated / MANIFEST, index=False)
-    preprocess(PreprocessParams(resolution=16, val_fraction=0.2, lowercase_captions=True, workers=1), paths)
+    preprocess(PreprocessParams(resolution=16, val_fraction=0.2, lowercase_captions=True), paths)
     for split in ("train", "val"):
         assert set(pd.read_parquet(paths.processed / split / MANIFEST)["caption"]) == {"a red circle"}
     assert json.loads((paths.processed / STATS).read_text())["vocabulary"] == ["a", "circle", "red"]
@@ -172,24 +177,25 @@ def test_processed_manifest_carries_normalised_captions(tiny_params, tmp_path):
 
 def test_an_undecodable_image_is_named_and_nothing_is_written(tiny_params, tmp_path):
     paths = _prepared_project(tiny_params, tmp_path)
-    broken = paths.raw / pd.read_parquet(paths.validated / MANIFEST)["path"].iloc[5]
-    broken.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=re.escape(str(broken))):
-        preprocess(PreprocessParams(resolution=16, workers=2), paths)
+    validated = pd.read_parquet(paths.validated / MANIFEST)
+    broken = validated["id"].iloc[5]
+    write_shard(paths.raw / SHARDS_DIR / "broken.parquet", [broken], [b"not an image"])
+    validated.loc[5, "shard"] = f"{SHARDS_DIR}/broken.parquet"
+    validated.to_parquet(paths.validated / MANIFEST, index=False)
+    with pytest.raises(ValueError, match=f"image {broken} of {re.escape(str(paths.raw / SHARDS_DIR / 'broken.parquet'))}"):
+        preprocess(PreprocessParams(resolution=16), paths)
     assert not paths.processed.exists()
 
 
-def test_dvc_reruns_preprocess_for_every_setting_but_workers_and_keeps_the_previous_output():
+def test_dvc_reruns_preprocess_for_every_setting_and_keeps_the_previous_output():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["preprocess"]
-    assert set(stage["params"]) == {f"preprocess.{key}" for key in PreprocessParams.model_fields} - {"preprocess.workers"}
+    assert set(stage["params"]) == {f"preprocess.{key}" for key in PreprocessParams.model_fields}
     assert {"data/processed": {"persist": True}} in stage["outs"]
 
 
 def test_bad_preprocess_settings_name_their_key():
     with pytest.raises(ConfigError, match=r"preprocess\.crop: "):
         parse_params({"preprocess": {"crop": "left"}})
-    with pytest.raises(ConfigError, match=r"preprocess\.workers: "):
-        parse_params({"preprocess": {"workers": -1}})
     with pytest.raises(ConfigError, match=r"preprocess\.bucket_step: .*multiple of 8"):
         parse_params({"preprocess": {"bucket_step": 12}})
     with pytest.raises(ConfigError, match=r"preprocess\.bucket_step: .*must divide preprocess\.resolution"):
@@ -213,7 +219,7 @@ def _a_run_from_scratch(paths: Paths, params: PreprocessParams, root) -> dict[st
 
 
 def test_a_rerun_converts_only_new_images_and_ends_as_a_run_from_scratch(tmp_path):
-    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, crop="random", seed=5, workers=1)
+    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, crop="random", seed=5)
     first = preprocess(params.preprocess, paths)
     assert (first["converted"], first["reused"]) == (30, 0)
     add_patterns(tmp_path / "source", [(24, 20)] * 10, first_seed=30)
@@ -224,19 +230,22 @@ def test_a_rerun_converts_only_new_images_and_ends_as_a_run_from_scratch(tmp_pat
     assert tree_hashes(paths.processed) == _a_run_from_scratch(paths, params.preprocess, tmp_path / "fresh")
 
 
+def stored_ids(paths: Paths) -> set[str]:
+    return {i for shard in (paths.processed / SHARDS_DIR).iterdir() for i in read_shard(shard, ["id"]).index}
+
+
 def test_images_no_longer_validated_disappear(tmp_path):
-    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, workers=1)
+    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2)
     preprocess(params.preprocess, paths)
     validated = pd.read_parquet(paths.validated / MANIFEST)
     validated.iloc[3:].to_parquet(paths.validated / MANIFEST, index=False)
     counts = preprocess(params.preprocess, paths)
-    assert (counts["converted"], counts["reused"]) == (0, 27)
-    written = {path.stem for path in paths.processed.rglob("*.png")}
-    assert written == set(validated["id"].iloc[3:])
+    assert counts["converted"] + counts["reused"] == 27 and counts["converted"] > 0, "their shards are written anew"
+    assert stored_ids(paths) == set(validated["id"].iloc[3:])
 
 
 def test_a_new_resolution_converts_everything(tmp_path):
-    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, workers=1)
+    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2)
     preprocess(params.preprocess, paths)
     counts = preprocess(params.preprocess.model_copy(update={"resolution": 24}), paths)
     assert (counts["converted"], counts["reused"]) == (30, 0)
@@ -244,25 +253,25 @@ def test_a_new_resolution_converts_everything(tmp_path):
 
 
 def test_a_damaged_previous_output_is_converted_again(tmp_path):
-    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, workers=1)
+    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2)
     preprocess(params.preprocess, paths)
     before = tree_hashes(paths.processed)
-    train = sorted((paths.processed / "train").glob("*.png"))
-    train[0].unlink()
-    train[1].write_bytes(train[2].read_bytes())  # a valid PNG, but another image's
-    (paths.processed / "val" / pd.read_parquet(paths.processed / "val" / MANIFEST)["file"][0]).write_bytes(b"")
+    train_shard, val_shard = (paths.processed / pd.read_parquet(paths.processed / split / MANIFEST)["shard"][0]
+                              for split in ("train", "val"))
+    train_shard.unlink()
+    val_shard.write_bytes(b"")
     counts = preprocess(params.preprocess, paths)
-    assert (counts["converted"], counts["reused"]) == (3, 27)
+    assert (counts["converted"], counts["reused"]) == (30, 0)
     assert tree_hashes(paths.processed) == before
 
 
-def test_train_images_reused_without_their_reference_features_are_converted_again(tmp_path):
-    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2, workers=1)
-    first = preprocess(params.preprocess, paths)
+def test_reference_features_lost_are_rebuilt_from_the_shards(tmp_path):
+    params, paths = folder_project(tmp_path, SMALL, val_fraction=0.2)
+    preprocess(params.preprocess, paths)
     before = tree_hashes(paths.processed)
     (paths.processed / REFERENCE_FEATURES).unlink()
     counts = preprocess(params.preprocess, paths)
-    assert (counts["converted"], counts["reused"]) == (first["train"], first["val"])
+    assert (counts["converted"], counts["reused"]) == (0, 30)
     assert tree_hashes(paths.processed) == before
 
 
@@ -272,21 +281,22 @@ MIXED = [(24, 20), (40, 20), (20, 40), (30, 40), (48, 24), (24, 48), (32, 32), (
 
 
 def test_bucketing_off_gives_the_squares_of_load_training_image(tmp_path):
-    params, paths = folder_project(tmp_path, MIXED, val_fraction=0.2, crop="random", seed=1, workers=1)
+    params, paths = folder_project(tmp_path, MIXED, val_fraction=0.2, crop="random", seed=1)
     counts = preprocess(params.preprocess, paths)
     assert counts["beyond_widest_bucket"] == 0
-    raw = pd.read_parquet(paths.validated / MANIFEST).set_index("id")["path"]
+    validated = pd.read_parquet(paths.validated / MANIFEST)
+    raw = dict(zip(validated["id"], image_bytes(paths.raw, validated), strict=True))
     for split in ("train", "val"):
         images, manifest = load_split(paths, split)
         assert (manifest["width"] == 32).all() and (manifest["height"] == 32).all()
         for pixels, sample_id, crop in zip(images, manifest["id"], manifest["crop"], strict=True):
             centering = crop_centering(sample_id, "random", 1)
             assert crop == f"{centering[0]:.6f},{centering[1]:.6f}"
-            assert np.array_equal(pixels, np.asarray(load_training_image(paths.raw / raw[sample_id], 32, centering)))
+            assert np.array_equal(pixels, np.asarray(load_training_image(io.BytesIO(raw[sample_id]), 32, centering)))
 
 
 def test_bucketed_train_images_keep_their_shape_and_val_stays_square(tmp_path):
-    params, paths = folder_project(tmp_path, MIXED, val_fraction=0.2, bucketing=True, workers=2)
+    params, paths = folder_project(tmp_path, MIXED, val_fraction=0.2, bucketing=True)
     counts = preprocess(params.preprocess, paths)
     buckets = bucket_sizes(32, 8, 2.0)
     train = pd.read_parquet(paths.processed / "train" / MANIFEST)
@@ -305,7 +315,7 @@ def test_bucketed_train_images_keep_their_shape_and_val_stays_square(tmp_path):
 
 
 def test_load_split_groups_groups_a_bucketed_split_by_size(tmp_path):
-    params, paths = folder_project(tmp_path, MIXED, val_fraction=0.2, bucketing=True, workers=1)
+    params, paths = folder_project(tmp_path, MIXED, val_fraction=0.2, bucketing=True)
     preprocess(params.preprocess, paths)
     manifest = pd.read_parquet(paths.processed / "train" / MANIFEST)
     groups = load_split_groups(paths, "train")
@@ -316,8 +326,7 @@ def test_load_split_groups_groups_a_bucketed_split_by_size(tmp_path):
         assert list(rows.index) == list(range(len(rows)))
         same_size = manifest[(manifest["height"] == height) & (manifest["width"] == width)]
         assert list(rows["id"]) == list(same_size["id"]), "manifest order within a group"
-        with Image.open(paths.processed / "train" / rows["file"].iloc[-1]) as last:
-            assert np.array_equal(images[-1], np.asarray(last))
+        assert np.array_equal(images[-1], decode_png(image_bytes(paths.processed, rows.iloc[[-1]])[0]))
     assert sum(len(rows) for _, rows in groups) == len(manifest)
     with pytest.raises(ValueError, match=r"train split holds images of \d+ sizes .*load_split_groups"):
         load_split(paths, "train")

@@ -29,7 +29,7 @@ def test_one_size_draws_the_batches_a_single_pool_would():
 
 
 def test_the_vae_trains_on_a_bucketed_train_split(tmp_path):
-    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2, bucketing=True, workers=1)
+    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2, bucketing=True)
     params = params.model_copy(update={"vae": params.vae.model_copy(update={"steps": 4, "batch_size": 4})})
     preprocess(params.preprocess, paths)
     assert len(load_split_groups(paths, "train")) > 1

@@ -1,16 +1,16 @@
 import json
-import shutil
 
 import pandas as pd
 import pytest
 
-from pipeline.config import ValidateParams, parse_params
+from pipeline.config import RayParams, ValidateParams, parse_params
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.data import MANIFEST
 from pipeline.ingest import ingest
 from pipeline.contracts.records import DATA_DOCS, QUARANTINE, SUMMARY
-from pipeline.manifest_checks import check_manifest, failed_hard_checks
-from pipeline.validate import ValidationFailed, validate
+from pipeline.contracts.shards import write_shard
+from pipeline.manifest_checks import ImageFiles, check_manifest, failed_hard_checks
+from pipeline.validate import ShardedImages, ValidationFailed, validate
 
 from .conftest import tree_hashes, write_pattern
 
@@ -23,13 +23,12 @@ def dirty_raw(tiny_params, tmp_path):
     paths = Paths(tmp_path)
     ingest(tiny_params.ingest, paths)
     manifest = pd.read_parquet(paths.raw / MANIFEST)
-    (paths.raw / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    manifest.loc[0, "path"] = "images/broken.png"
+    write_shard(paths.raw / "shards" / "broken.parquet", ["broken"], [b"\x89PNG\r\n\x1a\n not really"])
+    manifest.loc[0, ["id", "shard", "origin"]] = ("broken", "shards/broken.parquet", "broken.png")
     manifest.loc[1, "caption"] = ""
     manifest.loc[2, "caption"] = None
     manifest.loc[3, ["width", "height"]] = (4, 4)
-    duplicate = manifest.iloc[[5]].assign(path="images/copy.png")
-    shutil.copy(paths.raw / manifest.loc[5, "path"], paths.raw / "images" / "copy.png")
+    duplicate = manifest.iloc[[5]].assign(origin="copy.png")
     manifest = pd.concat([manifest, duplicate], ignore_index=True)
     manifest.to_parquet(paths.raw / MANIFEST, index=False)
     return paths, manifest
@@ -41,11 +40,11 @@ def test_bad_rows_are_quarantined_with_reasons(dirty_raw):
     result = validate(ValidateParams(max_bad_fraction=0.2, max_empty_caption_share=SOME_UNCAPTIONED), paths)
     assert tree_hashes(paths.raw) == before, "validation must never touch raw data"
 
-    quarantine = pd.read_csv(paths.validation_reports / QUARANTINE).set_index("path")
-    assert quarantine.loc["images/broken.png", "reason"].startswith("image cannot be decoded: ")
-    assert "width outside validate.min/max_width 16-8192 px: 4" in quarantine.loc[manifest.loc[3, "path"], "reason"]
-    assert quarantine.loc["images/copy.png", "reason"] == "duplicate content"
-    assert manifest.loc[5, "path"] not in quarantine.index, "the first copy of a duplicate is kept"
+    quarantine = pd.read_csv(paths.validation_reports / QUARANTINE).set_index("origin")
+    assert quarantine.loc["broken.png", "reason"].startswith("image cannot be decoded: ")
+    assert "width outside validate.min/max_width 16-8192 px: 4" in quarantine.loc[manifest.loc[3, "origin"], "reason"]
+    assert quarantine.loc["copy.png", "reason"] == "duplicate content"
+    assert manifest.loc[5, "origin"] not in quarantine.index, "the first copy of a duplicate is kept"
     assert result.quarantined == len(quarantine) == 3
 
     kept = pd.read_parquet(paths.validated / MANIFEST)
@@ -76,10 +75,10 @@ def test_more_uncaptioned_rows_than_the_source_allows_fail_the_stage(dirty_raw):
 
 def test_too_few_rows_and_missing_columns_are_hard_failures(tmp_path):
     few = pd.DataFrame({"id": ["a"], "path": ["a.png"], "caption": ["a cat"]})  # no width, no height
-    check = check_manifest(few, tmp_path, ValidateParams(min_rows=2))
+    check = check_manifest(few, ImageFiles(tmp_path), ValidateParams(min_rows=2))
     assert not check.summary["passed"]
     assert set(failed_hard_checks(check.summary)) == {
-        "expect_table_columns_to_match_set (manifest lacks a required column (id, path, caption, width, height))",
+        "expect_table_columns_to_match_set (manifest lacks a required column (id, caption, width, height))",
         "expect_table_row_count_to_be_between (fewer rows than validate.min_rows 2)",
     }
 
@@ -120,7 +119,7 @@ def test_ingest_rejects_are_quarantined_and_empty_captions_kept_when_allowed(par
     result = validate(ValidateParams(min_rows=1, max_bad_fraction=0.5, max_empty_caption_share={"manifest": 0.5}), paths)
 
     assert (result.total, result.quarantined) == (4, 2)
-    quarantine = pd.read_csv(paths.validation_reports / QUARANTINE).set_index("path")
+    quarantine = pd.read_csv(paths.validation_reports / QUARANTINE).set_index("origin")
     assert quarantine.loc["../../etc/passwd", "reason"].startswith("list.csv row 3: path '../../etc/passwd' leads outside")
     assert quarantine.loc["gone.png", "reason"].startswith("list.csv row 4: file not found")
     kept = pd.read_parquet(paths.validated / MANIFEST)
@@ -130,7 +129,7 @@ def test_ingest_rejects_are_quarantined_and_empty_captions_kept_when_allowed(par
 def test_a_manifest_without_optional_columns_is_checked(partly_labelled_raw):
     """Monitoring batches have no origin, format or source column."""
     manifest = pd.read_parquet(partly_labelled_raw.raw / MANIFEST).drop(columns=["origin", "format", "bytes", "source"])
-    check = check_manifest(manifest, partly_labelled_raw.raw, ValidateParams(min_rows=1))
+    check = check_manifest(manifest, ShardedImages(partly_labelled_raw.raw, RayParams()), ValidateParams(min_rows=1))
     assert len(check.good) == 2 and failed_hard_checks(check.summary) == {
         "expect_column_values_to_be_in_set (uncaptioned rows of source default above "
         "validate.max_empty_caption_share 0%)": "1 of 2 rows"}

@@ -1,38 +1,41 @@
-"""The data stages' files: the raw manifest and ingest's rejects (data/raw), the validated manifest
-(data/validated) and the processed splits (data/processed/{train,val}) with the training set's drift
-reference, and their readers."""
+"""The data stages' files: the raw manifest, shards and ingest's rejects (data/raw), the validated manifest
+(data/validated) and the processed splits (data/processed/{train,val} manifests, their images in
+data/processed/shards) with the training set's drift reference, and their readers. Images live in
+shards (`pipeline.contracts.shards`); a manifest row names its shard relative to data/raw or
+data/processed."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from pipeline.contracts.paths import Paths
+from pipeline.contracts.shards import image_bytes
 
 MANIFEST = "manifest.parquet"  # in data/raw, data/validated and each processed split
 # data/raw/manifest.parquet (and, the rows validation kept, data/validated/manifest.parquet)
-RAW_MANIFEST_COLUMNS = ("id", "path", "caption", "width", "height", "format", "bytes", "source", "origin")
+RAW_MANIFEST_COLUMNS = ("id", "shard", "caption", "width", "height", "format", "bytes", "source", "origin")
 REJECTED = "rejected.parquet"  # data/raw: what the source offered but ingest could not take
 REJECTED_COLUMNS = ("origin", "reason")
 
 # data/processed
 SPLITS = ("train", "val")
-PROCESSED_MANIFEST_COLUMNS = ("id", "file", "caption", "width", "height", "crop", "recipe", "sha256")
+PROCESSED_MANIFEST_COLUMNS = ("id", "shard", "caption", "width", "height", "crop", "recipe", "sha256")
 STATS = "stats.json"
 REFERENCE_FEATURES = "reference_features.parquet"
 
 
-def read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image)
 
 
-def read_images(folder: Path, names: pd.Series) -> np.ndarray:
-    """PNGs of one size as uint8 NHWC, in the order named."""
-    return np.stack([read_png(folder / name) for name in names])
+def read_images(paths: Paths, rows: pd.DataFrame) -> np.ndarray:
+    """Processed images of one size as uint8 NHWC, in the order of the manifest rows given."""
+    return np.stack([decode_png(data) for data in image_bytes(paths.processed, rows)])
 
 
 def load_split_groups(paths: Paths, split: str) -> list[tuple[np.ndarray, pd.DataFrame]]:
@@ -40,7 +43,7 @@ def load_split_groups(paths: Paths, split: str) -> list[tuple[np.ndarray, pd.Dat
     uint8 NHWC with their manifest rows (manifest order, index from 0). One group unless the split is the
     train split of a bucketed run."""
     manifest = pd.read_parquet(paths.processed / split / MANIFEST)
-    return [(read_images(paths.processed / split, rows["file"]), rows.reset_index(drop=True))
+    return [(read_images(paths, rows), rows.reset_index(drop=True))
             for _, rows in manifest.groupby(["height", "width"], sort=True)]
 
 
@@ -58,4 +61,4 @@ def load_split(paths: Paths, split: str) -> tuple[np.ndarray, pd.DataFrame]:
             f"{', '.join(f'{width}x{height}' for width, height in sizes)}), from preprocess.bucketing; "
             "read it one size at a time with pipeline.contracts.data.load_split_groups"
         )
-    return read_images(paths.processed / split, manifest["file"]), manifest
+    return read_images(paths, manifest), manifest
