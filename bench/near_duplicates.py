@@ -136,7 +136,7 @@ def labelled_set(folder: Path, groups: int, seed: int) -> pd.DataFrame:
 def quality(manifest: pd.DataFrame, folder: Path, params: ValidateParams) -> tuple[pd.DataFrame, float]:
     """Which images validate reports as a near-duplicate of an earlier one, and the seconds it took."""
     started = time.perf_counter()
-    flagged = row_properties(manifest, folder, params)["near_duplicate_of"].notna()
+    flagged = row_properties(manifest, ImageFiles(folder), params)["near_duplicate_of"].notna()
     seconds = time.perf_counter() - started
     return manifest.assign(flagged=flagged.to_numpy()), seconds
 

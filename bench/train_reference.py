@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from pipeline.config import Params, TrainParams, VaeParams, parse_params, read_params_file  # noqa: E402
 from pipeline.contracts.data import MANIFEST  # noqa: E402
 from pipeline.contracts.paths import Paths  # noqa: E402
+from pipeline.contracts.shards import image_bytes  # noqa: E402
 from pipeline.models import PRESETS, build_unet, random_pipeline, tokenize  # noqa: E402
 from pipeline.throughput import warmup_steps  # noqa: E402
 from pipeline.throughput import peak_memory_mb  # noqa: E402
@@ -166,10 +167,16 @@ def collate(examples: list[dict]) -> dict:
 
 
 def training_sources(data: Paths) -> tuple[list[Path], list[str]]:
-    """The source file and caption of every sample of our train split: the same training data."""
+    """The source image and caption of every sample of our train split, the images written out of
+    data/raw's shards as files (the script reads an image folder): the same training data."""
     train = pd.read_parquet(data.processed / "train" / MANIFEST)
-    source = pd.read_parquet(data.raw / MANIFEST).set_index("id")["path"]
-    return [data.raw / source[sample_id] for sample_id in train["id"]], train["caption"].tolist()
+    raw = pd.read_parquet(data.raw / MANIFEST).set_index("id").loc[train["id"]].reset_index()
+    folder = data.root / "source_files"
+    folder.mkdir(exist_ok=True)
+    files = [folder / f"{sample_id}.{fmt}" for sample_id, fmt in zip(raw["id"], raw["format"], strict=True)]
+    for file, data_bytes in zip(files, image_bytes(data.raw, raw), strict=True):
+        file.write_bytes(data_bytes)
+    return files, train["caption"].tolist()
 
 
 def reference_loop(settings: TrainParams, pretrained: str, files: list[Path], captions: list[str],
