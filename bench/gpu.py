@@ -74,7 +74,7 @@ TINY_LIMIT = 300  # a loaded 2-core CI machine
 def bench_params(setup: Setup, root: Path, **train) -> Params:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["ingest"]["synthetic"].update(count=setup.images, resolution=setup.resolution)
-    raw["preprocess"].update(resolution=setup.resolution, workers=0)
+    raw["preprocess"].update(resolution=setup.resolution)
     raw["model"].update(mode="finetune", pretrained=str(root / "pretrained"), finetune="full")
     raw["encode"].update(batch_size=32, dtype=setup.encode_dtype)
     raw["train"].update(steps=setup.steps, batch_size=setup.batch_size, mixed_precision=setup.mixed_precision,

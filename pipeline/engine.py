@@ -4,7 +4,7 @@ On the embedded default Ray starts on this machine (no dashboard, `ray.num_cpus`
 cluster, whose nodes must see the project folder at the same path (a shared volume), because tasks read
 and write shards there. A Ray session already open in the calling process (a test's, a notebook's) is used
 as it is. Tasks return plain rows; their order is the order of the tasks, so outputs never depend on how
-many workers ran them.
+many workers ran them. Without Ray installed they run one after another in the calling process.
 """
 
 from __future__ import annotations
@@ -62,8 +62,13 @@ def iter_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams
     finish (Ray Data holds back tasks while the caller is behind, so results never pile up in memory)."""
     if not tasks:
         return
-    import ray
-    from ray import cloudpickle
+    try:
+        import ray
+        from ray import cloudpickle
+    except ImportError:  # a machine without Ray (the GPU benchmark's, see README "GPU"): the same tasks here
+        log.warning("%s: Ray is not installed: %d task(s) run one after another in this process", label, len(tasks))
+        yield from map(work, tasks)
+        return
 
     def run(row: dict) -> dict:
         # Pickled both ways: tasks and rows travel exactly as they are, whatever Arrow makes of their types.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .conftest import REPO
 
-ABSENT = ("mlflow", "dvc", "prefect", "great_expectations")
+ABSENT = ("mlflow", "dvc", "prefect", "great_expectations", "ray")
 
 
 def test_tiny_bench_measures_everything_without_the_tracking_stack(tmp_path):
