@@ -59,7 +59,7 @@ def test_a_re_encoded_copy_is_a_near_duplicate_but_a_colour_look_alike_is_not(tm
     paths = [tmp_path / name for name in ("red.png", "red.jpg", "green.png")]
     hashes = [measure(path, LIMIT, HASH_FROM).dhash for path in paths]
     assert all(bin(hashes[0] ^ other).count("1") <= 4 for other in hashes[1:]), "the grey hash cannot tell them apart"
-    found = near_duplicate_of(hashes, paths, ["red.png", "red.jpg", "green.png"], max_distance=4,
+    found = near_duplicate_of(hashes, paths.__getitem__, ["red.png", "red.jpg", "green.png"], max_distance=4,
                               max_colour_difference=15, max_pixels=LIMIT)
     assert found[0] is None and found[2] is None
     assert found[1].startswith("red.png (") and "colour difference" in found[1]
@@ -70,9 +70,9 @@ def test_near_duplicates_name_the_first_of_their_group(tmp_path):
         shapes((200, 40, 40)).save(tmp_path / f"{name}.png")
     paths = [tmp_path / f"{name}.png" for name in "abcd"]
     hashes = [0b1111, None, 0b1110, 0xFFFF_0000_0000_0000]
-    found = near_duplicate_of(hashes, paths, list("abcd"), max_distance=1, max_colour_difference=15, max_pixels=LIMIT)
+    found = near_duplicate_of(hashes, paths.__getitem__, list("abcd"), max_distance=1, max_colour_difference=15, max_pixels=LIMIT)
     assert found == [None, None, "a (1 bits apart, colour difference 0.0)", None]
-    assert near_duplicate_of(hashes, paths, list("abcd"), 0, 15, LIMIT) == [None] * 4
+    assert near_duplicate_of(hashes, paths.__getitem__, list("abcd"), 0, 15, LIMIT) == [None] * 4
 
 
 @pytest.mark.parametrize("max_distance", [0, 1, 4, 7, 12])
