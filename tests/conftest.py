@@ -191,3 +191,12 @@ def save_random_base_model(folder: Path) -> Path:
                 for shape in ("circle", "square", "triangle")]
     random_pipeline(captions, resolution=32).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """The address of a real two-node Ray cluster on this machine (tests/ray_cluster.py), for the session."""
+    from .ray_cluster import two_node_cluster
+
+    with two_node_cluster(tmp_path_factory.mktemp("ray")) as address:
+        yield address
