@@ -13,11 +13,9 @@ from pipeline.config import RayParams
 from pipeline.contracts.paths import Paths
 from pipeline.engine import run_tasks
 
-from .conftest import tree_hashes
+from .conftest import another_ray, tree_hashes
 
 pytestmark = pytest.mark.e2e
-
-EMBEDDED = RayParams(num_cpus=2)
 
 
 def square_on_its_node(number: int) -> list[dict]:
@@ -34,27 +32,30 @@ def without_nodes(rows: list[list[dict]]) -> list[list[dict]]:
 
 def test_tasks_on_two_nodes_return_the_rows_of_the_embedded_run(ray_cluster):
     tasks = list(range(8))
-    on_cluster = run_tasks(square_on_its_node, tasks, RayParams(address=ray_cluster), "cluster test")
-    embedded = run_tasks(square_on_its_node, tasks, EMBEDDED, "embedded test")
+    with another_ray(RayParams(address=ray_cluster)):
+        on_cluster = run_tasks(square_on_its_node, tasks, RayParams(), "cluster test")
+    embedded = run_tasks(square_on_its_node, tasks, RayParams(), "embedded test")
     assert without_nodes(on_cluster) == without_nodes(embedded) == [[{"number": n, "square": n * n}] for n in tasks]
     assert len({row["node"] for task in on_cluster for row in task}) == 2, "both nodes ran tasks"
 
 
-def stage_outputs(params, ray: RayParams, root) -> dict[str, dict[str, str]]:
-    """The files validate and preprocess write into a fresh project under root, by folder."""
+def stage_outputs(params, root) -> dict[str, dict[str, str]]:
+    """The files ingest, validate and preprocess write into a fresh project under root, by folder."""
     from pipeline.ingest import ingest
     from pipeline.preprocess import preprocess
     from pipeline.validate import validate
 
     paths = Paths(root)
     ingest(params.ingest, paths)
-    validate(params.validate_, ray, paths)
-    preprocess(params.preprocess, ray, paths)
-    return {"validated": tree_hashes(paths.validated), "processed": tree_hashes(paths.processed)}
+    validate(params.validate_, paths)
+    preprocess(params.preprocess, paths)
+    return {"raw": tree_hashes(paths.raw), "validated": tree_hashes(paths.validated),
+            "processed": tree_hashes(paths.processed)}
 
 
-@pytest.mark.skip(reason="waiting for the sharded stages")
 def test_stage_outputs_on_two_nodes_are_identical_to_the_embedded_run(ray_cluster, tiny_params, tmp_path):
-    on_cluster = stage_outputs(tiny_params, RayParams(address=ray_cluster), tmp_path / "cluster")
-    assert on_cluster == stage_outputs(tiny_params, EMBEDDED, tmp_path / "embedded")
-    assert on_cluster["processed"], "preprocess wrote its outputs"
+    params = tiny_params.model_copy(update={"ingest": tiny_params.ingest.model_copy(update={"shard_size": 40})})
+    with another_ray(RayParams(address=ray_cluster)):
+        on_cluster = stage_outputs(params, tmp_path / "cluster")
+    assert on_cluster == stage_outputs(params, tmp_path / "embedded")
+    assert len(on_cluster["processed"]) > 8, "four raw shards, each a train and a val shard"
