@@ -33,7 +33,7 @@ from flows.experiments import (
     STAGE_LINE, StageOutput, copy_paths, experiment_ref, leaf_overrides, read_json_at, set_param_args,
 )
 from pipeline.atomic import read_json
-from pipeline.config import PARAMS_FILE, read_params_file, with_overrides
+from pipeline.config import PARAMS_FILE, SOURCES, read_params_file, with_overrides
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import EVAL_METRICS, HEADLINE_METRICS, REGISTRY_RECORD, SUMMARY
 from pipeline.tracking import FLOW_RUN_ENV
@@ -181,7 +181,7 @@ def training_flow(
     steps: int | None = None,
     learning_rate: float | None = None,
     batch_size: int | None = None,
-    source: Literal["synthetic", "folder", "manifest", "hf"] | None = None,
+    source: Literal[SOURCES] | None = None,
     mode: Literal["scratch", "finetune"] | None = None,
     finetune: Literal["full", "lora"] | None = None,
     pretrained: str | None = None,

@@ -28,7 +28,7 @@ def test_the_custom_run_form_describes_every_parameter_and_starts_at_params_yaml
     train = next(d for d in deployments(REPO) if d.name == "train")
     schema = train._parameter_openapi_schema.model_dump()["properties"]
     assert all(field.get("description") for field in schema.values()), schema
-    assert schema["source"]["enum"] == ["synthetic", "folder", "manifest", "hf"]
+    assert schema["source"]["enum"] == ["synthetic", "folder", "manifest", "hf", "webdataset"]
     assert schema["mode"]["enum"] == ["scratch", "finetune"] and schema["finetune"]["enum"] == ["full", "lora"]
     params = load_params(REPO / "params.yaml")
     assert schema["steps"] == {**schema["steps"], "type": "integer", "default": params.train.steps}
