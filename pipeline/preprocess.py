@@ -108,12 +108,10 @@ class ShardConversion:
 
 
 def convert_image(data: bytes, sizes: tuple[Size, ...], resolution: int,
-                  centering: tuple[float, float]) -> tuple[bytes, dict]:
-    """Convert, crop and encode one image as PNG; with its size and drift features.
-
-    The drift features are measured on the square at `resolution`, whatever the image's bucket, because
-    monitoring measures new batches that way (`load_training_image`).
-    """
+                  centering: tuple[float, float]) -> tuple[bytes, Size, np.ndarray]:
+    """Convert, crop and encode one image as PNG; with its size and its square at `resolution`, which its
+    drift features are measured on whatever its bucket, because monitoring measures new batches that way
+    (`load_training_image`)."""
     with Image.open(io.BytesIO(data)) as opened:
         image = to_rgb(opened)
     size = nearest_bucket(image.size, sizes)
@@ -122,23 +120,25 @@ def convert_image(data: bytes, sizes: tuple[Size, ...], resolution: int,
     processed.save(encoded, format="PNG")
     square = (resolution, resolution)
     measured = processed if size == square else resize_and_crop(image, square, centering)
-    features = image_features(np.asarray(measured)[None]).to_dict("records")[0]
-    return encoded.getvalue(), dict(width=size[0], height=size[1], **features)
+    return encoded.getvalue(), size, np.asarray(measured)
 
 
 def convert_shard(task: ShardConversion) -> list[dict]:
-    """Convert one shard's images and write them as a processed shard; nothing to return (the shard holds
-    the results)."""
+    """Convert one shard's images and write them as a processed shard, each with its size, sha256 and drift
+    features; nothing to return (the shard holds the results)."""
     originals = read_shard(task.source, [IMAGE])[IMAGE]
-    images, results = [], []
+    images, sizes, squares = [], [], []
     for sample_id, centering in zip(task.ids, task.centerings, strict=True):
         try:
-            png, result = convert_image(originals[sample_id], task.sizes, task.resolution, centering)
+            png, size, square = convert_image(originals[sample_id], task.sizes, task.resolution, centering)
         except Exception as error:  # any decoder or writer failure: the message must name the image
             raise ValueError(f"preprocess: image {sample_id} of {task.source}: {type(error).__name__}: {error}") from error
         images.append(png)
-        results.append(result | dict(sha256=hashlib.sha256(png).hexdigest()))
-    columns = {name: [result[name] for result in results] for name in OUTPUT_TYPES}
+        sizes.append(size)
+        squares.append(square)
+    columns = dict(width=[width for width, _ in sizes], height=[height for _, height in sizes],
+                   sha256=[hashlib.sha256(png).hexdigest() for png in images])
+    columns |= image_features(np.stack(squares)).to_dict("list")
     write_shard(task.target, task.ids, images, columns)
     return []
 
@@ -170,8 +170,8 @@ def save_reference(folder: Path, rows: pd.DataFrame) -> None:
 
 
 def planned_manifest(params: PreprocessParams, paths: Paths) -> pd.DataFrame:
-    """The validated rows with normalised captions, each with its split, file, crop and recipe, in split then
-    manifest order. The source image's size is renamed source_width/source_height: width and height name
+    """The validated rows with normalised captions, each with its split, crop, recipe and processed shard, in
+    split then manifest order. The source image's size is renamed source_width/source_height: width and height name
     the processed size from here on."""
     manifest = pd.read_parquet(paths.validated / MANIFEST).rename(
         columns={"width": "source_width", "height": "source_height"})
@@ -233,8 +233,8 @@ def write_outputs(plan: pd.DataFrame, params: PreprocessParams, ray: RayParams, 
               if holds_exactly(paths.processed / shard, rows["id"])}
     for shard in reused:
         link_or_copy(paths.processed / shard, staging / shard)
-    todo = [task for task in conversions(plan, params, paths, staging) if task.target.relative_to(staging).as_posix() not in reused]
-    run_tasks(convert_shard, todo, ray, "preprocess")
+    todo = plan[~plan["shard"].isin(reused)]
+    run_tasks(convert_shard, conversions(todo, params, paths, staging), ray, "preprocess")
     outputs = pd.concat([read_shard(staging / shard, list(OUTPUT_TYPES)).assign(shard=shard)
                          for shard in plan["shard"].unique()])
     columns = plan[["id", "shard"]].merge(outputs.reset_index(), on=["id", "shard"], how="left")

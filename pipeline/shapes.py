@@ -7,6 +7,7 @@ One shape per image, random size and position, on a plain light background. Ever
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 from collections.abc import Iterator
@@ -33,10 +34,28 @@ LIGHT_BACKGROUND = (225, 255)
 
 @dataclass(frozen=True)
 class ShapeSample:
+    """One render's description; its PNG is drawn when first asked for, so ingest's Ray tasks draw them."""
+
     colour: str
     shape: str
     caption: str
-    png: bytes
+    fill: tuple[int, int, int]
+    resolution: int
+    size: float
+    left: float
+    top: float
+    background: int
+
+    @functools.cached_property
+    def png(self) -> bytes:
+        image = render_shape(self.fill, self.shape, resolution=self.resolution, size=self.size, left=self.left,
+                             top=self.top, background=self.background)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=False)
+        return buffer.getvalue()
+
+    def read(self) -> bytes:
+        return self.png
 
 
 def caption_for(colour: str, shape: str) -> str:
@@ -85,9 +104,5 @@ def generate(
         left = float(rng.uniform(0, resolution - size))
         top = float(rng.uniform(0, resolution - size))
         grey = int(rng.integers(background[0], background[1] + 1))
-        image = render_shape(
-            colours[colour], shape, resolution=resolution, size=size, left=left, top=top, background=grey
-        )
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", optimize=False)
-        yield ShapeSample(colour, shape, template.format(colour=colour, shape=shape), buffer.getvalue())
+        yield ShapeSample(colour, shape, template.format(colour=colour, shape=shape), colours[colour], resolution,
+                          size, left, top, grey)
