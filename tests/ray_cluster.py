@@ -26,7 +26,7 @@ from .conftest import REPO, free_port
 
 RAY = Path(sys.executable).with_name("ray")
 START_SECONDS, STOP_SECONDS = 120, 30
-# On SIGTERM a node drains for up to 30 s: Ray Data's detached actors keep the head busy for all of it.
+# On SIGTERM a node waits up to 30 s for its work to drain; the tests leave none, so it need not wait.
 NODE_ENVIRONMENT = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
