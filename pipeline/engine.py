@@ -1,14 +1,15 @@
 """Where the data stages' per-image work runs: Ray tasks, one per shard.
 
-On the embedded default Ray starts on this machine (no dashboard, `ray.num_cpus` CPUs) and stops when the stage ends; with `ray.address` or RAY_ADDRESS set, the same tasks run on that
-cluster, whose nodes must see the project folder at the same path (a shared volume), because tasks read
-and write shards there. A Ray session already open in the calling process (a test's, a notebook's) is used
+On the embedded default Ray starts on this machine (no dashboard, `ray.num_cpus` CPUs) and stops when the
+stage ends; with `ray.address` or RAY_ADDRESS set, the same tasks run on that cluster, whose nodes must see
+the project folder at the same path (a shared volume), because tasks read and write shards there. A Ray session already open in the calling process (a test's, a notebook's) is used
 as it is. Tasks return plain rows; their order is the order of the tasks, so outputs never depend on how
 many workers ran them.
 
 Plain Ray tasks with a bounded window in flight, not a Ray Data pipeline: measured on 2 cores, Ray Data's
 streaming executor spent so much of the driver's CPU per task that two workers were barely faster than
-one (preprocess of 10^5 images: 1.2x); tasks with a window gave 1.7x (README "Performance"). Without Ray installed they run one after another in the calling process.
+one (preprocess of 10^5 images: 1.2x); tasks with a window gave 1.7x (README "Performance"). Without Ray
+installed the tasks run one after another in the calling process.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 from pipeline.config import RayParams
 
 log = logging.getLogger(__name__)
-
 
 
 def cluster_address(params: RayParams) -> str | None:
