@@ -132,7 +132,8 @@ def convert_shard(task: ShardConversion) -> list[dict]:
         try:
             png, size, square = convert_image(originals[sample_id], task.sizes, task.resolution, centering)
         except Exception as error:  # any decoder or writer failure: the message must name the image
-            raise ValueError(f"preprocess: image {sample_id} of {task.source}: {type(error).__name__}: {error}") from error
+            problem = f"{type(error).__name__}: {error}"
+            raise ValueError(f"preprocess: image {sample_id} of {task.source}: {problem}") from error
         images.append(png)
         sizes.append(size)
         squares.append(square)
