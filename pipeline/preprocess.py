@@ -43,7 +43,7 @@ from pipeline.captions import normalise_caption
 from pipeline.config import PreprocessParams, RayParams
 from pipeline.contracts.data import MANIFEST, PROCESSED_MANIFEST_COLUMNS, REFERENCE_FEATURES, SPLITS, STATS
 from pipeline.contracts.paths import Paths
-from pipeline.contracts.shards import IMAGE, SHARDS_DIR, read_shard, shard_name, write_shard
+from pipeline.contracts.shards import SHARDS_DIR, read_shard, shard_images, shard_name, write_shard
 from pipeline.drift import IMAGE_FEATURES, combine_features, image_features, metadata_features, words_of
 from pipeline.engine import run_tasks
 from pipeline.images import CENTRE, resize_and_crop, to_rgb
@@ -126,7 +126,7 @@ def convert_image(data: bytes, sizes: tuple[Size, ...], resolution: int,
 def convert_shard(task: ShardConversion) -> list[dict]:
     """Convert one shard's images and write them as a processed shard, each with its size, sha256 and drift
     features; nothing to return (the shard holds the results)."""
-    originals = read_shard(task.source, [IMAGE])[IMAGE]
+    originals = shard_images(task.source)
     images, sizes, squares = [], [], []
     for sample_id, centering in zip(task.ids, task.centerings, strict=True):
         try:

@@ -24,7 +24,7 @@ from pipeline.config import RayParams, ValidateParams
 from pipeline.contracts.data import MANIFEST, REJECTED
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import DATA_DOCS, QUARANTINE, SUMMARY
-from pipeline.contracts.shards import IMAGE, read_shard
+from pipeline.contracts.shards import shard_images
 from pipeline.engine import run_tasks
 from pipeline.image_checks import property_columns
 from pipeline.manifest_checks import ManifestCheck, check_manifest, failure_message, with_verdict
@@ -57,7 +57,7 @@ class ShardMeasurement:
 
 
 def measure_shard(task: ShardMeasurement) -> list[dict]:
-    images = read_shard(task.shard, [IMAGE])[IMAGE]
+    images = shard_images(task.shard)
     sources = [images.get(sample_id) for sample_id in task.ids]
     columns = property_columns(sources, task.max_pixels, task.hash_min_side)
     return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
@@ -85,7 +85,7 @@ class ShardedImages:
 
     @functools.lru_cache(maxsize=SHARDS_KEPT)
     def shard_images(self, shard: str) -> pd.Series:
-        return read_shard(self.root / shard, [IMAGE])[IMAGE]
+        return shard_images(self.root / shard)
 
 
 def ingest_rejects(raw: Path) -> pd.DataFrame:

@@ -47,12 +47,17 @@ def read_shard(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame
         raise ValueError(f"{path}: not a readable image shard ({error})") from error
 
 
+def shard_images(path: Path) -> pd.Series:
+    """A shard's image bytes, indexed by id."""
+    return read_shard(path, [IMAGE])[IMAGE]
+
+
 def image_bytes(root: Path, rows: pd.DataFrame) -> list[bytes]:
     """The bytes of each row's image (rows with `id` and `shard`, relative to `root`), in row order; each
     shard is read once."""
     found: dict[str, bytes] = {}
     for shard, members in rows.groupby("shard", sort=False):
-        images = read_shard(root / shard, [IMAGE])[IMAGE]
+        images = shard_images(root / shard)
         missing = set(members["id"]) - set(images.index)
         if missing:
             raise ValueError(f"{root / shard}: lacks image(s) {', '.join(sorted(missing)[:3])} its manifest lists")
