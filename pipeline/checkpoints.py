@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import read_json, write_json
 from pipeline.config import ModelParams, TrainParams
+from pipeline.contracts.latents import latents_fingerprint
 from pipeline.contracts.paths import Paths
 from pipeline.tracking import folder_hash
 
@@ -55,7 +56,7 @@ class Progress:
 def training_fingerprint(model: ModelParams, train: TrainParams, paths: Paths, processes: int) -> dict:
     """Everything a checkpoint's validity depends on: the learning settings, the model, the data, the VAE."""
     settings = train.model_dump(mode="json", exclude=set(OBSERVABILITY_SETTINGS))
-    return dict(train=settings, model=model.model_dump(mode="json"), latents=folder_hash(paths.latents),
+    return dict(train=settings, model=model.model_dump(mode="json"), latents=latents_fingerprint(paths.latents),
                 vae=folder_hash(paths.vae_model), processes=processes)
 
 

@@ -50,7 +50,7 @@ def _vae(params: Params, paths: Paths, _):
 def _encode(params: Params, paths: Paths, _):
     from pipeline.encode import encode
 
-    encode(paths, encode=params.encode, model=params.model, train=params.train)
+    encode(paths, encode=params.encode, model=params.model, train=params.train, ray=params.ray)
 
 
 def _train(params: Params, paths: Paths, _):

@@ -21,5 +21,9 @@ def force_cpu() -> None:
     os.environ[FORCE_CPU] = "true"
 
 
+def cpu_forced() -> bool:
+    return parse_flag_from_env(FORCE_CPU)
+
+
 def compute_device() -> torch.device:
-    return PartialState(cpu=parse_flag_from_env(FORCE_CPU)).device
+    return PartialState(cpu=cpu_forced()).device

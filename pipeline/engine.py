@@ -60,9 +60,11 @@ def ray_session(params: RayParams) -> Iterator[None]:
         ray.shutdown()
 
 
-def iter_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams, label: str) -> Iterator[list[dict]]:
+def iter_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams, label: str, *,
+               gpu: bool = False) -> Iterator[list[dict]]:
     """`work(task)` for every task on Ray; each task's rows, in task order. A few tasks per CPU are in flight
-    at a time, so results never pile up in memory however many tasks there are."""
+    at a time, so results never pile up in memory however many tasks there are. `gpu`: each task takes one
+    of the cluster's GPUs when it has any, so a GPU runs one task at a time."""
     if not tasks:
         return
     try:
@@ -83,17 +85,22 @@ def iter_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams
             return cloudpickle.dumps(error)
 
     with ray_session(params):
-        log.info("%s: %d task(s) on Ray (%s CPUs)", label, len(tasks), ray.cluster_resources().get("CPU"))
-        window = 2 * int(ray.cluster_resources().get("CPU", 1)) + 2  # tasks in flight: the workers stay busy
-        pending = [run.remote(cloudpickle.dumps(task)) for task in tasks[:window]]
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if gpu else 0
+        log.info("%s: %d task(s) on Ray (%s CPUs%s)", label, len(tasks), resources.get("CPU"),
+                 f", one of {gpus} GPUs each" if gpus else "")
+        remote = run.options(num_gpus=1) if gpus else run
+        window = 2 * int(resources.get("CPU", 1)) + 2  # tasks in flight: the workers stay busy
+        pending = [remote.remote(cloudpickle.dumps(task)) for task in tasks[:window]]
         for next_task in range(window, len(tasks) + window):
             rows = cloudpickle.loads(ray.get(pending.pop(0)))
             if isinstance(rows, Exception):
                 raise rows
             if next_task < len(tasks):
-                pending.append(run.remote(cloudpickle.dumps(tasks[next_task])))
+                pending.append(remote.remote(cloudpickle.dumps(tasks[next_task])))
             yield rows
 
 
-def run_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams, label: str) -> list[list[dict]]:
-    return list(iter_tasks(work, tasks, params, label))
+def run_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams, label: str, *,
+              gpu: bool = False) -> list[list[dict]]:
+    return list(iter_tasks(work, tasks, params, label, gpu=gpu))

@@ -48,7 +48,7 @@ SEED_SET_STRIDE = 1000  # seed sets of different repeats never overlap
 
 def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
     cache = load_latents(paths.latents, "val")
-    return noise_metrics_on(pipeline, cache.single_size().mean.float(), cache.captions, params.timesteps, params.noise_seed)
+    return noise_metrics_on(pipeline, cache.single_size().mean.load().float(), cache.captions, params.timesteps, params.noise_seed)
 
 
 def generate_samples(

@@ -52,7 +52,7 @@ from pipeline.checkpoints import (
     training_fingerprint,
 )
 from pipeline.config import Params, TrainParams
-from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, load_latents
+from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, MappedRows, load_latents
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
 from pipeline.diagnostics import image_grid, noise_metrics_on
@@ -129,7 +129,7 @@ class Conditioning:
     """What each training sample conditions the UNet on: token ids (scratch, where the text encoder trains)
     or the frozen text encoder's cached hidden states (finetune)."""
 
-    table: torch.Tensor  # ids per sample, or hidden states per distinct caption
+    table: torch.Tensor | MappedRows  # ids per sample, or hidden states per distinct caption (read as needed)
     rows: torch.Tensor  # each sample's row in table
     empty: torch.Tensor  # the empty prompt's entry: the unconditional branch of guidance
 
@@ -208,7 +208,7 @@ class Run:
     @torch.no_grad()
     def validation_loss(self) -> float:
         with self.evaluation_weights(), self.accelerator.autocast():
-            metrics = noise_metrics_on(self.model.pipeline(self.accelerator), self.val.single_size().mean.float(),
+            metrics = noise_metrics_on(self.model.pipeline(self.accelerator), self.val.single_size().mean.load().float(),
                                        self.val.captions,
                                        self.settings.validation_timesteps, self.settings.seed)
         return metrics["noise_mse"]

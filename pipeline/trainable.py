@@ -14,7 +14,7 @@ from diffusers.training_utils import EMAModel, cast_training_params
 from peft import LoraConfig
 
 from pipeline.config import ConfigError, ModelParams, TrainParams
-from pipeline.contracts.latents import CachedLatents
+from pipeline.contracts.latents import CachedLatents, MappedRows
 from pipeline.contracts.paths import Paths
 from pipeline.diffusion import sampling_scheduler, training_scheduler
 from pipeline.models import (
@@ -63,7 +63,7 @@ class Model:
 
 
 def scratch_model(model: ModelParams, train: TrainParams, paths: Paths, cache: CachedLatents,
-                  latents: torch.Tensor) -> Model:
+                  latents: MappedRows) -> Model:
     """A tokenizer from the training captions; text encoder and UNet of the preset's sizes, both trained."""
     settings, preset = train, PRESETS[model.preset]
     tokenizer = build_tokenizer(cache.captions, vocab_size=settings.tokenizer_vocab_size, max_tokens=preset.max_tokens)
@@ -73,7 +73,7 @@ def scratch_model(model: ModelParams, train: TrainParams, paths: Paths, cache: C
 
 
 def pretrained_model(model: ModelParams, train: TrainParams, paths: Paths, cache: CachedLatents,
-                     latents: torch.Tensor) -> Model:
+                     latents: MappedRows) -> Model:
     """The pretrained UNet (whole, or frozen under LoRA layers) conditioned on the cached frozen text states."""
     spec, lora = model.pretrained, model.finetune == "lora"
     if cache.text_states is None:

@@ -2,16 +2,12 @@
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from diffusers import StableDiffusionPipeline
-from safetensors.torch import load_file
 
 from pipeline.checkpoints import checkpoint_folders
 
@@ -32,22 +28,6 @@ def launch_two_processes(paths, command: str) -> subprocess.CompletedProcess:
          "-m", "pipeline.cli", "--params", str(paths.root / "params.yaml"), command],
         cwd=paths.root, env=env, capture_output=True, text=True, timeout=600,
     )
-
-
-@pytest.mark.e2e
-def test_two_processes_encode_one_cache(trained_project, tmp_path):
-    """Each process encodes half of the images; the main one writes the cache a single process writes."""
-    params, paths = _project(trained_project, tmp_path / "encode", {})
-    shutil.copytree(trained_project[1].processed, paths.processed)
-    shutil.rmtree(paths.latents)
-    result = launch_two_processes(paths, "encode")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert re.search(r"latents \d+ encoded, 0 reused", result.stderr), result.stderr[-3000:]
-    for split in ("train", "val"):
-        one, two = (load_file(folder / f"{split}.safetensors") for folder in (trained_project[1].latents, paths.latents))
-        assert one.keys() == two.keys()
-        for name in one:
-            torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.e2e

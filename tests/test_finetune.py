@@ -4,6 +4,7 @@ depend on."""
 
 import shutil
 
+import pandas as pd
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -103,10 +104,15 @@ def test_caches_are_reused_only_when_their_keys_match(trained_project, base_mode
     both = encode(paths, encode=flipped.encode, model=flipped.model, train=flipped.train)
     assert (both["encoded"], both["reused"]) == (samples, samples)  # only the mirrored images are new
     group = load_latents(paths.latents, "train").single_size()
-    assert not torch.allclose(group.flip_mean, group.mean)
+    assert not torch.allclose(group.flip_mean.load(), group.mean.load())
     half = params.model_copy(update={"encode": params.encode.model_copy(update={"dtype": "bfloat16"})})
     assert encode(paths, encode=half.encode, model=half.model, train=half.train)["encoded"] == samples
-    assert load_latents(paths.latents, "train").single_size().mean.dtype == torch.bfloat16
+    mapped = load_latents(paths.latents, "train").single_size().mean
+    assert mapped.dtype == torch.bfloat16
+    rows = pd.read_parquet(paths.latents / "train.parquet")
+    stored = torch.stack([load_file(paths.latents / row.posterior)[f"mean.{row.height}x{row.width}"][row.row]
+                          for row in rows.itertuples()])
+    assert torch.equal(mapped.load(), stored)  # bfloat16, read through the memory map
 
 
 def test_finetune_needs_a_pretrained_model_it_can_find(tmp_path):

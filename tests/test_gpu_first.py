@@ -13,7 +13,6 @@ import pipeline.train as train_module
 from pipeline.checkpoints import LORA_CHECKPOINT, checkpoint_folders
 from pipeline.cli import main as sdpipe
 from pipeline.device import FORCE_CPU, compute_device
-from pipeline.encode import my_share
 from pipeline.models import load_pipeline
 from pipeline.throughput import Throughput, flops_of
 from pipeline.train import train
@@ -30,13 +29,6 @@ def test_every_network_runs_on_accelerates_device(trained_project, monkeypatch):
     monkeypatch.setenv(FORCE_CPU, "false")  # restored after the test, whatever the command sets
     assert sdpipe(["--params", str(trained_project[1].root / "missing.yaml"), "--device", "cpu", "models"]) == 1
     assert os.environ[FORCE_CPU] == "true" and compute_device().type == "cpu"
-
-
-def test_encode_splits_the_missing_items_over_processes():
-    items = list(range(11))
-    shares = [my_share(items, 3, process) for process in range(3)]
-    assert sorted(sum(shares, [])) == items and all(len(share) in (3, 4) for share in shares)
-    assert my_share(items, 1, 0) == items
 
 
 def test_train_json_reports_steady_state_speed_and_flops(trained_project):

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
@@ -71,9 +72,10 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(trained_proj
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(trained_project, tmp_path):
     params, paths = _project(trained_project, tmp_path / "nan", {"train": {
         "steps": 30, "checkpoint_every": 1, "log_every": 1, "validate_every": 30, "sample_every": 0}})
-    cache = load_file(paths.latents / "train.safetensors")
-    cache["mean.0"][-1] = float("nan")  # one poisoned sample: the first batch that draws it fails
-    save_file(cache, paths.latents / "train.safetensors")
+    last = pd.read_parquet(paths.latents / "train.parquet").iloc[-1]
+    cache = load_file(paths.latents / last["posterior"])
+    cache[f"mean.{last['height']}x{last['width']}"][last["row"]] = float("nan")  # the first batch drawing it fails
+    save_file(cache, paths.latents / last["posterior"])
     with pytest.raises(TrainingDiverged, match="last good checkpoint is .*step-") as failure:
         train(params, paths)
     last = checkpoint_folders(paths)[-1]

@@ -1,26 +1,148 @@
 """data/latents: what encode caches and train and evaluate read.
 
-Per split, {split}.safetensors holds tensors `mean.<g>`, `std.<g>` (and `flip_mean.<g>`, `flip_std.<g>` when
-mirrored images are encoded) for size group g, and `text_states` (finetune: the frozen text encoder's hidden
-states per distinct caption, row 0 the empty prompt; their keys in the metadata `text_keys`); {split}.parquet
-has one row per sample with the LATENT_COLUMNS present.
+The cache is kept in shards that follow the processed ones: for each processed shard, encode writes up to
+three safetensors files under data/latents/shards, each named by a hash of everything its values depend on
+(the processed shard's name, which hashes its images' recipes; the encoder's weights; the dtype; for text,
+the captions), written once and never rewritten:
+
+- `posterior-<hash>`: tensors `mean.<h>x<w>` and `std.<h>x<w>`, the posteriors of the shard's images of
+  each size;
+- `flipped-<hash>`: `flip_mean.<h>x<w>` and `flip_std.<h>x<w>`, those of the mirror images
+  (`train.random_flip`);
+- `text-<hash>` (finetune): `text_states`, the frozen text encoder's hidden states of the shard's distinct
+  captions, row 0 the empty prompt.
+
+Each file's metadata lists what it holds (`keys`: the image ids, or a text file's captions). {split}.parquet has one row per sample
+(LATENT_COLUMNS): its files, its size, its `row` in the tensors of that size and its `text_row`.
+
+Readers map the files rather than load them: a batch reads its samples' rows by index (the order training's
+exact resume replays), so a split larger than memory trains from the page cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-POSTERIOR = ("mean", "std")
-FLIPPED = ("flip_mean", "flip_std")
+from pipeline.atomic import atomic_file
+
+POSTERIOR, FLIPPED, TEXT = "posterior", "flipped", "text"  # the kinds of latent file, and their manifest columns
+POSTERIOR_TENSORS = ("mean", "std")
+FLIPPED_TENSORS = ("flip_mean", "flip_std")
 TEXT_STATES = "text_states"
-TEXT_KEYS = "text_keys"  # safetensors metadata: the key of every text_states row, as JSON
-EMPTY_PROMPT_ROW = 0  # text_states row of the empty prompt
-LATENT_COLUMNS = ("id", "caption", "group", "group_row", "latent_key", "flip_key", "text_row")
+KEYS = "keys"  # file metadata, as JSON: what a file holds, row by row (image ids; a text file's captions)
+EMPTY_PROMPT_ROW = 0  # text_states row of the empty prompt, in every text file
+LATENT_COLUMNS = ("id", "caption", "height", "width", "row", POSTERIOR, FLIPPED, TEXT, "text_row")
+LATENT_SUFFIX = ".safetensors"
+
+# safetensors dtype -> (numpy type of the same width, torch dtype); bfloat16 travels as int16
+MAPPED_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+                 "BF16": (np.int16, torch.bfloat16)}
+
+
+def latents_fingerprint(directory: Path) -> str:
+    """The identity of the cache: its manifests, which name every file by a hash of what it holds (hashing
+    the files would read every latent, 128 GB for 10^6 images at 512 px)."""
+    digest = hashlib.sha256()
+    for manifest in sorted(Path(directory).glob("*.parquet")):
+        digest.update(manifest.name.encode())
+        digest.update(hashlib.sha256(manifest.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def size_name(height: int, width: int) -> str:
+    return f"{height}x{width}"
+
+
+def write_latent_file(target: Path, tensors: dict[str, torch.Tensor], keys: list[str]) -> None:
+    with atomic_file(target) as staging:
+        save_file({name: value.contiguous() for name, value in tensors.items()}, staging,
+                  metadata={KEYS: json.dumps(keys)})
+
+
+def latent_file_keys(path: Path) -> list[str] | None:
+    """What a latent file holds, or None where it is missing or unreadable."""
+    try:
+        with safe_open(path, "pt") as handle:
+            return json.loads((handle.metadata() or {}).get(KEYS, "null"))
+    except (OSError, SafetensorError, ValueError):
+        return None
+
+
+@lru_cache(maxsize=64)  # bounds the open memory maps (one file descriptor each)
+def mapped_tensors(path: Path, inode: int, mtime_ns: int) -> dict[str, tuple[np.ndarray, torch.dtype]]:
+    """A safetensors file's tensors as read-only memory maps, nothing read yet (inode and mtime: a file
+    written again under the same name is mapped again)."""
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        whole = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable latent file ({error}); run `sdpipe encode` again") from error
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, info in header.items():
+        array_type, dtype = MAPPED_DTYPES[info["dtype"]]
+        begin, end = (8 + length + offset for offset in info["data_offsets"])
+        tensors[name] = (whole[begin:end].view(array_type).reshape(info["shape"]), dtype)
+    return tensors
+
+
+def mapped_tensor(path: Path, name: str) -> tuple[np.ndarray, torch.dtype]:
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise ValueError(f"{path}: missing ({error}); run `sdpipe encode` again") from error
+    tensors = mapped_tensors(path, stat.st_ino, stat.st_mtime_ns)
+    if name not in tensors:
+        raise ValueError(f"{path}: holds no tensor {name}; run `sdpipe encode` again")
+    return tensors[name]
+
+
+class MappedRows:
+    """One tensor's rows gathered from several files: row i is row `rows[i]` of tensor `name` in
+    `files[parts[i]]`. Indexing reads just those rows."""
+
+    def __init__(self, files: list[Path], name: str, parts: np.ndarray, rows: np.ndarray):
+        self.files, self.name, self.parts, self.rows = files, name, np.asarray(parts), np.asarray(rows)
+
+    def _mapped(self, part: int) -> tuple[np.ndarray, torch.dtype]:
+        return mapped_tensor(self.files[part], self.name)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self._mapped(0)[0].shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._mapped(0)[1]
+
+    def __getitem__(self, positions) -> torch.Tensor:
+        index = np.asarray(positions)
+        wanted_parts, wanted_rows = self.parts[index.ravel()], self.rows[index.ravel()]
+        out = np.empty((len(wanted_rows), *self.shape[1:]), self._mapped(0)[0].dtype)
+        for part in np.unique(wanted_parts):
+            chosen = wanted_parts == part
+            out[chosen] = self._mapped(int(part))[0][wanted_rows[chosen]]
+        values = torch.from_numpy(out).view(self.dtype)
+        return values.reshape(*index.shape, *values.shape[1:])
+
+    def load(self) -> torch.Tensor:
+        """Every row, read into memory (the validation split)."""
+        return self[np.arange(len(self))]
 
 
 @dataclass(frozen=True)
@@ -28,10 +150,10 @@ class LatentGroup:
     """The cached posteriors of the samples of one image size."""
 
     rows: torch.Tensor  # these samples' positions in the split
-    mean: torch.Tensor
-    std: torch.Tensor
-    flip_mean: torch.Tensor | None = None
-    flip_std: torch.Tensor | None = None
+    mean: MappedRows
+    std: MappedRows
+    flip_mean: MappedRows | None = None
+    flip_std: MappedRows | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -42,7 +164,7 @@ class CachedLatents:
     groups: list[LatentGroup]
     captions: list[str]
     ids: list[str]
-    text_states: torch.Tensor | None = None  # finetune: hidden states per distinct caption
+    text_states: MappedRows | None = None  # finetune: hidden states per distinct caption of every text file
     text_rows: torch.Tensor | None = None  # each sample's row in text_states
 
     def __len__(self) -> int:
@@ -59,13 +181,35 @@ class CachedLatents:
         return self.groups[0]
 
 
+def mapped_column(directory: Path, members: pd.DataFrame, column: str, name: str) -> MappedRows | None:
+    """Tensor `name` of the files in `column` at the members' rows (None where the column is empty)."""
+    if members[column].isna().any():
+        return None
+    parts, files = pd.factorize(members[column])
+    return MappedRows([directory / file for file in files], name, parts, members["row"].to_numpy())
+
+
+def mapped_text_states(directory: Path, rows: pd.DataFrame) -> tuple[MappedRows, torch.Tensor]:
+    """Every text file's states one after another, and each sample's row in them (the first file's row 0 is
+    the empty prompt, EMPTY_PROMPT_ROW)."""
+    parts, files = pd.factorize(rows[TEXT])
+    paths = [directory / file for file in files]
+    counts = [len(mapped_tensor(path, TEXT_STATES)[0]) for path in paths]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
+    states = MappedRows(paths, TEXT_STATES, np.repeat(np.arange(len(paths)), counts),
+                        np.concatenate([np.arange(count) for count in counts]))
+    return states, torch.from_numpy(starts[parts] + rows["text_row"].to_numpy())
+
+
 def load_latents(directory: Path, split: str) -> CachedLatents:
-    tensors = load_file(Path(directory) / f"{split}.safetensors")
-    rows = pd.read_parquet(Path(directory) / f"{split}.parquet")
+    directory = Path(directory)
+    rows = pd.read_parquet(directory / f"{split}.parquet")
     groups = []
-    for group, members in rows.groupby("group", sort=True):
-        order = torch.tensor(members.index.to_numpy())
-        named = {name: tensors.get(f"{name}.{group}") for name in (*POSTERIOR, *FLIPPED)}
-        groups.append(LatentGroup(order, **named))
-    text_rows = torch.as_tensor(rows["text_row"].to_numpy()) if "text_row" in rows else None
-    return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), tensors.get(TEXT_STATES), text_rows)
+    for (height, width), members in rows.groupby(["height", "width"], sort=True):
+        size = size_name(height, width)
+        named = {tensor: mapped_column(directory, members, column, f"{tensor}.{size}")
+                 for column, tensors in ((POSTERIOR, POSTERIOR_TENSORS), (FLIPPED, FLIPPED_TENSORS))
+                 for tensor in tensors}
+        groups.append(LatentGroup(torch.tensor(members.index.to_numpy()), **named))
+    text_states, text_rows = mapped_text_states(directory, rows) if rows[TEXT].notna().all() else (None, None)
+    return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), text_states, text_rows)

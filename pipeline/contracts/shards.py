@@ -25,10 +25,10 @@ IMAGE = "image"
 ROW_GROUP_SIZE = 100  # images a reader decodes at a time
 
 
-def shard_name(prefix: str, members: Iterable[str]) -> str:
-    """`<prefix>-<hash of the member keys>.parquet`: the same content always gets the same name."""
+def shard_name(prefix: str, members: Iterable[str], suffix: str = ".parquet") -> str:
+    """`shards/<prefix>-<hash of the member keys><suffix>`: the same content always gets the same name."""
     digest = hashlib.sha256("\n".join(members).encode()).hexdigest()[:20]
-    return f"{SHARDS_DIR}/{prefix}-{digest}.parquet"
+    return f"{SHARDS_DIR}/{prefix}-{digest}{suffix}"
 
 
 def write_shard(target: Path, ids: Sequence[str], images: Sequence[bytes], columns: dict | None = None) -> None:
@@ -69,4 +69,4 @@ def unreferenced_shards(root: Path, referenced: Iterable[str]) -> list[Path]:
     """Shards under root/shards that no manifest row names any more."""
     kept = {root / name for name in referenced}
     folder = root / SHARDS_DIR
-    return sorted(path for path in folder.glob("*.parquet") if path not in kept) if folder.is_dir() else []
+    return sorted(path for path in folder.iterdir() if path not in kept) if folder.is_dir() else []
