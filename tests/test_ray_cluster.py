@@ -1,15 +1,19 @@
-"""The data stages' tasks on a real two-node Ray cluster give exactly what the embedded in-process Ray gives.
+"""The data stages' tasks on a real two-node Ray cluster give what the embedded in-process Ray gives.
 
 Each test here starts Ray processes; run this file on its own (`pytest tests/test_ray_cluster.py`).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import RayParams
+from pipeline.contracts.latents import load_latents
 from pipeline.contracts.paths import Paths
 from pipeline.engine import run_tasks
 
@@ -39,8 +43,10 @@ def test_tasks_on_two_nodes_return_the_rows_of_the_embedded_run(ray_cluster):
     assert len({row["node"] for task in on_cluster for row in task}) == 2, "both nodes ran tasks"
 
 
-def stage_outputs(params, root) -> dict[str, dict[str, str]]:
-    """The files ingest, validate and preprocess write into a fresh project under root, by folder."""
+def stage_outputs(params, root, vae: Path) -> tuple[dict[str, dict[str, str]], Paths]:
+    """The files ingest, validate and preprocess write into a fresh project under root, by folder; then
+    encode with the given VAE."""
+    from pipeline.encode import encode
     from pipeline.ingest import ingest
     from pipeline.preprocess import preprocess
     from pipeline.validate import validate
@@ -49,13 +55,21 @@ def stage_outputs(params, root) -> dict[str, dict[str, str]]:
     ingest(params.ingest, paths)
     validate(params.validate_, paths)
     preprocess(params.preprocess, paths)
+    shutil.copytree(vae, paths.vae_model)
+    encode(paths, encode=params.encode, model=params.model, train=params.train)
     return {"raw": tree_hashes(paths.raw), "validated": tree_hashes(paths.validated),
-            "processed": tree_hashes(paths.processed)}
+            "processed": tree_hashes(paths.processed)}, paths
 
 
-def test_stage_outputs_on_two_nodes_are_identical_to_the_embedded_run(ray_cluster, tiny_params, tmp_path):
+def test_stage_outputs_on_two_nodes_are_identical_to_the_embedded_run(ray_cluster, trained_project, tmp_path):
+    tiny_params, trained = trained_project
     params = tiny_params.model_copy(update={"ingest": tiny_params.ingest.model_copy(update={"shard_size": 40})})
     with another_ray(RayParams(address=ray_cluster)):
-        on_cluster = stage_outputs(params, tmp_path / "cluster")
-    assert on_cluster == stage_outputs(params, tmp_path / "embedded")
+        on_cluster, cluster = stage_outputs(params, tmp_path / "cluster", trained.vae_model)
+    embedded, here = stage_outputs(params, tmp_path / "embedded", trained.vae_model)
+    assert on_cluster == embedded
     assert len(on_cluster["processed"]) > 8, "four raw shards, each a train and a val shard"
+    assert tree_hashes(cluster.latents / "shards").keys() == tree_hashes(here.latents / "shards").keys()
+    for split in ("train", "val"):
+        torch.testing.assert_close(load_latents(cluster.latents, split).single_size().mean.load(),
+                                   load_latents(here.latents, split).single_size().mean.load(), atol=1e-5, rtol=1e-4)
