@@ -1,4 +1,5 @@
-"""Where the data stages' per-image work runs: Ray tasks, one per shard.
+"""Where the data stages' per-image work runs: Ray tasks, one per shard (encode's take a GPU each on a
+cluster that has GPUs).
 
 On the embedded default Ray starts on this machine (no dashboard, `ray.num_cpus` CPUs) and stops when the
 stage ends; with `ray.address` or RAY_ADDRESS set, the same tasks run on that cluster, whose nodes must see

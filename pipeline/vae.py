@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import ModelParams, PreprocessParams, TrainParams, VaeParams
-from pipeline.contracts.data import load_split, load_split_groups
+from pipeline.contracts.data import load_split, read_images, split_groups
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import VAE_METRICS
 from pipeline.device import compute_device
@@ -29,26 +31,51 @@ from pipeline.models import build_vae, device_batches, load_pretrained_vae, reco
 
 log = logging.getLogger(__name__)
 
+
 def reconstruction_loss(vae, batch: torch.Tensor, kl_weight: float) -> torch.Tensor:
     posterior = vae.encode(batch).latent_dist
     reconstruction = vae.decode(posterior.sample()).sample
     return F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
 
 
-def sample_batch(groups: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """A batch of images of one size (an aspect-ratio bucket: a batch must be one tensor), the size chosen
-    with probability proportional to its image count, so every image is equally likely to be seen. With one
-    size no choice is drawn, so a square data set draws exactly the batches a single pool of images would."""
-    images = groups[0]
-    if len(groups) > 1:
-        counts = torch.tensor([len(group) for group in groups], dtype=torch.float64)
-        images = groups[int(torch.multinomial(counts, 1, generator=generator))]
-    return images[torch.randint(len(images), (batch_size,), generator=generator)]
+def drawn_batches(group_sizes: list[int], steps: int, batch_size: int,
+                  generator: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    """Every step's batch as (size group, positions in it), drawn before training: one size per batch (an
+    aspect-ratio bucket: a batch must be one tensor), chosen with probability proportional to its image
+    count, so every image is equally likely to be seen. With one size no choice is drawn, so a square data
+    set draws exactly the batches a single pool of images would."""
+    counts = torch.tensor(group_sizes, dtype=torch.float64)
+    batches = []
+    for _ in range(steps):
+        group = int(torch.multinomial(counts, 1, generator=generator)) if len(group_sizes) > 1 else 0
+        batches.append((group, torch.randint(group_sizes[group], (batch_size,), generator=generator)))
+    return batches
+
+
+@dataclass(frozen=True)
+class DrawnImages:
+    """The images of one size that training draws, decoded once: at most steps x batch_size of them, not
+    the whole split (a million images would not fit in memory)."""
+
+    positions: torch.Tensor  # sorted positions in the size group
+    images: torch.Tensor  # in the model's range
+
+    def batch(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.images[torch.searchsorted(self.positions, positions)]
+
+
+def drawn_images(paths: Paths, groups: list[pd.DataFrame], batches: list[tuple[int, torch.Tensor]]) -> list[DrawnImages]:
+    drawn = []
+    for group, rows in enumerate(groups):
+        wanted = torch.unique(torch.cat([torch.empty(0, dtype=torch.long)] + [p for g, p in batches if g == group]))
+        images = to_model_range(read_images(paths, rows.iloc[wanted.numpy()])) if len(wanted) else torch.empty(0)
+        drawn.append(DrawnImages(wanted, images))
+    return drawn
 
 
 @torch.no_grad()
 def latent_std(vae, groups: list[torch.Tensor]) -> float:
-    """The standard deviation of the latent means over every image, whatever their sizes."""
+    """The standard deviation of the latent means over these images, whatever their sizes."""
     means = [vae.encode(batch).latent_dist.mean.float().flatten().cpu()
              for images in groups for batch in device_batches(images, vae.device, vae.dtype)]
     return float(torch.cat(means).std())
@@ -61,19 +88,22 @@ def reconstruction_mse(vae, images: torch.Tensor) -> float:
 def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_precision: str) -> dict:
     set_seed(settings.seed)
     accelerator = Accelerator(mixed_precision=mixed_precision)
-    train_groups = [to_model_range(images) for images, _ in load_split_groups(paths, "train")]
+    groups = split_groups(paths, "train")
+    generator = torch.Generator().manual_seed(settings.seed)
+    batches = drawn_batches([len(rows) for rows in groups], settings.steps, settings.batch_size, generator)
+    train_groups = drawn_images(paths, groups, batches)
     val_images = to_model_range(load_split(paths, "val")[0])
     vae = build_vae(settings, resolution)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
     vae, optimizer = accelerator.prepare(vae, optimizer)
-    generator = torch.Generator().manual_seed(settings.seed)
 
     vae.train()
     started = time.perf_counter()
     progress = tqdm(range(settings.steps), desc="vae", disable=not accelerator.is_local_main_process)
-    for _ in progress:
-        batch = sample_batch(train_groups, settings.batch_size, generator).to(accelerator.device)
+    for step in progress:
+        group, positions = batches[step]
+        batch = train_groups[group].batch(positions).to(accelerator.device)
         with accelerator.autocast():
             loss = reconstruction_loss(accelerator.unwrap_model(vae), batch, settings.kl_weight)
         accelerator.backward(loss)
@@ -84,7 +114,9 @@ def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_preci
     seconds = time.perf_counter() - started
 
     vae = accelerator.unwrap_model(vae).eval()
-    vae.register_to_config(scaling_factor=1.0 / latent_std(vae, train_groups))
+    # over the images training drew: all of a small data set, a sample of steps x batch_size of a large one
+    seen = [drawn.images for drawn in train_groups if len(drawn.positions)]
+    vae.register_to_config(scaling_factor=1.0 / latent_std(vae, seen))
     return save_vae(vae, val_images, paths, steps=settings.steps,
                     images_per_second=settings.steps * settings.batch_size / seconds)
 

@@ -5,9 +5,10 @@ import math
 import torch
 from diffusers import AutoencoderKL
 
-from pipeline.contracts.data import load_split_groups
+from pipeline.contracts.data import load_split_groups, split_groups
+from pipeline.models import to_model_range
 from pipeline.preprocess import preprocess
-from pipeline.vae import sample_batch, train_vae
+from pipeline.vae import drawn_batches, drawn_images, train_vae
 
 from .conftest import folder_project
 
@@ -15,17 +16,30 @@ SHAPES = [(24, 20), (40, 20), (20, 40), (32, 32), (48, 24)] * 6
 
 
 def test_a_batch_comes_from_one_size_chosen_in_proportion_to_its_images():
-    groups = [torch.zeros(30, 3, 2, 4), torch.ones(10, 3, 4, 2)]
-    generator = torch.Generator().manual_seed(0)
-    batches = [sample_batch(groups, 5, generator) for _ in range(400)]
-    wide = sum(batch.shape[2:] == (2, 4) for batch in batches)
-    assert all(batch.shape[0] == 5 for batch in batches) and 270 < wide < 330  # 3 in 4 of 400
+    batches = drawn_batches([30, 10], 400, 5, torch.Generator().manual_seed(0))
+    first = sum(group == 0 for group, _ in batches)
+    assert 270 < first < 330  # 3 in 4 of 400
+    assert all(len(positions) == 5 and int(positions.max()) < (30, 10)[group] for group, positions in batches)
 
 
 def test_one_size_draws_the_batches_a_single_pool_would():
-    images = torch.arange(20.0).reshape(20, 1, 1, 1)
-    drawn = sample_batch([images], 8, torch.Generator().manual_seed(3))
-    assert torch.equal(drawn, images[torch.randint(20, (8,), generator=torch.Generator().manual_seed(3))])
+    generator = torch.Generator().manual_seed(3)
+    drawn = drawn_batches([20], 2, 8, torch.Generator().manual_seed(3))
+    assert [group for group, _ in drawn] == [0, 0]
+    for _, positions in drawn:
+        assert torch.equal(positions, torch.randint(20, (8,), generator=generator))
+
+
+def test_only_the_images_training_draws_are_decoded(tmp_path):
+    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2, bucketing=True)
+    preprocess(params.preprocess, paths)
+    groups = split_groups(paths, "train")
+    batches = drawn_batches([len(rows) for rows in groups], 3, 2, torch.Generator().manual_seed(0))
+    drawn = drawn_images(paths, groups, batches)
+    assert sum(len(images.positions) for images in drawn) <= 6 < sum(len(rows) for rows in groups)
+    everything = [to_model_range(images) for images, _ in load_split_groups(paths, "train")]
+    for group, positions in batches:
+        assert torch.equal(drawn[group].batch(positions), everything[group][positions])
 
 
 def test_the_vae_trains_on_a_bucketed_train_split(tmp_path):

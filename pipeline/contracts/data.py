@@ -38,13 +38,16 @@ def read_images(paths: Paths, rows: pd.DataFrame) -> np.ndarray:
     return np.stack([decode_png(data) for data in image_bytes(paths.processed, rows)])
 
 
-def load_split_groups(paths: Paths, split: str) -> list[tuple[np.ndarray, pd.DataFrame]]:
-    """A processed split's images grouped by size: for each (height, width), in that order, the images as
-    uint8 NHWC with their manifest rows (manifest order, index from 0). One group unless the split is the
-    train split of a bucketed run."""
+def split_groups(paths: Paths, split: str) -> list[pd.DataFrame]:
+    """A processed split's manifest rows grouped by size: for each (height, width), in that order, its rows
+    (manifest order, index from 0). One group unless the split is the train split of a bucketed run."""
     manifest = pd.read_parquet(paths.processed / split / MANIFEST)
-    return [(read_images(paths, rows), rows.reset_index(drop=True))
-            for _, rows in manifest.groupby(["height", "width"], sort=True)]
+    return [rows.reset_index(drop=True) for _, rows in manifest.groupby(["height", "width"], sort=True)]
+
+
+def load_split_groups(paths: Paths, split: str) -> list[tuple[np.ndarray, pd.DataFrame]]:
+    """split_groups with each group's images as uint8 NHWC."""
+    return [(read_images(paths, rows), rows) for rows in split_groups(paths, split)]
 
 
 def load_split(paths: Paths, split: str) -> tuple[np.ndarray, pd.DataFrame]:
