@@ -47,7 +47,7 @@ from pipeline.contracts.latents import (
     write_latent_file,
 )
 from pipeline.contracts.paths import Paths
-from pipeline.contracts.shards import read_shard, shard_name, unreferenced_shards
+from pipeline.contracts.shards import IMAGE, read_members, shard_name, unreferenced_shards
 from pipeline.device import compute_device, cpu_forced
 from pipeline.engine import run_tasks
 from pipeline.models import encode_images, load_frozen_text_encoder, to_model_range, tokenize
@@ -91,15 +91,6 @@ def loaded_text_encoder(encoder: Encoder) -> tuple[object, torch.nn.Module]:
     return tokenizer, text_encoder.to(DTYPES[encoder.dtype]).to(compute_device())
 
 
-def image_sizes(task: LatentTask) -> pd.DataFrame:
-    """The task's images (bytes, height, width) in the order of its ids."""
-    images = read_shard(task.source, ["image", "height", "width"])
-    missing = set(task.keys) - set(images.index)
-    if missing:
-        raise ValueError(f"{task.source}: lacks image(s) {', '.join(sorted(missing)[:3])} its manifest lists")
-    return images.loc[list(task.keys)]
-
-
 @torch.no_grad()
 def encode_posteriors(task: LatentTask) -> dict[str, torch.Tensor]:
     """Mean and std of each image (mirrored for FLIPPED) by size: {`mean.<h>x<w>`: [n, ...], ...}, rows in
@@ -107,13 +98,14 @@ def encode_posteriors(task: LatentTask) -> dict[str, torch.Tensor]:
     vae, mirrored = loaded_vae(task.encoder), task.kind == FLIPPED
     names = FLIPPED_TENSORS if mirrored else POSTERIOR_TENSORS
     tensors = {}
-    for (height, width), members in image_sizes(task).groupby(["height", "width"], sort=True):
+    images = read_members(task.source, task.keys, [IMAGE, "height", "width"])
+    for (height, width), members in images.groupby(["height", "width"], sort=True):
         parts = []
         for start in range(0, len(members), task.batch_size):
-            images = np.stack([decode_png(data) for data in members["image"].iloc[start : start + task.batch_size]])
+            batch = np.stack([decode_png(data) for data in members[IMAGE].iloc[start : start + task.batch_size]])
             if mirrored:
-                images = images[:, :, ::-1]  # NHWC: left to right
-            parts.append(encode_images(vae, to_model_range(np.ascontiguousarray(images)), task.batch_size))
+                batch = batch[:, :, ::-1]  # NHWC: left to right
+            parts.append(encode_images(vae, to_model_range(np.ascontiguousarray(batch)), task.batch_size))
         for name, values in zip(names, zip(*parts, strict=True), strict=True):
             tensors[f"{name}.{size_name(height, width)}"] = torch.cat(values)
     return tensors

@@ -133,11 +133,12 @@ class MappedRows:
     def __getitem__(self, positions) -> torch.Tensor:
         index = np.asarray(positions)
         wanted_parts, wanted_rows = self.parts[index.ravel()], self.rows[index.ravel()]
-        out = np.empty((len(wanted_rows), *self.shape[1:]), self._mapped(0)[0].dtype)
+        first, dtype = self._mapped(0)
+        out = np.empty((len(wanted_rows), *first.shape[1:]), first.dtype)
         for part in np.unique(wanted_parts):
             chosen = wanted_parts == part
             out[chosen] = self._mapped(int(part))[0][wanted_rows[chosen]]
-        values = torch.from_numpy(out).view(self.dtype)
+        values = torch.from_numpy(out).view(dtype)
         return values.reshape(*index.shape, *values.shape[1:])
 
     def load(self) -> torch.Tensor:

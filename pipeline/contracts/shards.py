@@ -57,12 +57,18 @@ def image_bytes(root: Path, rows: pd.DataFrame) -> list[bytes]:
     shard is read once."""
     found: dict[str, bytes] = {}
     for shard, members in rows.groupby("shard", sort=False):
-        images = shard_images(root / shard)
-        missing = set(members["id"]) - set(images.index)
-        if missing:
-            raise ValueError(f"{root / shard}: lacks image(s) {', '.join(sorted(missing)[:3])} its manifest lists")
-        found.update(images.loc[members["id"]].items())
+        found.update(read_members(root / shard, members["id"], [IMAGE])[IMAGE].items())
     return [found[sample_id] for sample_id in rows["id"]]
+
+
+def read_members(path: Path, ids: Iterable[str], columns: Sequence[str]) -> pd.DataFrame:
+    """The rows of these ids from a shard, in their order; a ValueError names those it lacks."""
+    ids = list(ids)
+    rows = read_shard(path, columns)
+    missing = set(ids) - set(rows.index)
+    if missing:
+        raise ValueError(f"{path}: lacks image(s) {', '.join(sorted(missing)[:3])} its manifest lists")
+    return rows.loc[ids]
 
 
 def unreferenced_shards(root: Path, referenced: Iterable[str]) -> list[Path]:
