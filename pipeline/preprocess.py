@@ -44,8 +44,8 @@ from pipeline.config import PreprocessParams, RayParams
 from pipeline.contracts.data import MANIFEST, PROCESSED_MANIFEST_COLUMNS, REFERENCE_FEATURES, SPLITS, STATS
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import SHARDS_DIR, read_shard, shard_images, shard_name, write_shard
-from pipeline.drift import IMAGE_FEATURES, combine_features, image_features, metadata_features, words_of
 from pipeline.engine import run_tasks
+from pipeline.features import IMAGE_FEATURES, combine_features, image_features, metadata_features, words_of
 from pipeline.images import CENTRE, resize_and_crop, to_rgb
 
 log = logging.getLogger(__name__)

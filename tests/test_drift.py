@@ -3,7 +3,8 @@
 import numpy as np
 import pandas as pd
 
-from pipeline.drift import FEATURES, feature_drift, feature_table, mmd_test, population_stability_index
+from pipeline.drift import feature_drift, mmd_test, population_stability_index
+from pipeline.features import FEATURES, feature_table
 
 
 def test_psi_is_small_for_the_same_distribution_and_large_for_a_shift():

@@ -15,7 +15,7 @@ from pipeline.captions import normalise_caption
 from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS, decode_png, load_split, load_split_groups
 from pipeline.contracts.shards import SHARDS_DIR, image_bytes, read_shard, write_shard
 from pipeline.ingest import ingest
-from pipeline.drift import FEATURES
+from pipeline.features import FEATURES
 from pipeline.buckets import bucket_sizes
 from pipeline.images import load_training_image, resize_and_crop, to_rgb
 from pipeline.preprocess import crop_centering, preprocess, split_of
