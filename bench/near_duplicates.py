@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.config import ValidateParams
 from pipeline.image_checks import near_duplicate_pairs, property_columns
-from pipeline.validate import row_properties
+from pipeline.manifest_checks import ImageFiles, row_properties
 
 SIDE = 96
 CLEAR_CHANGE = 120  # summed over the channels (40 a channel on average): a pixel changed by more clearly differs

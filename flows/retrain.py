@@ -14,7 +14,6 @@ gate then decides whether the new model becomes champion.
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 

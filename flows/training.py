@@ -163,7 +163,7 @@ def run_summary(read: Callable[[str], dict], changes: dict[str, Any], outcomes: 
         + (f"; not promoted: {registry['refused']}" if registry.get("refused") else ""),
         f"- MLflow run: {run.get('run_id', '?')} (`make ui-mlflow`, then "
         f"{MLFLOW_UI}/#/experiments/{run.get('experiment_id', '')}/runs/{run.get('run_id', '')})",
-        f"- sample grid: the MLflow run's evaluation/samples.png"
+        "- sample grid: the MLflow run's evaluation/samples.png"
         + ("" if experiment else f", and {SAMPLES_GRID}"), "",
         "| metric | value |", "|---|---|",
         *(f"| {name} | {metrics[name]:.4g} |" for name in HEADLINE_METRICS if name in metrics),

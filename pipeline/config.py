@@ -266,6 +266,8 @@ class TrainParams(Section):
     log_every: int = Field(50, ge=1)
     validate_every: int = Field(250, ge=1, description="held-out loss at fixed timesteps every this many steps")
     validation_timesteps: tuple[int, ...] = (100, 500, 900)
+    validation_samples: int = Field(1024, ge=1, description="the held-out loss's samples: the validation split's "
+                                    "first this many, the same every time (evaluate uses them all)")
     sample_every: int = Field(0, ge=0, description="sample grid to MLflow every this many steps; 0: off")
     checkpoint_every: int = Field(250, ge=1)
     checkpoints_kept: int = Field(2, ge=1)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
+import pandas as pd
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
@@ -27,7 +28,7 @@ from PIL import Image
 from pipeline.adherence import shape_adherence_metrics
 from pipeline.atomic import atomic_file, write_json
 from pipeline.config import EvaluateParams, Params
-from pipeline.contracts.data import load_split
+from pipeline.contracts.data import MANIFEST, split_chunks
 from pipeline.contracts.latents import load_latents
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import EVAL_METRICS, PROMPTS, UNAVAILABLE
@@ -48,7 +49,7 @@ SEED_SET_STRIDE = 1000  # seed sets of different repeats never overlap
 
 def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
     cache = load_latents(paths.latents, "val")
-    return noise_metrics_on(pipeline, cache.single_size().mean.load().float(), cache.captions, params.timesteps, params.noise_seed)
+    return noise_metrics_on(pipeline, cache.single_size().mean, cache.captions, params.timesteps, params.noise_seed)
 
 
 def generate_samples(
@@ -148,26 +149,30 @@ def gaussian_ssim(first: torch.Tensor, second: torch.Tensor, *, window: int = 11
 
 
 @torch.no_grad()
-def vae_reconstruction_metrics(pipeline: StableDiffusionPipeline, paths: Paths) -> dict:
-    model_input = to_model_range(load_split(paths, "val")[0])
-    reconstructed = reconstruct(pipeline.vae, model_input)
-    images, reconstructed = (model_input.double() + 1) / 2, (reconstructed.double() + 1) / 2
-    mse = float(torch.mean((reconstructed - images) ** 2))
-    return dict(
-        vae_mse=mse,
-        vae_psnr=10 * math.log10(1.0 / mse),
-        vae_ssim=float(gaussian_ssim(reconstructed, images).mean()),
-    )
+def vae_reconstruction_metrics(pipeline: StableDiffusionPipeline, chunks: Iterable[np.ndarray]) -> dict:
+    """MSE and PSNR over the pixels (in [0, 1]) of uint8 NHWC chunks (`split_chunks`), and SSIM averaged
+    over their images."""
+    squared_error, pixels, ssim, images_seen = 0.0, 0, 0.0, 0
+    for chunk in chunks:
+        model_input = to_model_range(chunk)
+        reconstructed = reconstruct(pipeline.vae, model_input)
+        images, reconstructed = (model_input.double() + 1) / 2, (reconstructed.double() + 1) / 2
+        squared_error += float(torch.sum((reconstructed - images) ** 2))
+        pixels += images.numel()
+        ssim += float(gaussian_ssim(reconstructed, images).sum())
+        images_seen += len(images)
+    mse = squared_error / pixels
+    return dict(vae_mse=mse, vae_psnr=10 * math.log10(1.0 / mse), vae_ssim=ssim / images_seen)
 
 
 def evaluate(params: Params, paths: Paths) -> dict:
     torch.manual_seed(params.evaluate.noise_seed)
     pipeline = load_pipeline(paths.sd_model)
     metrics = noise_prediction_metrics(pipeline, paths, params.evaluate)
-    metrics.update(vae_reconstruction_metrics(pipeline, paths))
-    val_images, val_rows = load_split(paths, "val")
-    external = external_metrics(params.evaluate, paths.root, val_images)
-    prompts = evaluation_prompts(params.evaluate, params.ingest.source, val_rows["caption"], paths.root)
+    metrics.update(vae_reconstruction_metrics(pipeline, split_chunks(paths, "val")))
+    external = external_metrics(params.evaluate, paths.root, split_chunks(paths, "val"))
+    val_captions = pd.read_parquet(paths.processed / "val" / MANIFEST, columns=["caption"])["caption"]
+    prompts = evaluation_prompts(params.evaluate, params.ingest.source, val_captions, paths.root)
     judges, judge_metrics, unavailable = sample_judges(params, paths, prompts)
     unavailable |= external.unavailable
     for name, reason in unavailable.items():

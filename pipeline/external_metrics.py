@@ -13,6 +13,7 @@ and no number is reported.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,8 +143,9 @@ def load_clip_score(model: str, root: Path) -> tuple[ClipScore | None, str | Non
         return None, f"evaluate.clip_model {model!r} is neither a local folder nor a cached hub model ({detail})"
 
 
-def external_metrics(params: EvaluateParams, root: Path, real_images: np.ndarray) -> ExternalMetrics:
-    """Whatever of FID, KID and CLIP score this machine can compute, and why not for the rest."""
+def external_metrics(params: EvaluateParams, root: Path, real_images: Iterable[np.ndarray]) -> ExternalMetrics:
+    """Whatever of FID, KID and CLIP score this machine can compute, and why not for the rest. The real
+    images (uint8 NHWC chunks) are read only when there are Inception weights to measure them with."""
     scorer = ExternalMetrics(kid_subset_size=params.kid_subset_size, seed=params.sample_seed)
     weights = find_inception_weights(params.inception_weights, root)
     if weights is None:
@@ -154,7 +156,7 @@ def external_metrics(params: EvaluateParams, root: Path, real_images: np.ndarray
         scorer.unavailable.update(fid=reason, kid=reason)
     else:
         scorer.inception = InceptionFeatures(torch.jit.load(str(weights), map_location="cpu"))
-        scorer.real_features = scorer.inception(to_uint8_batch(real_images))
+        scorer.real_features = torch.cat([scorer.inception(to_uint8_batch(chunk)) for chunk in real_images])
     if params.clip_model is None:
         scorer.unavailable["clip_score"] = "evaluate.clip_model is not set"
     else:

@@ -208,8 +208,8 @@ class Run:
     @torch.no_grad()
     def validation_loss(self) -> float:
         with self.evaluation_weights(), self.accelerator.autocast():
-            metrics = noise_metrics_on(self.model.pipeline(self.accelerator), self.val.single_size().mean.load().float(),
-                                       self.val.captions,
+            metrics = noise_metrics_on(self.model.pipeline(self.accelerator), self.val.single_size().mean,
+                                       self.val.captions[:self.settings.validation_samples],
                                        self.settings.validation_timesteps, self.settings.seed)
         return metrics["noise_mse"]
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import ModelParams, PreprocessParams, TrainParams, VaeParams
-from pipeline.contracts.data import load_split, read_images, split_groups
+from pipeline.contracts.data import read_images, split_chunks, split_groups
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import VAE_METRICS
 from pipeline.device import compute_device
@@ -81,8 +83,14 @@ def latent_std(vae, groups: list[torch.Tensor]) -> float:
     return float(torch.cat(means).std())
 
 
-def reconstruction_mse(vae, images: torch.Tensor) -> float:
-    return float(F.mse_loss(reconstruct(vae, images), images))
+def reconstruction_mse(vae, chunks: Iterable[np.ndarray]) -> float:
+    """The mean squared reconstruction error over the pixels of uint8 NHWC chunks (`split_chunks`)."""
+    squared_error, count = 0.0, 0
+    for chunk in chunks:
+        images = to_model_range(chunk)
+        squared_error += float(F.mse_loss(reconstruct(vae, images).double(), images.double(), reduction="sum"))
+        count += images.numel()
+    return squared_error / count
 
 
 def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_precision: str) -> dict:
@@ -92,7 +100,6 @@ def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_preci
     generator = torch.Generator().manual_seed(settings.seed)
     batches = drawn_batches([len(rows) for rows in groups], settings.steps, settings.batch_size, generator)
     train_groups = drawn_images(paths, groups, batches)
-    val_images = to_model_range(load_split(paths, "val")[0])
     vae = build_vae(settings, resolution)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
@@ -117,18 +124,18 @@ def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_preci
     # over the images training drew: all of a small data set, a sample of steps x batch_size of a large one
     seen = [drawn.images for drawn in train_groups if len(drawn.positions)]
     vae.register_to_config(scaling_factor=1.0 / latent_std(vae, seen))
-    return save_vae(vae, val_images, paths, steps=settings.steps,
+    return save_vae(vae, paths, steps=settings.steps,
                     images_per_second=settings.steps * settings.batch_size / seconds)
 
 
 def resolve_pretrained_vae(pretrained: str, paths: Paths) -> dict:
     """The pretrained model's VAE, unchanged (its own scaling factor), measured on the validation split."""
     vae = load_pretrained_vae(pretrained, paths.root).to(compute_device()).eval()
-    return save_vae(vae, to_model_range(load_split(paths, "val")[0]), paths, pretrained=pretrained)
+    return save_vae(vae, paths, pretrained=pretrained)
 
 
-def save_vae(vae, val_images: torch.Tensor, paths: Paths, **facts) -> dict:
-    mse = reconstruction_mse(vae, val_images)
+def save_vae(vae, paths: Paths, **facts) -> dict:
+    mse = reconstruction_mse(vae, split_chunks(paths, "val"))
     metrics = dict(
         val_mse=mse,
         val_psnr=10 * math.log10(4.0 / mse),  # images span [-1, 1], so the peak-to-peak range is 2

@@ -103,10 +103,10 @@ def test_configured_weights_give_fid_kid_and_clip_score_deterministically(
 def test_a_missing_weights_file_is_named(trained_project, tmp_path):
     params = parse_params(merge(tiny_params_dict(), {"evaluate": {"inception_weights": str(tmp_path / "nope.pt")}}))
     with pytest.raises(ConfigError, match="evaluate.inception_weights"):
-        external_metrics(params.evaluate, tmp_path, np.zeros((2, 32, 32, 3), dtype=np.uint8))
+        external_metrics(params.evaluate, tmp_path, [np.zeros((2, 32, 32, 3), dtype=np.uint8)])
 
 
 def test_an_unloadable_clip_model_is_reported_not_downloaded(tmp_path):
     params = parse_params(merge(tiny_params_dict(), {"evaluate": {"clip_model": "nobody/no-such-clip"}}))
-    scorer = external_metrics(params.evaluate, tmp_path, np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    scorer = external_metrics(params.evaluate, tmp_path, [np.zeros((2, 32, 32, 3), dtype=np.uint8)])
     assert scorer.clip is None and "nobody/no-such-clip" in scorer.unavailable["clip_score"]

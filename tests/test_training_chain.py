@@ -2,15 +2,19 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
+from pipeline.contracts.data import load_split, split_chunks
 from pipeline.contracts.latents import load_latents
-from pipeline.evaluate import noise_prediction_metrics
-from pipeline.models import load_pipeline
 from pipeline.contracts.records import LOSS_PLOT
+from pipeline.diagnostics import noise_metrics_on
+from pipeline.evaluate import noise_prediction_metrics, vae_reconstruction_metrics
+from pipeline.models import load_pipeline
 from pipeline.train import batch_indices
+from pipeline.vae import reconstruction_mse
 
 
 def test_vae_is_a_diffusers_model_with_unit_variance_scaling(trained_project):
@@ -26,6 +30,23 @@ def test_latents_are_cached_for_both_splits(trained_project):
     train, val = load_latents(paths.latents, "train"), load_latents(paths.latents, "val")
     assert train.single_size().mean.shape[1:] == (4, 8, 8) and len(train) == len(train.captions)
     assert (val.single_size().std.load() > 0).all()
+
+
+def test_validation_metrics_read_the_split_a_batch_at_a_time_and_agree_with_one_pass(trained_project):
+    _, paths = trained_project
+    pipeline = load_pipeline(paths.sd_model)
+    val = load_latents(paths.latents, "val")
+    mean, captions = val.single_size().mean, val.captions
+    assert len(captions) > 6, "the split must span several batches of 3"
+    whole = noise_metrics_on(pipeline, mean.load().float(), captions, (100, 900), 7, batch_size=len(captions))
+    assert noise_metrics_on(pipeline, mean, captions, (100, 900), 7, batch_size=3) == pytest.approx(whole, rel=1e-5)
+
+    images = load_split(paths, "val")[0]
+    chunks = list(split_chunks(paths, "val", chunk=3))
+    assert {len(chunk) for chunk in chunks[:-1]} == {3} and np.array_equal(np.concatenate(chunks), images)
+    assert vae_reconstruction_metrics(pipeline, chunks) == pytest.approx(
+        vae_reconstruction_metrics(pipeline, [images]), rel=1e-9)
+    assert reconstruction_mse(pipeline.vae, chunks) == pytest.approx(reconstruction_mse(pipeline.vae, [images]), rel=1e-9)
 
 
 def test_model_folder_loads_in_plain_diffusers(trained_project):

@@ -7,6 +7,7 @@ data/processed."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,7 @@ SPLITS = ("train", "val")
 PROCESSED_MANIFEST_COLUMNS = ("id", "shard", "caption", "width", "height", "crop", "recipe", "sha256")
 STATS = "stats.json"
 REFERENCE_FEATURES = "reference_features.parquet"
+IMAGES_PER_CHUNK = 1024  # images decoded at a time by `split_chunks`
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -43,6 +45,14 @@ def split_groups(paths: Paths, split: str) -> list[pd.DataFrame]:
     (manifest order, index from 0). One group unless the split is the train split of a bucketed run."""
     manifest = pd.read_parquet(paths.processed / split / MANIFEST)
     return [rows.reset_index(drop=True) for _, rows in manifest.groupby(["height", "width"], sort=True)]
+
+
+def split_chunks(paths: Paths, split: str, chunk: int = IMAGES_PER_CHUNK) -> Iterator[np.ndarray]:
+    """A processed split's images as uint8 NHWC, `chunk` at a time, one size per chunk: for measurements
+    over a whole split, which need not fit in memory."""
+    for rows in split_groups(paths, split):
+        for start in range(0, len(rows), chunk):
+            yield read_images(paths, rows.iloc[start:start + chunk])
 
 
 def load_split_groups(paths: Paths, split: str) -> list[tuple[np.ndarray, pd.DataFrame]]:

@@ -142,7 +142,7 @@ class MappedRows:
         return values.reshape(*index.shape, *values.shape[1:])
 
     def load(self) -> torch.Tensor:
-        """Every row, read into memory (the validation split)."""
+        """Every row, read into memory."""
         return self[np.arange(len(self))]
 
 
