@@ -176,8 +176,10 @@ def planned_manifest(params: PreprocessParams, paths: Paths) -> pd.DataFrame:
     the processed size from here on."""
     manifest = pd.read_parquet(paths.validated / MANIFEST).rename(
         columns={"width": "source_width", "height": "source_height"})
-    manifest["caption"] = [normalise_caption(c, lowercase=params.lowercase_captions) for c in manifest["caption"]]
-    manifest["split"] = pd.Categorical([split_of(i, params.val_fraction) for i in manifest["id"]], SPLITS)
+    # plain lists: iterating pandas' Arrow-backed strings costs ~4 µs an element, seconds at 10^6 rows
+    captions = manifest["caption"].tolist()
+    manifest["caption"] = [normalise_caption(c, lowercase=params.lowercase_captions) for c in captions]
+    manifest["split"] = pd.Categorical([split_of(i, params.val_fraction) for i in manifest["id"].tolist()], SPLITS)
     counts = manifest["split"].value_counts()
     if not counts["train"] or not counts["val"]:
         raise ValueError(
@@ -186,10 +188,11 @@ def planned_manifest(params: PreprocessParams, paths: Paths) -> pd.DataFrame:
         )
     manifest = manifest.sort_values("split", kind="stable").reset_index(drop=True)
     sizes = target_sizes(params)
-    manifest["centering"] = [crop_centering(i, params.crop, params.seed) for i in manifest["id"]]
+    ids = manifest["id"].tolist()
+    manifest["centering"] = [crop_centering(i, params.crop, params.seed) for i in ids]
     manifest["crop"] = [crop_label(centering) for centering in manifest["centering"]]
     manifest["recipe"] = [recipe_of(i, params.resolution, sizes[split], centering) for i, split, centering
-                          in zip(manifest["id"], manifest["split"], manifest["centering"], strict=True)]
+                          in zip(ids, manifest["split"].tolist(), manifest["centering"], strict=True)]
     return with_shards(manifest)
 
 

@@ -45,8 +45,8 @@ def test_validation_metrics_read_the_split_a_batch_at_a_time_and_agree_with_one_
     chunks = list(split_chunks(paths, "val", chunk=3))
     assert {len(chunk) for chunk in chunks[:-1]} == {3} and np.array_equal(np.concatenate(chunks), images)
     assert vae_reconstruction_metrics(pipeline, chunks) == pytest.approx(
-        vae_reconstruction_metrics(pipeline, [images]), rel=1e-9)
-    assert reconstruction_mse(pipeline.vae, chunks) == pytest.approx(reconstruction_mse(pipeline.vae, [images]), rel=1e-9)
+        vae_reconstruction_metrics(pipeline, [images]), rel=1e-6)  # float32 convolutions vary with the batch
+    assert reconstruction_mse(pipeline.vae, chunks) == pytest.approx(reconstruction_mse(pipeline.vae, [images]), rel=1e-6)
 
 
 def test_model_folder_loads_in_plain_diffusers(trained_project):
