@@ -1,9 +1,15 @@
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.image_checks import eight_bit, measure, near_duplicate_of, near_duplicate_pairs
 from pipeline.images import to_rgb
+
+from .conftest import REPO
 
 LIMIT, HASH_FROM = 50_000_000, 64
 
@@ -88,3 +94,13 @@ def test_the_index_finds_exactly_the_pairs_an_all_pairs_scan_finds(max_distance)
     expected = sorted(zip(first.tolist(), second.tolist(), strict=True))
     assert len(expected) >= 20
     assert sorted(map(tuple, near_duplicate_pairs(hashes, max_distance).tolist())) == expected
+
+
+def test_near_duplicate_bench_runs_and_validate_beats_the_grey_hash_on_its_labelled_set():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "near_duplicates.py"), "--groups", "10", "--sizes", "1000"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    scores = [tuple(map(float, found)) for found in re.findall(r"precision ([\d.]+) .*?recall ([\d.]+)", done.stdout)]
+    (precision, recall), (grey_precision, _) = scores
+    assert precision >= 0.95 and recall >= 0.9, done.stdout
+    assert precision > grey_precision + 0.2, "the colour-aware confirmation must reject look-alikes the grey hash flags"
