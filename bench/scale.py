@@ -218,7 +218,7 @@ def done_when(results: dict) -> dict:
     largest = results["sizes"][max(results["sizes"], key=int)]
     ratios = cost_ratios(results)
     noop_seconds = largest["noop"]["repro_seconds"]
-    found = dict(cost_ratios=ratios, per_image_cost_flat=len(ratios) > 1 and within(FLAT, ratios),
+    found = dict(cost_ratios=ratios, per_image_cost_flat=len(results["sizes"]) > 1 and within(FLAT, ratios),
                  noop_repro_seconds=noop_seconds,
                  noop_repro_within_limit=noop_seconds <= NOOP_LIMIT and not largest["noop"]["repro_ran"],
                  data_files_in_cache=largest["disk"]["data_files_in_cache"],
