@@ -30,9 +30,9 @@ from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import CHAMPION, METRIC_TAG_PREFIX
 from pipeline.contracts.shards import image_bytes
+from pipeline.diagnostics import noise_metrics_on
 from pipeline.drift import feature_drift, mmd_test
 from pipeline.features import feature_table
-from pipeline.diagnostics import noise_metrics_on
 from pipeline.images import content_id, describe_image, load_training_image
 from pipeline.manifest_checks import ImageFiles, check_manifest
 from pipeline.models import encode_images, load_pipeline, to_model_range
