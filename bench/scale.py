@@ -248,6 +248,7 @@ def table(results: dict) -> str:
         return f"{files['bytes'] / 1e6:.1f} ({files['allocated_bytes'] / 1e6:.1f})"
 
     marginal = marginal_costs(results)
+    marginal_ratio = marginal_ratios(results) if len(sizes) > 2 else {}
     lines = [row("images", [f"{int(size):,}" for size in sizes], "largest/smallest")]
     for stage in DATA_STAGES:
         cost = [m["stages"][stage] for m in measured]
@@ -256,7 +257,7 @@ def table(results: dict) -> str:
                   row(f"{stage} µs/image", [f"{c['us_per_image']:.0f}" for c in cost], f"{ratios[stage]:.2f}x")]
         if len(sizes) > 2:
             lines.append(row(f"{stage} marginal µs/image", ["", *(f"{c:.0f}" for c in marginal[stage])],
-                             f"{marginal[stage][-1] / marginal[stage][0]:.2f}x"))
+                             f"{marginal_ratio[stage]:.2f}x"))
     lines += [row("dvc status encode, s", [f"{m['noop']['status_seconds']:.1f}" for m in measured]),
               row("no-op dvc repro encode, s", [f"{m['noop']['repro_seconds']:.1f}" for m in measured]),
               row("data/ MB (allocated)", [megabytes(m["disk"]["data"]) for m in measured]),
