@@ -41,9 +41,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline.config import Params, VaeParams, parse_params  # noqa: E402
 from pipeline.contracts.data import MANIFEST  # noqa: E402
 from pipeline.contracts.paths import Paths  # noqa: E402
+from pipeline.core.config import Params, VaeParams, parse_params  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ def bench_params(setup: Setup, root: Path, **train) -> Params:
 
 def prepare(setup: Setup, root: Path) -> None:
     """Rendered, preprocessed images in root/project and the random pretrained model in root/pretrained."""
-    from pipeline.ingest import ingest
-    from pipeline.preprocess import preprocess
+    from pipeline.stages.ingest import ingest
+    from pipeline.stages.preprocess import preprocess
 
     params, paths = bench_params(setup, root), Paths(root / "project")
     ingest(params.ingest, paths)
@@ -102,7 +102,7 @@ def random_model(setup: Setup, captions: list[str]):
     """The preset's UNet and text encoder and, at SD's sizes, SD 1.5's VAE configuration."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    from pipeline.models import random_pipeline
+    from pipeline.diffusion.components import random_pipeline
 
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1 B parameters: GPU speed
@@ -129,8 +129,8 @@ def run_folder(root: Path, name: str) -> Paths:
 
 
 def measure_encode(setup: Setup, root: Path) -> dict:
-    from pipeline.encode import encode
-    from pipeline.vae import vae_stage
+    from pipeline.stages.encode import encode
+    from pipeline.stages.vae import vae_stage
 
     params, paths = bench_params(setup, root), Paths(root / "project")
     vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
@@ -143,7 +143,7 @@ def measure_encode(setup: Setup, root: Path) -> dict:
 
 
 def measure_train(setup: Setup, root: Path, name: str, **train) -> dict:
-    from pipeline.train import train as train_stage
+    from pipeline.stages.train import train as train_stage
 
     finetune = "lora" if "LoRA" in name else "full"
     params = bench_params(setup, root, **train)
@@ -157,7 +157,7 @@ def measure_train(setup: Setup, root: Path, name: str, **train) -> dict:
 def measure_reference(setup: Setup, root: Path) -> dict:
     from train_reference import reference_loop, training_sources
 
-    from pipeline.throughput import warmup_steps
+    from pipeline.training.throughput import warmup_steps
 
     params = bench_params(setup, root)
     files, captions = training_sources(Paths(root / "project"))
@@ -166,7 +166,7 @@ def measure_reference(setup: Setup, root: Path) -> dict:
 
 
 def peak_mb() -> float:
-    from pipeline.throughput import peak_memory_mb
+    from pipeline.training.throughput import peak_memory_mb
 
     return peak_memory_mb(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -7,7 +7,7 @@
    60 and 85; resized to 64 and to 160 px; two crops of up to 3 % per edge, resized back) and distinct
    look-alikes that are NOT (the top shape recoloured; the channels swapped; a small 10-15 px object added;
    one shape moved by 8-13 px; each changing at least 1 % of the pixels clearly). The images go through
-   validate's own per-row measurements at the default params (`pipeline.validate.row_properties`), base
+   validate's own per-row measurements at the default params (`pipeline.stages.validate.row_properties`), base
    first in each group: a copy should be reported as a near-duplicate of an earlier image, and a base or a
    look-alike should not. Prints precision and recall over the copies, per kind, and the same for the grey
    dHash alone (every candidate accepted), which is what validate did before.
@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from pipeline.config import ValidateParams
-from pipeline.image_checks import near_duplicate_pairs, property_columns
-from pipeline.manifest_checks import ImageFiles, row_properties
+from pipeline.core.config import ValidateParams
+from pipeline.quality.image_checks import near_duplicate_pairs, property_columns
+from pipeline.quality.manifest_checks import ImageFiles, row_properties
 
 SIDE = 96
 CLEAR_CHANGE = 120  # summed over the channels (40 a channel on average): a pixel changed by more clearly differs

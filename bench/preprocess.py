@@ -23,13 +23,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.config import PreprocessParams, RayParams
 from pipeline.contracts.data import MANIFEST
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import shard_name, write_shard
-from pipeline.engine import ray_session
-from pipeline.images import content_id
-from pipeline.preprocess import preprocess
+from pipeline.core.config import PreprocessParams, RayParams
+from pipeline.data.images import content_id
+from pipeline.runtime.ray_tasks import ray_session
+from pipeline.stages.preprocess import preprocess
 
 SIDE = 512
 RESOLUTION = 64

@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from pipeline.adherence import shape_adherence_metrics
-from pipeline.diffusion import use_scheduler
-from pipeline.models import load_pipeline
-from pipeline.shapes import SHAPE_PROMPTS
+from pipeline.data.shapes import SHAPE_PROMPTS
+from pipeline.diffusion.components import load_pipeline
+from pipeline.diffusion.schedule import use_scheduler
+from pipeline.evaluation.shape_adherence import shape_adherence_metrics
 
 GUIDANCE = 4.0
 RUNS = {"DPM-Solver++ 20 steps": ("dpm++", 20), "DDPM 1000 steps": ("ddpm", 1000)}

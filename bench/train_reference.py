@@ -15,7 +15,7 @@ after the other, each in a fresh process, --repeats times:
   text-encode, UNet forward and backward, clip, AdamW and LR schedule steps, two `.item()` host syncs.
 
 Both start from the same saved UNet with the same optimiser, LR schedule, batch size and steps (1 + --epochs
-epochs). Both leave out the same warm-up steps (pipeline.throughput: at most 10); for ours images/s is the
+epochs). Both leave out the same warm-up steps (pipeline.training.throughput: at most 10); for ours images/s is the
 steady-state figure of metrics/train.json, which also leaves out validation and saving.
 Prints images/s of each (median over the repeats), the ratio, the one-time cost of encoding, each loop's
 peak RSS, and the models' sizes and forward FLOPs next to Stable Diffusion 1.5's.
@@ -50,13 +50,13 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pipeline.config import Params, TrainParams, VaeParams, parse_params, read_params_file  # noqa: E402
+from pipeline.core.config import Params, TrainParams, VaeParams, parse_params, read_params_file  # noqa: E402
 from pipeline.contracts.data import MANIFEST  # noqa: E402
 from pipeline.contracts.paths import Paths  # noqa: E402
 from pipeline.contracts.shards import image_bytes  # noqa: E402
-from pipeline.models import PRESETS, build_unet, random_pipeline, tokenize  # noqa: E402
-from pipeline.throughput import warmup_steps  # noqa: E402
-from pipeline.throughput import peak_memory_mb  # noqa: E402
+from pipeline.diffusion.components import PRESETS, build_unet, random_pipeline, tokenize  # noqa: E402
+from pipeline.training.throughput import warmup_steps  # noqa: E402
+from pipeline.training.throughput import peak_memory_mb  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RAW_SIDE = 128  # the reference decodes and downsizes every image, as it would real photos
@@ -90,9 +90,9 @@ def finetune_params(pretrained: Path, vae: tuple[int, ...], *, images: int, step
 
 def prepared_data(root: Path, images: int) -> Paths:
     """data/raw (128 px PNGs) and data/processed (64 px) through the real stages."""
-    from pipeline.ingest import ingest
-    from pipeline.preprocess import preprocess
-    from pipeline.validate import validate
+    from pipeline.stages.ingest import ingest
+    from pipeline.stages.preprocess import preprocess
+    from pipeline.stages.validate import validate
 
     params, paths = parse_params(data_params(images)), Paths(root)
     ingest(params.ingest, paths)
@@ -126,7 +126,7 @@ def in_fresh_process(function, *args):
 
 def our_loop(params: Params, paths: Paths) -> dict:
     """The stage's own steady-state images/s (train.json: after its warm-up steps, validation and saving left out)."""
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     metrics = train(params, paths)
     return dict(images_per_second=metrics["images_per_second"], peak_memory_mb=peak_memory_mb(torch.device("cpu")))
@@ -302,7 +302,7 @@ def print_sizes(rows: dict[str, dict[str, tuple[int, int]]]) -> None:
 
 
 def bench_vae(name: str, vae: tuple[int, ...], data: Paths, root: Path, args) -> dict:
-    from pipeline.encode import encode
+    from pipeline.stages.encode import encode
     from pipeline.vae import vae_stage
 
     shutil.copytree(data.processed, root / "data" / "processed")

@@ -3,7 +3,7 @@
 The experiment runs in a temporary copy of the project under .dvc/tmp/exps, so params.yaml, dvc.lock and
 the workspace's outputs stay as they are; DVC keeps the result as an experiment (`dvc exp show`) that
 can be compared, applied or branched. The stages see `DVC_EXP_NAME` (the experiment's name, which
-pipeline/tracking.py records) and `DVC_ROOT` (this project, where the MLflow store lives).
+pipeline/tracking/runs.py records) and `DVC_ROOT` (this project, where the MLflow store lives).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.training import PROJECT_ROOT, stage_environment, training_flow
-from pipeline.atomic import read_json
+from pipeline.core.atomic import read_json
 
 
 def run_command(args: list[str], root: Path, out: Path) -> dict:

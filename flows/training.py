@@ -32,11 +32,11 @@ from prefect.runtime import flow_run
 from flows.experiments import (
     STAGE_LINE, StageOutput, copy_paths, experiment_ref, leaf_overrides, read_json_at, set_param_args,
 )
-from pipeline.atomic import read_json
-from pipeline.config import PARAMS_FILE, SOURCES, read_params_file, with_overrides
+from pipeline.core.atomic import read_json
+from pipeline.core.config import PARAMS_FILE, SOURCES, read_params_file, with_overrides
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import EVAL_METRICS, HEADLINE_METRICS, REGISTRY_RECORD, SUMMARY
-from pipeline.tracking import FLOW_RUN_ENV
+from pipeline.tracking.runs import FLOW_RUN_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SKIPPED_MARK = "didn't change, skipping"
@@ -105,7 +105,7 @@ def follow_stage(stage: str, output: StageOutput, last: bool) -> str:
 
 def run_experiment(root: Path, name: str, changes: dict[str, Any]) -> dict[str, str]:
     """`dvc exp run --temp` with the changes as --set-param, one task run per stage. The MLflow store stays
-    the project's: pipeline/tracking.py anchors it at DVC_ROOT, which DVC points at this folder."""
+    the project's: pipeline/tracking/runs.py anchors it at DVC_ROOT, which DVC points at this folder."""
     process = subprocess.Popen(
         [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", name, *set_param_args(changes),
          *(arg for path in copy_paths(root) for arg in ("--copy-paths", path))],

@@ -6,7 +6,7 @@
     sdpipe --device cpu <command>   # networks on the CPU even where there is a GPU
     sdpipe pending-batches | check-batch FOLDER | decide REPORT... | merge-batches FOLDER...   (--out FILE.json)
 
-Each stage reads params.yaml (or --params) through `pipeline.config` and is what dvc.yaml runs.
+Each stage reads params.yaml (or --params) through `pipeline.core.config` and is what dvc.yaml runs.
 """
 
 from __future__ import annotations
@@ -18,55 +18,55 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.atomic import read_json, write_json
-from pipeline.config import PARAMS_FILE, ConfigError, Params, load_params
 from pipeline.contracts.paths import Paths
+from pipeline.core.atomic import read_json, write_json
+from pipeline.core.config import PARAMS_FILE, ConfigError, Params, load_params
 
 
 def _ingest(params: Params, paths: Paths, _):
-    from pipeline.ingest import ingest
+    from pipeline.stages.ingest import ingest
 
     ingest(params.ingest, paths, params.ray)
 
 
 def _validate(params: Params, paths: Paths, _):
-    from pipeline.validate import validate
+    from pipeline.stages.validate import validate
 
     validate(params.validate_, paths, params.ray)
 
 
 def _preprocess(params: Params, paths: Paths, _):
-    from pipeline.preprocess import preprocess
+    from pipeline.stages.preprocess import preprocess
 
     preprocess(params.preprocess, paths, params.ray)
 
 
 def _vae(params: Params, paths: Paths, _):
-    from pipeline.vae import vae_stage
+    from pipeline.stages.vae import vae_stage
 
     vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
 
 
 def _encode(params: Params, paths: Paths, _):
-    from pipeline.encode import encode
+    from pipeline.stages.encode import encode
 
     encode(paths, encode=params.encode, model=params.model, train=params.train, ray=params.ray)
 
 
 def _train(params: Params, paths: Paths, _):
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     train(params, paths)
 
 
 def _evaluate(params: Params, paths: Paths, _):
-    from pipeline.evaluate import evaluate
+    from pipeline.stages.evaluate import evaluate
 
     evaluate(params, paths)
 
 
 def _register(params: Params, paths: Paths, _):
-    from pipeline.registry import register
+    from pipeline.stages.register import register
 
     result = register(params, paths)
     state = "champion" if result.champion_version == result.version else "challenger"
@@ -88,7 +88,7 @@ def _generate(params: Params, paths: Paths, args):
 
 def _models(params: Params, paths: Paths, _):
     from pipeline.contracts.records import HEADLINE_METRICS
-    from pipeline.registry import list_versions
+    from pipeline.stages.register import list_versions
 
     versions = list_versions(params, paths)
     if not versions:
@@ -101,14 +101,14 @@ def _models(params: Params, paths: Paths, _):
 
 
 def _promote(params: Params, paths: Paths, args):
-    from pipeline.registry import promote
+    from pipeline.stages.register import promote
 
     previous = promote(params, paths, args.version, reason=args.reason, by=getpass.getuser())
     print(f"champion: version {args.version} (was {previous})")
 
 
 def _rollback(params: Params, paths: Paths, args):
-    from pipeline.registry import rollback
+    from pipeline.stages.register import rollback
 
     print(f"champion: version {rollback(params, paths, reason=args.reason, by=getpass.getuser())}")
 
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.device == "cpu":
-        from pipeline.device import force_cpu
+        from pipeline.runtime.device import force_cpu
 
         force_cpu()
     try:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.atomic import atomic_file
-from pipeline.config import Params
+from pipeline.core.atomic import atomic_file
+from pipeline.core.config import Params
 from pipeline.contracts.paths import Paths
-from pipeline.diagnostics import image_grid
-from pipeline.diffusion import use_scheduler
-from pipeline.models import load_pipeline
-from pipeline.model_source import resolve_model
+from pipeline.evaluation.noise_metrics import image_grid
+from pipeline.diffusion.schedule import use_scheduler
+from pipeline.diffusion.components import load_pipeline
+from pipeline.tracking.model_source import resolve_model
 
 log = logging.getLogger(__name__)
 

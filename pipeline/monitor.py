@@ -3,7 +3,7 @@
 A batch is a folder under `monitor.incoming` (data/incoming/ by default) with images and a
 `metadata.jsonl` of `{"file_name": ..., "text": caption}` lines (the Hugging Face imagefolder layout).
 `check_batch` validates it with the same Great Expectations suite as the `validate` stage, computes
-drift against the training set's reference features (`pipeline.drift`: PSI and KS per feature, MMD on
+drift against the training set's reference features (`pipeline.quality.drift`: PSI and KS per feature, MMD on
 the champion VAE's latents) and evaluates the champion on it (noise-prediction MSE at the fixed
 timesteps, against the champion's own validation MSE). `decide` turns the reports of every batch not
 yet trained on into a decision and the reasons for it. Batches are read, never modified.
@@ -23,21 +23,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.atomic import atomic_dir, read_json
-from pipeline.captions import normalise_caption
-from pipeline.config import MonitorParams, Params
 from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import CHAMPION, METRIC_TAG_PREFIX
 from pipeline.contracts.shards import image_bytes
-from pipeline.diagnostics import noise_metrics_on
-from pipeline.drift import feature_drift, mmd_test
-from pipeline.features import feature_table
-from pipeline.images import content_id, describe_image, load_training_image
-from pipeline.manifest_checks import ImageFiles, check_manifest
-from pipeline.models import encode_images, load_pipeline, to_model_range
-from pipeline.sources import path_inside
-from pipeline.sources.tables import read_rows
+from pipeline.core.atomic import atomic_dir, read_json
+from pipeline.core.config import MonitorParams, Params
+from pipeline.data.captions import normalise_caption
+from pipeline.data.images import content_id, describe_image, load_training_image
+from pipeline.data.sources import path_inside
+from pipeline.data.sources.tables import read_rows
+from pipeline.diffusion.components import encode_images, load_pipeline, to_model_range
+from pipeline.evaluation.noise_metrics import noise_metrics_on
+from pipeline.quality.drift import feature_drift, mmd_test
+from pipeline.quality.drift_features import feature_table
+from pipeline.quality.manifest_checks import ImageFiles, check_manifest
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,8 @@ def merge_batches(folders: list[Path], params: Params, paths: Paths) -> int:
 
 def champion_reference(params: Params, paths: Paths) -> tuple[Path, float, int]:
     """The champion's diffusers folder, its validation noise MSE and its version."""
-    from pipeline.model_source import resolve_model
-    from pipeline.tracking import registry_client
+    from pipeline.tracking.model_source import resolve_model
+    from pipeline.tracking.runs import registry_client
 
     name = params.register_.model_name
     client = registry_client(params.register_, paths.root)
@@ -225,7 +225,7 @@ def log_monitoring(params: Params, paths: Paths, reports: list[BatchReport], dec
     """One long-lived MLflow run per project holds the monitoring time series; returns its id."""
     import mlflow
 
-    from pipeline.tracking import use_experiment
+    from pipeline.tracking.runs import use_experiment
 
     use_experiment(params.register_, paths.root)
     client = mlflow.MlflowClient()
@@ -258,7 +258,7 @@ SHIFTS: dict[str, dict] = {
 def drop_demo_batch(params: Params, paths: Paths, *, shift: str, count: int, seed: int) -> Path:
     """Write a batch of synthetic shapes into `incoming`: from the training distribution (`none`),
     with colours it never saw (`colour`) or on a dark background (`background`)."""
-    from pipeline import shapes
+    from pipeline.data import shapes
 
     if shift not in SHIFTS:
         raise ValueError(f"--shift {shift!r}: choose one of {', '.join(SHIFTS)}")

@@ -26,7 +26,7 @@ import copy  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from pipeline.config import Params, parse_params, read_params_file  # noqa: E402
+from pipeline.core.config import Params, parse_params, read_params_file  # noqa: E402
 from pipeline.contracts.paths import Paths  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,8 +58,8 @@ def in_process_ray():
     their own (seconds each). Tests of other Ray settings use `another_ray`."""
     import ray
 
-    from pipeline.config import RayParams
-    from pipeline.engine import start_ray
+    from pipeline.core.config import RayParams
+    from pipeline.runtime.ray_tasks import start_ray
 
     start_ray(RayParams())
     yield
@@ -71,8 +71,8 @@ def another_ray(settings):
     """The session's Ray swapped for one with these RayParams while the block runs."""
     import ray
 
-    from pipeline.config import RayParams
-    from pipeline.engine import start_ray
+    from pipeline.core.config import RayParams
+    from pipeline.runtime.ray_tasks import start_ray
 
     ray.shutdown()
     try:
@@ -90,14 +90,14 @@ def tiny_params() -> Params:
 
 def run_every_stage(params: Params, paths: Paths) -> None:
     """Every stage once, in order, through the same functions the CLI calls."""
-    from pipeline.encode import encode
-    from pipeline.evaluate import evaluate
-    from pipeline.ingest import ingest
-    from pipeline.preprocess import preprocess
-    from pipeline.registry import register
-    from pipeline.train import train
-    from pipeline.vae import vae_stage
-    from pipeline.validate import validate
+    from pipeline.stages.encode import encode
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.stages.ingest import ingest
+    from pipeline.stages.preprocess import preprocess
+    from pipeline.stages.register import register
+    from pipeline.stages.train import train
+    from pipeline.stages.vae import vae_stage
+    from pipeline.stages.validate import validate
 
     ingest(params.ingest, paths)
     validate(params.validate_, paths)
@@ -156,8 +156,8 @@ def free_port() -> int:
 def folder_project(root: Path, sizes: list[tuple[int, int]], **preprocess) -> tuple[Params, Paths]:
     """A folder source of captioned `write_pattern` images, one per (width, height), ingested and validated
     under root/project with the tiny params and these preprocess settings; any aspect ratio up to 12:1 passes."""
-    from pipeline.ingest import ingest
-    from pipeline.validate import validate
+    from pipeline.stages.ingest import ingest
+    from pipeline.stages.validate import validate
 
     source = root / "source"
     add_patterns(source, sizes)
@@ -184,7 +184,7 @@ def save_random_base_model(folder: Path) -> Path:
     pretrained weights (same files, same loading code)."""
     import torch
 
-    from pipeline.models import random_pipeline
+    from pipeline.diffusion.components import random_pipeline
 
     torch.manual_seed(0)
     captions = [f"a {colour} {shape}" for colour in ("red", "green", "blue", "yellow", "purple", "orange")

@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import parse_params
+from pipeline.core.config import parse_params
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import image_bytes
-from pipeline.ingest import ingest
-from pipeline.preprocess import preprocess
+from pipeline.stages.ingest import ingest
+from pipeline.stages.preprocess import preprocess
 from pipeline.contracts.records import QUARANTINE
-from pipeline.validate import validate
+from pipeline.stages.validate import validate
 
 from .conftest import tree_hashes
 

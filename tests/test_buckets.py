@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pipeline.buckets import beyond_widest, bucket_sizes, nearest_bucket
+from pipeline.data.buckets import beyond_widest, bucket_sizes, nearest_bucket
 
 
 @pytest.mark.parametrize(("resolution", "step", "max_ratio"),
@@ -53,10 +53,10 @@ def test_a_ten_to_one_image_goes_to_the_most_elongated_bucket_and_is_beyond_it()
 
 def test_a_bucketed_set_encodes_per_size_and_trains_without_mixing_sizes(tmp_path):
     from pipeline.contracts.latents import load_latents
-    from pipeline.encode import encode
-    from pipeline.preprocess import preprocess
-    from pipeline.train import train
-    from pipeline.vae import vae_stage
+    from pipeline.stages.encode import encode
+    from pipeline.stages.preprocess import preprocess
+    from pipeline.stages.train import train
+    from pipeline.stages.vae import vae_stage
 
     from .conftest import folder_project
 

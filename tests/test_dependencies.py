@@ -9,7 +9,7 @@ it imports. From the source (`ast`, function-level imports included) the test de
   exempt, each for the reason given there.
 - the params the stage reads: every section in the stage function's signature (a `Params` argument reads
   the sections it is accessed at, `params.<section>`; dumping all of it for the run's lineage record, as
-  pipeline.tracking does, reads none), and, per section, which keys. A key is read where the
+  pipeline.tracking.runs does, reads none), and, per section, which keys. A key is read where the
   code writes `<section value>.<key>`. When the section value goes on whole to a project function, that
   function's reads of its parameter count (followed through calls); when it goes anywhere else (assigned,
   passed to a library, dumped), every key counts as read.
@@ -27,16 +27,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Params
+from pipeline.core.config import Params
 
 REPO = Path(__file__).parents[1]
-STAGE_MODULES = ("ingest", "validate", "preprocess", "vae", "encode", "train", "evaluate", "registry", "generate",
-                 "monitor")
+STAGE_MODULES = ("stages/ingest", "stages/validate", "stages/preprocess", "stages/vae", "stages/encode",
+                 "stages/train", "stages/evaluate", "stages/register", "generate", "monitor")
 NOT_DEPENDENCIES = {
     "pipeline/__init__.py": "the package's docstring and version",
     "pipeline/cli.py": "argument parsing and dispatch; each stage's own code is what it runs",
-    "pipeline/config.py": "the params' types; their values are deps through `params`",
-    "pipeline/atomic.py": "writes files atomically; cannot change what a file holds",
+    "pipeline/core/config.py": "the params' types; their values are deps through `params`",
+    "pipeline/core/atomic.py": "writes files atomically; cannot change what a file holds",
 }
 OUTPUT_NEUTRAL = {
     "ray.address": "where the data stages' Ray tasks run; the outputs are the same on any cluster (test_ray_cluster.py)",

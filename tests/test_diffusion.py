@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import EvaluateParams
-from pipeline.diffusion import (
+from pipeline.core.config import EvaluateParams
+from pipeline.diffusion.schedule import (
     SAMPLE_GUIDANCE,
     SAMPLE_STEPS,
     min_snr_weights,
@@ -51,7 +51,7 @@ def test_the_noise_offset_shifts_each_channel():
 def test_copies_of_the_sampling_defaults_agree():
     assert (EvaluateParams().num_inference_steps, EvaluateParams().guidance_scale) == (SAMPLE_STEPS, SAMPLE_GUIDANCE)
     # mlflow_model.py is stored with the model and runs without sdpipe, so it keeps its own copy
-    source = Path(__file__).parents[1] / "pipeline" / "mlflow_model.py"
+    source = Path(__file__).parents[1] / "pipeline" / "tracking" / "mlflow_model.py"
     defaults = next(node.value for node in ast.parse(source.read_text()).body
                     if isinstance(node, ast.Assign) and node.targets[0].id == "DEFAULTS")
     served = ast.literal_eval(defaults)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from pipeline.checkpoints import checkpoint_folders
+from pipeline.training.checkpoints import checkpoint_folders
 
 from .conftest import free_port
 from .test_resume import _project

@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 
-from pipeline.drift import feature_drift, mmd_test, population_stability_index
-from pipeline.features import FEATURES, feature_table
+from pipeline.quality.drift import feature_drift, mmd_test, population_stability_index
+from pipeline.quality.drift_features import FEATURES, feature_table
 
 
 def test_psi_is_small_for_the_same_distribution_and_large_for_a_shift():

@@ -7,15 +7,15 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL
 
-from pipeline.config import RayParams
 from pipeline.contracts.data import load_split
 from pipeline.contracts.latents import load_latents
-from pipeline.encode import encode
-from pipeline.engine import run_tasks, start_ray
-from pipeline.ingest import ingest
-from pipeline.models import encode_images, to_model_range
-from pipeline.preprocess import preprocess
-from pipeline.validate import validate
+from pipeline.core.config import RayParams
+from pipeline.diffusion.components import encode_images, to_model_range
+from pipeline.runtime.ray_tasks import run_tasks, start_ray
+from pipeline.stages.encode import encode
+from pipeline.stages.ingest import ingest
+from pipeline.stages.preprocess import preprocess
+from pipeline.stages.validate import validate
 
 from .conftest import add_patterns, folder_project, tree_hashes
 

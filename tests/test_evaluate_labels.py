@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline.config import parse_params
 from pipeline.contracts.paths import Paths
-from pipeline.labels import categorical_labels, metric_label
+from pipeline.core.config import parse_params
+from pipeline.evaluation.label_adherence import categorical_labels, metric_label
 
 from .conftest import merge, run_every_stage, tiny_params_dict
 
@@ -103,7 +103,7 @@ def test_captions_are_labels_only_when_categorical(tiny_params):
 def test_label_adherence_is_the_share_of_images_read_as_their_prompt():
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline.labels import label_adherence_metrics, pixel_features
+    from pipeline.evaluation.label_adherence import label_adherence_metrics, pixel_features
 
     def image(level):
         return Image.new("RGB", (8, 8), (level,) * 3)

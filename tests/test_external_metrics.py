@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
 
-from pipeline.config import ConfigError, parse_params
+from pipeline.core.config import ConfigError, parse_params
 from pipeline.contracts.paths import Paths
-from pipeline.evaluate import evaluate
-from pipeline.external_metrics import ExternalMetrics, InceptionFeatures, external_metrics
+from pipeline.stages.evaluate import evaluate
+from pipeline.evaluation.external_metrics import ExternalMetrics, InceptionFeatures, external_metrics
 from pipeline.contracts.data import load_split
 
 from .conftest import merge, tiny_params_dict

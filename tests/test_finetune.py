@@ -10,14 +10,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from pipeline.config import ConfigError, parse_params
+from pipeline.core.config import ConfigError, parse_params
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.latents import EMPTY_PROMPT_ROW, load_latents
-from pipeline.encode import encode
-from pipeline.models import tokenize
-from pipeline.export import LORA_WEIGHTS
-from pipeline.train import train
-from pipeline.vae import vae_stage
+from pipeline.stages.encode import encode
+from pipeline.diffusion.components import tokenize
+from pipeline.training.export import LORA_WEIGHTS
+from pipeline.stages.train import train
+from pipeline.stages.vae import vae_stage
 
 from .conftest import merge, save_random_base_model, tiny_params_dict
 

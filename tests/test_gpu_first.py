@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pipeline.train as train_module
-from pipeline.checkpoints import LORA_CHECKPOINT, checkpoint_folders
+import pipeline.stages.train as train_module
 from pipeline.cli import main as sdpipe
-from pipeline.device import FORCE_CPU, compute_device
-from pipeline.models import load_pipeline
-from pipeline.throughput import Throughput, flops_of
-from pipeline.train import train
+from pipeline.diffusion.components import load_pipeline
+from pipeline.runtime.device import FORCE_CPU, compute_device
+from pipeline.stages.train import train
+from pipeline.training.checkpoints import LORA_CHECKPOINT, checkpoint_folders
+from pipeline.training.throughput import Throughput, flops_of
 
 from .test_finetune import base_model, finetune_params, project  # noqa: F401  (base_model is a fixture)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.image_checks import eight_bit, measure, near_duplicate_of, near_duplicate_pairs
-from pipeline.images import to_rgb
+from pipeline.data.images import to_rgb
+from pipeline.quality.image_checks import eight_bit, measure, near_duplicate_of, near_duplicate_pairs
 
 from .conftest import REPO
 

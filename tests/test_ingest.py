@@ -2,12 +2,12 @@ import hashlib
 
 import pandas as pd
 
-from pipeline.atomic import read_json
-from pipeline.config import parse_params
+from pipeline.core.atomic import read_json
+from pipeline.core.config import parse_params
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.data import MANIFEST, RAW_MANIFEST_COLUMNS, REJECTED
 from pipeline.contracts.shards import SHARDS_DIR, image_bytes, read_shard
-from pipeline.ingest import INDEX, ingest
+from pipeline.stages.ingest import INDEX, ingest
 
 from .conftest import tree_hashes, write_image
 

@@ -1,7 +1,7 @@
 import torch
 
-from pipeline.config import VaeParams
-from pipeline.models import PRESETS, build_text_encoder, build_tokenizer, build_unet, build_vae
+from pipeline.core.config import VaeParams
+from pipeline.diffusion.components import PRESETS, build_text_encoder, build_tokenizer, build_unet, build_vae
 
 CAPTIONS = ["a red circle", "a blue square on a light background", "a picture of a green triangle"] * 20
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 
-from pipeline.config import read_params_file
+from pipeline.core.config import read_params_file
 
 from .conftest import REPO, free_port, merge, save_random_base_model, tiny_params_dict
 
@@ -229,7 +229,7 @@ def test_retrain_flow_ignores_an_unshifted_batch_and_retrains_on_a_shifted_one(r
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.retrain import retrain_flow
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
     from pipeline.contracts.paths import Paths
     from pipeline.monitor import drop_demo_batch
 

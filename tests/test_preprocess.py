@@ -9,17 +9,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import ConfigError, PreprocessParams, RayParams, parse_params
+from pipeline.core.config import ConfigError, PreprocessParams, RayParams, parse_params
 from pipeline.contracts.paths import Paths
-from pipeline.captions import normalise_caption
+from pipeline.data.captions import normalise_caption
 from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS, decode_png, load_split, load_split_groups
 from pipeline.contracts.shards import SHARDS_DIR, image_bytes, read_shard, write_shard
-from pipeline.ingest import ingest
-from pipeline.features import FEATURES
-from pipeline.buckets import bucket_sizes
-from pipeline.images import load_training_image, resize_and_crop, to_rgb
-from pipeline.preprocess import crop_centering, preprocess, split_of
-from pipeline.validate import validate
+from pipeline.stages.ingest import ingest
+from pipeline.quality.drift_features import FEATURES
+from pipeline.data.buckets import bucket_sizes
+from pipeline.data.images import load_training_image, resize_and_crop, to_rgb
+from pipeline.stages.preprocess import crop_centering, preprocess, split_of
+from pipeline.stages.validate import validate
 
 from .conftest import REPO, add_patterns, another_ray, folder_project, tree_hashes
 

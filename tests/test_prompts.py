@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, EvaluateParams
-from pipeline.prompts import SHAPE_PROMPTS, evaluation_prompts, prompts_from_captions
+from pipeline.core.config import ConfigError, EvaluateParams
+from pipeline.evaluation.prompts import SHAPE_PROMPTS, evaluation_prompts, prompts_from_captions
 
 
 def test_the_synthetic_source_keeps_its_colour_and_shape_prompts(tmp_path):

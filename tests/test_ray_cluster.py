@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import RayParams
 from pipeline.contracts.latents import load_latents
 from pipeline.contracts.paths import Paths
-from pipeline.engine import run_tasks
+from pipeline.core.config import RayParams
+from pipeline.runtime.ray_tasks import run_tasks
 
 from .conftest import another_ray, tree_hashes
 
@@ -46,10 +46,10 @@ def test_tasks_on_two_nodes_return_the_rows_of_the_embedded_run(ray_cluster):
 def stage_outputs(params, root, vae: Path) -> tuple[dict[str, dict[str, str]], Paths]:
     """The files ingest, validate and preprocess write into a fresh project under root, by folder; then
     encode with the given VAE."""
-    from pipeline.encode import encode
-    from pipeline.ingest import ingest
-    from pipeline.preprocess import preprocess
-    from pipeline.validate import validate
+    from pipeline.stages.encode import encode
+    from pipeline.stages.ingest import ingest
+    from pipeline.stages.preprocess import preprocess
+    from pipeline.stages.validate import validate
 
     paths = Paths(root)
     ingest(params.ingest, paths)

@@ -6,12 +6,12 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import write_json
-from pipeline.config import RegisterParams
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import CHALLENGER, CHAMPION
-from pipeline.registry import choose_gate, gate_passes, register, untrusted_reason
-from pipeline.tracking import tracking_uri
+from pipeline.core.atomic import write_json
+from pipeline.core.config import RegisterParams
+from pipeline.stages.register import choose_gate, gate_passes, register, untrusted_reason
+from pipeline.tracking.runs import tracking_uri
 
 from .conftest import tiny_params_dict
 
@@ -156,7 +156,7 @@ def test_gate(new, champion, direction, margin, expected):
 
 def test_promote_and_rollback_move_champion_and_record_why(project_copy, capsys):
     from pipeline.cli import main
-    from pipeline.registry import list_versions, promote, rollback
+    from pipeline.stages.register import list_versions, promote, rollback
 
     params, paths = project_copy
     metrics = json.loads((paths.metrics / "eval.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.tracking import tracking_uri
+from pipeline.tracking.runs import tracking_uri
 
 from .conftest import free_port
 

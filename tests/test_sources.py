@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import ConfigError, parse_params
+from pipeline.core.config import ConfigError, parse_params
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.data import MANIFEST
-from pipeline.ingest import ingest
-from pipeline.sources import SourceError
+from pipeline.stages.ingest import ingest
+from pipeline.data.sources import SourceError
 
 from .conftest import write_image
 

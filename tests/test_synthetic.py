@@ -3,8 +3,8 @@ import re
 
 from PIL import Image
 
-from pipeline.adherence import Reading, read_image
-from pipeline.shapes import COLOURS, SHAPES, generate
+from pipeline.data.shapes import COLOURS, SHAPES, generate
+from pipeline.evaluation.shape_adherence import Reading, read_image
 
 
 def test_rendering_is_deterministic():

@@ -10,10 +10,10 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from pipeline.contracts.data import load_split, split_chunks
 from pipeline.contracts.latents import load_latents
 from pipeline.contracts.records import LOSS_PLOT
-from pipeline.diagnostics import noise_metrics_on
-from pipeline.evaluate import noise_prediction_metrics, vae_reconstruction_metrics
-from pipeline.models import load_pipeline
-from pipeline.train import batch_indices
+from pipeline.diffusion.components import load_pipeline
+from pipeline.evaluation.noise_metrics import noise_metrics_on
+from pipeline.stages.evaluate import noise_prediction_metrics, vae_reconstruction_metrics
+from pipeline.stages.train import batch_indices
 from pipeline.vae import reconstruction_mse
 
 
@@ -105,7 +105,7 @@ def test_evaluation_is_deterministic(trained_project):
 
 
 def test_ssim_is_one_for_identical_images_and_lower_for_noisy_ones():
-    from pipeline.evaluate import gaussian_ssim
+    from pipeline.stages.evaluate import gaussian_ssim
 
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(gaussian_ssim(images, images), torch.ones(2, dtype=torch.float64))

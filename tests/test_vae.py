@@ -6,9 +6,9 @@ import torch
 from diffusers import AutoencoderKL
 
 from pipeline.contracts.data import load_split_groups, split_groups
-from pipeline.models import to_model_range
-from pipeline.preprocess import preprocess
-from pipeline.vae import drawn_batches, drawn_images, train_vae
+from pipeline.diffusion.components import to_model_range
+from pipeline.stages.preprocess import preprocess
+from pipeline.stages.vae import drawn_batches, drawn_images, train_vae
 
 from .conftest import folder_project
 

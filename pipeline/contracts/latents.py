@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.atomic import atomic_file
+from pipeline.core.atomic import atomic_file
 
 POSTERIOR, FLIPPED, TEXT = "posterior", "flipped", "text"  # the kinds of latent file, and their manifest columns
 POSTERIOR_TENSORS = ("mean", "std")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 
-from pipeline.atomic import atomic_file, read_json
 from pipeline.contracts.paths import Paths
+from pipeline.core.atomic import atomic_file, read_json
 
 # validate: reports/validation/
 SUMMARY = "summary.json"

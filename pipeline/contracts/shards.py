@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_file
+from pipeline.core.atomic import atomic_file
 
 SHARDS_DIR = "shards"
 IMAGE = "image"

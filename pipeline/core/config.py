@@ -1,0 +1,411 @@
+"""Typed parameters and project paths: the one place that reads params.yaml.
+
+params.yaml is read as YAML 1.2, the version DVC writes: `dvc exp run -S` rewrites the file without the
+quotes of `mixed_precision: "no"`, which a YAML 1.1 reader (PyYAML) would turn into False.
+
+Every stage receives a validated `Params` object. An unknown or mistyped key fails with a message that
+names the key (for example `params.yaml: train.lerning_rate: unknown key`), so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A parameter file that cannot be used, with the offending key in the message."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSource(Section):
+    count: int = Field(3000, ge=1)
+    resolution: int = Field(32, ge=8)
+    seed: int = 0
+    min_size: float = Field(0.4, gt=0, le=1, description="smallest shape, as a share of the image side")
+    max_size: float = Field(0.8, gt=0, le=1)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class FolderSource(Section):
+    """A folder of images: imagefolder metadata, sidecar caption files or class sub-folders."""
+
+    path: str = Field(description="the folder, relative to the project root unless absolute")
+    caption_column: str = Field("text", description="caption column of metadata.jsonl / metadata.csv")
+    caption_extension: str = Field(".txt", description="sidecar caption file: photo.jpg + photo.txt")
+    label_template: str | None = Field("a photo of a {label}", description="caption for class sub-folders")
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _is_an_extension(cls, value: str) -> str:
+        if not value.startswith("."):
+            raise ValueError("must start with a dot, like .txt")
+        return value
+
+    @field_validator("extensions")
+    @classmethod
+    def _are_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or not all(extension.startswith(".") for extension in value):
+            raise ValueError("must list at least one extension, each starting with a dot, like .png")
+        return tuple(extension.lower() for extension in value)
+
+    @field_validator("label_template")
+    @classmethod
+    def _names_the_label(cls, value: str | None) -> str | None:
+        if value is not None and "{label}" not in value:
+            raise ValueError("must contain {label} (the sub-folder name), or be null to turn labels off")
+        return value
+
+
+class ManifestSource(Section):
+    """A CSV, Parquet or JSONL file of image paths (relative to the file) and captions."""
+
+    path: str = Field(description="the manifest file, relative to the project root unless absolute")
+    path_column: str = "path"
+    caption_column: str = "text"
+
+
+class HfSource(Section):
+    """A dataset saved with `datasets.save_to_disk`, or a hub id (needs the network)."""
+
+    path_or_id: str
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+
+
+class WebdatasetSource(Section):
+    """img2dataset's webdataset output: .tar shards of {key}.jpg|png|webp + {key}.txt + {key}.json."""
+
+    path: str = Field(description="a folder of .tar shards, a glob (data/shards/*.tar) or an fsspec URL "
+                                  "(s3://bucket/shards/); local paths are relative to the project root unless absolute")
+
+
+SOURCES = ("synthetic", "folder", "manifest", "hf", "webdataset")
+
+
+class IngestParams(Section):
+    source: Literal[SOURCES] = "synthetic"
+    synthetic: SyntheticSource = SyntheticSource()
+    folder: FolderSource | None = None
+    manifest: ManifestSource | None = None
+    hf: HfSource | None = None
+    webdataset: WebdatasetSource | None = None
+    shard_size: int = Field(1000, ge=1, description="images per data/raw shard; a run's new images fill new shards")
+
+    @model_validator(mode="after")
+    def _chosen_source_is_configured(self) -> IngestParams:
+        if self.source != "synthetic" and getattr(self, self.source) is None:
+            key = {"folder": "folder.path", "manifest": "manifest.path", "hf": "hf.path_or_id",
+                   "webdataset": "webdataset.path"}[self.source]
+            raise PydanticCustomError("missing_setting", "ingest.{key}: required when ingest.source is {source}",
+                                      {"key": key, "source": self.source})
+        return self
+
+
+class ValidateParams(Section):
+    """Thresholds of the validation suite (pipeline/stages/validate.py); hard checks fail the stage, soft ones
+    quarantine the row."""
+
+    # hard
+    min_rows: int = Field(10, ge=1, description="fewer rows fails the stage")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="more quarantined rows fails the stage")
+    max_empty_caption_share: dict[str, float] = Field(
+        {"default": 0.0}, description="share of rows without a caption allowed, per source; 'default' for others")
+    # soft
+    min_caption_length: int = Field(1, ge=1)
+    max_caption_length: int = Field(1000, ge=1)
+    min_width: int = Field(16, ge=1)
+    min_height: int = Field(16, ge=1)
+    max_width: int = Field(8192, ge=1)
+    max_height: int = Field(8192, ge=1)
+    # At most Pillow's own limit, which preprocess decodes under.
+    max_pixels: int = Field(50_000_000, ge=1, le=89_478_485, description="larger headers are refused before decoding")
+    min_aspect_ratio: float = Field(0.25, gt=0, description="width / height")
+    max_aspect_ratio: float = Field(4.0, gt=0)
+    allowed_formats: tuple[str, ...] = ("png", "jpeg", "mpo", "webp", "bmp", "gif", "tiff")
+    allowed_modes: tuple[str, ...] = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr",
+                                      "I;16", "I;16B", "I;16L", "I")
+    max_near_duplicate_distance: int = Field(4, ge=-1, le=64, description="dHash bits; -1 turns the check off")
+    max_near_duplicate_colour_difference: float = Field(
+        15.0, ge=0, le=255, description="a dHash candidate is a near-duplicate only if no cell of a 24×24 colour "
+        "grid of either image lies further than this (0-255) outside the colours around it in the other")
+    near_duplicate_min_side: int = Field(64, ge=9, description="smaller images are too small to hash reliably")
+    min_contrast: float = Field(3.0, ge=0, description="largest colour-channel standard deviation; below it is blank")
+    min_brightness: float = Field(4.0, ge=0, le=255)
+    max_brightness: float = Field(252.0, ge=0, le=255)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values: object) -> object:
+        if isinstance(values, dict) and "allow_empty_captions" in values:
+            raise PydanticCustomError(
+                "renamed_key", "validate.allow_empty_captions: replaced by validate.max_empty_caption_share "
+                "(for example {folder: 0.3}: the share of a source's rows that may have no caption)", {})
+        return values
+
+    @field_validator("max_empty_caption_share")
+    @classmethod
+    def _shares_per_source(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - {"default", *SOURCES})
+        if unknown:
+            raise ValueError(f"unknown source {unknown}: use default or one of {', '.join(SOURCES)}")
+        if not all(0 <= share <= 1 for share in value.values()):
+            raise ValueError("each share must be between 0 and 1")
+        return {"default": 0.0} | value
+
+    def empty_caption_share(self, source: str) -> float:
+        return self.max_empty_caption_share.get(source, self.max_empty_caption_share["default"])
+
+
+class PreprocessParams(Section):
+    resolution: int = Field(32, ge=8)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    crop: Literal["center", "random"] = Field(
+        "center", description="random: one crop per sample, fixed by its id and `seed`, so re-runs agree")
+    seed: int = Field(0, description="seeds the random crops")
+    lowercase_captions: bool = False
+    bucketing: bool = Field(False, description="train images keep their aspect ratio in buckets; val stays square")
+    bucket_step: int = Field(8, ge=8, description="bucket sides are multiples of this; 64 for Stable Diffusion UNets")
+    max_bucket_ratio: float = Field(2.0, ge=1, description="the most elongated bucket, long side / short side")
+
+    @field_validator("resolution")
+    @classmethod
+    def _divisible_by_eight(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8 (the VAE downsamples by 4 and the UNet by 2)")
+        return value
+
+    @field_validator("bucket_step")
+    @classmethod
+    def _divides_the_square(cls, value: int, info: ValidationInfo) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8 (every bucket side must be, like preprocess.resolution)")
+        resolution = info.data.get("resolution")
+        if info.data.get("bucketing") and resolution and resolution % value:
+            raise ValueError(f"must divide preprocess.resolution ({resolution}) when preprocess.bucketing is on, "
+                             "so that the square bucket is the square val images are cropped to")
+        return value
+
+
+class VaeParams(Section):
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
+    latent_channels: int = Field(4, ge=1)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    seed: int = 0
+
+
+class EncodeParams(Section):
+    batch_size: int = Field(256, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="the frozen encoders run and their cached outputs are stored in this dtype")
+
+
+class LoraParams(Section):
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(("to_q", "to_k", "to_v", "to_out.0"), min_length=1,
+                                             description="UNet attention projections that get LoRA layers")
+
+
+class ModelParams(Section):
+    mode: Literal["scratch", "finetune"] = "scratch"
+    preset: Literal["tiny", "small", "sd15"] = Field("tiny", description="scratch mode: the model sizes")
+    pretrained: str | None = Field(None, description="finetune mode: a diffusers folder or a hub id")
+    finetune: Literal["lora", "full"] = Field("lora", description="finetune mode: LoRA layers or the whole UNet")
+    lora: LoraParams = LoraParams()
+
+    @model_validator(mode="after")
+    def _finetune_names_its_model(self) -> ModelParams:
+        if self.mode == "finetune" and not self.pretrained:
+            raise PydanticCustomError(
+                "missing_setting",
+                "model.pretrained: required when model.mode is finetune (a diffusers folder or a hub id)", {})
+        return self
+
+
+class TrainParams(Section):
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    random_flip: bool = Field(False, description="mirror half the samples; encode caches both orientations")
+    tokenizer_vocab_size: int = Field(1000, ge=600, description="the 512 byte-level symbols and 2 specials, plus whole-word tokens")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting; null: off")
+    noise_offset: float = Field(0.0, ge=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the UNet weights; null: off")
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "classic"] = "sdpa"
+    compile: bool = Field(False, description="torch.compile the UNet (GPU lever; minutes of compiling first)")
+    channels_last: bool = Field(False, description="the UNet's weights and activations in NHWC (GPU lever)")
+    tf32: bool = Field(False, description="fp32 matmuls on tensor cores (CUDA only)")
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    log_every: int = Field(50, ge=1)
+    validate_every: int = Field(250, ge=1, description="held-out loss at fixed timesteps every this many steps")
+    validation_timesteps: tuple[int, ...] = (100, 500, 900)
+    validation_samples: int = Field(1024, ge=1, description="the held-out loss's samples: the validation split's "
+                                    "first this many, the same every time (evaluate uses them all)")
+    sample_every: int = Field(0, ge=0, description="sample grid to MLflow every this many steps; 0: off")
+    checkpoint_every: int = Field(250, ge=1)
+    checkpoints_kept: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class EvaluateParams(Section):
+    timesteps: tuple[int, ...] = (50, 250, 500, 750, 950)
+    noise_seed: int = 0
+    samples_per_prompt: int = Field(4, ge=1)
+    sample_seed: int = 0
+    stability_repeats: int = Field(3, ge=1, description="sample-based metrics over this many seed sets")
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(4.0, ge=1)
+    inception_weights: str | None = Field(None, description="TorchScript FID Inception file for FID/KID")
+    kid_subset_size: int = Field(50, ge=2, description="capped at the number of samples per seed set")
+    clip_model: str | None = Field(None, description="CLIP folder or cached hub id for the CLIP score")
+    prompts: str | None = Field(None, description="file of prompts, one a line, relative to the project root")
+    max_prompts: int = Field(12, ge=1, description="prompts drawn from the validation captions")
+    max_labels: int = Field(50, ge=2, description="captions are labels when at most this many distinct ...")
+    min_images_per_label: int = Field(5, ge=1, description="... each on at least this many training images")
+    classifier_resolution: int = Field(16, ge=2, description="side of the pixels the label classifier reads")
+    classifier_images_per_label: int = Field(500, ge=1, description="training images per label it is fit on")
+
+
+class RegisterParams(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "sdpipe"
+    model_name: str = "sdpipe"
+    gate_metric: str = Field("auto", description="auto: the data's metric (README \"Evaluation\"), or an eval.json name")
+    gate_direction: Literal["auto", "maximize", "minimize"] = "auto"
+    min_improvement: float = Field(0.0, ge=0)
+    min_classifier_accuracy: float = Field(0.8, ge=0, le=1, description="label adherence gates only when its "
+                                           "classifier reads real images this well")
+
+    @model_validator(mode="after")
+    def _auto_metric_has_its_own_direction(self) -> RegisterParams:
+        if self.gate_metric == "auto" and self.gate_direction != "auto":
+            raise PydanticCustomError("conflicting_setting", "register.gate_direction: must be auto when "
+                                      "register.gate_metric is auto (each data's metric has its direction); name a "
+                                      "metric to choose the direction", {})
+        return self
+
+
+class MonitorParams(Section):
+    """When new batches in `incoming` make retraining worthwhile (see pipeline/monitor.py)."""
+
+    incoming: str = "data/incoming"
+    min_new_samples: int = Field(100, ge=1, description="valid new samples needed before any retraining")
+    psi_threshold: float = Field(0.25, gt=0, description="a feature drifts above this PSI ...")
+    ks_alpha: float = Field(0.01, gt=0, lt=1, description="... when its KS p-value is also below this")
+    mmd_alpha: float = Field(0.01, gt=0, lt=1, description="latents drift when the MMD p-value is below this")
+    mmd_permutations: int = Field(200, ge=20)
+    reference_samples: int = Field(300, ge=10, description="training images the batch latents are compared to")
+    max_degradation: float = Field(0.25, ge=0, description="allowed rise of the champion's noise MSE on new data")
+    retrain_cron: str = "0 3 * * *"
+    stage_retries: int = Field(1, ge=0, description="retries of a failed stage in the training flow")
+    seed: int = 0
+
+
+class RayParams(Section):
+    """Where the data stages' per-image work runs (pipeline/runtime/ray_tasks.py); no setting changes an output."""
+
+    address: str | None = Field(None, description="an existing cluster (ray://... or host:port); "
+                                                  "null: RAY_ADDRESS, else Ray started in-process")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the in-process Ray; null: all of this machine's")
+
+
+class Params(Section):
+    ingest: IngestParams = IngestParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    preprocess: PreprocessParams = PreprocessParams()
+    vae: VaeParams = VaeParams()
+    encode: EncodeParams = EncodeParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
+    monitor: MonitorParams = MonitorParams()
+    ray: RayParams = RayParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if error["type"] == "missing":
+        return f"{key}: required"
+    if error["type"] in ("missing_setting", "renamed_key", "conflicting_setting"):
+        return error["msg"]
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_params(raw: dict | None, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; raise ConfigError naming every bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(error) for error in exc.errors())
+        raise ConfigError(f"{source}: invalid parameters:\n  {problems}") from None
+
+
+def read_params_file(path: str | Path) -> object:
+    """The parsed content of a parameter file, read as YAML 1.2 (plain dicts and lists)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found (run from the project root or pass --params)")
+    try:
+        return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    raw = read_params_file(path)
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, str(path))
+
+
+def with_overrides(path: str | Path, overrides: dict[str, object]) -> Params:
+    """The parameter file's params with dotted keys (`train.steps: 500`) changed; the file is not written.
+
+    Flows check overrides with this before they start a DVC experiment, so a bad key or value fails
+    before any stage runs and names the key.
+    """
+    data = read_params_file(path)
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        node = data
+        for section in sections:
+            if not isinstance(node.get(section), dict):
+                raise ConfigError(f"override {dotted!r}: {section!r} is not a section of {path}")
+            node = node[section]
+        node[key] = value
+    return parse_params(data, f"{path} with overrides {overrides}")

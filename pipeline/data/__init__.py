@@ -1,0 +1,1 @@
+"""Images and their decoding, captions, buckets, the synthetic shapes, the ingestion sources."""

@@ -1,0 +1,1 @@
+"""The model: components, tokenizers, VAE pixel/latent conversion, the noise schedule."""

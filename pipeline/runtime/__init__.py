@@ -1,0 +1,1 @@
+"""Where work runs: the torch device and the Ray task fan-out."""

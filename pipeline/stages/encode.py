@@ -1,0 +1,205 @@
+"""Stage `encode`: cache what the frozen encoders compute, once, so training never runs them.
+
+- the VAE posterior (mean and std, unscaled) of every processed image, and of its mirror image when
+  `train.random_flip` is on (a latent of a mirrored image is not the mirrored latent);
+- in finetune mode, the frozen text encoder's hidden states of each distinct caption (row 0 of every text
+  file: the empty prompt, which caption dropout uses).
+
+Writes data/latents as pipeline.contracts.latents lays it out: per processed shard, one file per kind, named
+by a hash of everything its values depend on (the processed shard, itself named by its images' recipes; the
+VAE's files or the text encoder's weights; `encode.dtype`; for text, the captions). data/latents persists
+between runs (dvc.yaml): a file the run needs that is there already, holding what its name says, is kept;
+the others are encoded; files no manifest names any more are deleted. So adding images encodes only their
+shards, turning on `train.random_flip` encodes only the mirror images, and a new VAE re-encodes everything.
+
+Each file to encode is a Ray task (pipeline.runtime.ray_tasks): a worker loads the frozen encoder once and keeps it for
+its next tasks, reads the processed shard's images a batch at a time, and writes the file. On a cluster with
+GPUs every task takes one GPU, so each GPU of each node encodes its own shards; without Ray the tasks run in
+this process, on its device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import AutoencoderKL
+
+from pipeline.contracts.data import MANIFEST, SPLITS, decode_png
+from pipeline.contracts.latents import (
+    FLIPPED,
+    FLIPPED_TENSORS,
+    LATENT_COLUMNS,
+    LATENT_SUFFIX,
+    POSTERIOR,
+    POSTERIOR_TENSORS,
+    TEXT,
+    TEXT_STATES,
+    latent_file_keys,
+    size_name,
+    write_latent_file,
+)
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.shards import IMAGE, read_members, shard_name, unreferenced_shards
+from pipeline.core.atomic import atomic_file
+from pipeline.core.config import EncodeParams, ModelParams, RayParams, TrainParams
+from pipeline.diffusion.components import encode_images, load_frozen_text_encoder, to_model_range, tokenize
+from pipeline.runtime.device import compute_device, cpu_forced
+from pipeline.runtime.ray_tasks import run_tasks
+from pipeline.tracking.runs import folder_hash, module_hash
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """Where a task loads a frozen encoder from, and the identity of its weights (cache keys name it)."""
+
+    location: str  # the VAE's folder, or the pretrained model whose text encoder is meant
+    root: Path  # the project, against which a pretrained model's local path resolves
+    key: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class LatentTask:
+    """A Ray task: encode one processed shard's images (or its captions) into one latent file."""
+
+    kind: str  # POSTERIOR, FLIPPED or TEXT
+    source: Path  # the processed shard
+    target: Path  # the latent file
+    keys: tuple[str, ...]  # the shard's image ids, in manifest order; TEXT: the captions, in row order
+    encoder: Encoder
+    batch_size: int
+
+
+@lru_cache(maxsize=1)  # a worker keeps the encoder for its next tasks; new weights have a new key
+def loaded_vae(encoder: Encoder) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(encoder.location, torch_dtype=DTYPES[encoder.dtype]).to(compute_device()).eval()
+
+
+@lru_cache(maxsize=1)
+def loaded_text_encoder(encoder: Encoder) -> tuple[object, torch.nn.Module]:
+    tokenizer, text_encoder = load_frozen_text_encoder(encoder.location, encoder.root)
+    return tokenizer, text_encoder.to(DTYPES[encoder.dtype]).to(compute_device())
+
+
+@torch.no_grad()
+def encode_posteriors(task: LatentTask) -> dict[str, torch.Tensor]:
+    """Mean and std of each image (mirrored for FLIPPED) by size: {`mean.<h>x<w>`: [n, ...], ...}, rows in
+    the order of the task's ids; decoded a batch at a time."""
+    vae, mirrored = loaded_vae(task.encoder), task.kind == FLIPPED
+    names = FLIPPED_TENSORS if mirrored else POSTERIOR_TENSORS
+    tensors = {}
+    images = read_members(task.source, task.keys, [IMAGE, "height", "width"])
+    for (height, width), members in images.groupby(["height", "width"], sort=True):
+        parts = []
+        for start in range(0, len(members), task.batch_size):
+            batch = np.stack([decode_png(data) for data in members[IMAGE].iloc[start : start + task.batch_size]])
+            if mirrored:
+                batch = batch[:, :, ::-1]  # NHWC: left to right
+            parts.append(encode_images(vae, to_model_range(np.ascontiguousarray(batch)), task.batch_size))
+        for name, values in zip(names, zip(*parts, strict=True), strict=True):
+            tensors[f"{name}.{size_name(height, width)}"] = torch.cat(values)
+    return tensors
+
+
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder, captions: list[str], batch_size: int) -> torch.Tensor:
+    states = [text_encoder(tokenize(tokenizer, captions[i : i + batch_size]).to(text_encoder.device))[0].cpu()
+              for i in range(0, len(captions), batch_size)]
+    return torch.cat(states)
+
+
+def encode_file(task: LatentTask) -> list[dict]:
+    if task.kind == TEXT:
+        tensors = {TEXT_STATES: encode_captions(*loaded_text_encoder(task.encoder), list(task.keys), task.batch_size)}
+    else:
+        tensors = encode_posteriors(task)
+    write_latent_file(task.target, tensors, list(task.keys))
+    return []
+
+
+def text_encoder_of(model: ModelParams, paths: Paths, dtype: str) -> Encoder | None:
+    """The pretrained model's text encoder in finetune mode; scratch mode trains its own (nothing to cache)."""
+    if model.mode != "finetune":
+        return None
+    _, text_encoder = load_frozen_text_encoder(model.pretrained, paths.root)
+    return Encoder(model.pretrained, paths.root, module_hash(text_encoder.to(DTYPES[dtype])), dtype)
+
+
+def split_plan(manifest: pd.DataFrame, vae: Encoder, text: Encoder | None, random_flip: bool) -> pd.DataFrame:
+    """The split's latent manifest: each sample's files (named by their keys), its row among the shard's
+    images of its size and its row in the shard's text states."""
+    plan = manifest.assign(row=manifest.groupby(["shard", "height", "width"], sort=False).cumcount(),
+                           **{POSTERIOR: None, FLIPPED: None, TEXT: None, "text_row": -1})
+    for shard, members in manifest.groupby("shard", sort=False):
+        at = members.index
+        plan.loc[at, POSTERIOR] = shard_name(POSTERIOR, [shard, vae.key, vae.dtype], LATENT_SUFFIX)
+        if random_flip:
+            plan.loc[at, FLIPPED] = shard_name(FLIPPED, [shard, vae.key, vae.dtype], LATENT_SUFFIX)
+        if text is not None:
+            captions = shard_captions(members["caption"])
+            plan.loc[at, TEXT] = shard_name(TEXT, [text.key, text.dtype, *captions], LATENT_SUFFIX)
+            plan.loc[at, "text_row"] = members["caption"].map({caption: row for row, caption in enumerate(captions)})
+    return plan
+
+
+def shard_captions(captions: pd.Series) -> list[str]:
+    """The rows of a text file: the empty prompt, then each distinct caption once."""
+    return ["", *dict.fromkeys(caption for caption in captions if caption)]
+
+
+def tasks_of(plan: pd.DataFrame, vae: Encoder, text: Encoder | None, settings: EncodeParams,
+             paths: Paths) -> list[LatentTask]:
+    """One task per file the plan names, in plan order (each file once)."""
+    tasks = {}
+    for shard, members in plan.groupby("shard", sort=False):
+        ids = tuple(members["id"])
+        for kind in (POSTERIOR, FLIPPED, TEXT):
+            file = members[kind].iat[0]
+            if pd.isna(file) or file in tasks:
+                continue
+            keys, encoder = (tuple(shard_captions(members["caption"])), text) if kind == TEXT else (ids, vae)
+            tasks[file] = LatentTask(kind, paths.processed / shard, paths.latents / file, keys, encoder,
+                                     settings.batch_size)
+    return list(tasks.values())
+
+
+def counted(tasks: list[LatentTask], kinds: tuple[str, ...]) -> int:
+    return sum(len(task.keys) for task in tasks if task.kind in kinds)
+
+
+def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, train: TrainParams,
+           ray: RayParams = RayParams()) -> dict[str, int]:
+    """Returns the samples per split and how many latents (images, mirrored ones counted apart) were
+    encoded and reused."""
+    vae = Encoder(str(paths.vae_model), paths.root, folder_hash(paths.vae_model), encode.dtype)
+    text = text_encoder_of(model, paths, encode.dtype)
+    plans = {split: split_plan(pd.read_parquet(paths.processed / split / MANIFEST), vae, text, train.random_flip)
+             for split in SPLITS}
+    tasks = [task for plan in plans.values() for task in tasks_of(plan, vae, text, encode, paths)]
+    todo = [task for task in tasks if latent_file_keys(task.target) != list(task.keys)]
+    run_tasks(encode_file, todo, ray, "encode", gpu=not cpu_forced())
+    for split, plan in plans.items():
+        with atomic_file(paths.latents / f"{split}.parquet") as staging:
+            plan[list(LATENT_COLUMNS)].to_parquet(staging, index=False)
+    referenced = pd.concat([plan[kind] for plan in plans.values() for kind in (POSTERIOR, FLIPPED, TEXT)]).dropna()
+    # and the one-file-per-split cache of earlier versions, which nothing reads any more
+    for stale in [*unreferenced_shards(paths.latents, referenced), *paths.latents.glob("*.safetensors")]:
+        stale.unlink()
+    images = (POSTERIOR, FLIPPED)
+    counts = {split: len(plan) for split, plan in plans.items()}
+    counts.update(encoded=counted(todo, images), reused=counted(tasks, images) - counted(todo, images))
+    log.info("encode: %s samples; latents %d encoded, %d reused from the last run%s",
+             {split: counts[split] for split in SPLITS}, counts["encoded"], counts["reused"],
+             f"; caption states {counted(todo, (TEXT,))} encoded, {counted(tasks, (TEXT,)) - counted(todo, (TEXT,))} "
+             "reused" if text else "")
+    return counts

@@ -1,0 +1,393 @@
+"""Stage `train`: a text-conditioned UNet trained on cached latents, from scratch or fine-tuned.
+
+- scratch (`model.mode`): a tokenizer built from the training captions, and a CLIP text encoder and UNet
+  of a size preset, trained together;
+- finetune: a pretrained diffusers model (`model.pretrained`); its VAE and text encoder stay frozen (encode
+  cached their outputs), and the whole UNet or LoRA layers on it (`model.finetune`, peft) train.
+
+Reads data/latents and models/vae; trains with accelerate (the same code on a CPU or GPUs); writes
+models/sd as a standard diffusers folder with a model card (LoRA mode adds pytorch_lora_weights.safetensors,
+which `pipe.load_lora_weights` puts onto the base model; the folder's UNet has the LoRA fused in),
+metrics/train.json, the loss curve metrics/train_loss.csv (a DVC plot) and the MLflow run id.
+
+Every step's data is a function of (seed, step, process): the epoch order comes from (seed, epoch) and
+the step's noise from (seed, step, process). With `accelerator.save_state` checkpoints every
+`train.checkpoint_every` steps in models/checkpoints/ (model, optimizer, LR schedule, EMA and the loss
+curve), a run killed at any point and started again continues exactly where the checkpoint left it.
+This module holds the data order and the loop; the model comes from `pipeline.training.modules`, the loss's math
+from `pipeline.diffusion.schedule`, checkpoints from `pipeline.training.checkpoints` and the saved folder from `pipeline.training.export`.
+
+    sdpipe train                                          # one process, as `dvc repro` runs it
+    accelerate launch --num_processes 2 -m pipeline.cli train   # several processes / GPUs
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from pipeline.core.atomic import write_json
+from pipeline.training.checkpoints import (
+    Progress,
+    checkpoint_folders,
+    remove_checkpoints,
+    resumable_checkpoint,
+    save_checkpoint,
+    save_lora_checkpoints_only,
+    training_fingerprint,
+)
+from pipeline.core.config import Params, TrainParams
+from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, MappedRows, load_latents
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
+from pipeline.evaluation.noise_metrics import image_grid, noise_metrics_on
+from pipeline.diffusion.schedule import (
+    SAMPLE_GUIDANCE,
+    SAMPLE_STEPS,
+    min_snr_weights,
+    training_noise,
+    training_target,
+    training_timesteps,
+)
+from pipeline.training.export import model_card, save_model
+from pipeline.diffusion.components import tokenize
+from pipeline.training.speedups import apply_speed_settings, compile_unet
+from pipeline.training.throughput import Throughput, flops_of, measured_matmul_flops_per_second, peak_memory_mb, utilisation
+from pipeline.tracking.runs import training_run
+from pipeline.training.modules import (
+    WEIGHT_DTYPES,
+    Model,
+    build_model,
+    make_optimizer,
+    place_frozen_modules,
+    EmaWeights,
+    stored_frozen_modules,
+    trained_unet_parameters,
+)
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PROMPTS = 8
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def derived_seed(*parts: object) -> int:
+    """A seed for one purpose (an epoch's order, a step's noise) that no other purpose shares."""
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+@lru_cache(maxsize=2)
+def epoch_batches(group_sizes: tuple[int, ...], size: int, seed: int, epoch: int) -> list[tuple[int, torch.Tensor]]:
+    """One epoch's micro-batches as (size group, positions in the group): each group's samples in an order
+    fixed by (seed, epoch, group), cut into batches of `size` (a group's last one may be smaller), the batches
+    of all groups then shuffled. Every sample once; a batch never mixes image sizes."""
+    batches = []
+    for group, count in enumerate(group_sizes):
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch, group)))
+        batches += [(group, order[start : start + size]) for start in range(0, count, size)]
+    shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(derived_seed(seed, "batches", epoch)))
+    return [batches[i] for i in shuffle.tolist()]
+
+
+def batch_indices(micro_batch: int, group_sizes: tuple[int, ...], batch_size: int, processes: int, process: int,
+                  seed: int) -> tuple[int, torch.Tensor]:
+    """This process's (size group, positions) for the n-th micro-batch of the run: a function of its
+    arguments alone. With several processes an epoch's last few batches (fewer than the processes) wait for
+    the next epoch, which shuffles again."""
+    size = min(batch_size, sum(group_sizes) // processes)
+    batches_per_epoch = sum(math.ceil(count / size) for count in group_sizes)
+    epoch, position = divmod(micro_batch, batches_per_epoch // processes)
+    return epoch_batches(tuple(group_sizes), size, seed, epoch)[position * processes + process]
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    conditioning: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What each training sample conditions the UNet on: token ids (scratch, where the text encoder trains)
+    or the frozen text encoder's cached hidden states (finetune)."""
+
+    table: torch.Tensor | MappedRows  # ids per sample, or hidden states per distinct caption (read as needed)
+    rows: torch.Tensor  # each sample's row in table
+    empty: torch.Tensor  # the empty prompt's entry: the unconditional branch of guidance
+
+    def for_samples(self, samples: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
+        """The samples' entries, a share `dropout` of them replaced by the empty prompt."""
+        values = self.table[self.rows[samples]]
+        dropped = (torch.rand(len(samples), generator=generator) < dropout).view(-1, *[1] * (values.dim() - 1))
+        return torch.where(dropped, self.empty.expand_as(values), values)
+
+
+def make_batch(cache: CachedLatents, conditioning: Conditioning, group_index: int, positions: torch.Tensor, *,
+               scale: float, caption_dropout: float, random_flip: bool, generator: torch.Generator) -> Batch:
+    """Latents sampled from the cached posteriors (scaled to unit variance; half of them mirrored when
+    flipping), and their captions with dropout."""
+    group = cache.groups[group_index]
+    mean, std = group.mean[positions].float(), group.std[positions].float()
+    noise = torch.randn(mean.shape, generator=generator)
+    if random_flip:
+        mirrored = (torch.rand(len(positions), generator=generator) < 0.5)[:, None, None, None]
+        mean = torch.where(mirrored, group.flip_mean[positions].float(), mean)
+        std = torch.where(mirrored, group.flip_std[positions].float(), std)
+    latents = (mean + std * noise) * scale
+    return Batch(latents, conditioning.for_samples(group.rows[positions], caption_dropout, generator))
+
+
+def diffusion_loss(model: Model, batch: Batch, settings: TrainParams, generator: torch.Generator,
+                   device) -> torch.Tensor:
+    scheduler = model.scheduler
+    latents = batch.latents.to(device)
+    noise = training_noise(latents.shape, generator, settings.noise_offset).to(device)
+    timesteps = training_timesteps(scheduler, len(latents), generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = training_target(scheduler, latents, noise, timesteps)
+    prediction = model.unet(noisy, timesteps, model.condition(batch.conditioning.to(device))).sample.float()
+    if settings.snr_gamma is None:
+        return F.mse_loss(prediction, target.float())
+    per_sample = ((prediction - target.float()) ** 2).mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(scheduler, timesteps, settings.snr_gamma)).mean()
+
+
+@dataclass
+class Run:
+    """One training: the prepared modules, the data and where progress is logged."""
+
+    accelerator: Accelerator
+    model: Model
+    settings: TrainParams
+    cache: CachedLatents
+    val: CachedLatents
+    conditioning: Conditioning
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    progress: Progress
+    ema: EMAModel | None
+    log_metrics: Callable[[dict, int], None]
+    log_image: Callable[[object, str], None]
+
+    def optimizer_step(self) -> None:
+        """A no-op on micro-batches that only accumulate gradients (accelerate's wrappers know)."""
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_lr(self) -> float:
+        return self.lr_schedule.get_last_lr()[0]
+
+    def evaluation_weights(self):
+        """Use the EMA weights (when kept) for validation, samples and the saved model."""
+        if self.ema is None:
+            return nullcontext()
+        return EmaWeights(self.ema, self.ema_parameters())
+
+    def ema_parameters(self) -> list[torch.nn.Parameter]:
+        return trained_unet_parameters(self.accelerator, self.model.unet)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        with self.evaluation_weights(), self.accelerator.autocast():
+            metrics = noise_metrics_on(self.model.pipeline(self.accelerator), self.val.single_size().mean,
+                                       self.val.captions[:self.settings.validation_samples],
+                                       self.settings.validation_timesteps, self.settings.seed)
+        return metrics["noise_mse"]
+
+    @torch.no_grad()
+    def sample_grid(self):
+        prompts = list(dict.fromkeys(self.val.captions))[:SAMPLE_PROMPTS]
+        with self.evaluation_weights(), self.accelerator.autocast():
+            images = self.model.pipeline(self.accelerator)(
+                prompts, num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE,
+                generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
+            ).images
+        return image_grid([images])
+
+
+def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughput:
+    """The optimisation loop from `start_step` on; progress (curve, data digest) accumulates in run.progress.
+    Returns its timings. The last step writes no checkpoint: a finished run is never resumed."""
+    accelerator, settings, model = run.accelerator, run.settings, run.model
+    parameters = model.trainable_parameters()
+    window, grad_norm = [], torch.tensor(0.0)
+    speed = Throughput(accelerator.device, settings.steps - start_step)
+    group_sizes = tuple(len(group) for group in run.cache.groups)
+    progress = tqdm(range(start_step + 1, settings.steps + 1), desc="train", initial=start_step, total=settings.steps,
+                    disable=not accelerator.is_local_main_process)
+    for step in progress:
+        images = 0
+        for micro in range(settings.gradient_accumulation_steps):
+            micro_batch = (step - 1) * settings.gradient_accumulation_steps + micro
+            group, positions = batch_indices(micro_batch, group_sizes, settings.batch_size,
+                                             accelerator.num_processes, accelerator.process_index, settings.seed)
+            run.progress.saw(group, positions)
+            generator = torch.Generator().manual_seed(derived_seed(settings.seed, "step", micro_batch,
+                                                                   accelerator.process_index))
+            batch = make_batch(run.cache, run.conditioning, group, positions, scale=model.vae.config.scaling_factor,
+                               caption_dropout=settings.caption_dropout, random_flip=settings.random_flip,
+                               generator=generator)
+            images += len(positions) * accelerator.num_processes
+            with accelerator.accumulate(*model.trained_modules()), accelerator.autocast():
+                loss = diffusion_loss(model, batch, settings, generator, accelerator.device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
+                run.optimizer_step()
+            window.append(loss.detach())
+        if run.ema is not None:
+            run.ema.step(run.ema_parameters())
+        run.progress.step = step
+        speed.step_done(images)
+        if step % settings.log_every == 0 or step == settings.steps or step % settings.checkpoint_every == 0:
+            # the one host sync per logging window: a NaN stops the run before it is checkpointed
+            mean_loss = float(torch.stack(window).mean())
+            if not torch.isfinite(torch.tensor(mean_loss)):
+                last = checkpoint_folders(paths)
+                raise TrainingDiverged(
+                    f"train: the loss became {mean_loss} in the steps up to {step}; the last good checkpoint is "
+                    f"{last[-1] if last else 'none'} (lower train.learning_rate, or set train.mixed_precision: 'no')"
+                )
+            window.clear()
+            run.progress.curve.append([step, mean_loss])
+            rate = speed.images_per_second()
+            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
+            run.log_metrics({"train_loss": mean_loss, "lr": run.optimizer_lr(), "grad_norm": float(grad_norm),
+                             "images_per_second": rate, "peak_memory_mb": peak_memory_mb(accelerator.device)}, step)
+        if step % settings.validate_every == 0 or step == settings.steps:
+            with speed.excluded("validation"):
+                run.log_metrics({"val_loss": run.validation_loss()}, step)
+        if settings.sample_every and step % settings.sample_every == 0 and accelerator.is_main_process:
+            with speed.excluded("sampling"):
+                run.log_image(run.sample_grid(), f"samples/step-{step:07d}.png")
+        if step % settings.checkpoint_every == 0 and step < settings.steps:
+            with speed.excluded("checkpoint"):
+                save_checkpoint(accelerator, paths, step, fingerprint, settings.checkpoints_kept)
+    return speed
+
+
+def conditioning_of(model: Model, cache: CachedLatents) -> Conditioning:
+    if model.trains_text_encoder:
+        return Conditioning(tokenize(model.tokenizer, cache.captions), torch.arange(len(cache)),
+                            tokenize(model.tokenizer, [""])[0])
+    return Conditioning(cache.text_states, cache.text_rows, cache.text_states[EMPTY_PROMPT_ROW])
+
+
+def flops_per_image(model: Model, cache: CachedLatents, conditioning: Conditioning, settings: TrainParams,
+                    accelerator: Accelerator) -> int:
+    """The FLOPs of training on one image (the loss's forward and backward passes), counted once, before training."""
+    generator = torch.Generator().manual_seed(derived_seed(settings.seed, "flops"))
+    batch = make_batch(cache, conditioning, 0, torch.tensor([0]), scale=model.vae.config.scaling_factor,
+                       caption_dropout=0.0, random_flip=False, generator=generator)
+
+    def one_image() -> None:
+        with accelerator.autocast():
+            loss = diffusion_loss(model, batch, settings, generator, accelerator.device)
+        loss.backward()
+
+    flops = flops_of(one_image)
+    for parameter in model.trainable_parameters():
+        parameter.grad = None
+    return flops
+
+
+def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
+    """The stage. `tracked=False` (bench/gpu.py) logs nothing to MLflow and needs no MLflow installed."""
+    settings = params.train
+    set_seed(settings.seed)
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision,
+                              gradient_accumulation_steps=settings.gradient_accumulation_steps)
+    device = accelerator.device
+    cache, val = load_latents(paths.latents, "train"), load_latents(paths.latents, "val")
+    if len(cache) < accelerator.num_processes:
+        raise ValueError(f"train: {len(cache)} training samples cannot feed {accelerator.num_processes} processes")
+    model = build_model(params.model, params.train, paths, cache, val)
+    place_frozen_modules(model, device, WEIGHT_DTYPES[settings.mixed_precision])
+    for module in model.trained_modules():
+        module.to(device)
+    apply_speed_settings(model.unet, settings, device)
+    conditioning = conditioning_of(model, cache)
+    flops = flops_per_image(model, cache, conditioning, settings, accelerator)
+    optimizer = make_optimizer(model.trainable_parameters(), settings, device)
+    lr_schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
+                                num_training_steps=settings.steps)
+    if model.trains_text_encoder:
+        model.unet, model.text_encoder, optimizer, lr_schedule = accelerator.prepare(
+            model.unet, model.text_encoder, optimizer, lr_schedule)
+    else:
+        model.unet, optimizer, lr_schedule = accelerator.prepare(model.unet, optimizer, lr_schedule)
+    if model.lora:
+        save_lora_checkpoints_only(accelerator)
+    ema = EMAModel(trained_unet_parameters(accelerator, model.unet), decay=settings.ema_decay) \
+        if settings.ema_decay else None
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    fingerprint = training_fingerprint(params.model, params.train, paths, accelerator.num_processes)
+    checkpoint = resumable_checkpoint(paths, fingerprint, settings.steps)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        log.info("train: resuming from %s (step %d of %d)", checkpoint, progress.step, settings.steps)
+    start_step = progress.step
+    compile_unet(model.unet, settings)
+    peak = measured_matmul_flops_per_second(device)
+
+    main = accelerator.is_main_process
+    logged = tracked and main
+    with training_run(params, paths, progress.mlflow_run_id) if logged else nullcontext() as mlflow_run:
+        mlflow = importlib.import_module("mlflow") if logged else None
+        progress.mlflow_run_id = mlflow_run.info.run_id if logged else None
+        run = Run(
+            accelerator, model, settings, cache, val, conditioning=conditioning,
+            optimizer=optimizer, lr_schedule=lr_schedule, progress=progress, ema=ema,
+            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step) if logged else None,
+            log_image=lambda image, name: mlflow.log_image(image, name) if logged else None,
+        )
+        started = time.perf_counter()
+        speed = fit(run, paths, fingerprint, start_step)
+        seconds = time.perf_counter() - started
+        throughput = speed.summary()
+        metrics = dict(
+            final_loss=progress.curve[-1][1], steps=settings.steps, resumed_from_step=start_step,
+            seconds=seconds, train_samples=len(cache), processes=accelerator.num_processes, **throughput,
+            flops_per_image=flops, **utilisation(throughput["images_per_second"], flops, peak),
+            peak_memory_mb=peak_memory_mb(device),
+            trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
+        )
+        accelerator.wait_for_everyone()
+        if main:
+            stored_frozen_modules(model, params.model, paths)
+            with run.evaluation_weights():
+                lora_unet = accelerator.unwrap_model(model.unet) if model.lora else None
+                save_model(model.pipeline(accelerator), lora_unet, params.model, paths,
+                           model_card(params.model, params.train, paths, metrics))
+            write_json(paths.metrics / TRAIN_METRICS, {**metrics, "data_digest": progress.data_digest})
+            write_loss_curve(paths.metrics / LOSS_PLOT, progress.curve)
+            remove_checkpoints(paths, fingerprint)
+            run.log_metrics({"train_seconds": seconds, **{f"train_{name}": value for name, value in metrics.items()
+                                                          if name != "final_loss"}}, settings.steps)
+            log.info("train: steps %d-%d in %.0f s, final loss %.4f, %.1f images/s in the steady state%s",
+                     start_step + 1, settings.steps, seconds, metrics["final_loss"], metrics["images_per_second"],
+                     f" (MLflow run {mlflow_run.info.run_id})" if logged else "")
+    return metrics

@@ -1,0 +1,156 @@
+"""Stage `vae`: train a small AutoencoderKL from scratch, or resolve a pretrained model's VAE.
+
+Scratch mode trains on the processed training images (one aspect-ratio bucket per batch when
+`preprocess.bucketing` is on) and sets `scaling_factor` so that scaled latents have unit variance;
+finetune mode copies the pretrained VAE (`model.pretrained`) unchanged. Either way models/vae is a
+diffusers folder and metrics/vae.json holds the reconstruction error on the validation split, so a
+pretrained VAE that does not suit the data shows up before any training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from pipeline.contracts.data import read_images, split_chunks, split_groups
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import VAE_METRICS
+from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.config import ModelParams, PreprocessParams, TrainParams, VaeParams
+from pipeline.diffusion.components import build_vae, device_batches, load_pretrained_vae, reconstruct, to_model_range
+from pipeline.runtime.device import compute_device
+
+log = logging.getLogger(__name__)
+
+
+def reconstruction_loss(vae, batch: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    posterior = vae.encode(batch).latent_dist
+    reconstruction = vae.decode(posterior.sample()).sample
+    return F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
+
+
+def drawn_batches(group_sizes: list[int], steps: int, batch_size: int,
+                  generator: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    """Every step's batch as (size group, positions in it), drawn before training: one size per batch (an
+    aspect-ratio bucket: a batch must be one tensor), chosen with probability proportional to its image
+    count, so every image is equally likely to be seen. With one size no choice is drawn, so a square data
+    set draws exactly the batches a single pool of images would."""
+    counts = torch.tensor(group_sizes, dtype=torch.float64)
+    batches = []
+    for _ in range(steps):
+        group = int(torch.multinomial(counts, 1, generator=generator)) if len(group_sizes) > 1 else 0
+        batches.append((group, torch.randint(group_sizes[group], (batch_size,), generator=generator)))
+    return batches
+
+
+@dataclass(frozen=True)
+class DrawnImages:
+    """The images of one size that training draws, decoded once: at most steps x batch_size of them, not
+    the whole split (a million images would not fit in memory)."""
+
+    positions: torch.Tensor  # sorted positions in the size group
+    images: torch.Tensor  # in the model's range
+
+    def batch(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.images[torch.searchsorted(self.positions, positions)]
+
+
+def drawn_images(paths: Paths, groups: list[pd.DataFrame], batches: list[tuple[int, torch.Tensor]]) -> list[DrawnImages]:
+    drawn = []
+    for group, rows in enumerate(groups):
+        wanted = torch.unique(torch.cat([torch.empty(0, dtype=torch.long)] + [p for g, p in batches if g == group]))
+        images = to_model_range(read_images(paths, rows.iloc[wanted.numpy()])) if len(wanted) else torch.empty(0)
+        drawn.append(DrawnImages(wanted, images))
+    return drawn
+
+
+@torch.no_grad()
+def latent_std(vae, groups: list[torch.Tensor]) -> float:
+    """The standard deviation of the latent means over these images, whatever their sizes."""
+    means = [vae.encode(batch).latent_dist.mean.float().flatten().cpu()
+             for images in groups for batch in device_batches(images, vae.device, vae.dtype)]
+    return float(torch.cat(means).std())
+
+
+def reconstruction_mse(vae, chunks: Iterable[np.ndarray]) -> float:
+    """The mean squared reconstruction error over the pixels of uint8 NHWC chunks (`split_chunks`)."""
+    squared_error, count = 0.0, 0
+    for chunk in chunks:
+        images = to_model_range(chunk)
+        squared_error += float(F.mse_loss(reconstruct(vae, images).double(), images.double(), reduction="sum"))
+        count += images.numel()
+    return squared_error / count
+
+
+def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_precision: str) -> dict:
+    set_seed(settings.seed)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    groups = split_groups(paths, "train")
+    generator = torch.Generator().manual_seed(settings.seed)
+    batches = drawn_batches([len(rows) for rows in groups], settings.steps, settings.batch_size, generator)
+    train_groups = drawn_images(paths, groups, batches)
+    vae = build_vae(settings, resolution)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
+    vae, optimizer = accelerator.prepare(vae, optimizer)
+
+    vae.train()
+    started = time.perf_counter()
+    progress = tqdm(range(settings.steps), desc="vae", disable=not accelerator.is_local_main_process)
+    for step in progress:
+        group, positions = batches[step]
+        batch = train_groups[group].batch(positions).to(accelerator.device)
+        with accelerator.autocast():
+            loss = reconstruction_loss(accelerator.unwrap_model(vae), batch, settings.kl_weight)
+        accelerator.backward(loss)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    seconds = time.perf_counter() - started
+
+    vae = accelerator.unwrap_model(vae).eval()
+    # over the images training drew: all of a small data set, a sample of steps x batch_size of a large one
+    seen = [drawn.images for drawn in train_groups if len(drawn.positions)]
+    vae.register_to_config(scaling_factor=1.0 / latent_std(vae, seen))
+    return save_vae(vae, paths, steps=settings.steps,
+                    images_per_second=settings.steps * settings.batch_size / seconds)
+
+
+def resolve_pretrained_vae(pretrained: str, paths: Paths) -> dict:
+    """The pretrained model's VAE, unchanged (its own scaling factor), measured on the validation split."""
+    vae = load_pretrained_vae(pretrained, paths.root).to(compute_device()).eval()
+    return save_vae(vae, paths, pretrained=pretrained)
+
+
+def save_vae(vae, paths: Paths, **facts) -> dict:
+    mse = reconstruction_mse(vae, split_chunks(paths, "val"))
+    metrics = dict(
+        val_mse=mse,
+        val_psnr=10 * math.log10(4.0 / mse),  # images span [-1, 1], so the peak-to-peak range is 2
+        scaling_factor=vae.config.scaling_factor,
+        **facts,
+    )
+    with atomic_dir(paths.vae_model) as staging:
+        vae.save_pretrained(staging, safe_serialization=True)
+    write_json(paths.metrics / VAE_METRICS, metrics)
+    log.info("vae: val MSE %.5f, PSNR %.2f dB", mse, metrics["val_psnr"])
+    return metrics
+
+
+def vae_stage(paths: Paths, *, vae: VaeParams, model: ModelParams, preprocess: PreprocessParams,
+              train: TrainParams) -> dict:
+    if model.mode == "finetune":
+        return resolve_pretrained_vae(model.pretrained, paths)
+    return train_vae(vae, paths, resolution=preprocess.resolution, mixed_precision=train.mixed_precision)

@@ -1,0 +1,1 @@
+"""Everything that talks to MLflow: runs, lineage tags, aliases, the pyfunc, model sources."""

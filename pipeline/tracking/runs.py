@@ -1,0 +1,187 @@
+"""MLflow plumbing shared by train, evaluate and register: one run follows the model.
+
+`train` opens the run and writes its id to models/mlflow_run.json; `evaluate` and `register` log
+into the same run. Every run is tagged with the git commit, the DVC hash of the processed data and a
+hash of the params, so a registered version leads back to the code, data and settings that made it;
+a run inside `dvc exp run` also carries the experiment's name.
+
+Inside `dvc exp run --temp` the stages run in a copy of the project under .dvc/tmp/exps; DVC then sets
+`DVC_ROOT` to the project itself, and the MLflow store (a relative sqlite path, the artifacts folder) is
+anchored there, so experiments log into the same store as every other run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from pipeline.contracts.paths import Paths
+from pipeline.core.atomic import read_json, write_json
+from pipeline.core.config import Params, RegisterParams
+
+ARTIFACTS_DIR = "mlartifacts"
+PROCESSED_DATA_OUT = "data/processed"
+FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
+EXPERIMENT_ENV, DVC_ROOT_ENV = "DVC_EXP_NAME", "DVC_ROOT"  # set by DVC for the stages it runs
+EXPERIMENT_TAG = "dvc_experiment"
+# Read once at import: mlflow.set_tracking_uri() writes this variable, so reading it later would
+# return whichever store this process touched last instead of the one the user chose.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def store_root(root: Path) -> Path:
+    """Where the MLflow store of this project lives: the project DVC runs the stage for, else `root`."""
+    return Path(os.environ.get(DVC_ROOT_ENV) or root)
+
+
+def tracking_uri(params: RegisterParams, root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` wins; a relative sqlite path is anchored at the project root."""
+    uri = USER_TRACKING_URI or params.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(store_root(root) / uri[len(prefix):])
+    return uri
+
+
+def use_experiment(params: RegisterParams, root: Path) -> str:
+    """Point MLflow at the configured store and experiment; return the experiment id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(params, root))
+    experiment = mlflow.get_experiment_by_name(params.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = (store_root(root) / ARTIFACTS_DIR).resolve().as_uri()
+    return mlflow.create_experiment(params.experiment, artifact_location=artifacts)
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over every file's relative path and content: the identity of a model folder."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def module_hash(module) -> str:
+    """sha256 over a module's parameter names and bytes: the identity of weights loaded from anywhere."""
+    import torch  # here, not at the top: flows import this module's names and must not load torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def params_hash(params: Params) -> str:
+    canonical = json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def git_commit(root: Path) -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def data_version(root: Path) -> str:
+    """The DVC md5 of data/processed recorded in dvc.lock, or 'unknown' outside a DVC run."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return "unknown"
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    for out in stages.get("preprocess", {}).get("outs", []):
+        if out.get("path") == PROCESSED_DATA_OUT:
+            return out.get("md5", "unknown")
+    return "unknown"
+
+
+def lineage_tags(params: Params, root: Path) -> dict[str, str]:
+    tags = {
+        "git_commit": git_commit(root),
+        "data_version": data_version(root),
+        "params_hash": params_hash(params),
+    }
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    if os.environ.get(EXPERIMENT_ENV):
+        tags[EXPERIMENT_TAG] = os.environ[EXPERIMENT_ENV]
+    return tags
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", params.model_dump(mode="json", by_alias=True))
+    return flat
+
+
+def _still_stored(run_id: str | None) -> str | None:
+    """`run_id` when the tracking store still holds that run (mlflow.db may have been deleted)."""
+    import mlflow
+
+    if run_id is None:
+        return None
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return run_id
+
+
+@contextmanager
+def training_run(params: Params, paths: Paths, resume_run_id: str | None = None) -> Iterator[object]:
+    """Open a new run for a training (or continue `resume_run_id`, the run of a training resumed from a
+    checkpoint, when the store still has it); its id goes beside the model for the later stages."""
+    import mlflow
+
+    experiment_id = use_experiment(params.register_, paths.root)
+    resume_run_id = _still_stored(resume_run_id)
+    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id) as run:
+        if resume_run_id is None:
+            mlflow.set_tags(lineage_tags(params, paths.root))
+            mlflow.log_params(flat_params(params))
+        write_json(paths.run_record, {"run_id": run.info.run_id, "experiment_id": experiment_id})
+        yield run
+
+
+@contextmanager
+def model_run(params: Params, paths: Paths) -> Iterator[object]:
+    """Resume the run that trained models/sd, or start a fresh one when the store no longer has it
+    (for example after mlflow.db was deleted)."""
+    import mlflow
+
+    experiment_id = use_experiment(params.register_, paths.root)
+    run_id = _still_stored(read_json(paths.run_record)["run_id"] if paths.run_record.is_file() else None)
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id) as run:
+        if run_id is None:
+            mlflow.set_tags(lineage_tags(params, paths.root))
+            mlflow.log_params(flat_params(params))
+        yield run
+
+
+def registry_client(register: RegisterParams, root: Path):
+    """An MLflow client on the project's tracking store (the model registry)."""
+    import mlflow
+
+    use_experiment(register, root)
+    return mlflow.MlflowClient()

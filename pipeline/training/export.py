@@ -1,0 +1,75 @@
+"""What the train stage hands on: models/sd as a standard diffusers folder with a model card, the LoRA
+weights alone in LoRA mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+
+from pipeline.contracts.paths import Paths
+from pipeline.core.atomic import atomic_dir
+from pipeline.core.config import ModelParams, TrainParams
+from pipeline.diffusion.components import load_pretrained_unet
+from pipeline.tracking.runs import data_version
+
+MODEL_CARD = "README.md"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+
+
+def save_model(pipeline: StableDiffusionPipeline, lora_unet: torch.nn.Module | None, model: ModelParams,
+               paths: Paths, card: str) -> None:
+    """models/sd: the whole pipeline (LoRA fused into the UNet) and, in LoRA mode (`lora_unet`, the trained
+    UNet with its LoRA layers), the LoRA weights alone."""
+    with atomic_dir(paths.sd_model) as staging:
+        if lora_unet is not None:
+            StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=convert_state_dict_to_diffusers(
+                get_peft_model_state_dict(lora_unet)), safe_serialization=True)
+            pipeline = base_pipeline_with_lora(pipeline, model.pretrained, paths, staging)
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        (staging / MODEL_CARD).write_text(card, encoding="utf-8")
+
+
+def base_pipeline_with_lora(trained: StableDiffusionPipeline, pretrained: str, paths: Paths,
+                            lora_folder: Path) -> StableDiffusionPipeline:
+    """The pretrained UNet with the saved LoRA file loaded the way users load it, then fused into its weights."""
+    unet = load_pretrained_unet(pretrained, paths.root)
+    unet.register_to_config(sample_size=trained.unet.config.sample_size)
+    pipeline = StableDiffusionPipeline(**{**trained.components, "unet": unet}, requires_safety_checker=False)
+    pipeline.load_lora_weights(lora_folder, weight_name=LORA_WEIGHTS)
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    return pipeline
+
+
+def model_card(model: ModelParams, train: TrainParams, paths: Paths, metrics: dict) -> str:
+    """README.md of models/sd: how it was made, on what data, and how well it trained."""
+    settings = json.dumps({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json")},
+                          indent=2)
+    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
+    if model.mode == "scratch":
+        title = f"# sdpipe model trained from scratch ({model.preset} preset)\n\n"
+    else:
+        title = f"# sdpipe {model.finetune} fine-tune of `{model.pretrained}`\n\n"
+    lora = (
+        f"The LoRA layers alone are in `{LORA_WEIGHTS}` (rank {model.lora.rank}, alpha "
+        f"{model.lora.alpha}); the UNet in this folder has them fused in. On the base model:\n\n"
+        f"```python\npipe = StableDiffusionPipeline.from_pretrained(\"{model.pretrained}\")\n"
+        "pipe.load_lora_weights(\"models/sd\")\n```\n\n"
+    ) if model.mode == "finetune" and model.finetune == "lora" else ""
+    return (
+        "---\nlibrary_name: diffusers\ntags: [text-to-image, stable-diffusion, sdpipe]\n---\n\n" + title +
+        "A Stable-Diffusion-style latent diffusion pipeline (VAE, CLIP text encoder, UNet) trained by sdpipe.\n\n"
+        "```python\nfrom diffusers import StableDiffusionPipeline\n"
+        "pipe = StableDiffusionPipeline.from_pretrained(\"models/sd\")\n```\n\n" + lora +
+        f"- data: DVC version of data/processed `{data_version(paths.root)}`, "
+        f"{metrics.get('train_samples', 0):.0f} training samples\n"
+        f"- prediction type: {train.prediction_type}\n\n"
+        f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+        "Evaluation metrics are in metrics/eval.json and on the MLflow model version.\n\n"
+        f"## Parameters\n\n```json\n{settings}\n```\n"
+    )
