@@ -32,11 +32,11 @@ from prefect.runtime import flow_run
 from flows.experiments import (
     STAGE_LINE, StageOutput, copy_paths, experiment_ref, leaf_overrides, read_json_at, set_param_args,
 )
-from pipeline.core.atomic import read_json
-from pipeline.core.config import PARAMS_FILE, SOURCES, read_params_file, with_overrides
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import EVAL_METRICS, HEADLINE_METRICS, REGISTRY_RECORD, SUMMARY
-from pipeline.tracking.runs import FLOW_RUN_ENV
+from pipeline.core.atomic import read_json
+from pipeline.core.config import PARAMS_FILE, SOURCES, read_params_file, with_overrides
+from pipeline.tracking.lineage import FLOW_RUN_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SKIPPED_MARK = "didn't change, skipping"

@@ -48,10 +48,10 @@ from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import IMAGE, read_members, shard_name, unreferenced_shards
 from pipeline.core.atomic import atomic_file
 from pipeline.core.config import EncodeParams, ModelParams, RayParams, TrainParams
+from pipeline.core.hashing import folder_hash, module_hash
 from pipeline.diffusion.components import encode_images, load_frozen_text_encoder, to_model_range, tokenize
 from pipeline.runtime.device import compute_device, cpu_forced
 from pipeline.runtime.ray_tasks import run_tasks
-from pipeline.tracking.runs import folder_hash, module_hash
 
 log = logging.getLogger(__name__)
 

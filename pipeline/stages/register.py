@@ -17,8 +17,6 @@ from datetime import UTC, datetime
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
-from pipeline.core.atomic import write_json
-from pipeline.core.config import Params, RegisterParams
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import (
     CHALLENGER,
@@ -30,7 +28,11 @@ from pipeline.contracts.records import (
     read_metrics,
     read_unavailable,
 )
-from pipeline.tracking.runs import EXPERIMENT_TAG, folder_hash, lineage_tags, model_run, registry_client
+from pipeline.core.atomic import write_json
+from pipeline.core.config import Params, RegisterParams
+from pipeline.core.hashing import folder_hash
+from pipeline.tracking.lineage import EXPERIMENT_TAG, lineage_tags
+from pipeline.tracking.runs import model_run, registry_client
 
 log = logging.getLogger(__name__)
 

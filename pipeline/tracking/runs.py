@@ -1,9 +1,7 @@
 """MLflow plumbing shared by train, evaluate and register: one run follows the model.
 
 `train` opens the run and writes its id to models/mlflow_run.json; `evaluate` and `register` log
-into the same run. Every run is tagged with the git commit, the DVC hash of the processed data and a
-hash of the params, so a registered version leads back to the code, data and settings that made it;
-a run inside `dvc exp run` also carries the experiment's name.
+into the same run, which carries the lineage tags (pipeline.tracking.lineage).
 
 Inside `dvc exp run --temp` the stages run in a copy of the project under .dvc/tmp/exps; DVC then sets
 `DVC_ROOT` to the project itself, and the MLflow store (a relative sqlite path, the artifacts folder) is
@@ -12,25 +10,18 @@ anchored there, so experiments log into the same store as every other run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
-
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import read_json, write_json
 from pipeline.core.config import Params, RegisterParams
+from pipeline.tracking.lineage import flat_params, lineage_tags
 
 ARTIFACTS_DIR = "mlartifacts"
-PROCESSED_DATA_OUT = "data/processed"
-FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
-EXPERIMENT_ENV, DVC_ROOT_ENV = "DVC_EXP_NAME", "DVC_ROOT"  # set by DVC for the stages it runs
-EXPERIMENT_TAG = "dvc_experiment"
+DVC_ROOT_ENV = "DVC_ROOT"  # set by DVC for the stages it runs
 # Read once at import: mlflow.set_tracking_uri() writes this variable, so reading it later would
 # return whichever store this process touched last instead of the one the user chose.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
@@ -60,79 +51,6 @@ def use_experiment(params: RegisterParams, root: Path) -> str:
         return experiment.experiment_id
     artifacts = (store_root(root) / ARTIFACTS_DIR).resolve().as_uri()
     return mlflow.create_experiment(params.experiment, artifact_location=artifacts)
-
-
-def folder_hash(folder: Path) -> str:
-    """sha256 over every file's relative path and content: the identity of a model folder."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def module_hash(module) -> str:
-    """sha256 over a module's parameter names and bytes: the identity of weights loaded from anywhere."""
-    import torch  # here, not at the top: flows import this module's names and must not load torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def params_hash(params: Params) -> str:
-    canonical = json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def git_commit(root: Path) -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def data_version(root: Path) -> str:
-    """The DVC md5 of data/processed recorded in dvc.lock, or 'unknown' outside a DVC run."""
-    lock = Path(root) / "dvc.lock"
-    if not lock.is_file():
-        return "unknown"
-    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-    for out in stages.get("preprocess", {}).get("outs", []):
-        if out.get("path") == PROCESSED_DATA_OUT:
-            return out.get("md5", "unknown")
-    return "unknown"
-
-
-def lineage_tags(params: Params, root: Path) -> dict[str, str]:
-    tags = {
-        "git_commit": git_commit(root),
-        "data_version": data_version(root),
-        "params_hash": params_hash(params),
-    }
-    if os.environ.get(FLOW_RUN_ENV):
-        tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
-    if os.environ.get(EXPERIMENT_ENV):
-        tags[EXPERIMENT_TAG] = os.environ[EXPERIMENT_ENV]
-    return tags
-
-
-def flat_params(params: Params) -> dict[str, str]:
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, inner)
-        else:
-            flat[prefix] = str(value)
-
-    walk("", params.model_dump(mode="json", by_alias=True))
-    return flat
 
 
 def _still_stored(run_id: str | None) -> str | None:

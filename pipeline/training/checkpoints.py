@@ -22,7 +22,7 @@ from pipeline.contracts.latents import latents_fingerprint
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import read_json, write_json
 from pipeline.core.config import ModelParams, TrainParams
-from pipeline.tracking.runs import folder_hash
+from pipeline.core.hashing import folder_hash
 
 CHECKPOINT_PREFIX = "step-"
 FINGERPRINT = "fingerprint.json"

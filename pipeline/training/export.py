@@ -15,7 +15,7 @@ from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.config import ModelParams, TrainParams
 from pipeline.diffusion.components import load_pretrained_unet
-from pipeline.tracking.runs import data_version
+from pipeline.tracking.lineage import data_version
 
 MODEL_CARD = "README.md"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
