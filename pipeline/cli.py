@@ -88,7 +88,7 @@ def _generate(params: Params, paths: Paths, args):
 
 def _models(params: Params, paths: Paths, _):
     from pipeline.contracts.records import HEADLINE_METRICS
-    from pipeline.stages.register import list_versions
+    from pipeline.tracking.champion import list_versions
 
     versions = list_versions(params, paths)
     if not versions:
@@ -101,14 +101,14 @@ def _models(params: Params, paths: Paths, _):
 
 
 def _promote(params: Params, paths: Paths, args):
-    from pipeline.stages.register import promote
+    from pipeline.tracking.champion import promote
 
     previous = promote(params, paths, args.version, reason=args.reason, by=getpass.getuser())
     print(f"champion: version {args.version} (was {previous})")
 
 
 def _rollback(params: Params, paths: Paths, args):
-    from pipeline.stages.register import rollback
+    from pipeline.tracking.champion import rollback
 
     print(f"champion: version {rollback(params, paths, reason=args.reason, by=getpass.getuser())}")
 

@@ -156,7 +156,7 @@ def test_gate(new, champion, direction, margin, expected):
 
 def test_promote_and_rollback_move_champion_and_record_why(project_copy, capsys):
     from pipeline.cli import main
-    from pipeline.stages.register import list_versions, promote, rollback
+    from pipeline.tracking.champion import list_versions, promote, rollback
 
     params, paths = project_copy
     metrics = json.loads((paths.metrics / "eval.json").read_text())
