@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 from pipeline.contracts.data import load_split
 from pipeline.contracts.latents import load_latents
 from pipeline.core.config import RayParams
-from pipeline.diffusion.components import encode_images, to_model_range
+from pipeline.diffusion.vae_io import encode_images, to_model_range
 from pipeline.runtime.ray_tasks import run_tasks, start_ray
 from pipeline.stages.encode import encode
 from pipeline.stages.ingest import ingest

@@ -10,16 +10,17 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from pipeline.core.config import ConfigError, parse_params
-from pipeline.contracts.paths import Paths
 from pipeline.contracts.latents import EMPTY_PROMPT_ROW, load_latents
+from pipeline.contracts.paths import Paths
+from pipeline.core.config import ConfigError, parse_params
+from pipeline.diffusion.tokenizer import tokenize
 from pipeline.stages.encode import encode
-from pipeline.diffusion.components import tokenize
-from pipeline.training.export import LORA_WEIGHTS
 from pipeline.stages.train import train
 from pipeline.stages.vae import vae_stage
+from pipeline.training.export import LORA_WEIGHTS
 
 from .conftest import merge, save_random_base_model, tiny_params_dict
+
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> str:

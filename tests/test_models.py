@@ -1,7 +1,8 @@
 import torch
 
 from pipeline.core.config import VaeParams
-from pipeline.diffusion.components import PRESETS, build_text_encoder, build_tokenizer, build_unet, build_vae
+from pipeline.diffusion.components import PRESETS, build_text_encoder, build_unet, build_vae
+from pipeline.diffusion.tokenizer import build_tokenizer
 
 CAPTIONS = ["a red circle", "a blue square on a light background", "a picture of a green triangle"] * 20
 

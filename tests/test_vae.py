@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from pipeline.contracts.data import load_split_groups, split_groups
-from pipeline.diffusion.components import to_model_range
+from pipeline.diffusion.vae_io import to_model_range
 from pipeline.stages.preprocess import preprocess
 from pipeline.stages.vae import drawn_batches, drawn_images, train_vae
 

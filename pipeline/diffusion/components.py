@@ -1,21 +1,17 @@
-"""Build or load the Stable Diffusion components: tokenizer, CLIP text encoder, VAE, UNet, schedulers.
+"""Build or load the Stable Diffusion components: CLIP text encoder, VAE, UNet, schedulers, the pipeline.
 
 Scratch sizes come from named presets (`model.preset`): `tiny` trains on a laptop CPU in minutes, `small`
 is a starting point for a single GPU, `sd15` has Stable Diffusion 1.5's UNet and text-encoder sizes.
 Fine-tuning loads the components of a pretrained diffusers model (`model.pretrained`: a folder or a hub
 id). Everything is a plain diffusers/transformers object, saved with `save_pretrained` and loadable with
-no sdpipe code.
+no sdpipe code. Scratch mode's tokenizer is pipeline.diffusion.tokenizer's; pixels to latents, vae_io's.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from diffusers import (
     AutoencoderKL,
@@ -26,11 +22,9 @@ from diffusers import (
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
 from pipeline.core.config import ConfigError, VaeParams
-from pipeline.runtime.device import compute_device
 from pipeline.diffusion.schedule import training_scheduler
-
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-WORD_END = "</w>"  # CLIP's BPE marks a word's last symbol
+from pipeline.diffusion.tokenizer import build_tokenizer
+from pipeline.runtime.device import compute_device
 
 
 @dataclass(frozen=True)
@@ -51,75 +45,6 @@ PRESETS: dict[str, Preset] = {
     "sd15": Preset((320, 640, 1280, 1280), 2, 8, 768, 12, 12, 77, 3),
 }
 PIPELINE_INDEX = "model_index.json"
-
-
-def _byte_alphabet() -> list[str]:
-    """CLIP's printable stand-ins for the 256 byte values (as in its byte-level BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    codes, extra = list(printable), 0
-    for byte in range(256):
-        if byte not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(code) for code in codes]
-
-
-def build_tokenizer(captions: Iterable[str], *, vocab_size: int, max_tokens: int) -> CLIPTokenizerFast:
-    """A CLIP tokenizer whose merges build the captions' most frequent words whole; unseen words fall
-    back to byte-level characters. Deterministic: the same captions always give the same token ids
-    (the Rust BPE trainer breaks ties by hash order, which changes from process to process)."""
-    alphabet = _byte_alphabet()
-    symbols = alphabet + [s + WORD_END for s in alphabet]
-    base = _clip_tokenizer({symbol: index for index, symbol in enumerate(symbols)}, [], max_tokens)
-    merges = _whole_word_merges(_word_counts(base, captions), budget=vocab_size - len(symbols) - 2)
-    vocab = {symbol: index for index, symbol in enumerate(symbols + ["".join(pair) for pair in merges])}
-    return _clip_tokenizer(vocab, merges, max_tokens)
-
-
-def _clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], max_tokens: int) -> CLIPTokenizerFast:
-    tokenizer = CLIPTokenizerFast(
-        vocab={**vocab, BOS: len(vocab), EOS: len(vocab) + 1}, merges=merges,
-        bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
-    )
-    tokenizer.model_max_length = max_tokens
-    return tokenizer
-
-
-def _word_counts(tokenizer: CLIPTokenizerFast, captions: Iterable[str]) -> Counter:
-    """Words as CLIP's own normaliser and pre-tokeniser cut them (byte-level characters)."""
-    backend = tokenizer.backend_tokenizer
-    return Counter(
-        word
-        for caption in captions
-        for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(caption))
-    )
-
-
-def _whole_word_merges(counts: Counter, budget: int) -> list[tuple[str, str]]:
-    """Left-to-right merge chains that assemble whole words, most frequent words first (ties by the
-    word itself), until `budget` new tokens are used."""
-    merges: list[tuple[str, str]] = []
-    known: set[str] = set()
-    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-        pieces = list(word[:-1]) + [word[-1] + WORD_END]
-        chain = []
-        for piece in pieces[1:]:
-            chain.append((pieces[0] if not chain else "".join(chain[-1]), piece))
-        new = [pair for pair in chain if "".join(pair) not in known]
-        if len(merges) + len(new) > budget:
-            break
-        merges.extend(new)
-        known.update("".join(pair) for pair in new)
-    return merges
-
-
-def tokenize(tokenizer, captions: list[str]):
-    """Token ids padded to the tokenizer's fixed length, as the pipeline pads prompts."""
-    return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 def build_text_encoder(tokenizer: CLIPTokenizerFast, preset: Preset) -> CLIPTextModel:
@@ -234,34 +159,3 @@ def load_pipeline(folder) -> StableDiffusionPipeline:
     return pipeline.to(compute_device())
 
 
-def to_model_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1], the range diffusers' VAEs expect."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-@torch.no_grad()
-def encode_images(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of CPU images, computed where the VAE is and returned on the CPU."""
-    means, stds = [], []
-    for start in range(0, len(images), batch_size):
-        posterior = vae.encode(images[start : start + batch_size].to(vae.device, vae.dtype)).latent_dist
-        means.append(posterior.mean.cpu())
-        stds.append(posterior.std.cpu())
-    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
-
-
-BATCH_PIXELS = 2**22  # images per VAE pass outside training: 4,096 at 32 px, 16 at 512 px
-
-
-def device_batches(images: torch.Tensor, device: torch.device, dtype: torch.dtype):
-    """CPU images in slices of about BATCH_PIXELS pixels, moved to where the network runs."""
-    size = max(1, BATCH_PIXELS // (images.shape[-2] * images.shape[-1]))
-    for start in range(0, len(images), size):
-        yield images[start : start + size].to(device, dtype)
-
-
-@torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-    """The VAE's reconstructions (of the posterior means) of CPU images in [-1, 1], clamped, on the CPU."""
-    return torch.cat([vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1).float().cpu()
-                      for batch in device_batches(images, vae.device, vae.dtype)])

@@ -10,8 +10,8 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from pipeline.contracts.latents import MappedRows
-from pipeline.diffusion.components import tokenize
 from pipeline.diffusion.schedule import training_target
+from pipeline.diffusion.tokenizer import tokenize
 
 GRID_ZOOM = 4
 NOISE_METRICS_BATCH = 64  # samples per UNet call: the validation split never has to fit in memory at once

@@ -49,7 +49,9 @@ from pipeline.contracts.shards import IMAGE, read_members, shard_name, unreferen
 from pipeline.core.atomic import atomic_file
 from pipeline.core.config import EncodeParams, ModelParams, RayParams, TrainParams
 from pipeline.core.hashing import folder_hash, module_hash
-from pipeline.diffusion.components import encode_images, load_frozen_text_encoder, to_model_range, tokenize
+from pipeline.diffusion.components import load_frozen_text_encoder
+from pipeline.diffusion.tokenizer import tokenize
+from pipeline.diffusion.vae_io import encode_images, to_model_range
 from pipeline.runtime.device import compute_device, cpu_forced
 from pipeline.runtime.ray_tasks import run_tasks
 

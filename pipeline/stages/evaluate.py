@@ -32,7 +32,8 @@ from pipeline.contracts.records import EVAL_METRICS, PROMPTS, UNAVAILABLE
 from pipeline.core.atomic import atomic_file, write_json
 from pipeline.core.config import EvaluateParams, Params
 from pipeline.data.shapes import SHAPE_PROMPTS
-from pipeline.diffusion.components import load_pipeline, reconstruct, to_model_range
+from pipeline.diffusion.components import load_pipeline
+from pipeline.diffusion.vae_io import reconstruct, to_model_range
 from pipeline.evaluation.external_metrics import ExternalMetrics, external_metrics
 from pipeline.evaluation.label_adherence import label_judge
 from pipeline.evaluation.noise_metrics import image_grid, noise_metrics_on

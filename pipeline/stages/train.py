@@ -29,9 +29,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from functools import lru_cache
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,22 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, MappedRows, load_latents
+from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
 from pipeline.core.atomic import write_json
+from pipeline.core.config import Params, TrainParams
+from pipeline.diffusion.schedule import (
+    SAMPLE_GUIDANCE,
+    SAMPLE_STEPS,
+    min_snr_weights,
+    training_noise,
+    training_target,
+    training_timesteps,
+)
+from pipeline.diffusion.tokenizer import tokenize
+from pipeline.evaluation.noise_metrics import image_grid, noise_metrics_on
+from pipeline.tracking.runs import training_run
 from pipeline.training.checkpoints import (
     Progress,
     checkpoint_folders,
@@ -51,33 +66,24 @@ from pipeline.training.checkpoints import (
     save_lora_checkpoints_only,
     training_fingerprint,
 )
-from pipeline.core.config import Params, TrainParams
-from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, MappedRows, load_latents
-from pipeline.contracts.paths import Paths
-from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
-from pipeline.evaluation.noise_metrics import image_grid, noise_metrics_on
-from pipeline.diffusion.schedule import (
-    SAMPLE_GUIDANCE,
-    SAMPLE_STEPS,
-    min_snr_weights,
-    training_noise,
-    training_target,
-    training_timesteps,
-)
 from pipeline.training.export import model_card, save_model
-from pipeline.diffusion.components import tokenize
-from pipeline.training.speedups import apply_speed_settings, compile_unet
-from pipeline.training.throughput import Throughput, flops_of, measured_matmul_flops_per_second, peak_memory_mb, utilisation
-from pipeline.tracking.runs import training_run
 from pipeline.training.modules import (
     WEIGHT_DTYPES,
+    EmaWeights,
     Model,
     build_model,
     make_optimizer,
     place_frozen_modules,
-    EmaWeights,
     stored_frozen_modules,
     trained_unet_parameters,
+)
+from pipeline.training.speedups import apply_speed_settings, compile_unet
+from pipeline.training.throughput import (
+    Throughput,
+    flops_of,
+    measured_matmul_flops_per_second,
+    peak_memory_mb,
+    utilisation,
 )
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import VAE_METRICS
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.config import ModelParams, PreprocessParams, TrainParams, VaeParams
-from pipeline.diffusion.components import build_vae, device_batches, load_pretrained_vae, reconstruct, to_model_range
+from pipeline.diffusion.components import build_vae, load_pretrained_vae
+from pipeline.diffusion.vae_io import device_batches, reconstruct, to_model_range
 from pipeline.runtime.device import compute_device
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,13 @@ from pipeline.core.config import ConfigError, ModelParams, TrainParams
 from pipeline.diffusion.components import (
     PRESETS,
     build_text_encoder,
-    build_tokenizer,
     build_unet,
     load_frozen_text_encoder,
     load_pretrained_unet,
     pretrained_scheduler_config,
 )
 from pipeline.diffusion.schedule import sampling_scheduler, training_scheduler
+from pipeline.diffusion.tokenizer import build_tokenizer
 
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
