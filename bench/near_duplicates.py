@@ -27,8 +27,9 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from pipeline.core.config import ValidateParams
-from pipeline.quality.image_checks import near_duplicate_pairs, property_columns
+from pipeline.quality.image_checks import property_columns
 from pipeline.quality.manifest_checks import ImageFiles, row_properties
+from pipeline.quality.near_duplicates import near_duplicate_pairs
 
 SIDE = 96
 CLEAR_CHANGE = 120  # summed over the channels (40 a channel on average): a pixel changed by more clearly differs

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.data.images import to_rgb
-from pipeline.quality.image_checks import eight_bit, measure, near_duplicate_of, near_duplicate_pairs
+from pipeline.data.images import eight_bit, to_rgb
+from pipeline.quality.image_checks import measure
+from pipeline.quality.near_duplicates import near_duplicate_of, near_duplicate_pairs
 
 from .conftest import REPO
 

@@ -1,19 +1,70 @@
-"""Images as the data stages see them: a sample's id and header facts (ingest, monitoring), and the
-conversion to 8-bit RGB at a size that preprocess applies and monitoring repeats on new batches."""
+"""Images as the data stages see them: decoding under a pixel limit, a sample's id and header facts
+(ingest, monitoring), and the conversion to 8-bit RGB at a size that preprocess applies and monitoring
+repeats on new batches. Validation measures through the same decoding primitives, so what it checks is
+what gets trained on."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 from PIL import Image, ImageOps
-
-from pipeline.quality.image_checks import INTEGER_MODES, integer_to_grey, read_header
 
 WHITE = (255, 255, 255)
 CENTRE = (0.5, 0.5)
+INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16- and 32-bit integer pixels
+ImageSource = Path | bytes | None  # a file, an image's bytes (from a shard), or nothing found
+
+
+@contextmanager
+def pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's own bomb guard, set for the duration: None while reading headers (our limit decides)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def read_header(source) -> tuple[int, int, str, str]:
+    """(width, height, format, mode) of a path or file object; no pixels are decoded."""
+    with pixel_limit(None), Image.open(source) as image:
+        return image.width, image.height, (image.format or "unknown").lower(), image.mode
+
+
+def integer_to_grey(image: Image.Image) -> Image.Image:
+    """8-bit grey from Pillow's integer modes, scaled rather than clipped (convert() clips at 255).
+
+    Values within 0..65535 (every I;16* image, and 16-bit files Pillow decodes as I) are divided by 257
+    and rounded, so 65535 -> 255; anything outside the 16-bit range is stretched from its own minimum to
+    its maximum. Validation measures and preprocessing converts through this one function, so the
+    brightness validate checks is the brightness that gets trained on. A change here changes processed
+    images: bump preprocess.CONVERSION_VERSION with it.
+    """
+    values = np.asarray(image).astype(np.float64)
+    low, high = values.min(), values.max()
+    if low >= 0 and high <= 0xFFFF:
+        low, high = 0.0, float(0xFFFF)
+    scaled = (values - low) * 255.0 / max(high - low, 1.0)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """8-bit RGB, or grey for integer images, scaled down where Pillow's `convert` would clip them to white."""
+    if image.mode in INTEGER_MODES:
+        return integer_to_grey(image)
+    return image.convert("RGB")
+
+
+def opened(source: ImageSource) -> Path | io.BytesIO:
+    """What Image.open reads: the file, or the bytes (an image kept in a shard)."""
+    return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
 def content_id(data: bytes) -> str:

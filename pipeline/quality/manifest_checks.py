@@ -19,7 +19,9 @@ import pandas as pd
 
 from pipeline.contracts.records import DATA_DOCS
 from pipeline.core.config import ValidateParams
-from pipeline.quality.image_checks import ImageSource, near_duplicate_of, property_columns
+from pipeline.data.images import ImageSource
+from pipeline.quality.image_checks import property_columns
+from pipeline.quality.near_duplicates import near_duplicate_of
 
 ROW = "row"
 DECODABLE = "decodable"
