@@ -43,7 +43,8 @@ import yaml  # noqa: E402
 
 from pipeline.contracts.data import MANIFEST  # noqa: E402
 from pipeline.contracts.paths import Paths  # noqa: E402
-from pipeline.core.config import Params, VaeParams, parse_params  # noqa: E402
+from pipeline.core.config import Params, VaeParams  # noqa: E402
+from pipeline.core.params_file import parse_params  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs from a plain copy of the repo, nothing installed
 
-from pipeline.core.config import read_params_file  # noqa: E402
+from pipeline.core.params_file import read_params_file  # noqa: E402
 
 BIN = Path(sys.executable).parent  # dvc.yaml's commands are `sdpipe ...`: this virtualenv's scripts
 QUIET = {"DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_ENABLED": "false",

@@ -53,7 +53,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from pipeline.contracts.data import MANIFEST  # noqa: E402
 from pipeline.contracts.paths import Paths  # noqa: E402
 from pipeline.contracts.shards import image_bytes  # noqa: E402
-from pipeline.core.config import Params, TrainParams, VaeParams, parse_params, read_params_file  # noqa: E402
+from pipeline.core.config import Params, TrainParams, VaeParams  # noqa: E402
+from pipeline.core.params_file import parse_params, read_params_file  # noqa: E402
 from pipeline.diffusion.components import PRESETS, build_unet, random_pipeline  # noqa: E402
 from pipeline.diffusion.tokenizer import tokenize  # noqa: E402
 from pipeline.training.throughput import peak_memory_mb, warmup_steps  # noqa: E402

@@ -23,7 +23,7 @@ from prefect import serve
 
 from flows.retrain import retrain_flow
 from flows.training import PARAMETER_KEYS, PROJECT_ROOT, training_flow
-from pipeline.core.config import PARAMS_FILE, load_params, read_params_file
+from pipeline.core.params_file import PARAMS_FILE, load_params, read_params_file
 
 TRAIN, RETRAIN = "train", "retrain"
 

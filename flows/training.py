@@ -35,7 +35,8 @@ from flows.experiments import (
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import EVAL_METRICS, HEADLINE_METRICS, REGISTRY_RECORD, SUMMARY
 from pipeline.core.atomic import read_json
-from pipeline.core.config import PARAMS_FILE, SOURCES, read_params_file, with_overrides
+from pipeline.core.config import SOURCES
+from pipeline.core.params_file import PARAMS_FILE, read_params_file, with_overrides
 from pipeline.tracking.lineage import FLOW_RUN_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

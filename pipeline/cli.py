@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import read_json, write_json
-from pipeline.core.config import PARAMS_FILE, ConfigError, Params, load_params
+from pipeline.core.config import ConfigError, Params
+from pipeline.core.params_file import PARAMS_FILE, load_params
 
 
 def _ingest(params: Params, paths: Paths, _):

@@ -26,8 +26,10 @@ import copy  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from pipeline.core.config import Params, parse_params, read_params_file  # noqa: E402
+
 from pipeline.contracts.paths import Paths  # noqa: E402
+from pipeline.core.config import Params  # noqa: E402
+from pipeline.core.params_file import parse_params, read_params_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.core.config import parse_params
 from pipeline.contracts.paths import Paths
+from pipeline.contracts.records import QUARANTINE
 from pipeline.contracts.shards import image_bytes
+from pipeline.core.params_file import parse_params
 from pipeline.stages.ingest import ingest
 from pipeline.stages.preprocess import preprocess
-from pipeline.contracts.records import QUARANTINE
 from pipeline.stages.validate import validate
 
 from .conftest import tree_hashes

@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.core.config import ConfigError, load_params, parse_params
+from pipeline.core.config import ConfigError
+from pipeline.core.params_file import load_params, parse_params
 
 from .conftest import REPO
 
@@ -44,7 +45,7 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 
 def test_overrides_are_checked_without_writing_the_file(tmp_path):
-    from pipeline.core.config import with_overrides
+    from pipeline.core.params_file import with_overrides
 
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text())
@@ -74,7 +75,7 @@ def test_every_key_survives_dvcs_params_writer(tmp_path):
     from dvc.utils.hydra import apply_overrides
 
     from flows.experiments import hydra_value
-    from pipeline.core.config import read_params_file
+    from pipeline.core.params_file import read_params_file
 
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text())

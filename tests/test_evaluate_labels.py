@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from pipeline.contracts.paths import Paths
-from pipeline.core.config import parse_params
+from pipeline.core.params_file import parse_params
 from pipeline.evaluation.label_adherence import categorical_labels, metric_label
 
 from .conftest import merge, run_every_stage, tiny_params_dict

@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
 
-from pipeline.core.config import ConfigError, parse_params
-from pipeline.contracts.paths import Paths
-from pipeline.stages.evaluate import evaluate
-from pipeline.evaluation.external_metrics import ExternalMetrics, InceptionFeatures, external_metrics
 from pipeline.contracts.data import load_split
+from pipeline.contracts.paths import Paths
+from pipeline.core.config import ConfigError
+from pipeline.core.params_file import parse_params
+from pipeline.evaluation.external_metrics import ExternalMetrics, InceptionFeatures, external_metrics
+from pipeline.stages.evaluate import evaluate
 
 from .conftest import merge, tiny_params_dict
 

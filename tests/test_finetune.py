@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from pipeline.contracts.latents import EMPTY_PROMPT_ROW, load_latents
 from pipeline.contracts.paths import Paths
-from pipeline.core.config import ConfigError, parse_params
+from pipeline.core.config import ConfigError
+from pipeline.core.params_file import parse_params
 from pipeline.diffusion.tokenizer import tokenize
 from pipeline.stages.encode import encode
 from pipeline.stages.train import train

@@ -23,7 +23,7 @@ def test_importing_the_flows_loads_no_ml_library():
 def test_the_custom_run_form_describes_every_parameter_and_starts_at_params_yaml():
     from flows.deploy import deployments
     from flows.training import PARAMETER_KEYS
-    from pipeline.core.config import load_params
+    from pipeline.core.params_file import load_params
 
     train = next(d for d in deployments(REPO) if d.name == "train")
     schema = train._parameter_openapi_schema.model_dump()["properties"]
@@ -39,7 +39,7 @@ def test_the_custom_run_form_describes_every_parameter_and_starts_at_params_yaml
 
 def test_typed_parameters_equal_to_params_yaml_are_no_change():
     from flows.training import flow_overrides
-    from pipeline.core.config import load_params
+    from pipeline.core.params_file import load_params
 
     params = load_params(REPO / "params.yaml")
     typed = dict(steps=params.train.steps, learning_rate=None, mode=params.model.mode, batch_size=7)

@@ -2,11 +2,11 @@ import hashlib
 
 import pandas as pd
 
-from pipeline.core.atomic import read_json
-from pipeline.core.config import parse_params
-from pipeline.contracts.paths import Paths
 from pipeline.contracts.data import MANIFEST, RAW_MANIFEST_COLUMNS, REJECTED
+from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import SHARDS_DIR, image_bytes, read_shard
+from pipeline.core.atomic import read_json
+from pipeline.core.params_file import parse_params
 from pipeline.stages.ingest import INDEX, ingest
 
 from .conftest import tree_hashes, write_image

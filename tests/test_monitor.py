@@ -6,13 +6,20 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.core.config import MonitorParams, parse_params
+from pipeline.contracts.data import load_split
 from pipeline.contracts.paths import Paths
+from pipeline.core.config import MonitorParams
+from pipeline.core.params_file import parse_params
 from pipeline.monitor import (
-    BatchReport, _sample_reference, batch_manifest, check_batch, decide, drop_demo_batch, merge_batches,
+    BatchReport,
+    _sample_reference,
+    batch_manifest,
+    check_batch,
+    decide,
+    drop_demo_batch,
+    merge_batches,
     pending_batches,
 )
-from pipeline.contracts.data import load_split
 from pipeline.stages.preprocess import preprocess
 
 from .conftest import folder_project, merge, tiny_params_dict

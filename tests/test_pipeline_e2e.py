@@ -9,14 +9,14 @@ import time
 from pathlib import Path
 
 import httpx
-import pandas as pd
 import mlflow
+import pandas as pd
 import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 
-from pipeline.core.config import read_params_file
+from pipeline.core.params_file import read_params_file
 
 from .conftest import REPO, free_port, merge, save_random_base_model, tiny_params_dict
 
@@ -229,8 +229,8 @@ def test_retrain_flow_ignores_an_unshifted_batch_and_retrains_on_a_shifted_one(r
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.retrain import retrain_flow
-    from pipeline.core.config import load_params
     from pipeline.contracts.paths import Paths
+    from pipeline.core.params_file import load_params
     from pipeline.monitor import drop_demo_batch
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -9,15 +9,16 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.core.config import ConfigError, PreprocessParams, RayParams, parse_params
-from pipeline.contracts.paths import Paths
-from pipeline.data.captions import normalise_caption
 from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS, decode_png, load_split, load_split_groups
+from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import SHARDS_DIR, image_bytes, read_shard, write_shard
-from pipeline.stages.ingest import ingest
-from pipeline.quality.drift_features import FEATURES
+from pipeline.core.config import ConfigError, PreprocessParams, RayParams
+from pipeline.core.params_file import parse_params
 from pipeline.data.buckets import bucket_sizes
+from pipeline.data.captions import normalise_caption
 from pipeline.data.images import load_training_image, resize_and_crop, to_rgb
+from pipeline.quality.drift_features import FEATURES
+from pipeline.stages.ingest import ingest
 from pipeline.stages.preprocess import crop_centering, preprocess, split_of
 from pipeline.stages.validate import validate
 

@@ -14,10 +14,10 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.core.config import parse_params
 from pipeline.contracts.paths import Paths
-from pipeline.training.checkpoints import checkpoint_folders
+from pipeline.core.params_file import parse_params
 from pipeline.stages.train import TrainingDiverged, train
+from pipeline.training.checkpoints import checkpoint_folders
 
 from .conftest import merge, tiny_params_dict
 

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.core.config import ConfigError, parse_params
-from pipeline.contracts.paths import Paths
 from pipeline.contracts.data import MANIFEST
-from pipeline.stages.ingest import ingest
+from pipeline.contracts.paths import Paths
+from pipeline.core.config import ConfigError
+from pipeline.core.params_file import parse_params
 from pipeline.data.sources import SourceError
+from pipeline.stages.ingest import ingest
 
 from .conftest import write_image
 

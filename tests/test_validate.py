@@ -3,13 +3,14 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.core.config import RayParams, ValidateParams, parse_params
-from pipeline.contracts.paths import Paths
 from pipeline.contracts.data import MANIFEST
-from pipeline.stages.ingest import ingest
+from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import DATA_DOCS, QUARANTINE, SUMMARY
 from pipeline.contracts.shards import write_shard
+from pipeline.core.config import RayParams, ValidateParams
+from pipeline.core.params_file import parse_params
 from pipeline.quality.manifest_checks import ImageFiles, check_manifest, failed_hard_checks
+from pipeline.stages.ingest import ingest
 from pipeline.stages.validate import ShardedImages, ValidationFailed, validate
 
 from .conftest import tree_hashes, write_pattern
