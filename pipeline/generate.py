@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import atomic_file
 from pipeline.core.config import Params
-from pipeline.contracts.paths import Paths
-from pipeline.evaluation.noise_metrics import image_grid
-from pipeline.diffusion.schedule import use_scheduler
+from pipeline.data.images import image_grid
 from pipeline.diffusion.components import load_pipeline
+from pipeline.diffusion.schedule import use_scheduler
 from pipeline.tracking.model_source import resolve_model
 
 log = logging.getLogger(__name__)

@@ -267,7 +267,7 @@ def drop_demo_batch(params: Params, paths: Paths, *, shift: str, count: int, see
     target = paths.resolve(params.monitor.incoming) / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{shift}-seed{seed}"
     with atomic_dir(target) as staging:
         lines = []
-        for index, sample in enumerate(shapes.generate(
+        for index, sample in enumerate(shapes.render_samples(
             count=count, resolution=settings.resolution, seed=seed, min_size=settings.min_size,
             max_size=settings.max_size, **SHIFTS[shift],
         )):

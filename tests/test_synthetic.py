@@ -3,34 +3,34 @@ import re
 
 from PIL import Image
 
-from pipeline.data.shapes import COLOURS, SHAPES, generate
+from pipeline.data.shapes import COLOURS, SHAPES, render_samples
 from pipeline.evaluation.shape_adherence import Reading, read_image
 
 
 def test_rendering_is_deterministic():
-    first = [s.png for s in generate(count=20, resolution=32, seed=3)]
-    again = [s.png for s in generate(count=20, resolution=32, seed=3)]
-    other = [s.png for s in generate(count=20, resolution=32, seed=4)]
+    first = [s.png for s in render_samples(count=20, resolution=32, seed=3)]
+    again = [s.png for s in render_samples(count=20, resolution=32, seed=3)]
+    other = [s.png for s in render_samples(count=20, resolution=32, seed=4)]
     assert first == again
     assert first != other
 
 
 def test_captions_name_colour_and_shape_and_cover_every_pair():
-    samples = list(generate(count=400, resolution=32, seed=0))
+    samples = list(render_samples(count=400, resolution=32, seed=0))
     for sample in samples:
         assert re.search(rf"\ba {sample.colour} {sample.shape}\b", sample.caption)
     assert {(s.colour, s.shape) for s in samples} == {(c, s) for c in COLOURS for s in SHAPES}
 
 
 def test_images_have_the_requested_size_and_a_light_background():
-    for sample in generate(count=10, resolution=48, seed=1):
+    for sample in render_samples(count=10, resolution=48, seed=1):
         image = Image.open(io.BytesIO(sample.png)).convert("RGB")
         assert image.size == (48, 48)
         assert min(image.getpixel((0, 0))) >= 200 or min(image.getpixel((47, 47))) >= 200
 
 
 def test_adherence_reader_agrees_with_ground_truth():
-    samples = list(generate(count=600, resolution=32, seed=11))
+    samples = list(render_samples(count=600, resolution=32, seed=11))
     readings = [read_image(Image.open(io.BytesIO(s.png))) for s in samples]
     colour_hits = sum(r.colour == s.colour for r, s in zip(readings, samples))
     shape_hits = sum(r.shape == s.shape for r, s in zip(readings, samples))

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255)
 CENTRE = (0.5, 0.5)
+GRID_ZOOM = 4  # sample grids of 32 px images are looked at by people: nearest-neighbour x4
 INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16- and 32-bit integer pixels
 ImageSource = Path | bytes | None  # a file, an image's bytes (from a shard), or nothing found
 
@@ -111,3 +112,13 @@ def load_training_image(source: Path | BinaryIO, resolution: int, centering: tup
     (monitoring reads batches so)."""
     with Image.open(source) as image:
         return resize_and_crop(to_rgb(image), (resolution, resolution), centering)
+
+
+def image_grid(rows: list[list[Image.Image]], zoom: int = GRID_ZOOM) -> Image.Image:
+    """Rows of equal-sized images pasted into one picture and enlarged (training and evaluation sample grids)."""
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images):
+            grid.paste(image, (column * width, row * height))
+    return grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)

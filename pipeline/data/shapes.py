@@ -89,7 +89,7 @@ def render_shape(
     return canvas.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
-def generate(
+def render_samples(
     *, count: int, resolution: int, seed: int, min_size: float = 0.4, max_size: float = 0.8,
     colours: dict[str, tuple[int, int, int]] = COLOURS, background: tuple[int, int] = LIGHT_BACKGROUND,
 ) -> Iterator[ShapeSample]:

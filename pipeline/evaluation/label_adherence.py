@@ -59,7 +59,7 @@ def pixel_features(images: np.ndarray, resolution: int) -> np.ndarray:
     return small.flatten(1).numpy().astype(np.float64)
 
 
-def image_features(images: list[Image.Image], resolution: int) -> np.ndarray:
+def classifier_inputs(images: list[Image.Image], resolution: int) -> np.ndarray:
     return pixel_features(np.stack([np.asarray(image.convert("RGB")) for image in images]), resolution)
 
 
@@ -108,7 +108,7 @@ def label_adherence_metrics(classifier: Pipeline, rows: list[list[Image.Image]],
     hits = {}
     for prompt, images in zip(prompts, rows, strict=True):
         if prompt in labels:
-            hits[prompt] = predict(classifier, image_features(images, resolution)) == prompt
+            hits[prompt] = predict(classifier, classifier_inputs(images, resolution)) == prompt
     metrics = {f"label_adherence.{metric_label(label)}": float(hit.mean()) for label, hit in hits.items()}
     every = np.concatenate(list(hits.values()))
     metrics.update(label_adherence=float(every.mean()), label_adherence_samples=len(every))

@@ -1,4 +1,5 @@
-"""Measurements that train (validation loss, sample grids during training) and evaluate share."""
+"""The noise-prediction errors every model is scored on, per timestep: train's validation loss and
+evaluate's noise metrics."""
 
 from __future__ import annotations
 
@@ -7,13 +8,11 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
-from PIL import Image
 
 from pipeline.contracts.latents import MappedRows
 from pipeline.diffusion.schedule import training_target
 from pipeline.diffusion.tokenizer import tokenize
 
-GRID_ZOOM = 4
 NOISE_METRICS_BATCH = 64  # samples per UNet call: the validation split never has to fit in memory at once
 
 
@@ -78,10 +77,3 @@ def noise_metrics_on(
     return metrics | overall.metrics()
 
 
-def image_grid(rows: list[list[Image.Image]], zoom: int = GRID_ZOOM) -> Image.Image:
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
-    for row, images in enumerate(rows):
-        for column, image in enumerate(images):
-            grid.paste(image, (column * width, row * height))
-    return grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)

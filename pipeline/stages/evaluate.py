@@ -31,12 +31,13 @@ from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import EVAL_METRICS, PROMPTS, UNAVAILABLE
 from pipeline.core.atomic import atomic_file, write_json
 from pipeline.core.config import EvaluateParams, Params
+from pipeline.data.images import image_grid
 from pipeline.data.shapes import SHAPE_PROMPTS
 from pipeline.diffusion.components import load_pipeline
 from pipeline.diffusion.vae_io import reconstruct, to_model_range
 from pipeline.evaluation.external_metrics import ExternalMetrics, external_metrics
 from pipeline.evaluation.label_adherence import label_judge
-from pipeline.evaluation.noise_metrics import image_grid, noise_metrics_on
+from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.evaluation.prompts import evaluation_prompts
 from pipeline.evaluation.shape_adherence import shape_adherence_metrics
 from pipeline.tracking.runs import model_run

@@ -46,6 +46,7 @@ from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
 from pipeline.core.atomic import write_json
 from pipeline.core.config import Params, TrainParams
+from pipeline.data.images import image_grid
 from pipeline.diffusion.schedule import (
     SAMPLE_GUIDANCE,
     SAMPLE_STEPS,
@@ -55,7 +56,7 @@ from pipeline.diffusion.schedule import (
     training_timesteps,
 )
 from pipeline.diffusion.tokenizer import tokenize
-from pipeline.evaluation.noise_metrics import image_grid, noise_metrics_on
+from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.tracking.runs import training_run
 from pipeline.training.checkpoints import (
     Progress,
