@@ -1,4 +1,9 @@
-"""dvc.yaml's deps and params follow from the code, so they cannot drift from it.
+"""The package's layout is its architecture, and dvc.yaml's deps and params follow from the code.
+
+Layering (pipeline/README "Layout"): a module imports only modules of the layers below its own; folders on
+one layer do not import each other; no stage imports a stage, and nothing but cli.py imports one; flows/
+import only core, contracts and tracking. pipeline/stages/ holds exactly dvc.yaml's stages, which are the
+CLI's stage commands.
 
 For each dvc.yaml stage, `sdpipe X` leads to the CLI handler `_X` (pipeline/cli.py) and the stage function
 it imports. From the source (`ast`, function-level imports included) the test derives:
@@ -6,7 +11,9 @@ it imports. From the source (`ast`, function-level imports included) the test de
 - the project modules the stage module imports, transitively (importing `pipeline.a.b` also runs
   `pipeline/a/__init__.py`). Each must be a dep of the stage, as a file or inside a listed folder; only
   a package `__init__.py` that holds nothing but a docstring, and the modules in NOT_DEPENDENCIES, are
-  exempt, each for the reason given there.
+  exempt, each for the reason given there. The converse holds too: every pipeline/ file a stage lists is
+  one it imports, and a folder is listed only when the stage imports every module in it, so no edit
+  re-runs a stage that does not run the edited code.
 - the params the stage reads: every section in the stage function's signature (a `Params` argument reads
   the sections it is accessed at, `params.<section>`; dumping all of it for the run's lineage record, as
   pipeline.tracking.runs does, reads none), and, per section, which keys. A key is read where the
@@ -30,8 +37,6 @@ import yaml
 from pipeline.core.config import Params
 
 REPO = Path(__file__).parents[1]
-STAGE_MODULES = ("stages/ingest", "stages/validate", "stages/preprocess", "stages/vae", "stages/encode",
-                 "stages/train", "stages/evaluate", "stages/register", "generate", "monitor")
 NOT_DEPENDENCIES = {
     "pipeline/__init__.py": "the package's docstring and version",
     "pipeline/cli.py": "argument parsing and dispatch; each stage's own code is what it runs",
@@ -250,10 +255,100 @@ def test_the_rule_catches_an_omitted_key():
     assert reads.reads == {"train": {"steps"}, "model": ALL}
 
 
-@pytest.mark.parametrize("module", STAGE_MODULES)
-def test_no_stage_module_imports_another(module):
-    """Stages talk through files (pipeline.contracts) and stand on shared modules, never on each other."""
-    others = {REPO / "pipeline" / f"{other}.py" for other in STAGE_MODULES if other != module}
-    imported = sorted(path.relative_to(REPO).as_posix() for path in imported_modules(REPO / "pipeline" / f"{module}.py")
-                      if path in others)
-    assert not imported, f"pipeline/{module}.py imports the stage module(s) {', '.join(imported)}"
+# The layers, bottom (0) to top: each unit is a folder of pipeline/ or one of its top-level modules.
+LAYERS = {
+    "core": 0, "contracts": 1, "runtime": 2, "tracking": 2, "data": 3, "diffusion": 3, "quality": 4,
+    "training": 5, "evaluation": 5, "stages": 6, "generate": 6, "monitor": 6, "cli": 7,
+}
+FLOWS_MAY_IMPORT = ("core", "contracts", "tracking")
+
+
+def unit_of(path: Path) -> str:
+    """`pipeline/data/sources/hf.py` -> "data"; `pipeline/cli.py` -> "cli"."""
+    parts = path.relative_to(REPO / "pipeline").with_suffix("").parts
+    return parts[0]
+
+
+def package_modules(folder: str) -> list[Path]:
+    return sorted(path for path in (REPO / folder).rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def wrong_way_imports() -> list[str]:
+    """Every import in pipeline/ and flows/ that breaks the layering, as a sentence naming it."""
+    problems = []
+    for path in package_modules("pipeline"):
+        if path.parent == REPO / "pipeline" and path.name == "__init__.py":
+            continue
+        unit = unit_of(path)
+        assert unit in LAYERS, f"{path.relative_to(REPO)}: {unit!r} is in no layer of LAYERS (tests/test_dependencies.py)"
+        for imported in imported_modules(path):
+            if imported == REPO / "pipeline" / "__init__.py":
+                continue
+            other, where = unit_of(imported), f"{path.relative_to(REPO)} imports {imported.relative_to(REPO)}"
+            if other == unit == "stages" and imported != path and imported.name != "__init__.py":
+                problems.append(f"{where}: a stage imports another stage; stages talk only through files")
+            elif other != unit and LAYERS[other] == LAYERS[unit]:
+                problems.append(f"{where}: {unit}/ and {other}/ are siblings on one layer and may not import each other")
+            elif other != unit and LAYERS[other] > LAYERS[unit]:
+                problems.append(f"{where}: {other} is above {unit}; imports point down the layers")
+    for path in package_modules("flows"):
+        for imported in imported_modules(path):
+            if imported != REPO / "pipeline" / "__init__.py" and unit_of(imported) not in FLOWS_MAY_IMPORT:
+                problems.append(f"{path.relative_to(REPO)} imports {imported.relative_to(REPO)}: flows import only "
+                                f"pipeline's {', '.join(FLOWS_MAY_IMPORT)} (they orchestrate; no ML code or torch)")
+    return problems
+
+
+def test_every_import_points_down_the_layers():
+    problems = wrong_way_imports()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_layering_rule_catches_an_upward_import(tmp_path, monkeypatch):
+    """The check sees an upward import, a sibling import and a stage importing a stage."""
+    module = REPO / "pipeline" / "data" / "upward_probe.py"
+    stage = REPO / "pipeline" / "stages" / "stage_probe.py"
+    sources = {module: "from pipeline.quality.drift import drift_report\nimport pipeline.diffusion.schedule\n",
+               stage: "def run():\n    from pipeline.stages.train import train\n"}
+    original = tree.__wrapped__
+    monkeypatch.setattr(
+        "tests.test_dependencies.tree", lambda path: ast.parse(sources[path]) if path in sources else original(path))
+    monkeypatch.setattr("tests.test_dependencies.package_modules",
+                        lambda folder: [module, stage] if folder == "pipeline" else [])
+    problems = wrong_way_imports()
+    assert any("upward_probe.py imports pipeline/quality/drift.py: quality is above data" in p for p in problems)
+    assert any("upward_probe.py imports pipeline/diffusion/schedule.py: data/ and diffusion/ are siblings" in p
+               for p in problems)
+    assert any("stage_probe.py imports pipeline/stages/train.py: a stage imports another stage" in p for p in problems)
+
+
+def test_stages_folder_is_dvc_yaml_is_the_cli():
+    """pipeline/stages/ holds exactly dvc.yaml's stages; each runs as `sdpipe <stage>` from its own module."""
+    from pipeline.cli import STAGES
+
+    modules = {path.stem for path in (REPO / "pipeline" / "stages").glob("*.py") if path.stem != "__init__"}
+    assert modules == set(dvc_stages()), f"pipeline/stages/ has {sorted(modules)}; dvc.yaml has {list(dvc_stages())}"
+    assert list(STAGES) == list(dvc_stages()), "pipeline/cli.py's STAGES are not dvc.yaml's stages in its order"
+    for name, stage in dvc_stages().items():
+        assert stage["cmd"] == f"sdpipe {name}", f"dvc.yaml: stage {name!r} runs {stage['cmd']!r}"
+        path, _ = stage_function(stage["cmd"])
+        assert path == REPO / "pipeline" / "stages" / f"{name}.py", f"`sdpipe {name}` runs {path.relative_to(REPO)}"
+
+
+@pytest.mark.parametrize("name", list(dvc_stages()))
+def test_a_stage_lists_only_code_it_runs(name):
+    """A listed file is imported; a listed folder is imported whole (otherwise an edit there would re-run
+    a stage whose code did not change)."""
+    stage = dvc_stages()[name]
+    path, _ = stage_function(stage["cmd"])
+    imported = closure(path)
+    unused = []
+    for dep in dep_paths(stage):
+        listed = REPO / dep
+        if not dep.startswith("pipeline/"):
+            continue
+        assert listed.exists(), f"dvc.yaml: stage {name!r} lists {dep}, which does not exist"
+        files = package_modules(dep) if listed.is_dir() else [listed]
+        unused += [f"{dep} ({module.relative_to(REPO)})" if listed.is_dir() else dep
+                   for module in files if module not in imported and not only_a_docstring(module)]
+    assert not unused, f"dvc.yaml: stage {name!r} lists {', '.join(unused)} but does not import it"
