@@ -90,31 +90,34 @@ def tiny_params() -> Params:
     return parse_params(tiny_params_dict())
 
 
-def run_every_stage(params: Params, paths: Paths) -> None:
-    """Every stage once, in order, through the same functions the CLI calls."""
-    from pipeline.stages.encode import encode
-    from pipeline.stages.evaluate import evaluate
-    from pipeline.stages.ingest import ingest
-    from pipeline.stages.preprocess import preprocess
-    from pipeline.stages.register import register
-    from pipeline.stages.train import train
-    from pipeline.stages.vae import vae_stage
-    from pipeline.stages.validate import validate
+def _file_states(root: Path) -> dict[str, tuple[int, int]]:
+    return {path.relative_to(root).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in root.rglob("*") if path.is_file()}
 
-    ingest(params.ingest, paths)
-    validate(params.validate_, paths)
-    preprocess(params.preprocess, paths)
-    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
-    encode(paths, encode=params.encode, model=params.model, train=params.train)
-    train(params, paths)
-    evaluate(params, paths)
-    register(params, paths)
+
+def run_every_stage(params: Params, paths: Paths) -> dict[str, set[str]]:
+    """Every stage once, in dvc.yaml's order, through the CLI's own stage handlers; returns the files each
+    stage wrote (new or changed), relative to the project root."""
+    from pipeline.cli import STAGES
+
+    written = {}
+    for name, handler in STAGES.items():
+        before = _file_states(paths.root)
+        handler(params, paths, None)
+        written[name] = {path for path, state in _file_states(paths.root).items() if before.get(path) != state}
+    return written
 
 
 @pytest.fixture(scope="session")
-def trained_project(tmp_path_factory) -> tuple[Params, Paths]:
+def trained_project_writes(tmp_path_factory) -> tuple[Params, Paths, dict[str, set[str]]]:
+    """A tiny project with every stage run once, and the files each stage wrote."""
     params, paths = parse_params(tiny_params_dict()), Paths(tmp_path_factory.mktemp("project"))
-    run_every_stage(params, paths)
+    return params, paths, run_every_stage(params, paths)
+
+
+@pytest.fixture(scope="session")
+def trained_project(trained_project_writes) -> tuple[Params, Paths]:
+    params, paths, _ = trained_project_writes
     return params, paths
 
 

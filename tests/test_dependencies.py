@@ -34,6 +34,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.contracts import records
+from pipeline.contracts.paths import Paths
 from pipeline.core.config import Params
 
 REPO = Path(__file__).parents[1]
@@ -352,3 +354,68 @@ def test_a_stage_lists_only_code_it_runs(name):
         unused += [f"{dep} ({module.relative_to(REPO)})" if listed.is_dir() else dep
                    for module in files if module not in imported and not only_a_docstring(module)]
     assert not unused, f"dvc.yaml: stage {name!r} lists {', '.join(unused)} but does not import it"
+
+
+NOT_OUTS = {
+    "mlflow.db": "the MLflow store: runs and the registry are MLflow's to keep, not DVC's",
+    "mlartifacts": "the MLflow store's artifacts",
+    "models/checkpoints": "training state for resume; outside train's outs so that DVC, which deletes outs "
+                          "before it runs a stage, cannot delete it (checkpoints are keyed by their fingerprint)",
+}
+
+
+def declared_outputs(stage: dict) -> list[str]:
+    return [next(iter(out)) if isinstance(out, dict) else out
+            for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])]
+
+
+def contract_paths(paths: Paths) -> set[Path]:
+    """Every path pipeline.contracts names: the Paths locations and the record files inside them."""
+    locations = {getattr(paths, name) for name, value in vars(Paths).items() if isinstance(value, property)}
+    names = [value for name, value in vars(records).items() if name.isupper() and isinstance(value, str)]
+    return locations | {location / name for location in locations for name in names}
+
+
+def test_every_dvc_out_is_a_contract_path():
+    paths = Paths(REPO)
+    strays = [f"{name}: {out}" for name, stage in dvc_stages().items() for out in declared_outputs(stage)
+              if REPO / out not in contract_paths(paths)]
+    assert not strays, f"dvc.yaml outs that pipeline/contracts does not name: {', '.join(strays)}"
+
+
+@pytest.mark.parametrize("name", list(dvc_stages()))
+def test_a_stage_writes_exactly_its_dvc_outs(name, trained_project_writes):
+    """What the stage really wrote (run through the CLI's handler on a tiny project) is what dvc.yaml
+    declares: nothing written outside its outs, and every out written."""
+    _, _, written = trained_project_writes
+    declared = declared_outputs(dvc_stages()[name])
+
+    def inside(path: str, out: str) -> bool:
+        return path == out or path.startswith(out.rstrip("/") + "/")
+
+    undeclared = sorted(path for path in written[name] if not any(inside(path, out) for out in [*declared, *NOT_OUTS]))
+    unwritten = [out for out in declared if not any(inside(path, out) for path in written[name])]
+    assert not undeclared, f"stage {name!r} wrote {', '.join(undeclared)}, which dvc.yaml does not declare as its outs"
+    assert not unwritten, f"dvc.yaml declares {', '.join(unwritten)} as stage {name!r}'s outs, but it wrote nothing there"
+
+
+def expand_braces(text: str) -> list[str]:
+    """`a/{b,c}` -> [`a/b`, `a/c`] (one level, as the README's table writes paths)."""
+    head, brace, rest = text.partition("{")
+    if not brace:
+        return [text]
+    inside, _, tail = rest.partition("}")
+    return [expanded for option in inside.split(",") for expanded in expand_braces(head + option + tail)]
+
+
+def test_the_readme_stage_table_is_dvc_yaml():
+    """The tour's table lists dvc.yaml's stages in order, each with its module and every out it writes."""
+    rows = [line.split("|")[1:-1] for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in dvc_stages()]
+    assert [row[0].strip() for row in rows] == list(dvc_stages()), "README's stage table is not dvc.yaml's stages"
+    for name, module, _, writes in rows:
+        assert module.strip() == f"`pipeline/stages/{name.strip()}.py`", f"README: stage {name.strip()} is {module}"
+        written = [path for quoted in writes.split("`")[1::2] for path in expand_braces(quoted)]
+        for out in declared_outputs(dvc_stages()[name.strip()]):
+            assert any(path.rstrip("/") == out or path.startswith(out + "/") for path in written), \
+                f"README's stage table: {name.strip()} writes {out} (dvc.yaml), but its row does not say so"

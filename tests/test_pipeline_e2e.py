@@ -77,6 +77,22 @@ def test_dvc_repro_trains_registers_and_then_does_nothing(repo_copy):
 
 
 @pytest.mark.e2e
+def test_importing_the_code_with_bytecode_on_leaves_dvc_status_up_to_date(repo_copy):
+    """Python writes __pycache__/ into pipeline/ on import by default; DVC must not see a changed dep."""
+    modules = [".".join(path.relative_to(repo_copy).with_suffix("").parts).removesuffix(".__init__")
+               for folder in ("pipeline", "flows") for path in sorted((repo_copy / folder).rglob("*.py"))]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(repo_copy)  # the copy's own modules, so their bytecode lands in the copy
+    for command in ([sys.executable, "-c", "; ".join(f"import {module}" for module in modules)],
+                    [sys.executable, "-m", "pipeline.cli", "--help"]):
+        done = subprocess.run(command, cwd=repo_copy, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert any((repo_copy / "pipeline" / "data" / "sources" / "__pycache__").glob("*.pyc")), "no bytecode was written"
+    status = _run(["dvc", "status"], repo_copy).stdout
+    assert "Data and pipelines are up to date" in status, status
+
+
+@pytest.mark.e2e
 def test_changing_a_train_param_reruns_only_what_depends_on_it(repo_copy):
     params = read_params_file(repo_copy / "params.yaml")
     params["train"]["steps"] += 1
