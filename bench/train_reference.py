@@ -304,7 +304,7 @@ def print_sizes(rows: dict[str, dict[str, tuple[int, int]]]) -> None:
 
 def bench_vae(name: str, vae: tuple[int, ...], data: Paths, root: Path, args) -> dict:
     from pipeline.stages.encode import encode
-    from pipeline.vae import vae_stage
+    from pipeline.stages.vae import vae_stage
 
     shutil.copytree(data.processed, root / "data" / "processed")
     saved_random_model(data, root / "pretrained", vae)

@@ -14,7 +14,7 @@ from pipeline.diffusion.components import load_pipeline
 from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.stages.evaluate import noise_prediction_metrics, vae_reconstruction_metrics
 from pipeline.stages.train import batch_indices
-from pipeline.vae import reconstruction_mse
+from pipeline.stages.vae import reconstruction_mse
 
 
 def test_vae_is_a_diffusers_model_with_unit_variance_scaling(trained_project):
