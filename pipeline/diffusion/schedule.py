@@ -1,5 +1,6 @@
 """The diffusion math, in one place: the noise schedule, the training target, noise and timestep draws,
-min-SNR weights, and the samplers with their default settings.
+min-SNR weights, and the samplers with their default settings. `Ddpm` is the objective of the DDPM
+families (sd, sdxl); flow_matching.py holds the rectified-flow one, with the same interface (NoisyBatch).
 
 train, evaluate, generate and monitor all learn or measure against these definitions, so a model is
 always scored on what it was trained to predict.
@@ -7,7 +8,10 @@ always scored on what it was trained to predict.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.training_utils import compute_snr
 
@@ -76,3 +80,53 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     """min-SNR-gamma (Hang et al. 2023): caps the weight of easy, low-noise timesteps."""
     snr = compute_snr(scheduler, timesteps)
     return snr.clamp(max=gamma) / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1)
+
+
+@dataclass(frozen=True)
+class NoisyBatch:
+    """One batch as the denoiser sees it and what its prediction is scored against."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor  # what the denoiser takes
+    target: torch.Tensor
+    weights: torch.Tensor | None  # per-sample loss weights; None: the plain mean
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The loss: the plain mean squared error, or each sample's mean squared error weighted."""
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1)
+    return (per_sample * weights.float()).mean()
+
+
+@dataclass(frozen=True)
+class Ddpm:
+    """DDPM: timesteps uniform over the schedule, the epsilon or v target, optional min-SNR-gamma weights."""
+
+    scheduler: DDPMScheduler
+    snr_gamma: float | None = None
+
+    def training_batch(self, latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> NoisyBatch:
+        """Noise, then timesteps, drawn from `generator` (CPU), for a training step."""
+        noise = training_noise(latents.shape, generator, noise_offset).to(latents.device)
+        timesteps = training_timesteps(self.scheduler, len(latents), generator).to(latents.device)
+        return self.noised(latents, noise, timesteps)
+
+    def batch_at(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> NoisyBatch:
+        """The batch at a fixed timestep, with given noise (validation and evaluation)."""
+        return self.noised(latents, noise, torch.full((len(latents),), timestep, dtype=torch.long,
+                                                      device=latents.device))
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisyBatch:
+        weights = None if self.snr_gamma is None else min_snr_weights(self.scheduler, timesteps, self.snr_gamma)
+        return NoisyBatch(self.scheduler.add_noise(latents, noise, timesteps), timesteps,
+                          training_target(self.scheduler, latents, noise, timesteps), weights)
+
+    def sampling_scheduler(self) -> DPMSolverMultistepScheduler:
+        return sampling_scheduler(self.scheduler)
+
+
+def forward_process_of(sampler_config: dict) -> Ddpm:
+    """The DDPM forward process a saved pipeline was trained with, from its sampler's config."""
+    return Ddpm(DDPMScheduler.from_config(sampler_config))
