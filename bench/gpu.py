@@ -103,11 +103,11 @@ def random_model(setup: Setup, captions: list[str]):
     """The preset's UNet and text encoder and, at SD's sizes, SD 1.5's VAE configuration."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    from pipeline.diffusion.components import random_pipeline
+    from pipeline.diffusion.families import family_named, random_pipeline
 
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1 B parameters: GPU speed
-        pipeline = random_pipeline(captions, preset=setup.preset, resolution=setup.resolution,
+        pipeline = random_pipeline(family_named("sd"), captions, preset=setup.preset, resolution=setup.resolution,
                                    vae=VaeParams(block_out_channels=setup.vae_channels))
         if setup.preset == "sd15":
             vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

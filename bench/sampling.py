@@ -14,7 +14,7 @@ import time
 import torch
 
 from pipeline.data.shapes import SHAPE_PROMPTS
-from pipeline.diffusion.components import load_pipeline
+from pipeline.diffusion.families import load_pipeline
 from pipeline.diffusion.schedule import use_scheduler
 from pipeline.evaluation.shape_adherence import shape_adherence_metrics
 

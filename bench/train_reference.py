@@ -55,7 +55,8 @@ from pipeline.contracts.paths import Paths  # noqa: E402
 from pipeline.contracts.shards import image_bytes  # noqa: E402
 from pipeline.core.config import Params, TrainParams, VaeParams  # noqa: E402
 from pipeline.core.params_file import parse_params, read_params_file  # noqa: E402
-from pipeline.diffusion.components import PRESETS, build_unet, random_pipeline  # noqa: E402
+from pipeline.diffusion.families import family_named, random_pipeline  # noqa: E402
+from pipeline.diffusion.families.sd import PRESETS, build_unet  # noqa: E402
 from pipeline.diffusion.tokenizer import tokenize  # noqa: E402
 from pipeline.training.throughput import peak_memory_mb, warmup_steps  # noqa: E402
 
@@ -106,8 +107,8 @@ def saved_random_model(data: Paths, folder: Path, vae: tuple[int, ...]) -> None:
     """A random tiny SD pipeline in diffusers format: the stand-in for pretrained weights."""
     captions = pd.read_parquet(data.processed / "train" / MANIFEST)["caption"].tolist()
     torch.manual_seed(0)
-    random_pipeline(captions, vae=VaeParams(block_out_channels=vae), resolution=RESOLUTION).save_pretrained(
-        folder, safe_serialization=True)
+    pipeline = random_pipeline(family_named("sd"), captions, vae=VaeParams(block_out_channels=vae), resolution=RESOLUTION)
+    pipeline.save_pretrained(folder, safe_serialization=True)
 
 
 def timed(function, *args) -> float:

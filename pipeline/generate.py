@@ -15,7 +15,7 @@ from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import atomic_file
 from pipeline.core.config import Params
 from pipeline.data.images import image_grid
-from pipeline.diffusion.components import load_pipeline
+from pipeline.diffusion.families import load_pipeline
 from pipeline.diffusion.schedule import use_scheduler
 from pipeline.tracking.model_source import resolve_model
 

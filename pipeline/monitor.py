@@ -33,7 +33,7 @@ from pipeline.data.captions import normalise_caption
 from pipeline.data.images import content_id, describe_image, load_training_image
 from pipeline.data.sources import path_inside
 from pipeline.data.sources.tables import read_rows
-from pipeline.diffusion.components import load_pipeline
+from pipeline.diffusion.families import load_pipeline
 from pipeline.diffusion.vae_io import encode_images, to_model_range
 from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.quality.drift import feature_drift, mmd_test

@@ -184,17 +184,17 @@ def add_patterns(source: Path, sizes: list[tuple[int, int]], first_seed: int = 0
         (source / f"{seed}.txt").write_text(f"pattern {seed}", encoding="utf-8")
 
 
-def save_random_base_model(folder: Path) -> Path:
-    """A randomly initialised Stable Diffusion pipeline saved in diffusers format: the stand-in for real
-    pretrained weights (same files, same loading code)."""
+def save_random_base_model(folder: Path, family: str = "sd") -> Path:
+    """A randomly initialised pipeline of a model family at its tiny preset, saved in diffusers format: the
+    stand-in for real pretrained weights (same files, same loading code)."""
     import torch
 
-    from pipeline.diffusion.components import random_pipeline
+    from pipeline.diffusion.families import family_named, random_pipeline
 
     torch.manual_seed(0)
     captions = [f"a {colour} {shape}" for colour in ("red", "green", "blue", "yellow", "purple", "orange")
                 for shape in ("circle", "square", "triangle")]
-    random_pipeline(captions, resolution=32).save_pretrained(folder, safe_serialization=True)
+    random_pipeline(family_named(family), captions, resolution=32).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

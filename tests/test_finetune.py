@@ -83,8 +83,9 @@ def test_full_finetune_trains_the_unet_on_cached_text_states(trained_project, ba
     val = load_latents(paths.latents, "val")
     base = StableDiffusionPipeline.from_pretrained(base_model)
     empty = base.text_encoder(tokenize(base.tokenizer, [""]))[0][0]
-    torch.testing.assert_close(val.text_states[EMPTY_PROMPT_ROW], empty, atol=1e-5, rtol=1e-5)
-    assert val.text_states.shape[0] == 1 + len({c for c in val.captions if c})
+    assert list(val.text_states) == ["prompt_embeds"]
+    torch.testing.assert_close(val.text_states["prompt_embeds"][EMPTY_PROMPT_ROW], empty, atol=1e-5, rtol=1e-5)
+    assert val.text_states["prompt_embeds"].shape[0] == 1 + len({c for c in val.captions if c})
 
     metrics = train(params, paths)
     assert metrics["trainable_parameters"] == sum(p.numel() for p in base.unet.parameters())

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import pipeline.stages.train as train_module
 from pipeline.cli import main as sdpipe
-from pipeline.diffusion.components import load_pipeline
+from pipeline.diffusion.families import load_pipeline
 from pipeline.runtime.device import FORCE_CPU, compute_device
 from pipeline.stages.train import train
 from pipeline.training.checkpoints import LORA_CHECKPOINT, checkpoint_folders
@@ -73,10 +73,10 @@ def captured_dtypes(monkeypatch):
     def watching_fit(run, *args):
         model = run.model
         dtypes = {name: {p.dtype for p in module.parameters()} for name, module in
-                  (("vae", model.vae), ("text_encoder", model.text_encoder))}
-        dtypes["unet_trained"] = {p.dtype for p in model.unet.parameters() if p.requires_grad}
-        dtypes["unet_frozen"] = {p.dtype for p in model.unet.parameters() if not p.requires_grad}
-        dtypes["trained_names"] = {name for name, p in model.unet.named_parameters() if p.requires_grad}
+                  (("vae", model.vae), ("text_encoder", model.text["text_encoder"]))}
+        dtypes["unet_trained"] = {p.dtype for p in model.denoiser.parameters() if p.requires_grad}
+        dtypes["unet_frozen"] = {p.dtype for p in model.denoiser.parameters() if not p.requires_grad}
+        dtypes["trained_names"] = {name for name, p in model.denoiser.named_parameters() if p.requires_grad}
         seen.append(dtypes)
         return fit(run, *args)
 

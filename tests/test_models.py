@@ -1,8 +1,10 @@
 import torch
 
 from pipeline.core.config import VaeParams
-from pipeline.diffusion.components import PRESETS, build_text_encoder, build_unet, build_vae
-from pipeline.diffusion.tokenizer import build_tokenizer
+from pipeline.diffusion.components import build_vae
+from pipeline.diffusion.families.base import Scratch
+from pipeline.diffusion.families.sd import FAMILY, PRESETS, build_unet
+from pipeline.diffusion.tokenizer import build_tokenizer, tokenize
 
 CAPTIONS = ["a red circle", "a blue square on a light background", "a picture of a green triangle"] * 20
 
@@ -20,12 +22,11 @@ def test_tokenizer_learns_whole_words_and_falls_back_to_characters(tmp_path):
 
 
 def test_components_fit_together():
-    preset = PRESETS["tiny"]
-    tokenizer = build_tokenizer(CAPTIONS, vocab_size=1000, max_tokens=preset.max_tokens)
-    text_encoder = build_text_encoder(tokenizer, preset)
+    components = FAMILY.scratch_components(Scratch(tuple(CAPTIONS), "tiny", 1000, latent_channels=4, latent_size=8))
+    tokenizer, text_encoder, unet = components["tokenizer"], components["text_encoder"], components["unet"]
     vae = build_vae(VaeParams(), resolution=32)
-    unet = build_unet(preset, latent_channels=4, latent_size=8)
-    ids = tokenizer(["a red circle"], padding="max_length", max_length=preset.max_tokens, return_tensors="pt").input_ids
+    ids = tokenize(tokenizer, ["a red circle"])
+    assert ids.shape == (1, PRESETS["tiny"].max_tokens)
     with torch.no_grad():
         states = text_encoder(ids)[0]
         latents = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean

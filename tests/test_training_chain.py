@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from pipeline.contracts.data import load_split, split_chunks
 from pipeline.contracts.latents import load_latents
 from pipeline.contracts.records import LOSS_PLOT
-from pipeline.diffusion.components import load_pipeline
+from pipeline.diffusion.families import load_pipeline
 from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.stages.evaluate import noise_prediction_metrics, vae_reconstruction_metrics
 from pipeline.stages.train import batch_indices

@@ -24,7 +24,8 @@ REJECTED_COLUMNS = ("origin", "reason")
 
 # data/processed
 SPLITS = ("train", "val")
-PROCESSED_MANIFEST_COLUMNS = ("id", "shard", "caption", "width", "height", "crop", "recipe", "sha256")
+PROCESSED_MANIFEST_COLUMNS = ("id", "shard", "caption", "width", "height", "crop", "recipe", "sha256",
+                              "original_width", "original_height", "crop_left", "crop_top")
 STATS = "stats.json"
 REFERENCE_FEATURES = "reference_features.parquet"
 IMAGES_PER_CHUNK = 1024  # images decoded at a time by `split_chunks`

@@ -9,11 +9,13 @@ the captions), written once and never rewritten:
   each size;
 - `flipped-<hash>`: `flip_mean.<h>x<w>` and `flip_std.<h>x<w>`, those of the mirror images
   (`train.random_flip`);
-- `text-<hash>` (finetune): `text_states`, the frozen text encoder's hidden states of the shard's distinct
-  captions, row 0 the empty prompt.
+- `text-<hash>` (finetune): the frozen text encoders' outputs of the shard's distinct captions, one tensor per
+  name the model family conditions on (`prompt_embeds`, and `pooled_prompt_embeds` for SDXL), row 0 the
+  empty prompt.
 
 Each file's metadata lists what it holds (`keys`: the image ids, or a text file's captions). {split}.parquet has one row per sample
-(LATENT_COLUMNS): its files, its size, its `row` in the tensors of that size and its `text_row`.
+(LATENT_COLUMNS): its files, its size, its `row` in the tensors of that size, its `text_row`, and its size
+before preprocess with the crop's corner (IMAGE_SIZE_COLUMNS).
 
 Readers map the files rather than load them: a batch reads its samples' rows by index (the order training's
 exact resume replays), so a split larger than memory trains from the page cache.
@@ -38,10 +40,13 @@ from pipeline.core.atomic import atomic_file
 POSTERIOR, FLIPPED, TEXT = "posterior", "flipped", "text"  # the kinds of latent file, and their manifest columns
 POSTERIOR_TENSORS = ("mean", "std")
 FLIPPED_TENSORS = ("flip_mean", "flip_std")
-TEXT_STATES = "text_states"
 KEYS = "keys"  # file metadata, as JSON: what a file holds, row by row (image ids; a text file's captions)
-EMPTY_PROMPT_ROW = 0  # text_states row of the empty prompt, in every text file
-LATENT_COLUMNS = ("id", "caption", "height", "width", "row", POSTERIOR, FLIPPED, TEXT, "text_row")
+EMPTY_PROMPT_ROW = 0  # the text tensors' row of the empty prompt, in every text file
+# a sample's size conditions, in the order of SDXL's time ids: its size before preprocess, the crop's top-left
+# corner in the scaled image, and its size after (pixels)
+IMAGE_SIZE_COLUMNS = ("original_height", "original_width", "crop_top", "crop_left", "height", "width")
+LATENT_COLUMNS = ("id", "caption", "height", "width", "row", POSTERIOR, FLIPPED, TEXT, "text_row",
+                  "original_height", "original_width", "crop_top", "crop_left")
 LATENT_SUFFIX = ".safetensors"
 
 # safetensors dtype -> (numpy type of the same width, torch dtype); bfloat16 travels as int16
@@ -165,7 +170,8 @@ class CachedLatents:
     groups: list[LatentGroup]
     captions: list[str]
     ids: list[str]
-    text_states: MappedRows | None = None  # finetune: hidden states per distinct caption of every text file
+    image_sizes: torch.Tensor | None = None  # per sample: original height and width, crop top and left, height, width
+    text_states: dict[str, MappedRows] | None = None  # finetune: per name, the states of every text file's captions
     text_rows: torch.Tensor | None = None  # each sample's row in text_states
 
     def __len__(self) -> int:
@@ -190,16 +196,31 @@ def mapped_column(directory: Path, members: pd.DataFrame, column: str, name: str
     return MappedRows([directory / file for file in files], name, parts, members["row"].to_numpy())
 
 
-def mapped_text_states(directory: Path, rows: pd.DataFrame) -> tuple[MappedRows, torch.Tensor]:
-    """Every text file's states one after another, and each sample's row in them (the first file's row 0 is
-    the empty prompt, EMPTY_PROMPT_ROW)."""
+def mapped_text_states(directory: Path, rows: pd.DataFrame) -> tuple[dict[str, MappedRows], torch.Tensor]:
+    """Every text file's tensors one after another, by name, and each sample's row in them (the first file's
+    row 0 is the empty prompt, EMPTY_PROMPT_ROW)."""
     parts, files = pd.factorize(rows[TEXT])
     paths = [directory / file for file in files]
-    counts = [len(mapped_tensor(path, TEXT_STATES)[0]) for path in paths]
+    names = text_tensor_names(paths[0])
+    counts = [len(mapped_tensor(path, names[0])[0]) for path in paths]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
-    states = MappedRows(paths, TEXT_STATES, np.repeat(np.arange(len(paths)), counts),
-                        np.concatenate([np.arange(count) for count in counts]))
+    files_of_rows = np.repeat(np.arange(len(paths)), counts)
+    rows_in_files = np.concatenate([np.arange(count) for count in counts])
+    states = {name: MappedRows(paths, name, files_of_rows, rows_in_files) for name in names}
     return states, torch.from_numpy(starts[parts] + rows["text_row"].to_numpy())
+
+
+def text_tensor_names(path: Path) -> list[str]:
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise ValueError(f"{path}: missing ({error}); run `sdpipe encode` again") from error
+    return sorted(mapped_tensors(path, stat.st_ino, stat.st_mtime_ns))
+
+
+def image_sizes_of(rows: pd.DataFrame) -> torch.Tensor:
+    """Each sample's size conditions, as SDXL's time ids order them (float32, pixels)."""
+    return torch.tensor(rows[list(IMAGE_SIZE_COLUMNS)].to_numpy(dtype=np.float32))
 
 
 def load_latents(directory: Path, split: str) -> CachedLatents:
@@ -213,4 +234,5 @@ def load_latents(directory: Path, split: str) -> CachedLatents:
                  for tensor in tensors}
         groups.append(LatentGroup(torch.tensor(members.index.to_numpy()), **named))
     text_states, text_rows = mapped_text_states(directory, rows) if rows[TEXT].notna().all() else (None, None)
-    return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), text_states, text_rows)
+    return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), image_sizes_of(rows), text_states,
+                         text_rows)

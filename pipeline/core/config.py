@@ -214,15 +214,21 @@ class LoraParams(Section):
     rank: int = Field(4, ge=1)
     alpha: float = Field(4.0, gt=0, description="the update is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = Field(("to_q", "to_k", "to_v", "to_out.0"), min_length=1,
-                                             description="UNet attention projections that get LoRA layers")
+    target_modules: tuple[str, ...] | None = Field(
+        None, min_length=1, description="denoiser layers that get LoRA layers; null: the family's default")
+
+
+# The scratch presets of each family that is built (pipeline/diffusion/families/; a test checks they agree).
+FAMILY_PRESETS = {"sd": ("tiny", "small", "sd15"), "sdxl": ("tiny", "sdxl")}
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
 
 class ModelParams(Section):
+    family: Literal[FAMILIES] = Field("sd", description="the architecture (README \"Model families\")")
     mode: Literal["scratch", "finetune"] = "scratch"
-    preset: Literal["tiny", "small", "sd15"] = Field("tiny", description="scratch mode: the model sizes")
+    preset: str = Field("tiny", description="scratch mode: the model sizes, one of the family's presets")
     pretrained: str | None = Field(None, description="finetune mode: a diffusers folder or a hub id")
-    finetune: Literal["lora", "full"] = Field("lora", description="finetune mode: LoRA layers or the whole UNet")
+    finetune: Literal["lora", "full"] = Field("lora", description="finetune mode: LoRA layers or the whole denoiser")
     lora: LoraParams = LoraParams()
 
     @model_validator(mode="after")
@@ -231,6 +237,18 @@ class ModelParams(Section):
             raise PydanticCustomError(
                 "missing_setting",
                 "model.pretrained: required when model.mode is finetune (a diffusers folder or a hub id)", {})
+        return self
+
+    @model_validator(mode="after")
+    def _family_is_built_and_has_the_preset(self) -> ModelParams:
+        if self.family not in FAMILY_PRESETS:
+            raise PydanticCustomError(
+                "missing_setting", "model.family: {family} is not built yet; sdpipe trains {built}",
+                {"family": self.family, "built": ", ".join(FAMILY_PRESETS)})
+        if self.preset not in FAMILY_PRESETS[self.family]:
+            raise PydanticCustomError(
+                "missing_setting", "model.preset: '{preset}' is not a preset of model.family {family} ({presets})",
+                {"preset": self.preset, "family": self.family, "presets": ", ".join(FAMILY_PRESETS[self.family])})
         return self
 
 

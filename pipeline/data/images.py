@@ -107,6 +107,19 @@ def resize_and_crop(image: Image.Image, size: tuple[int, int], centering: tuple[
     return ImageOps.fit(image, size, Image.Resampling.LANCZOS, centering=centering)
 
 
+def crop_top_left(original: tuple[int, int], size: tuple[int, int], centering: tuple[float, float]) -> tuple[int, int]:
+    """Where resize_and_crop's crop of an image of `original` (width, height) starts, as (left, top) in the
+    pixels of the scaled image: ImageOps.fit's crop box, scaled. SDXL conditions on it (its "crop coords")."""
+    ratio = size[0] / size[1]
+    if original[0] / original[1] >= ratio:
+        crop_width, crop_height = ratio * original[1], original[1]
+    else:
+        crop_width, crop_height = original[0], original[0] / ratio
+    scale = size[0] / crop_width
+    return (round((original[0] - crop_width) * centering[0] * scale),
+            round((original[1] - crop_height) * centering[1] * scale))
+
+
 def load_training_image(source: Path | BinaryIO, resolution: int, centering: tuple[float, float] = CENTRE) -> Image.Image:
     """The image (a file, or its bytes) as a square at `resolution`, converted as preprocess converts
     (monitoring reads batches so)."""

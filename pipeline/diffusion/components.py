@@ -1,65 +1,38 @@
-"""Build or load the Stable Diffusion components: CLIP text encoder, VAE, UNet, schedulers, the pipeline.
+"""The pieces every model family builds from or loads with: the scratch VAE, CLIP text-encoder configs, and
+loading a pretrained diffusers model's components (`model.pretrained`: a folder or a hub id).
 
-Scratch sizes come from named presets (`model.preset`): `tiny` trains on a laptop CPU in minutes, `small`
-is a starting point for a single GPU, `sd15` has Stable Diffusion 1.5's UNet and text-encoder sizes.
-Fine-tuning loads the components of a pretrained diffusers model (`model.pretrained`: a folder or a hub
-id). Everything is a plain diffusers/transformers object, saved with `save_pretrained` and loadable with
-no sdpipe code. Scratch mode's tokenizer is pipeline.diffusion.tokenizer's; pixels to latents, vae_io's.
+Each family's own components and presets are in pipeline.diffusion.families; scratch mode's tokenizer is
+pipeline.diffusion.tokenizer's; pixels to latents, vae_io's. Everything is a plain diffusers/transformers
+object, saved with `save_pretrained` and loadable with no sdpipe code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
+from diffusers import AutoencoderKL, DDPMScheduler
+from transformers import CLIPTextConfig, CLIPTokenizerFast
 
 from pipeline.core.config import ConfigError, VaeParams
-from pipeline.diffusion.schedule import training_scheduler
-from pipeline.diffusion.tokenizer import build_tokenizer
-from pipeline.runtime.device import compute_device
 
-
-@dataclass(frozen=True)
-class Preset:
-    unet_channels: tuple[int, ...]
-    unet_layers_per_block: int
-    attention_heads: int
-    text_width: int
-    text_layers: int
-    text_heads: int
-    max_tokens: int
-    attention_levels: int  # UNet levels, from the top, with cross-attention
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset((64, 128), 1, 4, 64, 2, 4, 24, 2),
-    "small": Preset((128, 256, 512), 2, 8, 256, 4, 4, 77, 3),
-    "sd15": Preset((320, 640, 1280, 1280), 2, 8, 768, 12, 12, 77, 3),
-}
 PIPELINE_INDEX = "model_index.json"
 
 
-def build_text_encoder(tokenizer: CLIPTokenizerFast, preset: Preset) -> CLIPTextModel:
-    config = CLIPTextConfig(
+def clip_text_config(tokenizer: CLIPTokenizerFast, width: int, layers: int, heads: int,
+                     projection_dim: int | None = None) -> CLIPTextConfig:
+    """A CLIP text encoder's config for a tokenizer: its vocabulary, special tokens and fixed length."""
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=preset.text_width,
-        intermediate_size=preset.text_width * 4,
-        num_hidden_layers=preset.text_layers,
-        num_attention_heads=preset.text_heads,
-        max_position_embeddings=preset.max_tokens,
+        hidden_size=width,
+        intermediate_size=width * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **({"projection_dim": projection_dim} if projection_dim else {}),
     )
-    return CLIPTextModel(config)
 
 
 def build_vae(params: VaeParams, resolution: int) -> AutoencoderKL:
@@ -74,22 +47,6 @@ def build_vae(params: VaeParams, resolution: int) -> AutoencoderKL:
         latent_channels=params.latent_channels,
         norm_num_groups=min(8, min(params.block_out_channels)),
         sample_size=resolution,
-    )
-
-
-def build_unet(preset: Preset, *, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
-    attention, plain = preset.attention_levels, len(preset.unet_channels) - preset.attention_levels
-    return UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * attention + ("DownBlock2D",) * plain,
-        up_block_types=("UpBlock2D",) * plain + ("CrossAttnUpBlock2D",) * attention,
-        block_out_channels=preset.unet_channels,
-        layers_per_block=preset.unet_layers_per_block,
-        cross_attention_dim=preset.text_width,
-        attention_head_dim=preset.attention_heads,
-        norm_num_groups=min(32, min(preset.unet_channels)),
     )
 
 
@@ -122,40 +79,5 @@ def load_pretrained_vae(spec: str, root: Path) -> AutoencoderKL:
     return load_pretrained(spec, root, "vae", AutoencoderKL.from_pretrained)
 
 
-def load_pretrained_unet(spec: str, root: Path) -> UNet2DConditionModel:
-    return load_pretrained(spec, root, "unet", UNet2DConditionModel.from_pretrained)
-
-
-def load_frozen_text_encoder(spec: str, root: Path) -> tuple[object, CLIPTextModel]:
-    """The tokenizer and the text encoder, in eval mode with gradients off."""
-    tokenizer = load_pretrained(spec, root, "tokenizer", AutoTokenizer.from_pretrained)
-    text_encoder = load_pretrained(spec, root, "text_encoder", CLIPTextModel.from_pretrained)
-    return tokenizer, text_encoder.eval().requires_grad_(False)
-
-
 def pretrained_scheduler_config(spec: str, root: Path) -> dict:
     return dict(load_pretrained(spec, root, "scheduler", DDPMScheduler.load_config))
-
-
-def random_pipeline(captions: Iterable[str], *, preset: str = "tiny", vae: VaeParams = VaeParams(),
-                    resolution: int = 32, vocab_size: int = 1000) -> StableDiffusionPipeline:
-    """A randomly initialised Stable Diffusion pipeline from a preset. Saved with save_pretrained it has the
-    files and layout of real weights such as SD 1.5: the stand-in for them in tests and benchmarks."""
-    sizes = PRESETS[preset]
-    tokenizer = build_tokenizer(captions, vocab_size=vocab_size, max_tokens=sizes.max_tokens)
-    autoencoder = build_vae(vae, resolution)
-    latent_size = resolution // 2 ** (len(vae.block_out_channels) - 1)
-    return StableDiffusionPipeline(
-        vae=autoencoder, text_encoder=build_text_encoder(tokenizer, sizes), tokenizer=tokenizer,
-        unet=build_unet(sizes, latent_channels=vae.latent_channels, latent_size=latent_size),
-        scheduler=training_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-
-
-def load_pipeline(folder) -> StableDiffusionPipeline:
-    """A saved pipeline on the compute device (sampling stays deterministic: seeds drive CPU generators)."""
-    pipeline = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(compute_device())
-
-

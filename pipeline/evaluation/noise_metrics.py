@@ -7,13 +7,12 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from pipeline.contracts.latents import MappedRows
-from pipeline.diffusion.schedule import training_target
-from pipeline.diffusion.tokenizer import tokenize
+from pipeline.diffusion.families import family_of_pipeline
 
-NOISE_METRICS_BATCH = 64  # samples per UNet call: the validation split never has to fit in memory at once
+NOISE_METRICS_BATCH = 64  # samples per denoiser call: the validation split never has to fit in memory at once
 
 
 @dataclass
@@ -48,28 +47,33 @@ class ErrorSums:
 
 @torch.no_grad()
 def noise_metrics_on(
-    pipeline: StableDiffusionPipeline, latent_means: torch.Tensor | MappedRows, captions: list[str],
+    pipeline: DiffusionPipeline, latent_means: torch.Tensor | MappedRows, captions: list[str],
     timesteps: tuple[int, ...], noise_seed: int, batch_size: int = NOISE_METRICS_BATCH,
 ) -> dict:
-    """Prediction errors on given VAE latent means at fixed timesteps and noise seeds. The target is
-    what the model was trained to predict: the noise, or the velocity for v-prediction models.
+    """Prediction errors on given VAE latent means at fixed timesteps and noise seeds. The target is what the
+    model was trained to predict: the noise, the velocity of v-prediction, or the flow's velocity, as the
+    forward process its family's sampler config implies.
 
     Measured on the first len(captions) rows of `latent_means`, a tensor or the mapped rows of a latent
     file, read `batch_size` at a time; each timestep's noise comes from its own generator, drawn batch after
-    batch in sample order."""
-    device = pipeline.unet.device
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)  # the forward process used in training
+    batch in sample order. Size conditions (SDXL) are those of the square images the pipeline generates."""
+    family = family_of_pipeline(pipeline)
+    denoiser = getattr(pipeline, family.denoiser)
+    device = denoiser.device
+    objective = family.objective_of(pipeline.scheduler.config)
     generators = {timestep: torch.Generator().manual_seed(noise_seed + timestep) for timestep in timesteps}
     sums = {timestep: ErrorSums() for timestep in timesteps}
     for start in range(0, len(captions), batch_size):
         stop = min(start + batch_size, len(captions))
         latents = latent_means[np.arange(start, stop)].float().to(device) * pipeline.vae.config.scaling_factor
-        states = pipeline.text_encoder(tokenize(pipeline.tokenizer, captions[start:stop]).to(device))[0]
+        ids = family.token_ids(pipeline.components, captions[start:stop])
+        states = family.encode_text(pipeline.components, {name: value.to(device) for name, value in ids.items()})
+        sizes = square_image_sizes(len(latents), latents.shape[-1] * pipeline.vae_scale_factor)
         for timestep in timesteps:
             noise = torch.randn(latents.shape, generator=generators[timestep]).to(device)
-            steps = torch.full((len(latents),), timestep, dtype=torch.long, device=device)
-            prediction = pipeline.unet(scheduler.add_noise(latents, noise, steps), steps, states).sample
-            sums[timestep].add(prediction.cpu(), training_target(scheduler, latents, noise, steps).cpu())
+            batch = objective.batch_at(latents, noise, timestep)
+            prediction = family.predict(denoiser, batch.noisy, batch.timesteps, states, sizes)
+            sums[timestep].add(prediction.cpu(), batch.target.cpu())
     metrics, overall = {}, ErrorSums()
     for timestep, sum_of_timestep in sums.items():
         metrics.update({f"{name}_t{timestep}": value for name, value in sum_of_timestep.metrics().items()})
@@ -77,3 +81,6 @@ def noise_metrics_on(
     return metrics | overall.metrics()
 
 
+def square_image_sizes(count: int, side: int) -> torch.Tensor:
+    """Size conditions of uncropped square images: original size, crop top-left (0, 0), target size."""
+    return torch.tensor([[side, side, 0, 0, side, side]] * count, dtype=torch.float32)

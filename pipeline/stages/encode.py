@@ -2,12 +2,13 @@
 
 - the VAE posterior (mean and std, unscaled) of every processed image, and of its mirror image when
   `train.random_flip` is on (a latent of a mirrored image is not the mirrored latent);
-- in finetune mode, the frozen text encoder's hidden states of each distinct caption (row 0 of every text
-  file: the empty prompt, which caption dropout uses).
+- in finetune mode, the frozen text encoders' outputs of each distinct caption, as the model family
+  (`model.family`) conditions on them: one named tensor each (row 0 of every text file: the empty prompt,
+  which caption dropout uses).
 
 Writes data/latents as pipeline.contracts.latents lays it out: per processed shard, one file per kind, named
 by a hash of everything its values depend on (the processed shard, itself named by its images' recipes; the
-VAE's files or the text encoder's weights; `encode.dtype`; for text, the captions). data/latents persists
+VAE's files or the text encoders' weights; `encode.dtype`; for text, the captions). data/latents persists
 between runs (dvc.yaml): a file the run needs that is there already, holding what its name says, is kept;
 the others are encoded; files no manifest names any more are deleted. So adding images encodes only their
 shards, turning on `train.random_flip` encodes only the mirror images, and a new VAE re-encodes everything.
@@ -20,6 +21,7 @@ this process, on its device.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,7 +41,6 @@ from pipeline.contracts.latents import (
     POSTERIOR,
     POSTERIOR_TENSORS,
     TEXT,
-    TEXT_STATES,
     latent_file_keys,
     size_name,
     write_latent_file,
@@ -49,8 +50,7 @@ from pipeline.contracts.shards import IMAGE, read_members, shard_name, unreferen
 from pipeline.core.atomic import atomic_file
 from pipeline.core.config import EncodeParams, ModelParams, RayParams, TrainParams
 from pipeline.core.hashing import folder_hash, module_hash
-from pipeline.diffusion.components import load_frozen_text_encoder
-from pipeline.diffusion.tokenizer import tokenize
+from pipeline.diffusion.families import family_named
 from pipeline.diffusion.vae_io import encode_images, to_model_range
 from pipeline.runtime.device import compute_device, cpu_forced
 from pipeline.runtime.ray_tasks import run_tasks
@@ -64,10 +64,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class Encoder:
     """Where a task loads a frozen encoder from, and the identity of its weights (cache keys name it)."""
 
-    location: str  # the VAE's folder, or the pretrained model whose text encoder is meant
+    location: str  # the VAE's folder, or the pretrained model whose text encoders are meant
     root: Path  # the project, against which a pretrained model's local path resolves
     key: str
     dtype: str
+    family: str | None = None  # text: the model family, which says what its encoders give
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,13 @@ def loaded_vae(encoder: Encoder) -> AutoencoderKL:
 
 
 @lru_cache(maxsize=1)
-def loaded_text_encoder(encoder: Encoder) -> tuple[object, torch.nn.Module]:
-    tokenizer, text_encoder = load_frozen_text_encoder(encoder.location, encoder.root)
-    return tokenizer, text_encoder.to(DTYPES[encoder.dtype]).to(compute_device())
+def loaded_text_encoders(encoder: Encoder) -> dict[str, object]:
+    """The family's tokenizers and frozen text encoders, the encoders in the cache's dtype on the device."""
+    family = family_named(encoder.family)
+    text = family.load_text(encoder.location, encoder.root)
+    for part in family.text:
+        text[part.encoder] = text[part.encoder].to(DTYPES[encoder.dtype]).to(compute_device())
+    return text
 
 
 @torch.no_grad()
@@ -114,15 +119,22 @@ def encode_posteriors(task: LatentTask) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def encode_captions(tokenizer, text_encoder, captions: list[str], batch_size: int) -> torch.Tensor:
-    states = [text_encoder(tokenize(tokenizer, captions[i : i + batch_size]).to(text_encoder.device))[0].cpu()
-              for i in range(0, len(captions), batch_size)]
-    return torch.cat(states)
+def encode_captions(family_name: str, text: dict[str, object], captions: list[str],
+                    batch_size: int) -> dict[str, torch.Tensor]:
+    """The family's conditioning tensors of the captions, by name, on the CPU."""
+    family, device = family_named(family_name), compute_device()
+    parts = []
+    for start in range(0, len(captions), batch_size):
+        ids = family.token_ids(text, captions[start : start + batch_size])
+        encoded = family.encode_text(text, {name: value.to(device) for name, value in ids.items()})
+        parts.append({name: value.cpu() for name, value in encoded.items()})
+    return {name: torch.cat([part[name] for part in parts]) for name in family.conditioning}
 
 
 def encode_file(task: LatentTask) -> list[dict]:
     if task.kind == TEXT:
-        tensors = {TEXT_STATES: encode_captions(*loaded_text_encoder(task.encoder), list(task.keys), task.batch_size)}
+        tensors = encode_captions(task.encoder.family, loaded_text_encoders(task.encoder), list(task.keys),
+                                  task.batch_size)
     else:
         tensors = encode_posteriors(task)
     write_latent_file(task.target, tensors, list(task.keys))
@@ -130,11 +142,16 @@ def encode_file(task: LatentTask) -> list[dict]:
 
 
 def text_encoder_of(model: ModelParams, paths: Paths, dtype: str) -> Encoder | None:
-    """The pretrained model's text encoder in finetune mode; scratch mode trains its own (nothing to cache)."""
+    """The pretrained model's text encoders in finetune mode; scratch mode trains its own (nothing to cache).
+    The key names the family (what is computed from the encoders) and every encoder's weights."""
     if model.mode != "finetune":
         return None
-    _, text_encoder = load_frozen_text_encoder(model.pretrained, paths.root)
-    return Encoder(model.pretrained, paths.root, module_hash(text_encoder.to(DTYPES[dtype])), dtype)
+    family = family_named(model.family)
+    text = family.load_text(model.pretrained, paths.root)
+    digest = hashlib.sha256(family.name.encode())
+    for encoder in family.text_encoders(text):
+        digest.update(module_hash(encoder.to(DTYPES[dtype])).encode())
+    return Encoder(model.pretrained, paths.root, digest.hexdigest(), dtype, family.name)
 
 
 def split_plan(manifest: pd.DataFrame, vae: Encoder, text: Encoder | None, random_flip: bool) -> pd.DataFrame:

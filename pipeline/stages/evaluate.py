@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from pipeline.contracts.data import MANIFEST, split_chunks
@@ -33,7 +33,7 @@ from pipeline.core.atomic import atomic_file, write_json
 from pipeline.core.config import EvaluateParams, Params
 from pipeline.data.images import image_grid
 from pipeline.data.shapes import SHAPE_PROMPTS
-from pipeline.diffusion.components import load_pipeline
+from pipeline.diffusion.families import load_pipeline
 from pipeline.diffusion.vae_io import reconstruct, to_model_range
 from pipeline.evaluation.external_metrics import ExternalMetrics, external_metrics
 from pipeline.evaluation.label_adherence import label_judge
@@ -49,13 +49,13 @@ Judge = Callable[[list[list[Image.Image]], list[str]], dict]  # (rows of images,
 SEED_SET_STRIDE = 1000  # seed sets of different repeats never overlap
 
 
-def noise_prediction_metrics(pipeline: StableDiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
+def noise_prediction_metrics(pipeline: DiffusionPipeline, paths: Paths, params: EvaluateParams) -> dict:
     cache = load_latents(paths.latents, "val")
     return noise_metrics_on(pipeline, cache.single_size().mean, cache.captions, params.timesteps, params.noise_seed)
 
 
 def generate_samples(
-    pipeline: StableDiffusionPipeline, prompts: list[str], params: EvaluateParams, repeat: int = 0
+    pipeline: DiffusionPipeline, prompts: list[str], params: EvaluateParams, repeat: int = 0
 ) -> list[list[Image.Image]]:
     """One row of images per prompt, one column per fixed seed (a new set per repeat)."""
     first_seed = params.sample_seed + repeat * SEED_SET_STRIDE
@@ -96,7 +96,7 @@ def sample_judges(params: Params, paths: Paths, prompts: list[str]) -> tuple[lis
 
 
 def stability_metrics(
-    pipeline: StableDiffusionPipeline, prompts: list[str], judges: list[Judge], params: EvaluateParams,
+    pipeline: DiffusionPipeline, prompts: list[str], judges: list[Judge], params: EvaluateParams,
     external: ExternalMetrics,
 ) -> tuple[dict, list]:
     """Every sample metric over `stability_repeats` seed sets as mean and std (sample counts are summed);
@@ -120,7 +120,7 @@ def stability_metrics(
     return metrics, first_rows
 
 
-def is_deterministic(pipeline: StableDiffusionPipeline, prompt: str, params: EvaluateParams) -> bool:
+def is_deterministic(pipeline: DiffusionPipeline, prompt: str, params: EvaluateParams) -> bool:
     """The same prompt and seed twice must give identical pixels."""
     images = [
         pipeline(prompt, num_inference_steps=params.num_inference_steps,
@@ -151,7 +151,7 @@ def gaussian_ssim(first: torch.Tensor, second: torch.Tensor, *, window: int = 11
 
 
 @torch.no_grad()
-def vae_reconstruction_metrics(pipeline: StableDiffusionPipeline, chunks: Iterable[np.ndarray]) -> dict:
+def vae_reconstruction_metrics(pipeline: DiffusionPipeline, chunks: Iterable[np.ndarray]) -> dict:
     """MSE and PSNR over the pixels (in [0, 1]) of uint8 NHWC chunks (`split_chunks`), and SSIM averaged
     over their images."""
     squared_error, pixels, ssim, images_seen = 0.0, 0, 0.0, 0

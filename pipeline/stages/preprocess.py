@@ -5,6 +5,8 @@ Writes data/processed/{train,val}/manifest.parquet, one row per image:
 - shard: the shard under data/processed/shards that holds the processed PNG (`pipeline.contracts.shards`);
 - width, height: the processed image's size; crop: "center", or the crop position as the two fractions
   ImageOps.fit centres on ("0.123456,0.654321");
+- original_width, original_height: the decoded, upright image's size before resizing; crop_left, crop_top:
+  where the crop starts in the resized image (SDXL conditions on these, as its training scripts record them);
 - recipe: a hash of everything that decides the processed image; sha256: the PNG's own hash.
 Beside them, reference_features.parquet and stats.json: the training set's drift features
 (`pipeline.quality.drift`) per sample and summarised, for the monitoring flow.
@@ -44,7 +46,7 @@ from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.config import PreprocessParams, RayParams
 from pipeline.data.buckets import Size, beyond_widest, bucket_sizes, nearest_bucket
 from pipeline.data.captions import normalise_caption
-from pipeline.data.images import CENTRE, resize_and_crop, to_rgb
+from pipeline.data.images import CENTRE, crop_top_left, resize_and_crop, to_rgb
 from pipeline.quality.drift_features import (
     IMAGE_FEATURES,
     combine_features,
@@ -58,9 +60,11 @@ log = logging.getLogger(__name__)
 
 # Bump whenever to_rgb, integer_to_grey, resize_and_crop or the PNG writing change what an image becomes:
 # it is part of every recipe, so the next run converts everything again instead of reusing stale files.
-CONVERSION_VERSION = "1"
+CONVERSION_VERSION = "2"  # 2: shards record each image's original size and crop
 # What converting an image yields, kept in its shard beside the PNG; image features only matter for train.
-OUTPUT_TYPES = {"width": "int64", "height": "int64", "sha256": "str"} | dict.fromkeys(IMAGE_FEATURES, "float64")
+OUTPUT_TYPES = ({"width": "int64", "height": "int64", "sha256": "str"}
+                | dict.fromkeys(("original_width", "original_height", "crop_left", "crop_top"), "int64")
+                | dict.fromkeys(IMAGE_FEATURES, "float64"))
 
 
 def split_of(sample_id: str, val_fraction: float) -> str:
@@ -113,11 +117,19 @@ class ShardConversion:
     resolution: int  # side of the square the drift features are measured on
 
 
-def convert_image(data: bytes, sizes: tuple[Size, ...], resolution: int,
-                  centering: tuple[float, float]) -> tuple[bytes, Size, np.ndarray]:
-    """Convert, crop and encode one image as PNG; with its size and its square at `resolution`, which its
-    drift features are measured on whatever its bucket, because monitoring measures new batches that way
-    (`load_training_image`)."""
+@dataclass(frozen=True)
+class Converted:
+    png: bytes
+    size: Size
+    original: Size  # the upright image's size before resizing
+    crop: tuple[int, int]  # the crop's left and top in the resized image
+    square: np.ndarray  # the image at `resolution`, which its drift features are measured on
+
+
+def convert_image(data: bytes, sizes: tuple[Size, ...], resolution: int, centering: tuple[float, float]) -> Converted:
+    """Convert, crop and encode one image as PNG; with its sizes, its crop and its square at `resolution`,
+    which its drift features are measured on whatever its bucket, because monitoring measures new batches
+    that way (`load_training_image`)."""
     with Image.open(io.BytesIO(data)) as opened:
         image = to_rgb(opened)
     size = nearest_bucket(image.size, sizes)
@@ -126,27 +138,27 @@ def convert_image(data: bytes, sizes: tuple[Size, ...], resolution: int,
     processed.save(encoded, format="PNG")
     square = (resolution, resolution)
     measured = processed if size == square else resize_and_crop(image, square, centering)
-    return encoded.getvalue(), size, np.asarray(measured)
+    return Converted(encoded.getvalue(), size, image.size, crop_top_left(image.size, size, centering),
+                     np.asarray(measured))
 
 
 def convert_shard(task: ShardConversion) -> list[dict]:
     """Convert one shard's images and write them as a processed shard, each with its size, sha256 and drift
     features; nothing to return (the shard holds the results)."""
     originals = shard_images(task.source)
-    images, sizes, squares = [], [], []
+    converted = []
     for sample_id, centering in zip(task.ids, task.centerings, strict=True):
         try:
-            png, size, square = convert_image(originals[sample_id], task.sizes, task.resolution, centering)
+            converted.append(convert_image(originals[sample_id], task.sizes, task.resolution, centering))
         except Exception as error:  # any decoder or writer failure: the message must name the image
             problem = f"{type(error).__name__}: {error}"
             raise ValueError(f"preprocess: image {sample_id} of {task.source}: {problem}") from error
-        images.append(png)
-        sizes.append(size)
-        squares.append(square)
-    columns = dict(width=[width for width, _ in sizes], height=[height for _, height in sizes],
-                   sha256=[hashlib.sha256(png).hexdigest() for png in images])
-    columns |= image_features(np.stack(squares)).to_dict("list")
-    write_shard(task.target, task.ids, images, columns)
+    columns = dict(width=[c.size[0] for c in converted], height=[c.size[1] for c in converted],
+                   sha256=[hashlib.sha256(c.png).hexdigest() for c in converted],
+                   original_width=[c.original[0] for c in converted], original_height=[c.original[1] for c in converted],
+                   crop_left=[c.crop[0] for c in converted], crop_top=[c.crop[1] for c in converted])
+    columns |= image_features(np.stack([c.square for c in converted])).to_dict("list")
+    write_shard(task.target, task.ids, [c.png for c in converted], columns)
     return []
 
 

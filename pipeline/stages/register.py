@@ -37,6 +37,7 @@ from pipeline.tracking.runs import model_run, registry_client
 log = logging.getLogger(__name__)
 
 MODEL_HASH_TAG = "model_hash"
+FAMILY_TAG = "model_family"  # model.family: which pipeline class the version loads as
 LOWER_IS_BETTER = ("noise_mse", "noise_rmse", "noise_mae", "vae_mse", "fid", "kid")  # and their _t<step>, _std
 SERVING_PACKAGES = ("diffusers", "transformers", "torch", "pillow", "pandas", "safetensors", "accelerate")
 
@@ -159,7 +160,8 @@ def _log_new_version(params: Params, paths: Paths, metrics: dict, model_hash: st
         )
         version = mlflow.register_model(info.model_uri, settings.model_name)
     client = mlflow.MlflowClient()
-    tags = {**lineage_tags(params, paths.root), MODEL_HASH_TAG: model_hash, "run_id": run.info.run_id}
+    tags = {**lineage_tags(params, paths.root), MODEL_HASH_TAG: model_hash, "run_id": run.info.run_id,
+            FAMILY_TAG: params.model.family}
     tags.update({METRIC_TAG_PREFIX + name: str(value) for name, value in metrics.items()})
     for key, value in tags.items():
         client.set_model_version_tag(settings.model_name, version.version, key, value)

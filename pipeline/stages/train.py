@@ -1,14 +1,18 @@
-"""Stage `train`: a text-conditioned UNet trained on cached latents, from scratch or fine-tuned.
+"""Stage `train`: a text-conditioned denoiser of a model family (`model.family`: the UNet of sd or sdxl)
+trained on cached latents, from scratch or fine-tuned.
 
-- scratch (`model.mode`): a tokenizer built from the training captions, and a CLIP text encoder and UNet
-  of a size preset, trained together;
-- finetune: a pretrained diffusers model (`model.pretrained`); its VAE and text encoder stay frozen (encode
-  cached their outputs), and the whole UNet or LoRA layers on it (`model.finetune`, peft) train.
+- scratch (`model.mode`): tokenizers built from the training captions, and the family's text encoders and
+  denoiser at a size preset, trained together;
+- finetune: a pretrained diffusers model (`model.pretrained`) of the family; its VAE and text encoders stay
+  frozen (encode cached their outputs), and the whole denoiser or LoRA layers on it (`model.finetune`, peft)
+  train.
 
-Reads data/latents and models/vae; trains with accelerate (the same code on a CPU or GPUs); writes
-models/sd as a standard diffusers folder with a model card (LoRA mode adds pytorch_lora_weights.safetensors,
-which `pipe.load_lora_weights` puts onto the base model; the folder's UNet has the LoRA fused in),
-metrics/train.json, the loss curve metrics/train_loss.csv (a DVC plot) and the MLflow run id.
+The family (pipeline.diffusion.families) says how captions condition the denoiser, how it is called and
+what it learns to predict; this module never names one. Reads data/latents and models/vae; trains with
+accelerate (the same code on a CPU or GPUs); writes models/sd as the family's standard diffusers folder with
+a model card (LoRA mode adds pytorch_lora_weights.safetensors, which the family pipeline's
+`load_lora_weights` puts onto the base model; the folder's denoiser has the LoRA fused in), metrics/train.json,
+the loss curve metrics/train_loss.csv (a DVC plot) and the MLflow run id.
 
 Every step's data is a function of (seed, step, process): the epoch order comes from (seed, epoch) and
 the step's noise from (seed, step, process). With `accelerator.save_state` checkpoints every
@@ -34,7 +38,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
@@ -47,15 +50,7 @@ from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curv
 from pipeline.core.atomic import write_json
 from pipeline.core.config import Params, TrainParams
 from pipeline.data.images import image_grid
-from pipeline.diffusion.schedule import (
-    SAMPLE_GUIDANCE,
-    SAMPLE_STEPS,
-    min_snr_weights,
-    training_noise,
-    training_target,
-    training_timesteps,
-)
-from pipeline.diffusion.tokenizer import tokenize
+from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS, weighted_mse
 from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.tracking.runs import training_run
 from pipeline.training.checkpoints import (
@@ -76,7 +71,7 @@ from pipeline.training.modules import (
     make_optimizer,
     place_frozen_modules,
     stored_frozen_modules,
-    trained_unet_parameters,
+    trained_denoiser_parameters,
 )
 from pipeline.training.speedups import apply_speed_settings, compile_unet
 from pipeline.training.throughput import (
@@ -128,23 +123,29 @@ def batch_indices(micro_batch: int, group_sizes: tuple[int, ...], batch_size: in
 @dataclass
 class Batch:
     latents: torch.Tensor
-    conditioning: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+    image_sizes: torch.Tensor  # per sample: original height and width, crop top and left, height and width
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What each training sample conditions the UNet on: token ids (scratch, where the text encoder trains)
-    or the frozen text encoder's cached hidden states (finetune)."""
+    """What each training sample conditions the denoiser on: token ids per tokenizer (scratch, where the text
+    encoders train) or the frozen text encoders' cached outputs by name (finetune)."""
 
-    table: torch.Tensor | MappedRows  # ids per sample, or hidden states per distinct caption (read as needed)
-    rows: torch.Tensor  # each sample's row in table
-    empty: torch.Tensor  # the empty prompt's entry: the unconditional branch of guidance
+    tables: dict[str, torch.Tensor | MappedRows]  # ids per sample, or states per distinct caption (read as needed)
+    rows: torch.Tensor  # each sample's row in the tables
+    empty: dict[str, torch.Tensor]  # the empty prompt's entries: the unconditional branch of guidance
 
-    def for_samples(self, samples: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
-        """The samples' entries, a share `dropout` of them replaced by the empty prompt."""
-        values = self.table[self.rows[samples]]
-        dropped = (torch.rand(len(samples), generator=generator) < dropout).view(-1, *[1] * (values.dim() - 1))
-        return torch.where(dropped, self.empty.expand_as(values), values)
+    def for_samples(self, samples: torch.Tensor, dropout: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The samples' entries, a share `dropout` of them (the same samples in every table) replaced by the
+        empty prompt's."""
+        dropped = torch.rand(len(samples), generator=generator) < dropout
+        chosen = {}
+        for name, table in self.tables.items():
+            values = table[self.rows[samples]]
+            chosen[name] = torch.where(dropped.view(-1, *[1] * (values.dim() - 1)),
+                                       self.empty[name].expand_as(values), values)
+        return chosen
 
 
 def make_batch(cache: CachedLatents, conditioning: Conditioning, group_index: int, positions: torch.Tensor, *,
@@ -159,22 +160,16 @@ def make_batch(cache: CachedLatents, conditioning: Conditioning, group_index: in
         mean = torch.where(mirrored, group.flip_mean[positions].float(), mean)
         std = torch.where(mirrored, group.flip_std[positions].float(), std)
     latents = (mean + std * noise) * scale
-    return Batch(latents, conditioning.for_samples(group.rows[positions], caption_dropout, generator))
+    samples = group.rows[positions]
+    return Batch(latents, conditioning.for_samples(samples, caption_dropout, generator), cache.image_sizes[samples])
 
 
 def diffusion_loss(model: Model, batch: Batch, settings: TrainParams, generator: torch.Generator,
                    device) -> torch.Tensor:
-    scheduler = model.scheduler
-    latents = batch.latents.to(device)
-    noise = training_noise(latents.shape, generator, settings.noise_offset).to(device)
-    timesteps = training_timesteps(scheduler, len(latents), generator).to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = training_target(scheduler, latents, noise, timesteps)
-    prediction = model.unet(noisy, timesteps, model.condition(batch.conditioning.to(device))).sample.float()
-    if settings.snr_gamma is None:
-        return F.mse_loss(prediction, target.float())
-    per_sample = ((prediction - target.float()) ** 2).mean(dim=(1, 2, 3))
-    return (per_sample * min_snr_weights(scheduler, timesteps, settings.snr_gamma)).mean()
+    noisy = model.objective.training_batch(batch.latents.to(device), generator, settings.noise_offset)
+    conditioning = model.condition({name: value.to(device) for name, value in batch.conditioning.items()})
+    prediction = model.family.predict(model.denoiser, noisy.noisy, noisy.timesteps, conditioning, batch.image_sizes)
+    return weighted_mse(prediction, noisy.target, noisy.weights)
 
 
 @dataclass
@@ -210,7 +205,7 @@ class Run:
         return EmaWeights(self.ema, self.ema_parameters())
 
     def ema_parameters(self) -> list[torch.nn.Parameter]:
-        return trained_unet_parameters(self.accelerator, self.model.unet)
+        return trained_denoiser_parameters(self.accelerator, self.model.denoiser)
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -294,9 +289,11 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughpu
 
 def conditioning_of(model: Model, cache: CachedLatents) -> Conditioning:
     if model.trains_text_encoder:
-        return Conditioning(tokenize(model.tokenizer, cache.captions), torch.arange(len(cache)),
-                            tokenize(model.tokenizer, [""])[0])
-    return Conditioning(cache.text_states, cache.text_rows, cache.text_states[EMPTY_PROMPT_ROW])
+        empty = model.family.token_ids(model.text, [""])
+        return Conditioning(model.family.token_ids(model.text, cache.captions), torch.arange(len(cache)),
+                            {name: ids[0] for name, ids in empty.items()})
+    return Conditioning(cache.text_states, cache.text_rows,
+                        {name: states[EMPTY_PROMPT_ROW] for name, states in cache.text_states.items()})
 
 
 def flops_per_image(model: Model, cache: CachedLatents, conditioning: Conditioning, settings: TrainParams,
@@ -331,20 +328,17 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
     place_frozen_modules(model, device, WEIGHT_DTYPES[settings.mixed_precision])
     for module in model.trained_modules():
         module.to(device)
-    apply_speed_settings(model.unet, settings, device)
+    apply_speed_settings(model.denoiser, settings, device)
     conditioning = conditioning_of(model, cache)
     flops = flops_per_image(model, cache, conditioning, settings, accelerator)
     optimizer = make_optimizer(model.trainable_parameters(), settings, device)
     lr_schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
                                 num_training_steps=settings.steps)
-    if model.trains_text_encoder:
-        model.unet, model.text_encoder, optimizer, lr_schedule = accelerator.prepare(
-            model.unet, model.text_encoder, optimizer, lr_schedule)
-    else:
-        model.unet, optimizer, lr_schedule = accelerator.prepare(model.unet, optimizer, lr_schedule)
+    *trained, optimizer, lr_schedule = accelerator.prepare(*model.trained_modules(), optimizer, lr_schedule)
+    model.replace_trained_modules(trained)
     if model.lora:
         save_lora_checkpoints_only(accelerator)
-    ema = EMAModel(trained_unet_parameters(accelerator, model.unet), decay=settings.ema_decay) \
+    ema = EMAModel(trained_denoiser_parameters(accelerator, model.denoiser), decay=settings.ema_decay) \
         if settings.ema_decay else None
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
@@ -357,7 +351,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
         accelerator.load_state(str(checkpoint))
         log.info("train: resuming from %s (step %d of %d)", checkpoint, progress.step, settings.steps)
     start_step = progress.step
-    compile_unet(model.unet, settings)
+    compile_unet(model.denoiser, settings)
     peak = measured_matmul_flops_per_second(device)
 
     main = accelerator.is_main_process
@@ -386,9 +380,9 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
         if main:
             stored_frozen_modules(model, params.model, paths)
             with run.evaluation_weights():
-                lora_unet = accelerator.unwrap_model(model.unet) if model.lora else None
-                save_model(model.pipeline(accelerator), lora_unet, params.model, paths,
-                           model_card(params.model, params.train, paths, metrics))
+                lora_denoiser = accelerator.unwrap_model(model.denoiser) if model.lora else None
+                save_model(model.family, model.pipeline(accelerator), lora_denoiser, params.model, paths,
+                           model_card(model.family, params.model, params.train, paths, metrics))
             write_json(paths.metrics / TRAIN_METRICS, {**metrics, "data_digest": progress.data_digest})
             write_loss_curve(paths.metrics / LOSS_PLOT, progress.curve)
             remove_checkpoints(paths, fingerprint)

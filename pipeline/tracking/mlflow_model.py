@@ -21,11 +21,10 @@ class DiffusersPipelineModel(PythonModel):
     def load_context(self, context):
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
 
-        self.pipeline = StableDiffusionPipeline.from_pretrained(
-            context.artifacts[PIPELINE_ARTIFACT], safety_checker=None, requires_safety_checker=False
-        )
+        # any family: model_index.json names the pipeline class (StableDiffusionPipeline, ...XLPipeline, ...)
+        self.pipeline = DiffusionPipeline.from_pretrained(context.artifacts[PIPELINE_ARTIFACT])
         self.pipeline.set_progress_bar_config(disable=True)
         # sdpipe's device rule (pipeline/runtime/device.py), restated: this file is served without sdpipe's code
         self.pipeline.to(PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device)

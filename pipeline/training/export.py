@@ -7,65 +7,65 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.config import ModelParams, TrainParams
-from pipeline.diffusion.components import load_pretrained_unet
+from pipeline.diffusion.families.base import Family
 from pipeline.tracking.lineage import data_version
 
 MODEL_CARD = "README.md"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 
 
-def save_model(pipeline: StableDiffusionPipeline, lora_unet: torch.nn.Module | None, model: ModelParams,
-               paths: Paths, card: str) -> None:
-    """models/sd: the whole pipeline (LoRA fused into the UNet) and, in LoRA mode (`lora_unet`, the trained
-    UNet with its LoRA layers), the LoRA weights alone."""
+def save_model(family: Family, pipeline: DiffusionPipeline, lora_denoiser: torch.nn.Module | None,
+               model: ModelParams, paths: Paths, card: str) -> None:
+    """models/sd: the whole pipeline (LoRA fused into the denoiser) and, in LoRA mode (`lora_denoiser`, the
+    trained denoiser with its LoRA layers), the LoRA weights alone."""
     with atomic_dir(paths.sd_model) as staging:
-        if lora_unet is not None:
-            StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(lora_unet)), safe_serialization=True)
-            pipeline = base_pipeline_with_lora(pipeline, model.pretrained, paths, staging)
+        if lora_denoiser is not None:
+            family.save_lora(staging, convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_denoiser)))
+            pipeline = base_pipeline_with_lora(family, pipeline, model.pretrained, paths, staging)
         pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / MODEL_CARD).write_text(card, encoding="utf-8")
 
 
-def base_pipeline_with_lora(trained: StableDiffusionPipeline, pretrained: str, paths: Paths,
-                            lora_folder: Path) -> StableDiffusionPipeline:
-    """The pretrained UNet with the saved LoRA file loaded the way users load it, then fused into its weights."""
-    unet = load_pretrained_unet(pretrained, paths.root)
-    unet.register_to_config(sample_size=trained.unet.config.sample_size)
-    pipeline = StableDiffusionPipeline(**{**trained.components, "unet": unet}, requires_safety_checker=False)
+def base_pipeline_with_lora(family: Family, trained: DiffusionPipeline, pretrained: str, paths: Paths,
+                            lora_folder: Path) -> DiffusionPipeline:
+    """The pretrained denoiser with the saved LoRA file loaded the way users load it, then fused into its weights."""
+    denoiser = family.load_denoiser(pretrained, paths.root)
+    denoiser.register_to_config(sample_size=getattr(trained, family.denoiser).config.sample_size)
+    pipeline = family.pipeline({**trained.components, family.denoiser: denoiser})
     pipeline.load_lora_weights(lora_folder, weight_name=LORA_WEIGHTS)
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()
     return pipeline
 
 
-def model_card(model: ModelParams, train: TrainParams, paths: Paths, metrics: dict) -> str:
+def model_card(family: Family, model: ModelParams, train: TrainParams, paths: Paths, metrics: dict) -> str:
     """README.md of models/sd: how it was made, on what data, and how well it trained."""
+    pipeline_class = family.pipeline_class.__name__
     settings = json.dumps({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json")},
                           indent=2)
     rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
     if model.mode == "scratch":
-        title = f"# sdpipe model trained from scratch ({model.preset} preset)\n\n"
+        title = f"# sdpipe {family.name} model trained from scratch ({model.preset} preset)\n\n"
     else:
         title = f"# sdpipe {model.finetune} fine-tune of `{model.pretrained}`\n\n"
     lora = (
         f"The LoRA layers alone are in `{LORA_WEIGHTS}` (rank {model.lora.rank}, alpha "
-        f"{model.lora.alpha}); the UNet in this folder has them fused in. On the base model:\n\n"
-        f"```python\npipe = StableDiffusionPipeline.from_pretrained(\"{model.pretrained}\")\n"
+        f"{model.lora.alpha}); the {family.denoiser} in this folder has them fused in. On the base model:\n\n"
+        f"```python\npipe = {pipeline_class}.from_pretrained(\"{model.pretrained}\")\n"
         "pipe.load_lora_weights(\"models/sd\")\n```\n\n"
     ) if model.mode == "finetune" and model.finetune == "lora" else ""
     return (
         "---\nlibrary_name: diffusers\ntags: [text-to-image, stable-diffusion, sdpipe]\n---\n\n" + title +
-        "A Stable-Diffusion-style latent diffusion pipeline (VAE, CLIP text encoder, UNet) trained by sdpipe.\n\n"
-        "```python\nfrom diffusers import StableDiffusionPipeline\n"
-        "pipe = StableDiffusionPipeline.from_pretrained(\"models/sd\")\n```\n\n" + lora +
+        f"A latent diffusion pipeline of the `{family.name}` family ({pipeline_class}) trained by sdpipe.\n\n"
+        f"```python\nfrom diffusers import {pipeline_class}\n"
+        f"pipe = {pipeline_class}.from_pretrained(\"models/sd\")\n```\n\n" + lora +
         f"- data: DVC version of data/processed `{data_version(paths.root)}`, "
         f"{metrics.get('train_samples', 0):.0f} training samples\n"
         f"- prediction type: {train.prediction_type}\n\n"

@@ -1,0 +1,81 @@
+"""The model families `model.family` chooses from, one module each (base.py says what a family declares).
+
+A saved pipeline folder names its family by its pipeline class (model_index.json), so evaluate, generate
+and the served model find the family of any folder without a parameter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from diffusers import DiffusionPipeline
+
+from pipeline.core.config import ConfigError, TrainParams, VaeParams
+from pipeline.diffusion.components import PIPELINE_INDEX, build_vae, pretrained_location
+from pipeline.diffusion.families import sd, sdxl
+from pipeline.diffusion.families.base import Family, Scratch
+from pipeline.runtime.device import compute_device
+
+FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl)}
+
+
+def family_named(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family: {name!r} is not built yet; choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of_pipeline(pipeline: DiffusionPipeline) -> Family:
+    return family_of_class(type(pipeline).__name__, f"the pipeline {type(pipeline).__name__}")
+
+
+def family_of_class(class_name: str, where: str) -> Family:
+    for family in FAMILIES.values():
+        if family.pipeline_class.__name__ == class_name:
+            return family
+    raise ValueError(f"{where}: pipeline class {class_name} belongs to no family sdpipe trains "
+                     f"({', '.join(f.pipeline_class.__name__ for f in FAMILIES.values())})")
+
+
+def family_of_folder(folder: str | Path) -> Family:
+    """The family whose pipeline class a saved diffusers folder names."""
+    index = Path(folder) / PIPELINE_INDEX
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8"))["_class_name"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{index}: not a readable diffusers pipeline index ({error})") from None
+    return family_of_class(class_name, str(index))
+
+
+def check_pretrained_family(spec: str, root: Path, family: Family) -> None:
+    """`model.pretrained` must be a pipeline of `model.family`."""
+    location = pretrained_location(spec, root)
+    try:
+        class_name = DiffusionPipeline.load_config(location)["_class_name"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ConfigError(f"model.pretrained: cannot read the pipeline index of {spec!r} ({error})") from None
+    if class_name != family.pipeline_class.__name__:
+        raise ConfigError(f"model.family: {family.name} trains a {family.pipeline_class.__name__}, but model.pretrained "
+                          f"{spec!r} is a {class_name}: set model.family to its family")
+
+
+def random_pipeline(family: Family, captions: Iterable[str], *, preset: str = "tiny", vae: VaeParams = VaeParams(),
+                    resolution: int = 32, vocab_size: int = 1000) -> DiffusionPipeline:
+    """A randomly initialised pipeline of a family at a preset. Saved with save_pretrained it has the files and
+    layout of real weights (SD 1.5, SDXL, ...): the stand-in for them in tests and benchmarks."""
+    autoencoder = build_vae(vae, resolution)
+    latent_size = resolution // 2 ** (len(vae.block_out_channels) - 1)
+    components = family.scratch_components(Scratch(tuple(captions), preset, vocab_size, vae.latent_channels,
+                                                   latent_size))
+    objective = family.training_objective(TrainParams(), None)
+    return family.pipeline({**components, "vae": autoencoder, "scheduler": objective.sampling_scheduler()})
+
+
+def load_pipeline(folder) -> DiffusionPipeline:
+    """A saved pipeline of any family on the compute device (sampling stays deterministic: seeds drive CPU
+    generators)."""
+    pipeline = family_of_folder(folder).pipeline_class.from_pretrained(str(folder))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(compute_device())

@@ -1,0 +1,105 @@
+"""What a model family declares: its pipeline and components, scratch sizes, text conditioning, denoiser
+call, objective, LoRA targets and how its LoRA weights are saved. Every stage works through this interface,
+so no stage names a family; adding one is a module in this folder and a line in its `__init__`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from pipeline.core.config import TrainParams
+from pipeline.diffusion.components import load_pretrained
+from pipeline.diffusion.tokenizer import tokenize
+
+
+@dataclass(frozen=True)
+class TextComponent:
+    """A tokenizer and the text encoder that reads its ids, by their names in the pipeline."""
+
+    tokenizer: str
+    encoder: str
+    encoder_class: type
+    tokenizer_class: type
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """What a scratch model is built for: the data's captions and latents, and the preset's name."""
+
+    captions: tuple[str, ...]
+    preset: str
+    vocab_size: int
+    latent_channels: int
+    latent_size: int
+
+
+class Family:
+    """One architecture. Subclasses set the class attributes and implement the methods that raise."""
+
+    name: str
+    pipeline_class: type[DiffusionPipeline]
+    denoiser: str  # the pipeline component that training trains: "unet" or "transformer"
+    denoiser_class: type
+    text: tuple[TextComponent, ...]
+    conditioning: tuple[str, ...]  # the named tensors the text encoders give per caption (encode caches them)
+    lora_targets: tuple[str, ...]  # diffusers' training scripts' defaults for the denoiser
+    lora_layers_argument: str  # the keyword of pipeline_class.save_lora_weights for the denoiser's layers
+    presets: tuple[str, ...]
+    pipeline_options: dict = {}  # constructor arguments beside the components
+    vae_in_fp32: bool = False  # its VAE gives NaNs in fp16: kept in fp32 under mixed precision
+
+    # building
+    def scratch_components(self, scratch: Scratch) -> dict[str, object]:
+        """Tokenizers, text encoders and the denoiser at a preset, randomly initialised."""
+        raise NotImplementedError
+
+    def training_objective(self, train: TrainParams, pretrained_scheduler: dict | None):
+        """The forward process and target the denoiser is trained on (the pretrained model's schedule, if any)."""
+        raise NotImplementedError
+
+    def objective_of(self, scheduler_config: dict):
+        """The training objective a saved pipeline's sampler config implies (validation and evaluation)."""
+        raise NotImplementedError
+
+    # the conditioning
+    def token_ids(self, tokenizers: dict, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Each tokenizer's ids, padded to its fixed length as the pipeline pads prompts."""
+        return {part.tokenizer: tokenize(tokenizers[part.tokenizer], captions) for part in self.text}
+
+    def encode_text(self, components: dict, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The named conditioning tensors (`conditioning`) of tokenized captions, as the pipeline computes them."""
+        raise NotImplementedError
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor],
+                image_sizes: torch.Tensor) -> torch.Tensor:
+        """The denoiser's prediction for noisy latents (N, C, H, W), in their layout. `image_sizes` holds each
+        sample's (original height, original width, crop top, crop left, height, width) in pixels."""
+        raise NotImplementedError
+
+    # loading and saving
+    def load_text(self, location: str, root: Path) -> dict[str, object]:
+        """The pretrained tokenizers and text encoders, frozen, by component name."""
+        loaded = {}
+        for part in self.text:
+            loaded[part.tokenizer] = load_pretrained(location, root, part.tokenizer, part.tokenizer_class.from_pretrained)
+            encoder = load_pretrained(location, root, part.encoder, part.encoder_class.from_pretrained)
+            loaded[part.encoder] = encoder.eval().requires_grad_(False)
+        return loaded
+
+    def load_denoiser(self, location: str, root: Path) -> torch.nn.Module:
+        return load_pretrained(location, root, self.denoiser, self.denoiser_class.from_pretrained)
+
+    def pipeline(self, components: dict) -> DiffusionPipeline:
+        pipeline = self.pipeline_class(**{**components, **self.pipeline_options})
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def save_lora(self, folder: Path, denoiser_layers: dict) -> None:
+        self.pipeline_class.save_lora_weights(folder, **{self.lora_layers_argument: denoiser_layers},
+                                              safe_serialization=True)
+
+    def text_encoders(self, components: dict) -> list[torch.nn.Module]:
+        return [components[part.encoder] for part in self.text]

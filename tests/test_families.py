@@ -1,0 +1,115 @@
+"""Every model family: a tiny pipeline built from scratch is that family's standard diffusers pipeline, and
+the family's conditioning and denoiser call are the pipeline's own."""
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from pipeline.core.config import FAMILY_PRESETS, ConfigError
+from pipeline.core.params_file import parse_params
+from pipeline.diffusion.families import FAMILIES, family_named, family_of_folder, load_pipeline
+from pipeline.evaluation.noise_metrics import square_image_sizes
+
+from .conftest import merge, save_random_base_model, tiny_params_dict
+
+PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def saved(request, tmp_path_factory):
+    return request.param, save_random_base_model(tmp_path_factory.mktemp(request.param) / "base", request.param)
+
+
+def test_a_tiny_pipeline_saves_and_loads_back_as_its_family(saved):
+    name, folder = saved
+    loaded = DiffusionPipeline.from_pretrained(folder)
+    assert type(loaded).__name__ == PIPELINE_CLASSES[name]
+    assert family_of_folder(folder) is family_named(name)
+    image = load_pipeline(folder)("a red circle", num_inference_steps=2, output_type="np",
+                                  generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+
+
+@torch.no_grad()
+def test_the_family_conditions_and_calls_the_denoiser_as_its_pipeline_does(saved):
+    name, folder = saved
+    family, pipeline = family_named(name), load_pipeline(folder)
+    captions = ["a red circle", ""]
+    ours = family.encode_text(pipeline.components, family.token_ids(pipeline.components, captions))
+    assert list(ours) == list(family.conditioning)
+    theirs = pipeline.encode_prompt(captions, device=torch.device("cpu"), num_images_per_prompt=1,
+                                    do_classifier_free_guidance=False)
+    torch.testing.assert_close(ours["prompt_embeds"], theirs[0])
+    if "pooled_prompt_embeds" in ours:  # SDXL: (prompt, negative, pooled, negative pooled)
+        torch.testing.assert_close(ours["pooled_prompt_embeds"], theirs[2])
+    denoiser = getattr(pipeline, family.denoiser)
+    latents = torch.randn(2, denoiser.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    prediction = family.predict(denoiser, latents, torch.tensor([10, 900]), ours, square_image_sizes(2, 32))
+    assert prediction.shape == latents.shape
+
+
+def test_the_config_knows_each_built_familys_presets():
+    assert {name: family.presets for name, family in FAMILIES.items()} == FAMILY_PRESETS
+    for name, family in FAMILIES.items():
+        assert family.pipeline_class.__name__ == PIPELINE_CLASSES[name]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_families_not_built_yet_are_refused_with_a_sentence(family):
+    with pytest.raises(ConfigError, match=f"model.family: {family} is not built yet; sdpipe trains sd, sdxl"):
+        parse_params(merge(tiny_params_dict(), {"model": {"family": family}}))
+
+
+def test_a_preset_of_another_family_is_named():
+    with pytest.raises(ConfigError, match="model.preset: 'sd15' is not a preset of model.family sdxl"):
+        parse_params(merge(tiny_params_dict(), {"model": {"family": "sdxl", "preset": "sd15"}}))
+
+
+def test_the_crop_corner_is_where_the_fitted_crop_starts_in_the_scaled_image():
+    from PIL import Image
+
+    from pipeline.data.images import crop_top_left, resize_and_crop
+
+    assert crop_top_left((40, 20), (16, 16), (0.25, 0.5)) == (4, 0)  # crop 20 wide from x = 5, scaled by 0.8
+    assert crop_top_left((20, 40), (16, 16), (0.5, 1.0)) == (0, 16)
+    assert crop_top_left((30, 30), (16, 16), (0.7, 0.2)) == (0, 0)
+    pattern = Image.linear_gradient("L").resize((120, 60)).convert("RGB")
+    left, top = crop_top_left(pattern.size, (32, 32), (0.25, 0.5))
+    scaled = pattern.resize((64, 32), Image.Resampling.LANCZOS).crop((left, top, left + 32, top + 32))
+    fitted = resize_and_crop(pattern, (32, 32), (0.25, 0.5))
+    assert abs(torch.tensor(list(scaled.getdata())).float() - torch.tensor(list(fitted.getdata())).float()).mean() < 2
+
+
+def test_sdxl_time_ids_follow_each_images_recorded_size_and_crop(tmp_path):
+    """A non-square image's size before preprocess and its crop travel from preprocess through encode to the
+    UNet's time ids."""
+    import pandas as pd
+
+    from pipeline.contracts.data import MANIFEST
+    from pipeline.contracts.latents import IMAGE_SIZE_COLUMNS, load_latents
+    from pipeline.diffusion.components import build_vae
+    from pipeline.stages.encode import encode
+    from pipeline.stages.preprocess import preprocess
+
+    from .conftest import folder_project
+
+    params, paths = folder_project(tmp_path, [(48, 24), (24, 40), (32, 32)] * 4, crop="random", val_fraction=0.3)
+    preprocess(params.preprocess, paths)
+    build_vae(params.vae, 32).save_pretrained(paths.vae_model)
+    encode(paths, encode=params.encode, model=params.model, train=params.train)
+    manifest = pd.read_parquet(paths.processed / "train" / MANIFEST)
+    wide = manifest[manifest["original_width"] == 48].iloc[0]
+    assert (wide["original_height"], wide["crop_top"], wide["width"], wide["height"]) == (24, 0, 32, 32)
+    assert 0 <= wide["crop_left"] <= 32 and manifest["crop_left"].nunique() > 1, "random crops start apart"
+    cache = load_latents(paths.latents, "train")
+    expected = torch.tensor(manifest.set_index("id").loc[cache.ids, list(IMAGE_SIZE_COLUMNS)].to_numpy(), dtype=torch.float32)
+    assert torch.equal(cache.image_sizes, expected)
+
+    family, pipeline = family_named("sdxl"), load_pipeline(save_random_base_model(tmp_path / "sdxl", "sdxl"))
+    conditioning = family.encode_text(pipeline.components, family.token_ids(pipeline.components, ["a", "a"]))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    not_square = cache.image_sizes[cache.image_sizes[:, 0] != cache.image_sizes[:, 1]][:2]
+    with torch.no_grad():
+        recorded = family.predict(pipeline.unet, latents, torch.tensor([500, 500]), conditioning, not_square)
+        square = family.predict(pipeline.unet, latents, torch.tensor([500, 500]), conditioning, square_image_sizes(2, 32))
+    assert not torch.allclose(recorded, square), "the time ids reach the UNet"
