@@ -205,3 +205,23 @@ def ray_cluster(tmp_path_factory):
 
     with two_node_cluster(tmp_path_factory.mktemp("ray")) as address:
         yield address
+
+
+@pytest.fixture(scope="session")
+def team_stack(tmp_path_factory):
+    """The team's servers (pipeline/services.py) started once for the session for a committed copy of this
+    repository on tiny params: PostgreSQL, S3, MLflow with basic auth, Prefect with auth and a worker, all on
+    127.0.0.1; each process is stopped by its pid afterwards."""
+    import shutil
+
+    from pipeline import services
+
+    from .test_pipeline_e2e import copy_repository
+
+    root = copy_repository(tmp_path_factory.mktemp("team"), tiny_params_dict())
+    state = Path(tempfile.mkdtemp(prefix="sdpipe-services-"))  # pytest's temp dir is 0700: PostgreSQL's user cannot enter it
+    try:
+        yield services.start(root, state, ui=False, worker_poll=1, fast=True)
+    finally:
+        services.stop(root, state)
+        shutil.rmtree(state, ignore_errors=True)
