@@ -16,7 +16,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup run test test-fast ui ui-mlflow ui-prefect deploy clean
+.PHONY: setup run test test-fast ui ui-mlflow ui-prefect deploy services services-stop services-status clean
 
 setup: $(STAMP)
 
@@ -55,9 +55,21 @@ ui: setup
 	trap 'kill 0' EXIT; $(MAKE) --no-print-directory ui-prefect & $(MAKE) --no-print-directory ui-mlflow & wait
 
 # Serve the train and retrain deployments on the server `make ui` started; the train form's fields start at
-# params.yaml's current values (restart after editing params.yaml).
+# params.yaml's current values (restart after editing params.yaml). With team.env (`make services`): register
+# them on the team Prefect server's work pool instead, whose worker runs them.
 deploy: setup
-	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/python -m flows.deploy
+	$(if $(wildcard team.env),,PREFECT_API_URL=http://127.0.0.1:4200/api) $(BIN)/python -m flows.deploy
+
+# The team's servers on this machine (README "Team setup"): PostgreSQL, S3, MLflow, Prefect and a worker on
+# 127.0.0.1, data in .services/, client settings in team.env. Started again, only what is not running starts.
+services: setup
+	$(BIN)/sdpipe services start
+
+services-stop: setup
+	$(BIN)/sdpipe services stop
+
+services-status: setup
+	$(BIN)/sdpipe services status
 
 clean:
 	rm -rf data/raw data/validated data/processed data/latents models reports metrics mlflow.db mlartifacts

@@ -11,6 +11,10 @@ folder; each deployment also carries a concurrency limit of one.
 
     make ui                        # Prefect server and MLflow UI (another terminal)
     make deploy                    # = PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.deploy
+
+In team mode (team.env names a work pool, as `make services` writes it) the deployments are registered on
+the team Prefect server's work pool instead and this command returns; the pool's worker runs them, one at a
+time (the pool's concurrency limit), in this project folder.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import os
 import sys
 from pathlib import Path
 
+import prefect
 from prefect import serve
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from flows.retrain import retrain_flow
 from flows.training import PARAMETER_KEYS, PROJECT_ROOT, training_flow
+from pipeline.core import team
 from pipeline.core.params_file import PARAMS_FILE, load_params, read_params_file
 
 TRAIN, RETRAIN = "train", "retrain"
@@ -44,10 +51,16 @@ def show_current_values(deployment, root: Path) -> None:
         schema.update(typed, default=value)
 
 
-def deployments(root: Path = PROJECT_ROOT) -> list:
+def deployments(root: Path = PROJECT_ROOT, *, on_pool: bool = False) -> list:
+    """The two deployments; `on_pool`: loaded from this folder's source, for a work pool's worker (which
+    needs the project at the same path)."""
     params = load_params(root / PARAMS_FILE)
     location = {"project_root": str(root)}
-    train = training_flow.to_deployment(
+    train_flow, retrain = training_flow, retrain_flow
+    if on_pool:
+        train_flow = training_flow.from_source(source=str(root), entrypoint="flows/training.py:training_flow")
+        retrain = retrain_flow.from_source(source=str(root), entrypoint="flows/retrain.py:retrain_flow")
+    train = train_flow.to_deployment(
         name=TRAIN, parameters=location, concurrency_limit=1, tags=["sdpipe"],
         description="Run the DVC stages as task runs. A run that changes a parameter is a DVC experiment "
                     "(`dvc exp show`): params.yaml and the workspace stay as they are.",
@@ -55,7 +68,7 @@ def deployments(root: Path = PROJECT_ROOT) -> list:
     show_current_values(train, root)
     return [
         train,
-        retrain_flow.to_deployment(
+        retrain.to_deployment(
             name=RETRAIN, parameters=location, cron=params.monitor.retrain_cron, concurrency_limit=1,
             tags=["sdpipe"], description="Check new batches for drift and retrain when the policy says so.",
         ),
@@ -63,11 +76,22 @@ def deployments(root: Path = PROJECT_ROOT) -> list:
 
 
 def main() -> int:
-    if not os.environ.get("PREFECT_API_URL"):
+    settings = team.read_team_settings(PROJECT_ROOT)
+    api = os.environ.get(team.PREFECT_API_URL) or settings.get(team.PREFECT_API_URL)
+    if not api:
         print("flows.deploy: PREFECT_API_URL is not set: start `prefect server start` (or `make ui`) and "
               "export PREFECT_API_URL=http://127.0.0.1:4200/api; schedules need a lasting server", file=sys.stderr)
         return 1
-    serve(*deployments(), limit=1)
+    auth = os.environ.get(team.PREFECT_AUTH) or settings.get(team.PREFECT_AUTH)
+    # Prefect reads its settings when it is imported: team.env's come in here
+    updates = {PREFECT_API_URL: api, **({PREFECT_API_AUTH_STRING: auth} if auth else {})}
+    with temporary_settings(updates=updates):
+        pool = settings.get(team.WORK_POOL)
+        if pool:
+            prefect.deploy(*deployments(on_pool=True), work_pool_name=pool, print_next_steps_message=False)
+            print(f"deployments {TRAIN} and {RETRAIN} are on work pool {pool!r} at {api}; its worker runs them")
+        else:
+            serve(*deployments(), limit=1)
     return 0
 
 

@@ -11,7 +11,9 @@ still goes to its own task run. `dvc exp show` lists the experiment with its par
 
 Transient failures of a stage are retried `monitor.stage_retries` times (an experiment is one DVC command:
 it is not retried); at the end the run publishes a markdown artifact with the validation result, the
-metrics next to the champion's, the promotion, the experiment and links.
+metrics next to the champion's, the promotion, the experiment and links. In team mode (team.env names a DVC
+remote) a run of the project itself then commits dvc.lock and the metrics and pushes the outputs
+(flows/publish.py); an experiment stays an experiment (`dvc exp push` shares it).
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from prefect.runtime import flow_run
 from flows.experiments import (
     STAGE_LINE, StageOutput, copy_paths, experiment_ref, leaf_overrides, read_json_at, set_param_args,
 )
+from flows.publish import publish
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import EVAL_METRICS, HEADLINE_METRICS, REGISTRY_RECORD, SUMMARY
 from pipeline.core.atomic import read_json
 from pipeline.core.config import SOURCES
 from pipeline.core.params_file import PARAMS_FILE, read_params_file, with_overrides
+from pipeline.core.team import DVC_REMOTE, apply_team_settings
 from pipeline.tracking.lineage import FLOW_RUN_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +210,7 @@ def training_flow(
     """
     logger = get_run_logger()
     root = Path(project_root)
+    team = apply_team_settings(root)  # the team's MLflow login for this process and the stages it starts
     typed = dict(steps=steps, learning_rate=learning_rate, batch_size=batch_size, source=source, mode=mode,
                  finetune=finetune, pretrained=pretrained)
     changes = leaf_overrides(flow_overrides(root, typed, overrides))  # as --set-param sets them
@@ -223,6 +228,9 @@ def training_flow(
         )(stage, root) for stage in pipeline_stages(root)}
         summary = run_summary(lambda path: read_json(root / path) if (root / path).is_file() else {},
                               changes, outcomes, None)
+        if team.get(DVC_REMOTE):  # team mode: what a colleague needs goes to git and the DVC remote
+            summary += "\n\n" + publish(root, params.register_, REGISTRY_FILE, team[DVC_REMOTE],
+                                          flow_run.name or "local")
     create_markdown_artifact(summary, key="training-summary",
                              description="experiment, validation, metrics against the champion, promotion and links")
     return outcomes

@@ -3,6 +3,7 @@
     sdpipe ingest | validate | preprocess | vae | encode | train | evaluate | register
     sdpipe generate --model models:/sdpipe@champion --prompt "a red circle" -n 4 --out samples/
     sdpipe models | sdpipe promote VERSION [--reason ...] | sdpipe rollback [--reason ...]
+    sdpipe services start | stop | status | connect   # the team's servers on this machine (team.env)
     sdpipe --device cpu <command>   # networks on the CPU even where there is a GPU
     sdpipe pending-batches | check-batch FOLDER | decide REPORT... | merge-batches FOLDER...   (--out FILE.json)
 
@@ -114,6 +115,22 @@ def _rollback(params: Params, paths: Paths, args):
     print(f"champion: version {rollback(params, paths, reason=args.reason, by=getpass.getuser())}")
 
 
+def _services(params: Params, paths: Paths, args):
+    from pipeline import services
+
+    if args.action == "start":
+        stack = services.start(paths.root)
+        print(f"client settings: {paths.root / 'team.env'}; the DVC remote: .dvc/config.local; data: {stack.state}")
+    elif args.action == "stop":
+        services.stop(paths.root)
+    elif args.action == "connect":
+        remote = services.connect(paths.root)
+        print(f"DVC remote: {remote}" if remote else "team.env names no DVC remote (or this is no DVC project)")
+    if args.action != "connect":
+        for name, line in services.status(paths.root).items():
+            print(f"{name:<9} {line}")
+
+
 def _drop_batch(params: Params, paths: Paths, args):
     from pipeline.monitor import drop_demo_batch
 
@@ -205,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="give the champion alias back to the previous champion")
     rollback.add_argument("--reason", default="rolled back by hand")
     rollback.set_defaults(handler=_rollback)
+    services = commands.add_parser("services", help="the team's servers on this machine (README \"Team setup\")")
+    services.add_argument("action", choices=("start", "stop", "status", "connect"),
+                          help="start (what is not running) | stop | status | connect (this clone's DVC remote "
+                               "from team.env)")
+    services.set_defaults(handler=_services)
     drop = commands.add_parser("drop-batch", help="drop a demo batch of shapes into monitor.incoming")
     drop.add_argument("--shift", default="none", help="none (same distribution), colour (new colours) or "
                       "background (dark backgrounds)")
@@ -246,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, LookupError, KeyError, ValueError, RuntimeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"sdpipe {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from pipeline.tracking.server_errors import server_problem
+
+        sentence = server_problem(exc)  # a tracking server that refused or is away: a sentence, not a trace
+        if sentence is None:
+            raise
+        print(f"sdpipe {args.command}: error: {sentence}", file=sys.stderr)
         return 1
     return 0
 

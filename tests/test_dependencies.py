@@ -260,7 +260,8 @@ def test_the_rule_catches_an_omitted_key():
 # The layers, bottom (0) to top: each unit is a folder of pipeline/ or one of its top-level modules.
 LAYERS = {
     "core": 0, "contracts": 1, "runtime": 2, "tracking": 2, "data": 3, "diffusion": 3, "quality": 4,
-    "training": 5, "evaluation": 5, "stages": 6, "generate": 6, "monitor": 6, "cli": 7,
+    "training": 5, "evaluation": 5, "stages": 6, "generate": 6, "monitor": 6, "services": 6,
+    "cli": 7,
 }
 FLOWS_MAY_IMPORT = ("core", "contracts", "tracking")
 

@@ -158,13 +158,13 @@ def _log_new_version(params: Params, paths: Paths, metrics: dict, model_hash: st
             signature=serving_signature(),
             pip_requirements=serving_requirements(),
         )
-        version = mlflow.register_model(info.model_uri, settings.model_name)
+        tags = {**lineage_tags(params, paths.root), MODEL_HASH_TAG: model_hash, "run_id": run.info.run_id,
+                FAMILY_TAG: params.model.family}
+        tags.update({METRIC_TAG_PREFIX + name: str(value) for name, value in metrics.items()})
+        # the tags arrive with the version in one request: a register cut off after it (a server gone
+        # away) finds this version by its model hash when it is run again, instead of making a second one
+        version = mlflow.register_model(info.model_uri, settings.model_name, tags=tags)
     client = mlflow.MlflowClient()
-    tags = {**lineage_tags(params, paths.root), MODEL_HASH_TAG: model_hash, "run_id": run.info.run_id,
-            FAMILY_TAG: params.model.family}
-    tags.update({METRIC_TAG_PREFIX + name: str(value) for name, value in metrics.items()})
-    for key, value in tags.items():
-        client.set_model_version_tag(settings.model_name, version.version, key, value)
     client.update_model_version(settings.model_name, version.version, description=version_description(metrics, tags))
     return version
 

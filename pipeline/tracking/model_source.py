@@ -10,6 +10,7 @@ import yaml
 from pipeline.contracts.paths import Paths
 from pipeline.core.config import RegisterParams
 from pipeline.tracking.runs import use_experiment
+from pipeline.tracking.server_errors import server_problem
 
 REGISTRY_SCHEME = "models:/"
 
@@ -29,7 +30,8 @@ def resolve_model(model: str, register: RegisterParams, paths: Paths) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
     except mlflow.exceptions.MlflowException as exc:
-        raise LookupError(f"{model}: not found in the MLflow registry at {mlflow.get_tracking_uri()} ({exc})") from None
+        raise LookupError(server_problem(exc) or
+                          f"{model}: not found in the MLflow registry at {mlflow.get_tracking_uri()} ({exc})") from None
     return pipeline_folder(local, PIPELINE_ARTIFACT)
 
 

@@ -18,13 +18,15 @@ from pathlib import Path
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import read_json, write_json
 from pipeline.core.config import Params, RegisterParams
+from pipeline.core.team import TRACKING_URI, apply_team_settings, read_team_settings
 from pipeline.tracking.lineage import flat_params, lineage_tags
 
 ARTIFACTS_DIR = "mlartifacts"
 DVC_ROOT_ENV = "DVC_ROOT"  # set by DVC for the stages it runs
 # Read once at import: mlflow.set_tracking_uri() writes this variable, so reading it later would
 # return whichever store this process touched last instead of the one the user chose.
-USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+USER_TRACKING_URI = os.environ.get(TRACKING_URI)
+SERVER_SCHEMES = ("http://", "https://")
 
 
 def store_root(root: Path) -> Path:
@@ -33,22 +35,31 @@ def store_root(root: Path) -> Path:
 
 
 def tracking_uri(params: RegisterParams, root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` wins; a relative sqlite path is anchored at the project root."""
-    uri = USER_TRACKING_URI or params.tracking_uri
+    """`MLFLOW_TRACKING_URI` wins, then team.env's (pipeline/core/team.py), then `register.tracking_uri`; a
+    relative sqlite path is anchored at the project root."""
+    uri = USER_TRACKING_URI or read_team_settings(root).get(TRACKING_URI) or params.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         return prefix + str(store_root(root) / uri[len(prefix):])
     return uri
 
 
+def is_server(uri: str) -> bool:
+    return uri.startswith(SERVER_SCHEMES)
+
+
 def use_experiment(params: RegisterParams, root: Path) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(params, root))
+    uri = tracking_uri(params, root)
+    apply_team_settings(root)  # team.env's login: MLflow reads it from the environment at each request
+    mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(params.experiment)
     if experiment is not None:
         return experiment.experiment_id
+    if is_server(uri):  # the server stores the artifacts (its bucket); a local folder would stay on this machine
+        return mlflow.create_experiment(params.experiment)
     artifacts = (store_root(root) / ARTIFACTS_DIR).resolve().as_uri()
     return mlflow.create_experiment(params.experiment, artifact_location=artifacts)
 
