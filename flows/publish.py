@@ -31,17 +31,15 @@ GIT_IDENTITY = {"GIT_AUTHOR_NAME": "sdpipe flow", "GIT_AUTHOR_EMAIL": "sdpipe-fl
 COMMIT_TAG, REMOTE_TAG, MODEL_MD5_TAG = "dvc.commit", "dvc.remote", "dvc.models_sd_md5"
 
 
-def uncached_outputs(root: Path) -> list[str]:
-    """The outputs, metrics and plots dvc.yaml keeps out of DVC's cache: git has to carry them."""
+def outputs(root: Path) -> dict[str, bool]:
+    """Every output, metric and plot of dvc.yaml, and whether DVC caches it (if not, git carries it)."""
     stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    found = []
+    found = {}
     for stage in stages.values():
         for kind in ("outs", "metrics", "plots"):
             for entry in stage.get(kind, []):
-                if isinstance(entry, dict):
-                    (path, options), = entry.items()
-                    if not (options or {}).get("cache", True):
-                        found.append(path)
+                path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+                found[path] = (options or {}).get("cache", True)
     return found
 
 
@@ -53,11 +51,15 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 @task
 def commit_run(root: Path, message: str) -> str:
-    """Commit dvc.lock, the uncached outputs and DVC's .gitignore entries (nothing else); return HEAD."""
-    paths = [path for path in (LOCK, *uncached_outputs(root)) if (root / path).exists()]
+    """Commit dvc.lock, the uncached outputs and the .gitignore files DVC keeps beside the cached ones
+    (nothing else of the workspace); return HEAD."""
+    kept = outputs(root)
+    gitignores = {(Path(path).parent / ".gitignore").as_posix() for path, cached in kept.items() if cached}
+    paths = [path for path in (LOCK, *(path for path, cached in kept.items() if not cached), *sorted(gitignores))
+             if (root / path).exists()]
     ignored = subprocess.run(["git", "check-ignore", "--stdin"], cwd=root, input="\n".join(paths),
                              capture_output=True, text=True).stdout.split()
-    _git(root, "add", "-A", "--", *(path for path in paths if path not in ignored), ":(glob)**/.gitignore")
+    _git(root, "add", "-A", "--", *(path for path in paths if path not in ignored))
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode != 0:
         _git(root, "commit", "-q", "-m", message)
     return _git(root, "rev-parse", "HEAD").stdout.strip()

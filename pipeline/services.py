@@ -199,8 +199,10 @@ def _start_postgres(stack: Stack, fast: bool) -> None:
     options = f"-c listen_addresses=127.0.0.1 -p {stack.ports['postgres']} -k {run}"
     if fast:  # a throwaway cluster (tests): no flushes to disk
         options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-l", str(run / "server.log"), "-w",
-                                 "-t", "120", "-o", options, "start"]), check=True, capture_output=True)
+    started = subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-l", str(run / "server.log"),
+                                           "-w", "-t", "120", "-o", options, "start"]), capture_output=True)
+    if started.returncode != 0:
+        raise RuntimeError(f"PostgreSQL did not start on 127.0.0.1:{stack.ports['postgres']}; see {run / 'server.log'}")
     _remember(stack, "postgres", int((data / "postmaster.pid").read_text().split()[0]))
     _create_databases(stack)
 

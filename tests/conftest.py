@@ -207,6 +207,15 @@ def ray_cluster(tmp_path_factory):
         yield address
 
 
+# Smaller still: the team tests' one pipeline run goes through Prefect and DVC, whose overhead is theirs to test.
+TEAM_OVERRIDES = {
+    "ingest": {"synthetic": {"count": 64}},
+    "vae": {"steps": 4},
+    "train": {"steps": 4, "log_every": 2, "validate_every": 4, "sample_every": 0, "checkpoint_every": 4},
+    "evaluate": {"num_inference_steps": 2},
+}
+
+
 @pytest.fixture(scope="session")
 def team_stack(tmp_path_factory):
     """The team's servers (pipeline/services.py) started once for the session for a committed copy of this
@@ -218,7 +227,7 @@ def team_stack(tmp_path_factory):
 
     from .test_pipeline_e2e import copy_repository
 
-    root = copy_repository(tmp_path_factory.mktemp("team"), tiny_params_dict())
+    root = copy_repository(tmp_path_factory.mktemp("team"), merge(tiny_params_dict(), TEAM_OVERRIDES))
     state = Path(tempfile.mkdtemp(prefix="sdpipe-services-"))  # pytest's temp dir is 0700: PostgreSQL's user cannot enter it
     try:
         yield services.start(root, state, ui=False, worker_poll=1, fast=True)
