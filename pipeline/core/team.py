@@ -22,9 +22,14 @@ DVC_REMOTE, DVC_ENDPOINT, DVC_KEY_ID, DVC_SECRET = (
 SECRET_KEYS = (TRACKING_PASSWORD, PREFECT_AUTH, DVC_SECRET)
 
 
+def project_root(root: Path) -> Path:
+    """The project DVC runs the stage for (inside an experiment's copy under .dvc/tmp/exps), else `root`."""
+    return Path(os.environ.get(DVC_ROOT_ENV) or root)
+
+
 def team_file(root: Path) -> Path:
-    """team.env of the project: the one DVC runs the stage for (an experiment's copy has none), else `root`."""
-    return Path(os.environ.get(DVC_ROOT_ENV) or root) / TEAM_FILE
+    """team.env of the project (an experiment's copy has none)."""
+    return project_root(root) / TEAM_FILE
 
 
 def read_team_settings(root: Path) -> dict[str, str]:

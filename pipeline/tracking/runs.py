@@ -18,20 +18,14 @@ from pathlib import Path
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import read_json, write_json
 from pipeline.core.config import Params, RegisterParams
-from pipeline.core.team import TRACKING_URI, apply_team_settings, read_team_settings
+from pipeline.core.team import TRACKING_URI, apply_team_settings, project_root, read_team_settings
 from pipeline.tracking.lineage import flat_params, lineage_tags
 
 ARTIFACTS_DIR = "mlartifacts"
-DVC_ROOT_ENV = "DVC_ROOT"  # set by DVC for the stages it runs
 # Read once at import: mlflow.set_tracking_uri() writes this variable, so reading it later would
 # return whichever store this process touched last instead of the one the user chose.
 USER_TRACKING_URI = os.environ.get(TRACKING_URI)
 SERVER_SCHEMES = ("http://", "https://")
-
-
-def store_root(root: Path) -> Path:
-    """Where the MLflow store of this project lives: the project DVC runs the stage for, else `root`."""
-    return Path(os.environ.get(DVC_ROOT_ENV) or root)
 
 
 def tracking_uri(params: RegisterParams, root: Path) -> str:
@@ -40,7 +34,7 @@ def tracking_uri(params: RegisterParams, root: Path) -> str:
     uri = USER_TRACKING_URI or read_team_settings(root).get(TRACKING_URI) or params.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(store_root(root) / uri[len(prefix):])
+        return prefix + str(project_root(root) / uri[len(prefix):])
     return uri
 
 
@@ -60,7 +54,7 @@ def use_experiment(params: RegisterParams, root: Path) -> str:
         return experiment.experiment_id
     if is_server(uri):  # the server stores the artifacts (its bucket); a local folder would stay on this machine
         return mlflow.create_experiment(params.experiment)
-    artifacts = (store_root(root) / ARTIFACTS_DIR).resolve().as_uri()
+    artifacts = (project_root(root) / ARTIFACTS_DIR).resolve().as_uri()
     return mlflow.create_experiment(params.experiment, artifact_location=artifacts)
 
 
