@@ -18,7 +18,7 @@ from diffusers import StableDiffusionPipeline
 
 from pipeline.core.params_file import read_params_file
 
-from .conftest import REPO, free_port, merge, save_random_base_model, tiny_params_dict
+from .conftest import REPO, free_port, merge, save_random_base_model, tiny_params_dict, tree_hashes
 
 STAGES = ["ingest", "validate", "preprocess", "vae", "encode", "train", "evaluate", "register"]
 
@@ -74,6 +74,15 @@ def test_dvc_repro_trains_registers_and_then_does_nothing(repo_copy):
 
     again = _run(["dvc", "repro"], repo_copy)
     assert "Running stage" not in again.stdout, again.stdout
+
+
+@pytest.mark.e2e
+def test_data_stages_without_ray_write_what_they_write_on_ray(repo_copy, trained_project):
+    """dvc repro's stages have fewer tasks than ray.min_tasks here and run them in their own processes; the
+    session fixture's stages ran theirs on Ray. Same params: the same bytes."""
+    _, on_ray = trained_project
+    for folder in ("raw", "validated", "processed", "latents"):
+        assert tree_hashes(repo_copy / "data" / folder) == tree_hashes(on_ray.root / "data" / folder), folder
 
 
 @pytest.mark.e2e

@@ -5,6 +5,7 @@ Each test here starts Ray processes; run this file on its own (`pytest tests/tes
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -59,6 +60,31 @@ def stage_outputs(params, root, vae: Path) -> tuple[dict[str, dict[str, str]], P
     encode(paths, encode=params.encode, model=params.model, train=params.train)
     return {"raw": tree_hashes(paths.raw), "validated": tree_hashes(paths.validated),
             "processed": tree_hashes(paths.processed)}, paths
+
+
+FEW_TASKS = """
+import os, sys
+from pipeline.core.config import RayParams
+from pipeline.runtime.ray_tasks import run_tasks
+rows = run_tasks(lambda task: [{"pid": os.getpid()}], [1, 2, 3], RayParams(min_tasks=4), "few")
+print(sorted({row["pid"] for task in rows for row in task}) == [os.getpid()], "ray" in sys.modules)
+"""
+
+
+def test_fewer_tasks_than_min_tasks_run_in_the_stages_process_without_ray(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FEW_TASKS], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"], "the tasks ran elsewhere, or Ray was imported"
+
+
+def test_an_open_session_or_a_cluster_takes_even_a_few_tasks():
+    # the session's Ray is open (conftest): a stage started inside it uses it whatever min_tasks says
+    rows = run_tasks(lambda task: [{"pid": os.getpid()}], [1], RayParams(min_tasks=100), "one")
+    assert rows[0][0]["pid"] != os.getpid()
 
 
 def test_stage_outputs_on_two_nodes_are_identical_to_the_embedded_run(ray_cluster, trained_project, tmp_path):

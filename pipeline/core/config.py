@@ -346,6 +346,8 @@ class RayParams(Section):
     address: str | None = Field(None, description="an existing cluster (ray://... or host:port); "
                                                   "null: RAY_ADDRESS, else Ray started in-process")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the in-process Ray; null: all of this machine's")
+    min_tasks: int = Field(8, ge=1, description="a stage with fewer tasks (shards) runs them in its own process "
+                                                "without starting Ray, unless a cluster is set; 1: always Ray")
 
 
 class Params(Section):

@@ -2,7 +2,9 @@
 cluster that has GPUs).
 
 On the embedded default Ray starts on this machine (no dashboard, `ray.num_cpus` CPUs) and stops when the
-stage ends; with `ray.address` or RAY_ADDRESS set, the same tasks run on that cluster, whose nodes must see
+stage ends, unless the stage has fewer than `ray.min_tasks` tasks: then they run one after another in the
+stage's own process, since Ray's start, its workers' imports and its shutdown cost more seconds than a
+few shards gain from running side by side (README "Performance"). With `ray.address` or RAY_ADDRESS set, the same tasks run on that cluster, whose nodes must see
 the project folder at the same path (a shared volume), because tasks read and write shards there. A Ray
 session already open in the calling process (a test's, a notebook's) is used as it is. Tasks return plain
 rows; their order is the order of the tasks, so outputs never depend on how many workers ran them.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,6 +31,31 @@ log = logging.getLogger(__name__)
 
 def cluster_address(params: RayParams) -> str | None:
     return params.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def session_open() -> bool:
+    """A Ray session in this process (a test's, a notebook's), without importing Ray to ask."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def worth_starting_ray(params: RayParams, tasks: int) -> bool:
+    return bool(cluster_address(params)) or session_open() or tasks >= params.min_tasks
+
+
+def as_one_cpu_tasks(work: Callable[[Any], list[dict]], tasks: list) -> Iterator[list[dict]]:
+    """The tasks one after another here, each with the one thread a one-CPU Ray task gets (Ray sets
+    OMP_NUM_THREADS=1): how many threads split a matrix product changes its sums' low bits, and the latents
+    must be the same bytes wherever they were encoded."""
+    torch = sys.modules.get("torch")  # only a stage that imported torch runs torch in its tasks
+    threads = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(1)
+    try:
+        yield from map(work, tasks)
+    finally:
+        if torch:
+            torch.set_num_threads(threads)
 
 
 def start_ray(params: RayParams) -> None:
@@ -68,12 +96,16 @@ def iter_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams
     of the cluster's GPUs when it has any, so a GPU runs one task at a time."""
     if not tasks:
         return
+    if not worth_starting_ray(params, len(tasks)):
+        log.info("%s: %d task(s) in this process (fewer than ray.min_tasks, %d)", label, len(tasks), params.min_tasks)
+        yield from as_one_cpu_tasks(work, tasks)
+        return
     try:
         import ray
         from ray import cloudpickle
     except ImportError:  # a machine without Ray (the GPU benchmark's, see README "GPU"): the same tasks here
         log.warning("%s: Ray is not installed: %d task(s) run one after another in this process", label, len(tasks))
-        yield from map(work, tasks)
+        yield from as_one_cpu_tasks(work, tasks)
         return
 
     @ray.remote(num_cpus=1)
