@@ -81,9 +81,13 @@ def stages_before_train(project: Path) -> list[str]:
     return stages[: stages.index("train")]
 
 
-def run_stage(project: Path, stage: str, *prefix: str) -> None:
-    subprocess.run([*prefix, sys.executable, "-c", RUN_STAGE, stage], cwd=project, env=environment(project),
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def run_stage(project: Path, stage: str) -> None:
+    run_in(project, [sys.executable, "-c", RUN_STAGE, stage])
+
+
+def run_in(project: Path, command: list[str]) -> None:
+    subprocess.run(command, cwd=project, env=environment(project), check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
 
 
 def stage_images_per_second(project: Path) -> float:
@@ -142,7 +146,7 @@ def bare_loop(project: Path, steps: int, batch_size: int) -> float:
 def profile_stage(project: Path) -> None:
     out = project / "train.prof"
     shutil.rmtree(project / "models" / "checkpoints", ignore_errors=True)
-    run_stage(project, "train", sys.executable, "-m", "cProfile", "-o", str(out))
+    run_in(project, [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "pipeline.cli", "train"])
     import pstats
 
     stats = pstats.Stats(str(out))
