@@ -1,6 +1,8 @@
-"""The train stage against its own ceiling: a bare loop of the same model at the same batch, on any commit.
+"""The train stage against its own ceiling: a bare loop of the same model at the same batch and precision,
+on any commit.
 
     .venv/bin/python bench/train_loop.py [--steps 200] [--repeats 3] [--at COMMIT ...] [--profile]
+                                         [--mixed-precision no|bf16]
 
 For the working tree and each --at commit (its own code, run by this venv's packages), in a temporary copy:
 params.yaml's defaults with a VAE of a few steps (its quality does not change a step's cost) and --steps
@@ -11,9 +13,10 @@ before train run once, then, --repeats times, alternating, each in a fresh proce
   steps, validation and saving left out);
 - bare: the UNet and text encoder of the config that run saved (models/sd), randomly initialised, trained on
   random latents and token ids of the same shapes: per step noise and timesteps drawn, the DDPM forward
-  process, text encoder and UNet forward, MSE, backward, gradient clipping, fused AdamW; one host sync per
-  50 steps, as the stage's logging has. Timed after the same warm-up steps. No data order, batch assembly,
-  caption dropout, LR schedule, accelerate wrappers or logging: the ceiling for this model on this machine.
+  process, text encoder and UNet forward (under CPU autocast at the stage's train.mixed_precision), MSE,
+  backward, gradient clipping, fused AdamW; one host sync per 50 steps, as the stage's logging has. Timed
+  after the same warm-up steps. No data order, batch assembly, caption dropout, LR schedule, accelerate
+  wrappers or logging: the ceiling for this model on this machine.
 
 Prints each version's medians and stage / bare. The bare loop at two commits runs the same code on each
 one's saved model config, so a change of its figure between commits is the machine's, not the code's.
@@ -39,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 10  # pipeline.training.throughput.WARMUP_STEPS: the same steps left out of both figures
 SYNC_EVERY = 50  # train.log_every's default: the stage's one host sync per logging window
 PREP_VAE_STEPS = 20
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # train.mixed_precision: torch's dtype names
 RUN_STAGE = "import sys; from pipeline.cli import main; sys.argv = ['sdpipe', *sys.argv[1:]]; sys.exit(main())"
 
 
@@ -57,13 +61,15 @@ def checkout(version: str, folder: Path) -> Path:
     return folder
 
 
-def set_bench_params(project: Path, steps: int) -> None:
+def set_bench_params(project: Path, steps: int, mixed_precision: str | None) -> None:
     """Only keys the version's schema has: older commits lack some."""
     file = project / "params.yaml"
     params = yaml.safe_load(file.read_text())
     params["vae"]["steps"] = PREP_VAE_STEPS
     train = params["train"]
     train.update(steps=steps, validate_every=steps, checkpoint_every=steps)
+    if mixed_precision:
+        train["mixed_precision"] = mixed_precision
     if "sample_every" in train:
         train["sample_every"] = 0
     file.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -103,7 +109,7 @@ def bare_images_per_second(project: Path, steps: int) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def bare_loop(project: Path, steps: int, batch_size: int) -> float:
+def bare_loop(project: Path, steps: int, batch_size: int, mixed_precision: str) -> float:
     """The ceiling (module docstring). Runs in its own process."""
     import torch
     import torch.nn.functional as F
@@ -130,8 +136,10 @@ def bare_loop(project: Path, steps: int, batch_size: int) -> float:
         noise = torch.randn_like(x0)
         timesteps = torch.randint(0, schedule.config.num_train_timesteps, (batch_size,))
         noisy = schedule.add_noise(x0, noise, timesteps)
-        prediction = unet(noisy, timesteps, text_encoder(tokens)[0]).sample
-        loss = F.mse_loss(prediction.float(), noise.float())
+        with torch.autocast("cpu", dtype=getattr(torch, AUTOCAST_DTYPES.get(mixed_precision, "bfloat16")),
+                            enabled=mixed_precision in AUTOCAST_DTYPES):
+            prediction = unet(noisy, timesteps, text_encoder(tokens)[0]).sample
+            loss = F.mse_loss(prediction.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -154,9 +162,9 @@ def profile_stage(project: Path) -> None:
     stats.sort_stats("cumulative").print_stats(40)
 
 
-def measure(version: str, workspace: Path, steps: int, repeats: int) -> dict:
+def measure(version: str, workspace: Path, steps: int, repeats: int, mixed_precision: str | None) -> dict:
     project = checkout(version, workspace / version)
-    set_bench_params(project, steps)
+    set_bench_params(project, steps, mixed_precision)
     started = time.perf_counter()
     for stage in stages_before_train(project):
         run_stage(project, stage)
@@ -178,14 +186,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--at", nargs="*", default=[], metavar="COMMIT", help="also bench these commits' code")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], help="train.mixed_precision of both loops "
+                        "(default: params.yaml's)")
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)  # the bare loop's own process
     args = parser.parse_args()
     if args.bare:
-        batch_size = yaml.safe_load((args.bare / "params.yaml").read_text())["train"]["batch_size"]
-        print(bare_loop(args.bare, args.steps, batch_size))
+        train = yaml.safe_load((args.bare / "params.yaml").read_text())["train"]
+        print(bare_loop(args.bare, args.steps, train["batch_size"], train["mixed_precision"]))
         return
     with tempfile.TemporaryDirectory(prefix="train-loop-") as workspace:
-        results = [measure(version, Path(workspace), args.steps, args.repeats) for version in ["worktree", *args.at]]
+        results = [measure(version, Path(workspace), args.steps, args.repeats, args.mixed_precision)
+                   for version in ["worktree", *args.at]]
         print(f"\n{'version':<12} {'batch':>5} {'stage img/s':>12} {'bare img/s':>11} {'stage/bare':>10}")
         for r in results:
             print(f"{r['version']:<12} {r['batch_size']:>5} {r['stage']:>12.1f} {r['bare']:>11.1f} {r['ratio']:>10.2f}")
