@@ -42,6 +42,7 @@ from pipeline.core.config import SOURCES
 from pipeline.core.params_file import PARAMS_FILE, read_params_file, with_overrides
 from pipeline.core.team import DVC_REMOTE, apply_team_settings
 from pipeline.tracking.lineage import FLOW_RUN_ENV
+from pipeline.tracking.runs import is_server, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SKIPPED_MARK = "didn't change, skipping"
@@ -145,9 +146,16 @@ def flow_overrides(root: Path, typed: dict[str, Any], overrides: dict[str, Any] 
     return {**(overrides or {}), **changed}
 
 
+def mlflow_run_link(tracking: str, run: dict) -> str:
+    """The run's page in the MLflow UI: the tracking server's own in team mode, else `make ui-mlflow`'s."""
+    page = f"/#/experiments/{run.get('experiment_id', '')}/runs/{run.get('run_id', '')}"
+    return tracking.rstrip("/") + page if is_server(tracking) else f"`make ui-mlflow`, then {MLFLOW_UI}{page}"
+
+
 def run_summary(read: Callable[[str], dict], changes: dict[str, Any], outcomes: dict[str, str],
-                experiment: str | None) -> str:
-    """Markdown for the flow run's artifact: validation, metrics against the champion, promotion, links."""
+                experiment: str | None, tracking: str) -> str:
+    """Markdown for the flow run's artifact: validation, metrics against the champion, promotion, links
+    (`tracking`: the MLflow tracking URI the stages used)."""
     validation, metrics, registry, run = (read(path) for path in
                                           (VALIDATION_SUMMARY, EVAL_RECORD, REGISTRY_FILE, RUN_RECORD))
     champion_value = registry.get("previous_champion_value")
@@ -166,8 +174,7 @@ def run_summary(read: Callable[[str], dict], changes: dict[str, Any], outcomes: 
         f"- gate {registry.get('gate_metric', '?')} ({registry.get('gate_rule', '?')}): "
         f"{_number(registry.get('gate_value'))} vs champion {_number(champion_value)}"
         + (f"; not promoted: {registry['refused']}" if registry.get("refused") else ""),
-        f"- MLflow run: {run.get('run_id', '?')} (`make ui-mlflow`, then "
-        f"{MLFLOW_UI}/#/experiments/{run.get('experiment_id', '')}/runs/{run.get('run_id', '')})",
+        f"- MLflow run: {run.get('run_id', '?')} ({mlflow_run_link(tracking, run)})",
         "- sample grid: the MLflow run's evaluation/samples.png"
         + ("" if experiment else f", and {SAMPLES_GRID}"), "",
         "| metric | value |", "|---|---|",
@@ -215,19 +222,20 @@ def training_flow(
                  finetune=finetune, pretrained=pretrained)
     changes = leaf_overrides(flow_overrides(root, typed, overrides))  # as --set-param sets them
     params = with_overrides(root / PARAMS_FILE, changes)  # a bad key fails here, before any stage runs
+    tracking = tracking_uri(params.register_, root)
     if changes or experiment:
         experiment = experiment or flow_run.name
         logger.info("DVC experiment %r with %s", experiment, changes or "the current params")
         outcomes = run_experiment(root, experiment, changes)
         ref = experiment_ref(root, experiment)
-        summary = run_summary(lambda path: read_json_at(root, ref, path), changes, outcomes, experiment)
+        summary = run_summary(lambda path: read_json_at(root, ref, path), changes, outcomes, experiment, tracking)
     else:
         outcomes = {stage: run_stage.with_options(
             name=stage, task_run_name=stage, retries=params.monitor.stage_retries,
             retry_delay_seconds=RETRY_DELAY_SECONDS,
         )(stage, root) for stage in pipeline_stages(root)}
         summary = run_summary(lambda path: read_json(root / path) if (root / path).is_file() else {},
-                              changes, outcomes, None)
+                              changes, outcomes, None, tracking)
         if team.get(DVC_REMOTE):  # team mode: what a colleague needs goes to git and the DVC remote
             summary += "\n\n" + publish(root, params.register_, REGISTRY_FILE, team[DVC_REMOTE],
                                           flow_run.name or "local")

@@ -39,6 +39,10 @@ S3_PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "
 QUIET = {"MLFLOW_ENABLE_TELEMETRY": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
          "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "AWS_EC2_METADATA_DISABLED": "true"}
 READY_SECONDS = 300  # MLflow takes 8-40 s to answer on 2 busy cores, more on its first start (migrations)
+# A flow run whose worker dies sends no more heartbeats; the automation marks it crashed this long after its
+# last one (Prefect's zombie-flow recipe; Prefect accepts no heartbeat more often than every 30 s).
+HEARTBEAT_SECONDS, CRASHED_AFTER_SECONDS = 30, 90
+CRASH_AUTOMATION = "sdpipe: crash flow runs that stopped sending heartbeats"
 _CHILDREN: dict[int, subprocess.Popen] = {}  # servers this process started: waited for when stopped
 
 
@@ -277,7 +281,31 @@ def _prefect_env(stack: Stack, home: str) -> dict[str, str]:
     return {**settings, "PREFECT_HOME": str(stack.state / home)}
 
 
-def _start_prefect(stack: Stack, ui: bool) -> None:
+def _prefect_request(stack: Stack, path: str, body: dict) -> object:
+    """POST to the Prefect server's REST API with the stack's auth string."""
+    auth = b64encode(f"{ADMIN}:{stack.secret['prefect']}".encode()).decode()
+    request = urllib.request.Request(f"{stack.url('prefect')}/api/{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read() or b"null")
+
+
+def _ensure_crash_automation(stack: Stack, crashed_after: int) -> None:
+    """After each heartbeat of a flow run, expect another event of that run within `crashed_after` seconds;
+    if none comes (its worker or machine died), mark the run CRASHED, which also frees its concurrency slots."""
+    found = _prefect_request(stack, "automations/filter", {"automations": {"name": {"any_": [CRASH_AUTOMATION]}}})
+    if found:
+        return
+    _prefect_request(stack, "automations/", {
+        "name": CRASH_AUTOMATION, "enabled": True,
+        "trigger": {"type": "event", "posture": "Proactive", "after": ["prefect.flow-run.heartbeat"],
+                    "expect": ["prefect.flow-run.*"], "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+                    "for_each": ["prefect.resource.id"], "threshold": 1, "within": crashed_after},
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                     "message": f"no heartbeat for {crashed_after} s: its worker or machine stopped"}]})
+
+
+def _start_prefect(stack: Stack, ui: bool, crashed_after: int) -> None:
     env = {"PREFECT_HOME": str(stack.state / "prefect"), "PREFECT_UI_ENABLED": str(ui).lower(),
            "PREFECT_API_DATABASE_CONNECTION_URL": stack.database_url("prefect", "postgresql+asyncpg"),
            "PREFECT_SERVER_API_AUTH_STRING": f"{ADMIN}:{stack.secret['prefect']}"}
@@ -294,15 +322,19 @@ def _start_prefect(stack: Stack, ui: bool) -> None:
     # one flow run at a time on this machine: two trainings never share the project folder
     subprocess.run([prefect, "work-pool", "set-concurrency-limit", POOL, "1"], env=client, check=True,
                    capture_output=True)
+    _ensure_crash_automation(stack, crashed_after)
 
 
 def _start_worker(stack: Stack, poll_seconds: int) -> None:
-    """The worker runs the pool's flow runs here; they inherit its environment (the client settings)."""
-    env = {**_prefect_env(stack, "prefect-client"), "PREFECT_WORKER_QUERY_SECONDS": str(poll_seconds)}
+    """The worker runs the pool's flow runs here; they inherit its environment (the client settings and the
+    heartbeat the crash automation listens for)."""
+    env = {**_prefect_env(stack, "prefect-client"), "PREFECT_WORKER_QUERY_SECONDS": str(poll_seconds),
+           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
+    log, deadline = stack.state / "logs" / "worker.log", time.monotonic() + READY_SECONDS
+    earlier = log.stat().st_size if log.is_file() else 0  # the log is appended to: a restart's "started!" is new
     _spawn(stack, "worker", [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", POOL,
                              "--name", f"{POOL}-{socket.gethostname()}"], env, stack.root)
-    log, deadline = stack.state / "logs" / "worker.log", time.monotonic() + READY_SECONDS
-    while b"started!" not in log.read_bytes():
+    while b"started!" not in log.read_bytes()[earlier:]:
         if not running(stack, "worker") or time.monotonic() > deadline:
             raise RuntimeError(f"the Prefect worker did not start; see {log}")
         time.sleep(0.5)
@@ -311,12 +343,13 @@ def _start_worker(stack: Stack, poll_seconds: int) -> None:
 # --- the commands ----------------------------------------------------------------------------------------
 
 def start(root: Path, state: Path | None = None, *, only: tuple[str, ...] = SERVICES, ui: bool = True,
-          worker_poll: int = 10, fast: bool = False) -> Stack:
-    """Start what is not running yet, in order; write team.env and the DVC remote. Idempotent."""
+          worker_poll: int = 10, fast: bool = False, crashed_after: int = CRASHED_AFTER_SECONDS) -> Stack:
+    """Start what is not running yet, in order; write team.env and the DVC remote. Idempotent. A flow run
+    without a heartbeat for `crashed_after` seconds is marked crashed (set when the Prefect server is created)."""
     stack = Stack(root, state)
     stack.save()
     starters = {"postgres": lambda: _start_postgres(stack, fast), "s3": lambda: _start_s3(stack),
-                "mlflow": lambda: _start_mlflow(stack), "prefect": lambda: _start_prefect(stack, ui),
+                "mlflow": lambda: _start_mlflow(stack), "prefect": lambda: _start_prefect(stack, ui, crashed_after),
                 "worker": lambda: _start_worker(stack, worker_poll)}
     for name in SERVICES:
         if name in only and not running(stack, name):

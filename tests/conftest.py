@@ -207,11 +207,12 @@ def ray_cluster(tmp_path_factory):
         yield address
 
 
-# Smaller still: the team tests' one pipeline run goes through Prefect and DVC, whose overhead is theirs to test.
+# Smaller still: the team tests' pipeline runs go through Prefect and DVC, whose overhead is theirs to test;
+# checkpoints every 2 of 8 steps, so a run killed after the first has steps left to resume.
 TEAM_OVERRIDES = {
     "ingest": {"synthetic": {"count": 64}},
     "vae": {"steps": 4},
-    "train": {"steps": 4, "log_every": 2, "validate_every": 4, "sample_every": 0, "checkpoint_every": 4},
+    "train": {"steps": 8, "log_every": 2, "validate_every": 4, "sample_every": 0, "checkpoint_every": 2},
     "evaluate": {"num_inference_steps": 2},
 }
 
@@ -220,7 +221,8 @@ TEAM_OVERRIDES = {
 def team_stack(tmp_path_factory):
     """The team's servers (pipeline/services.py) started once for the session for a committed copy of this
     repository on tiny params: PostgreSQL, S3, MLflow with basic auth, Prefect with auth and a worker, all on
-    127.0.0.1; each process is stopped by its pid afterwards."""
+    127.0.0.1; each process is stopped by its pid afterwards. A flow run 45 s without a heartbeat (every 30 s)
+    is marked crashed."""
     import shutil
 
     from pipeline import services
@@ -230,7 +232,7 @@ def team_stack(tmp_path_factory):
     root = copy_repository(tmp_path_factory.mktemp("team"), merge(tiny_params_dict(), TEAM_OVERRIDES))
     state = Path(tempfile.mkdtemp(prefix="sdpipe-services-"))  # pytest's temp dir is 0700: PostgreSQL's user cannot enter it
     try:
-        yield services.start(root, state, ui=False, worker_poll=1, fast=True)
+        yield services.start(root, state, ui=False, worker_poll=1, fast=True, crashed_after=45)
     finally:
         services.stop(root, state)
         shutil.rmtree(state, ignore_errors=True)

@@ -1,24 +1,32 @@
 """Team mode against the real servers of `sdpipe services` (one stack for the session, tests/conftest.py)."""
 
+import base64
+import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import stat
+import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import boto3
 import pytest
 from botocore.exceptions import ClientError
 
 from pipeline import services
+from pipeline.contracts.paths import Paths
 from pipeline.core import team
+from pipeline.training.checkpoints import checkpoint_folders
 
-from .conftest import tree_hashes
+from .conftest import free_port, tree_hashes
 
 pytestmark = pytest.mark.team
 
@@ -57,8 +65,14 @@ def test_the_stack_runs_and_answers_only_its_logins(team_stack):
 
 # --- the pipeline through the work pool --------------------------------------------------------------------
 
-TRIGGER = ("from prefect.deployments import run_deployment; "
-           "r = run_deployment('sdpipe-train/train', timeout=1500, poll_interval=2); print(r.id, r.state.type.value)")
+TRIGGER = ("import json, sys; from prefect.deployments import run_deployment; "
+           "[print(run_deployment('sdpipe-train/train', parameters=p, timeout=0).id) for p in json.loads(sys.argv[1])]")
+RUN_SECONDS = 1500
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+# the custom run triggered beside the re-run: it trains (a change makes it a DVC experiment), so it has its
+# own MLflow run, and registers its own model, so the project's versions stay those the tests below count
+EXPERIMENT_MODEL = "sdpipe-experiment"
+EXPERIMENT_RUN = {"steps": 2, "overrides": {"register.model_name": EXPERIMENT_MODEL}}
 
 
 def _env(stack, **extra: str) -> dict[str, str]:
@@ -74,14 +88,94 @@ def _run(command: list[str], cwd: Path, env: dict, check: bool = True) -> subpro
     return result
 
 
+def _trigger(stack, *parameter_sets: dict) -> list[str]:
+    """One flow run of the train deployment per parameter set, all created at once; their ids."""
+    created = _run([sys.executable, "-c", TRIGGER, json.dumps(parameter_sets)], stack.root, _env(stack))
+    return created.stdout.split()[-len(parameter_sets):]
+
+
+def _flow_run(stack, flow_run_id: str) -> dict:
+    return _prefect_api(stack, f"flow_runs/{flow_run_id}")
+
+
+def _wait_for_final_state(stack, flow_run_id: str, seconds: float = RUN_SECONDS) -> dict:
+    deadline = time.monotonic() + seconds
+    while (run := _flow_run(stack, flow_run_id))["state_type"] not in FINAL_STATES:
+        assert time.monotonic() < deadline, f"flow run {flow_run_id} is still {run['state_type']} after {seconds} s"
+        time.sleep(1)
+    return run
+
+
+def _wait_for_a_checkpoint(stack, flow_run_id: str) -> None:
+    paths, deadline, next_look = Paths(stack.root), time.monotonic() + RUN_SECONDS, 0.0
+    while not checkpoint_folders(paths):
+        if time.monotonic() > next_look:  # the server only now and then: the checkpoint is polled often
+            state = _flow_run(stack, flow_run_id)["state_type"]
+            assert state in ("SCHEDULED", "PENDING", "RUNNING"), f"the run ended ({state}) before a checkpoint"
+            assert time.monotonic() < deadline, f"no checkpoint after {RUN_SECONDS} s"
+            next_look = time.monotonic() + 10
+        time.sleep(0.1)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """pid and every process under it, parents first (read from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    tree = [pid]
+    for parent in tree:  # grows while it is walked: breadth first
+        tree += [child for child, of in parents.items() if of == parent]
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_the_worker_and_its_flow_run(stack) -> None:
+    """SIGKILL the worker and every process under it (the flow run, its `dvc repro`, the stage), by pid, as a
+    dying machine would; then wait until all are gone."""
+    tree = _process_tree(services.Stack(stack.root, stack.state).record["pids"]["worker"]["pid"])
+    assert len(tree) > 2, f"the worker runs no flow run: {tree}"
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    services.stop(stack.root, stack.state, only=("worker",))  # waits for the worker, which this process started
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in tree):
+        assert time.monotonic() < deadline, [pid for pid in tree if _alive(pid)]
+        time.sleep(0.2)
+
+
+class PoolRuns(NamedTuple):
+    killed: dict  # the flow runs as the Prefect server records them
+    rerun: dict
+    experiment: dict
+    killed_before_export: bool
+
+
 @pytest.fixture(scope="module")
-def pool_run(team_stack):
-    """`make deploy`'s command in team mode (deployments onto the work pool), then one run of the train
-    deployment, which the stack's worker picks up: the tiny pipeline, registered on the server, pushed."""
-    env = _env(team_stack)
-    _run([sys.executable, "-m", "flows.deploy"], team_stack.root, env)
-    flow_run_id, state = _run([sys.executable, "-c", TRIGGER], team_stack.root, env).stdout.split()[-2:]
-    return flow_run_id, state
+def pool_run(team_stack) -> PoolRuns:
+    """`make deploy`'s command in team mode (deployments onto the work pool), then runs of the train
+    deployment, which the stack's worker picks up. The first is killed with its worker once training has
+    written a checkpoint, and a new worker started; once the server marks that run crashed, a re-run and a
+    custom run (an experiment) are triggered at once. The re-run resumes training: the tiny pipeline,
+    registered on the server, pushed."""
+    _run([sys.executable, "-m", "flows.deploy"], team_stack.root, _env(team_stack))
+    (killed,) = _trigger(team_stack, {})
+    _wait_for_a_checkpoint(team_stack, killed)
+    _kill_the_worker_and_its_flow_run(team_stack)
+    killed_before_export = not Paths(team_stack.root).sd_model.exists()
+    services.start(team_stack.root, team_stack.state, only=("worker",), ui=False, worker_poll=1, fast=True)
+    crashed = _wait_for_final_state(team_stack, killed, seconds=300)
+    rerun, experiment = _trigger(team_stack, {}, EXPERIMENT_RUN)
+    return PoolRuns(crashed, _wait_for_final_state(team_stack, rerun),
+                    _wait_for_final_state(team_stack, experiment), killed_before_export)
 
 
 @pytest.fixture
@@ -105,7 +199,7 @@ def _bucket_keys(stack, bucket: str) -> list[str]:
 def test_a_pool_run_registers_the_champion_with_its_artifacts_in_the_bucket(team_stack, pool_run, admin):
     from flows import publish
 
-    assert pool_run[1] == "COMPLETED"
+    assert pool_run.rerun["state_type"] == "COMPLETED"
     champion = admin.get_model_version_by_alias("sdpipe", "champion")
     assert champion.version == "1"
     keys = _bucket_keys(team_stack, services.MLFLOW_BUCKET)
@@ -116,7 +210,7 @@ def test_a_pool_run_registers_the_champion_with_its_artifacts_in_the_bucket(team
     assert champion.tags[publish.COMMIT_TAG] == head
     assert champion.tags[publish.REMOTE_TAG] == team.read_team_settings(team_stack.root)[team.DVC_REMOTE]
     assert champion.tags[publish.MODEL_MD5_TAG].endswith(".dir")
-    assert champion.tags["prefect_flow_run_id"] == pool_run[0]
+    assert champion.tags["prefect_flow_run_id"] == pool_run.rerun["id"]
 
 
 def _prefect_api(stack, path: str, query: dict | None = None):
@@ -147,9 +241,10 @@ def test_the_deployments_sit_on_the_work_pool_with_the_custom_run_form(team_stac
 def test_no_secret_reaches_params_tags_logs_or_prefect_artifacts(team_stack, pool_run, admin):
     champion = admin.get_model_version_by_alias("sdpipe", "champion")
     run = admin.get_run(champion.run_id)
-    logs = _prefect_records(team_stack, "logs", pool_run[0])
-    artifacts = _prefect_records(team_stack, "artifacts", pool_run[0])
-    assert logs and any(artifact["key"] == "training-summary" for artifact in artifacts)
+    flow_runs = [pool_run.killed["id"], pool_run.rerun["id"], pool_run.experiment["id"]]
+    logs = [record for run in flow_runs for record in _prefect_records(team_stack, "logs", run)]
+    artifacts = [record for run in flow_runs for record in _prefect_records(team_stack, "artifacts", run)]
+    assert logs and [artifact["key"] for artifact in artifacts].count("training-summary") == 2
     texts = {"params": json.dumps(run.data.params), "run tags": json.dumps(run.data.tags),
              "version tags": json.dumps(champion.tags), "description": champion.description or "",
              "flow run logs": json.dumps(logs), "artifacts": json.dumps(artifacts),
@@ -159,6 +254,47 @@ def test_no_secret_reaches_params_tags_logs_or_prefect_artifacts(team_stack, poo
     secrets += list(team_stack.secret.values())
     leaks = [(where, secret[:4]) for where, text in texts.items() for secret in secrets if secret in text]
     assert not leaks, leaks
+
+
+def _time(moment: str) -> datetime:
+    return datetime.fromisoformat(moment.replace("Z", "+00:00"))
+
+
+def test_a_worker_killed_mid_training_crashes_its_run_and_the_rerun_resumes(team_stack, pool_run, admin):
+    assert pool_run.killed_before_export, "the first run finished training before it was killed"
+    assert pool_run.killed["state_type"] == "CRASHED", pool_run.killed["state"]
+    assert "no heartbeat" in pool_run.killed["state"]["message"]
+    assert pool_run.rerun["state_type"] == "COMPLETED"
+    paths = Paths(team_stack.root)
+    trained = json.loads((paths.metrics / "train.json").read_text())
+    assert 0 < trained["resumed_from_step"] < trained["steps"]
+    assert not checkpoint_folders(paths), "a finished training keeps no checkpoint"
+    # the killed run's MLflow run, continued to the end by the re-run
+    run = admin.get_run(admin.get_model_version_by_alias("sdpipe", "champion").run_id)
+    assert run.data.tags["prefect_flow_run_id"] == pool_run.killed["id"] and run.info.status == "FINISHED"
+    assert run.data.metrics["train_resumed_from_step"] == trained["resumed_from_step"]
+
+
+def test_two_runs_triggered_at_once_run_one_after_the_other_and_both_are_recorded(pool_run, admin):
+    first, second = sorted((pool_run.rerun, pool_run.experiment), key=lambda run: _time(run["start_time"]))
+    assert (first["state_type"], second["state_type"]) == ("COMPLETED", "COMPLETED")
+    assert _time(second["created"]) < _time(first["end_time"]) <= _time(second["start_time"])
+    experiment = admin.get_experiment_by_name("sdpipe").experiment_id
+    by_flow_run = {run.data.tags.get("prefect_flow_run_id"): run for run in admin.search_runs([experiment])}
+    assert sorted(by_flow_run) == sorted([pool_run.killed["id"], pool_run.experiment["id"]])
+    version = admin.get_model_version_by_alias(EXPERIMENT_MODEL, "champion")
+    assert version.run_id == by_flow_run[pool_run.experiment["id"]].info.run_id
+    champion = admin.get_model_version_by_alias("sdpipe", "champion")
+    assert champion.run_id == by_flow_run[pool_run.killed["id"]].info.run_id
+
+
+def test_the_run_summary_links_the_run_on_the_mlflow_server(team_stack, pool_run, admin):
+    artifacts = _prefect_records(team_stack, "artifacts", pool_run.rerun["id"])
+    summary = next(artifact["data"] for artifact in artifacts if artifact["key"] == "training-summary")
+    run = admin.get_run(admin.get_model_version_by_alias("sdpipe", "champion").run_id)
+    uri = team.read_team_settings(team_stack.root)[team.TRACKING_URI]
+    assert f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in summary
+    assert "make ui-mlflow" not in summary and "sqlite" not in summary
 
 
 def test_a_colleague_pulls_the_champion_byte_for_byte_and_nothing_is_stale(team_stack, pool_run, admin,
@@ -180,6 +316,51 @@ def test_generate_samples_the_champion_through_the_server(team_stack, pool_run, 
     _run(["sdpipe", "generate", "--model", "models:/sdpipe@champion", "--prompt", "a red circle", "-n", "1",
           "--steps", "2", "--out", str(out)], team_stack.root, _env(team_stack))
     assert (out / "grid.png").is_file() and len(list(out.glob("*.png"))) == 2
+
+
+def _answers(url: str) -> bool:
+    try:
+        return _status_code(url) == 200
+    except OSError:
+        return False
+
+
+def _wait_until_served(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not _answers(url):
+        assert server.poll() is None, "mlflow models serve exited early"
+        assert time.monotonic() < deadline, f"mlflow models serve did not answer {url} within {seconds} s"
+        time.sleep(1)
+
+
+def test_mlflow_models_serve_scores_the_champion_from_the_server(team_stack, pool_run, tmp_path):
+    from PIL import Image
+
+    from pipeline.core.params_file import load_params
+
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/sdpipe@champion",
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(command, cwd=tmp_path, env=_env(team_stack), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        _wait_until_served(f"http://127.0.0.1:{port}/ping", server)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", headers={"Content-Type": "application/json"},
+            data=json.dumps({"dataframe_records": [{"prompt": "a red circle", "seed": 3, "steps": 2}]}).encode())
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            predictions = json.loads(reply.read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    resolution = load_params(team_stack.root / "params.yaml").preprocess.resolution
+    assert len(predictions) == 1, (tmp_path / "serve.log").read_text()[-2000:]
+    assert Image.open(io.BytesIO(base64.b64decode(predictions[0]["image"]))).size == (resolution, resolution)
 
 
 def test_a_read_only_login_is_refused_in_a_sentence(team_stack, pool_run, admin):
