@@ -153,9 +153,9 @@ def _kill_the_worker_and_its_flow_run(stack) -> None:
 
 
 class PoolRuns(NamedTuple):
-    killed: dict  # the flow runs as the Prefect server records them
+    killed: dict  # flow runs as the Prefect server records them
     rerun: dict
-    experiment: dict
+    experiment_id: str  # still queued or running: the `all_runs` fixture waits for it
     killed_before_export: bool
 
 
@@ -163,19 +163,25 @@ class PoolRuns(NamedTuple):
 def pool_run(team_stack) -> PoolRuns:
     """`make deploy`'s command in team mode (deployments onto the work pool), then runs of the train
     deployment, which the stack's worker picks up. The first is killed with its worker once training has
-    written a checkpoint, and a new worker started; once the server marks that run crashed, a re-run and a
-    custom run (an experiment) are triggered at once. The re-run resumes training: the tiny pipeline,
-    registered on the server, pushed."""
+    written a checkpoint; a re-run and a custom run (an experiment) are triggered at once and a new worker
+    started. Once the server marks the killed run crashed, the re-run resumes its training: the tiny
+    pipeline, registered on the server, pushed. The tests of its champion run while the experiment does."""
     _run([sys.executable, "-m", "flows.deploy"], team_stack.root, _env(team_stack))
     (killed,) = _trigger(team_stack, {})
     _wait_for_a_checkpoint(team_stack, killed)
     _kill_the_worker_and_its_flow_run(team_stack)
     killed_before_export = not Paths(team_stack.root).sd_model.exists()
+    rerun, experiment = _trigger(team_stack, {}, EXPERIMENT_RUN)
     services.start(team_stack.root, team_stack.state, only=("worker",), ui=False, worker_poll=1, fast=True)
     crashed = _wait_for_final_state(team_stack, killed, seconds=300)
-    rerun, experiment = _trigger(team_stack, {}, EXPERIMENT_RUN)
-    return PoolRuns(crashed, _wait_for_final_state(team_stack, rerun),
-                    _wait_for_final_state(team_stack, experiment), killed_before_export)
+    return PoolRuns(crashed, _wait_for_final_state(team_stack, rerun), experiment, killed_before_export)
+
+
+@pytest.fixture(scope="module")
+def all_runs(team_stack, pool_run) -> dict:
+    """The experiment's flow run, finished: no run is left in the project (tests that stop a server or copy
+    the project wait for this)."""
+    return _wait_for_final_state(team_stack, pool_run.experiment_id)
 
 
 @pytest.fixture
@@ -238,24 +244,6 @@ def test_the_deployments_sit_on_the_work_pool_with_the_custom_run_form(team_stac
     assert _prefect_api(team_stack, f"work_pools/{services.POOL}")["concurrency_limit"] == 1
 
 
-def test_no_secret_reaches_params_tags_logs_or_prefect_artifacts(team_stack, pool_run, admin):
-    champion = admin.get_model_version_by_alias("sdpipe", "champion")
-    run = admin.get_run(champion.run_id)
-    flow_runs = [pool_run.killed["id"], pool_run.rerun["id"], pool_run.experiment["id"]]
-    logs = [record for run in flow_runs for record in _prefect_records(team_stack, "logs", run)]
-    artifacts = [record for run in flow_runs for record in _prefect_records(team_stack, "artifacts", run)]
-    assert logs and [artifact["key"] for artifact in artifacts].count("training-summary") == 2
-    texts = {"params": json.dumps(run.data.params), "run tags": json.dumps(run.data.tags),
-             "version tags": json.dumps(champion.tags), "description": champion.description or "",
-             "flow run logs": json.dumps(logs), "artifacts": json.dumps(artifacts),
-             "worker log": (team_stack.state / "logs" / "worker.log").read_text(errors="replace"),
-             "committed files": _run(["git", "show", "HEAD"], team_stack.root, os.environ).stdout}
-    secrets = [value for key, value in team.read_team_settings(team_stack.root).items() if key in team.SECRET_KEYS]
-    secrets += list(team_stack.secret.values())
-    leaks = [(where, secret[:4]) for where, text in texts.items() for secret in secrets if secret in text]
-    assert not leaks, leaks
-
-
 def _time(moment: str) -> datetime:
     return datetime.fromisoformat(moment.replace("Z", "+00:00"))
 
@@ -273,19 +261,6 @@ def test_a_worker_killed_mid_training_crashes_its_run_and_the_rerun_resumes(team
     run = admin.get_run(admin.get_model_version_by_alias("sdpipe", "champion").run_id)
     assert run.data.tags["prefect_flow_run_id"] == pool_run.killed["id"] and run.info.status == "FINISHED"
     assert run.data.metrics["train_resumed_from_step"] == trained["resumed_from_step"]
-
-
-def test_two_runs_triggered_at_once_run_one_after_the_other_and_both_are_recorded(pool_run, admin):
-    first, second = sorted((pool_run.rerun, pool_run.experiment), key=lambda run: _time(run["start_time"]))
-    assert (first["state_type"], second["state_type"]) == ("COMPLETED", "COMPLETED")
-    assert _time(second["created"]) < _time(first["end_time"]) <= _time(second["start_time"])
-    experiment = admin.get_experiment_by_name("sdpipe").experiment_id
-    by_flow_run = {run.data.tags.get("prefect_flow_run_id"): run for run in admin.search_runs([experiment])}
-    assert sorted(by_flow_run) == sorted([pool_run.killed["id"], pool_run.experiment["id"]])
-    version = admin.get_model_version_by_alias(EXPERIMENT_MODEL, "champion")
-    assert version.run_id == by_flow_run[pool_run.experiment["id"]].info.run_id
-    champion = admin.get_model_version_by_alias("sdpipe", "champion")
-    assert champion.run_id == by_flow_run[pool_run.killed["id"]].info.run_id
 
 
 def test_the_run_summary_links_the_run_on_the_mlflow_server(team_stack, pool_run, admin):
@@ -376,10 +351,41 @@ def test_a_read_only_login_is_refused_in_a_sentence(team_stack, pool_run, admin)
     assert "'reader' may read but not change" in refused.stderr and settings[team.TRACKING_URI] in refused.stderr
 
 
+def test_two_runs_triggered_at_once_run_one_after_the_other_and_both_are_recorded(pool_run, all_runs, admin):
+    first, second = sorted((pool_run.rerun, all_runs), key=lambda run: _time(run["start_time"]))
+    assert (first["state_type"], second["state_type"]) == ("COMPLETED", "COMPLETED")
+    assert _time(second["created"]) < _time(first["end_time"]) <= _time(second["start_time"])
+    experiment = admin.get_experiment_by_name("sdpipe").experiment_id
+    by_flow_run = {run.data.tags.get("prefect_flow_run_id"): run for run in admin.search_runs([experiment])}
+    assert sorted(by_flow_run) == sorted([pool_run.killed["id"], all_runs["id"]])
+    version = admin.get_model_version_by_alias(EXPERIMENT_MODEL, "champion")
+    assert version.run_id == by_flow_run[all_runs["id"]].info.run_id
+    champion = admin.get_model_version_by_alias("sdpipe", "champion")
+    assert champion.run_id == by_flow_run[pool_run.killed["id"]].info.run_id
+
+
+def test_no_secret_reaches_params_tags_logs_or_prefect_artifacts(team_stack, pool_run, all_runs, admin):
+    champion = admin.get_model_version_by_alias("sdpipe", "champion")
+    run = admin.get_run(champion.run_id)
+    flow_runs = [pool_run.killed["id"], pool_run.rerun["id"], all_runs["id"]]
+    logs = [record for run in flow_runs for record in _prefect_records(team_stack, "logs", run)]
+    artifacts = [record for run in flow_runs for record in _prefect_records(team_stack, "artifacts", run)]
+    assert logs and [artifact["key"] for artifact in artifacts].count("training-summary") == 2
+    texts = {"params": json.dumps(run.data.params), "run tags": json.dumps(run.data.tags),
+             "version tags": json.dumps(champion.tags), "description": champion.description or "",
+             "flow run logs": json.dumps(logs), "artifacts": json.dumps(artifacts),
+             "worker log": (team_stack.state / "logs" / "worker.log").read_text(errors="replace"),
+             "committed files": _run(["git", "show", "HEAD"], team_stack.root, os.environ).stdout}
+    secrets = [value for key, value in team.read_team_settings(team_stack.root).items() if key in team.SECRET_KEYS]
+    secrets += list(team_stack.secret.values())
+    leaks = [(where, secret[:4]) for where, text in texts.items() for secret in secrets if secret in text]
+    assert not leaks, leaks
+
+
 # --- faults ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def retrained(team_stack, pool_run, tmp_path) -> Path:
+def retrained(team_stack, all_runs, tmp_path) -> Path:
     """A copy of the project whose model was trained again (perturbed weights, lower adherence)."""
     from safetensors.torch import load_file, save_file
 
@@ -412,7 +418,7 @@ def test_register_with_mlflow_down_says_so_and_its_retry_makes_one_version(team_
     assert "champion: version 1" in _run(["sdpipe", "rollback"], retrained, env).stdout
 
 
-def test_a_registry_without_its_database_says_so(team_stack, pool_run):
+def test_a_registry_without_its_database_says_so(team_stack, all_runs):
     env, uri = _env(team_stack), team.read_team_settings(team_stack.root)[team.TRACKING_URI]
     services.stop(team_stack.root, team_stack.state, only=("postgres",))
     try:
