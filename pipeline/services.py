@@ -3,7 +3,8 @@
 PostgreSQL holds MLflow's runs and registry, MLflow's logins and Prefect's state; an S3 server (SeaweedFS,
 which checks keys) holds MLflow's artifacts and the DVC remote; the MLflow server (basic auth) proxies the
 artifacts, so its clients need no S3 keys; the Prefect server (an auth string) has a process work pool
-whose worker runs the flow runs in this project. Everything lives under one git-ignored folder
+whose worker runs the flow runs in this project, and an automation that marks a flow run crashed when its
+heartbeats stop (its worker died). Everything lives under one git-ignored folder
 (`.services/`): data, logs, ports, secrets and the pids this module stops. Ports are picked free on the first
 start and kept, so any piece can be stopped and started again with nothing lost and the client settings
 still right. Those go to team.env (pipeline/core/team.py) and, for the DVC remote, .dvc/config.local.
