@@ -1,6 +1,7 @@
 """Team mode against the real servers of `sdpipe services` (one stack for the session, tests/conftest.py)."""
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -144,7 +145,8 @@ def _kill_the_worker_and_its_flow_run(stack) -> None:
     tree = _process_tree(services.Stack(stack.root, stack.state).record["pids"]["worker"]["pid"])
     assert len(tree) > 2, f"the worker runs no flow run: {tree}"
     for pid in tree:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # one that ended since the tree was read
+            os.kill(pid, signal.SIGKILL)
     services.stop(stack.root, stack.state, only=("worker",))  # waits for the worker, which this process started
     deadline = time.monotonic() + 60
     while any(_alive(pid) for pid in tree):
