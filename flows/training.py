@@ -32,7 +32,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.experiments import (
-    STAGE_LINE, StageOutput, copy_paths, experiment_ref, leaf_overrides, read_json_at, set_param_args,
+    STAGE_LINE,
+    StageOutput,
+    copy_paths,
+    experiment_ref,
+    leaf_overrides,
+    read_json_at,
+    set_param_args,
 )
 from flows.publish import publish
 from pipeline.contracts.paths import Paths

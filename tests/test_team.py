@@ -7,9 +7,9 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
-import stat
 import time
 import urllib.error
 import urllib.request

@@ -8,6 +8,7 @@ from pipeline.core.config import SyntheticSource
 from pipeline.data.shapes import render_samples
 from pipeline.data.sources import SourceItem
 
+
 def items(settings: SyntheticSource) -> Iterator[SourceItem]:
     """The renders as ingest items; there is no file to stamp, and rendering again is cheap. Each is drawn when
     read, in the task that reads it."""
