@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, help="sampling steps (default: evaluate.num_inference_steps)")
     generate.add_argument("--guidance", type=float, help="guidance scale (default: evaluate.guidance_scale)")
     generate.add_argument("--negative-prompt", help="what the image should not show")
-    generate.add_argument("--scheduler", default="dpm++", help="dpm++ (default), euler, ddim or ddpm")
+    generate.add_argument("--scheduler", help="dpm++, euler, ddim or ddpm (default: dpm++; sd3, flux: their flow "
+                          "Euler sampler, the only one they take)")
     generate.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     generate.add_argument("--out", type=Path, default=Path("samples"))
     generate.set_defaults(handler=_generate)

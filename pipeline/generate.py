@@ -15,7 +15,7 @@ from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import atomic_file
 from pipeline.core.config import Params
 from pipeline.data.images import image_grid
-from pipeline.diffusion.families import load_pipeline
+from pipeline.diffusion.families import family_of_pipeline, load_pipeline
 from pipeline.diffusion.schedule import use_scheduler
 from pipeline.tracking.model_source import resolve_model
 
@@ -24,18 +24,20 @@ log = logging.getLogger(__name__)
 def generate(
     params: Params, paths: Paths, *, model: str, prompt: str, count: int = 4, seed: int = 0, out: Path,
     steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
-    scheduler: str = "dpm++", batch_size: int = 8,
+    scheduler: str | None = None, batch_size: int = 8,
 ) -> list[Path]:
+    """`scheduler`: a sampler by name (schedule.SCHEDULERS); None: dpm++ for the DDPM families, the flow
+    families' own Euler sampler."""
     pipeline = load_pipeline(resolve_model(model, params.register_, paths))
+    family = family_of_pipeline(pipeline)
     use_scheduler(pipeline, scheduler)
     images = []
     for first in range(0, count, batch_size):
         size = min(batch_size, count - first)
         images += pipeline(
-            [prompt] * size,
-            negative_prompt=[negative_prompt] * size if negative_prompt else None,
+            **family.sampling_arguments(pipeline, [prompt] * size, guidance or params.evaluate.guidance_scale,
+                                        negative_prompt),
             num_inference_steps=steps or params.evaluate.num_inference_steps,
-            guidance_scale=guidance or params.evaluate.guidance_scale,
             generator=[torch.Generator().manual_seed(seed + first + index) for index in range(size)],
         ).images
     out = Path(out)

@@ -9,10 +9,27 @@ from pipeline.core.config import FAMILY_PRESETS, ConfigError
 from pipeline.core.params_file import parse_params
 from pipeline.diffusion.families import FAMILIES, family_named, family_of_folder, load_pipeline
 from pipeline.evaluation.noise_metrics import square_image_sizes
+from pipeline.tracking.mlflow_model import sampling_arguments as served_sampling_arguments
 
 from .conftest import merge, save_random_base_model, tiny_params_dict
 
-PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
+    """The pipeline's own encode_prompt, its tensors by the names a family's conditioning uses."""
+    common = dict(device=torch.device("cpu"), num_images_per_prompt=1)
+    name = type(pipeline).__name__
+    if name == "FluxPipeline":  # (T5 states, pooled CLIP, text ids)
+        encoded = pipeline.encode_prompt(captions, **common, max_sequence_length=pipeline.tokenizer_2.model_max_length)
+        return {"prompt_embeds": encoded[0], "pooled_prompt_embeds": encoded[1]}
+    if name == "StableDiffusion3Pipeline":  # the other encoders' prompts default to the first's
+        common.update(prompt_2=None, prompt_3=None, max_sequence_length=pipeline.tokenizer_3.model_max_length)
+    encoded = pipeline.encode_prompt(captions, **common, do_classifier_free_guidance=False)
+    if name == "StableDiffusionPipeline":  # (prompt, negative)
+        return {"prompt_embeds": encoded[0]}
+    return {"prompt_embeds": encoded[0], "pooled_prompt_embeds": encoded[2]}  # (prompt, negative, pooled, negative)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -25,9 +42,15 @@ def test_a_tiny_pipeline_saves_and_loads_back_as_its_family(saved):
     loaded = DiffusionPipeline.from_pretrained(folder)
     assert type(loaded).__name__ == PIPELINE_CLASSES[name]
     assert family_of_folder(folder) is family_named(name)
-    image = load_pipeline(folder)("a red circle", num_inference_steps=2, output_type="np",
-                                  generator=torch.Generator().manual_seed(0)).images[0]
+    pipeline = load_pipeline(folder)
+    arguments = family_named(name).sampling_arguments(pipeline, ["a red circle"], 4.0)
+    image = pipeline(**arguments, num_inference_steps=2, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+    served = served_sampling_arguments(pipeline, "a red circle", "a blue square", 4.0)
+    ours = family_named(name).sampling_arguments(pipeline, ["a red circle"], 4.0, "a blue square")
+    assert served == {key: value[0] if isinstance(value, list) else value for key, value in ours.items()}, \
+        "the served model (mlflow_model.py) samples as the family does"
 
 
 @torch.no_grad()
@@ -37,13 +60,12 @@ def test_the_family_conditions_and_calls_the_denoiser_as_its_pipeline_does(saved
     captions = ["a red circle", ""]
     ours = family.encode_text(pipeline.components, family.token_ids(pipeline.components, captions))
     assert list(ours) == list(family.conditioning)
-    theirs = pipeline.encode_prompt(captions, device=torch.device("cpu"), num_images_per_prompt=1,
-                                    do_classifier_free_guidance=False)
-    torch.testing.assert_close(ours["prompt_embeds"], theirs[0])
-    if "pooled_prompt_embeds" in ours:  # SDXL: (prompt, negative, pooled, negative pooled)
-        torch.testing.assert_close(ours["pooled_prompt_embeds"], theirs[2])
+    theirs = pipeline_encoding(pipeline, captions)
+    assert list(theirs) == list(ours)
+    for tensor in ours:
+        torch.testing.assert_close(ours[tensor], theirs[tensor])
     denoiser = getattr(pipeline, family.denoiser)
-    latents = torch.randn(2, denoiser.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(2, pipeline.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     prediction = family.predict(denoiser, latents, torch.tensor([10, 900]), ours, square_image_sizes(2, 32))
     assert prediction.shape == latents.shape
 
@@ -55,9 +77,11 @@ def test_the_config_knows_each_built_familys_presets():
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_families_not_built_yet_are_refused_with_a_sentence(family):
-    with pytest.raises(ConfigError, match=f"model.family: {family} is not built yet; sdpipe trains sd, sdxl"):
-        parse_params(merge(tiny_params_dict(), {"model": {"family": family}}))
+def test_ddpm_settings_are_refused_for_the_flow_families_with_a_sentence(family):
+    with pytest.raises(ConfigError, match=f"train.snr_gamma: min-SNR weighting is DDPM's .* {family} trains by flow"):
+        parse_params(merge(tiny_params_dict(), {"model": {"family": family}, "train": {"snr_gamma": 5.0}}))
+    with pytest.raises(ConfigError, match="train.prediction_type: v_prediction is a DDPM target"):
+        parse_params(merge(tiny_params_dict(), {"model": {"family": family}, "train": {"prediction_type": "v_prediction"}}))
 
 
 def test_a_preset_of_another_family_is_named():
@@ -95,7 +119,7 @@ def test_sdxl_time_ids_follow_each_images_recorded_size_and_crop(tmp_path):
 
     params, paths = folder_project(tmp_path, [(48, 24), (24, 40), (32, 32)] * 4, crop="random", val_fraction=0.3)
     preprocess(params.preprocess, paths)
-    build_vae(params.vae, 32).save_pretrained(paths.vae_model)
+    build_vae(params.vae, 32, latent_channels=4).save_pretrained(paths.vae_model)
     encode(paths, encode=params.encode, model=params.model, train=params.train)
     manifest = pd.read_parquet(paths.processed / "train" / MANIFEST)
     wide = manifest[manifest["original_width"] == 48].iloc[0]

@@ -24,7 +24,7 @@ def test_tokenizer_learns_whole_words_and_falls_back_to_characters(tmp_path):
 def test_components_fit_together():
     components = FAMILY.scratch_components(Scratch(tuple(CAPTIONS), "tiny", 1000, latent_channels=4, latent_size=8))
     tokenizer, text_encoder, unet = components["tokenizer"], components["text_encoder"], components["unet"]
-    vae = build_vae(VaeParams(), resolution=32)
+    vae = build_vae(VaeParams(), resolution=32, latent_channels=4)
     ids = tokenize(tokenizer, ["a red circle"])
     assert ids.shape == (1, PRESETS["tiny"].max_tokens)
     with torch.no_grad():

@@ -196,7 +196,7 @@ class PreprocessParams(Section):
 
 class VaeParams(Section):
     block_out_channels: tuple[int, ...] = (16, 32, 32)
-    latent_channels: int = Field(4, ge=1)
+    latent_channels: int | None = Field(None, ge=1, description="null: the family's (sd, sdxl: 4; sd3, flux: 16)")
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -219,8 +219,16 @@ class LoraParams(Section):
 
 
 # The scratch presets of each family that is built (pipeline/diffusion/families/; a test checks they agree).
-FAMILY_PRESETS = {"sd": ("tiny", "small", "sd15"), "sdxl": ("tiny", "sdxl")}
-FAMILIES = ("sd", "sdxl", "sd3", "flux")
+FAMILY_PRESETS = {"sd": ("tiny", "small", "sd15"), "sdxl": ("tiny", "sdxl"), "sd3": ("tiny", "sd35_medium", "sd35_large"),
+                  "flux": ("tiny", "flux_dev", "flux_schnell")}
+FAMILIES = tuple(FAMILY_PRESETS)
+FLOW_FAMILIES = ("sd3", "flux")  # trained by flow matching, with a 16-channel VAE whose latents are shifted
+FAMILY_LATENT_CHANNELS = {"sd": 4, "sdxl": 4, "sd3": 16, "flux": 16}
+
+
+def latent_channels_of(vae: VaeParams, family: str) -> int:
+    """The scratch VAE's latent channels: vae.latent_channels, else the family's."""
+    return vae.latent_channels or FAMILY_LATENT_CHANNELS[family]
 
 
 class ModelParams(Section):
@@ -229,6 +237,8 @@ class ModelParams(Section):
     preset: str = Field("tiny", description="scratch mode: the model sizes, one of the family's presets")
     pretrained: str | None = Field(None, description="finetune mode: a diffusers folder or a hub id")
     finetune: Literal["lora", "full"] = Field("lora", description="finetune mode: LoRA layers or the whole denoiser")
+    max_sequence_length: int = Field(77, ge=1, description="sd3, flux: T5 tokens per caption (truncated or padded to "
+                                                          "it) in training, the encode cache and sampling")
     lora: LoraParams = LoraParams()
 
     @model_validator(mode="after")
@@ -240,16 +250,32 @@ class ModelParams(Section):
         return self
 
     @model_validator(mode="after")
-    def _family_is_built_and_has_the_preset(self) -> ModelParams:
-        if self.family not in FAMILY_PRESETS:
-            raise PydanticCustomError(
-                "missing_setting", "model.family: {family} is not built yet; sdpipe trains {built}",
-                {"family": self.family, "built": ", ".join(FAMILY_PRESETS)})
+    def _family_has_the_preset(self) -> ModelParams:
         if self.preset not in FAMILY_PRESETS[self.family]:
             raise PydanticCustomError(
                 "missing_setting", "model.preset: '{preset}' is not a preset of model.family {family} ({presets})",
                 {"preset": self.preset, "family": self.family, "presets": ", ".join(FAMILY_PRESETS[self.family])})
         return self
+
+
+class FlowParams(Section):
+    """Flow matching (sd3, flux; pipeline/diffusion/flow_matching.py): how σ is drawn, shifted and weighted."""
+
+    sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    shift: float | Literal["resolution"] | None = Field(
+        None, description="static shift (> 0; 1: none), resolution (Flux's dynamic shifting), or null: the family's "
+                          "(sd3: 3.0; flux: resolution), or a pretrained model's own scheduler's")
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+
+    @field_validator("shift")
+    @classmethod
+    def _positive(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float) and value <= 0:
+            raise ValueError("must be above 0 (1.0 is no shift), resolution or null")
+        return value
 
 
 class TrainParams(Section):
@@ -266,7 +292,8 @@ class TrainParams(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting; null: off")
+    snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting (sd, sdxl); null: off")
+    flow: FlowParams = FlowParams()
     noise_offset: float = Field(0.0, ge=0)
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the UNet weights; null: off")
     gradient_checkpointing: bool = False
@@ -364,5 +391,20 @@ class Params(Section):
     ray: RayParams = RayParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _ddpm_settings_are_not_set_for_flow_matching(self) -> Params:
+        if self.model.family in FLOW_FAMILIES:
+            if self.train.snr_gamma is not None:
+                raise PydanticCustomError(
+                    "conflicting_setting", "train.snr_gamma: min-SNR weighting is DDPM's (sd, sdxl); model.family "
+                    "{family} trains by flow matching, weighted by train.flow.weighting: set snr_gamma to null",
+                    {"family": self.model.family})
+            if self.train.prediction_type != "epsilon":
+                raise PydanticCustomError(
+                    "conflicting_setting", "train.prediction_type: {kind} is a DDPM target; model.family {family} "
+                    "predicts the flow's velocity: leave prediction_type at epsilon",
+                    {"kind": self.train.prediction_type, "family": self.model.family})
+        return self
 
 

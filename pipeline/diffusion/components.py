@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler
-from transformers import CLIPTextConfig, CLIPTokenizerFast
+from transformers import CLIPTextConfig, CLIPTokenizerFast, T5Config, T5TokenizerFast
 
 from pipeline.core.config import ConfigError, VaeParams
 
@@ -35,7 +35,27 @@ def clip_text_config(tokenizer: CLIPTokenizerFast, width: int, layers: int, head
     )
 
 
-def build_vae(params: VaeParams, resolution: int) -> AutoencoderKL:
+def t5_encoder_config(tokenizer: T5TokenizerFast, width: int, layers: int, heads: int, feed_forward: int,
+                      dropout: float) -> T5Config:
+    """A T5 (v1.1, gated-GELU) encoder's config for a tokenizer: its vocabulary and special tokens."""
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=width // heads,
+        d_ff=feed_forward,
+        num_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=dropout,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+
+
+def build_vae(params: VaeParams, resolution: int, latent_channels: int) -> AutoencoderKL:
     levels = len(params.block_out_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -44,7 +64,7 @@ def build_vae(params: VaeParams, resolution: int) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=params.block_out_channels,
         layers_per_block=1,
-        latent_channels=params.latent_channels,
+        latent_channels=latent_channels,
         norm_num_groups=min(8, min(params.block_out_channels)),
         sample_size=resolution,
     )

@@ -23,6 +23,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+from pipeline.core.config import FlowParams
 from pipeline.diffusion.schedule import TRAIN_TIMESTEPS, NoisyBatch, training_noise
 
 RESOLUTION_SHIFT = "resolution"  # the shift follows the image size (Flux's dynamic shifting)
@@ -104,3 +105,27 @@ class FlowMatching:
                 use_dynamic_shifting=True)
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=TRAIN_TIMESTEPS, shift=float(self.shift))
 
+
+
+def scheduler_shift(scheduler_config: dict) -> float | str:
+    """The shift a FlowMatchEulerDiscreteScheduler config samples with: RESOLUTION_SHIFT under dynamic shifting."""
+    return RESOLUTION_SHIFT if scheduler_config.get("use_dynamic_shifting") else float(scheduler_config.get("shift", 1.0))
+
+
+def flow_objective(settings: FlowParams, family_shift: float | str, patch_size: int,
+                   pretrained_scheduler: dict | None) -> FlowMatching:
+    """The flow `train.flow` asks for. Its shift: train.flow.shift; else a pretrained model's own scheduler's,
+    so fine-tuning trains at the noise levels the model samples at; else the family's."""
+    if settings.shift is not None:
+        shift = settings.shift
+    else:
+        shift = scheduler_shift(pretrained_scheduler) if pretrained_scheduler else family_shift
+    return FlowMatching(sampling=settings.sampling, logit_mean=settings.logit_mean, logit_std=settings.logit_std,
+                        mode_scale=settings.mode_scale, weighting=settings.weighting, shift=shift,
+                        patch_size=patch_size, scheduler_config=dict(pretrained_scheduler or {}) or None)
+
+
+def flow_of(scheduler_config: dict, patch_size: int) -> FlowMatching:
+    """The flow a saved pipeline's sampler config implies (validation and evaluation measure at its noise levels)."""
+    return FlowMatching(shift=scheduler_shift(scheduler_config), patch_size=patch_size,
+                        scheduler_config=dict(scheduler_config))

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 from diffusers.training_utils import compute_snr
 
 TRAIN_TIMESTEPS = 1000
@@ -46,8 +52,19 @@ def sampling_scheduler(train_scheduler: DDPMScheduler) -> DPMSolverMultistepSche
     return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++")
 
 
-def use_scheduler(pipeline, name: str) -> None:
-    """Swap the sampler, keeping the model's noise schedule."""
+DEFAULT_SCHEDULER = "dpm++"
+FLOW_SAMPLER = "euler"  # a flow-matching model's one sampler: its own FlowMatchEulerDiscreteScheduler
+
+
+def use_scheduler(pipeline, name: str | None) -> None:
+    """Swap the sampler, keeping the model's noise schedule. None: DPM-Solver++ for DDPM models; a flow-matching
+    model keeps its own Euler sampler (the DDPM samplers do not follow a flow)."""
+    if isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
+        if name not in (None, FLOW_SAMPLER):
+            raise ValueError(f"--scheduler {name!r}: a flow-matching model (sd3, flux) samples with its own "
+                             f"{FLOW_SAMPLER} sampler; leave --scheduler out or pass {FLOW_SAMPLER}")
+        return
+    name = name or DEFAULT_SCHEDULER
     if name not in SCHEDULERS:
         raise ValueError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
     scheduler_class, options = SCHEDULERS[name]

@@ -1,15 +1,25 @@
-"""A CLIP tokenizer learned from the training captions, with no download: scratch mode's tokenizer.
+"""Tokenizers learned from the training captions, with no download: scratch mode's tokenizers.
 
-Merges build the captions' most frequent words whole ("a red circle" -> `a</w> red</w> circle</w>`); unseen
-words fall back to CLIP's byte-level characters. `save_pretrained` writes a folder CLIPTokenizer loads.
+CLIP: merges build the captions' most frequent words whole ("a red circle" -> `a</w> red</w> circle</w>`);
+unseen words fall back to CLIP's byte-level characters. `save_pretrained` writes a folder CLIPTokenizer loads.
+
+T5 (sd3, flux): a SentencePiece-style Unigram model whose pieces are the captions' most frequent words
+(`▁red`, scored by their log frequency) and single characters (scored far lower, so a known word is always
+one piece and an unseen one is spelled out). It is built from the word counts rather than by the `tokenizers`
+library's Unigram trainer: on a few thousand short captions the trainer splits common words into characters,
+and its vocabulary changes from process to process (hash order), which would change cache keys and break
+exact resume. `save_pretrained` writes a folder T5Tokenizer loads.
 """
 
 from __future__ import annotations
 
+import math
+import string
 from collections import Counter
 from collections.abc import Iterable
 
-from transformers import CLIPTokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTokenizerFast, T5TokenizerFast
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WORD_END = "</w>"  # CLIP's BPE marks a word's last symbol
@@ -75,6 +85,37 @@ def _whole_word_merges(counts: Counter, budget: int) -> list[tuple[str, str]]:
         merges.extend(new)
         known.update("".join(pair) for pair in new)
     return merges
+
+
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"  # T5's special tokens, ids 0, 1, 2 as in T5's own vocabulary
+WORD_START = "▁"  # SentencePiece marks a word's first symbol
+CHARACTER_PENALTY = 10.0  # below any word's log frequency: a whole word always beats its spelling
+
+
+def build_t5_tokenizer(captions: Iterable[str], *, vocab_size: int, max_tokens: int) -> T5TokenizerFast:
+    """A T5 tokenizer whose pieces are the captions' most frequent words (ties by the word itself) and the
+    characters to spell any other word with; every encoding ends with `</s>`. Deterministic."""
+    normalizer = normalizers.NFKC()
+    pre_tokenizer = pre_tokenizers.Metaspace(replacement=WORD_START, prepend_scheme="always")
+    counts = Counter(word for caption in captions
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
+    characters = sorted({WORD_START, *string.ascii_letters, *string.digits, *string.punctuation,
+                         *(character for word in counts for character in word)})
+    total = max(1, sum(counts.values()))
+    budget = vocab_size - 3 - len(characters)
+    words = [word for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if len(word) > 1][:budget]
+    pieces = {T5_PAD: 0.0, T5_EOS: 0.0, T5_UNK: 0.0}
+    pieces.update({word: math.log(counts[word] / total) for word in words})
+    pieces.update({character: math.log(1 / total) - CHARACTER_PENALTY for character in characters})
+    backend = Tokenizer(models.Unigram(list(pieces.items()), unk_id=2))
+    backend.normalizer, backend.pre_tokenizer = normalizer, pre_tokenizer
+    backend.decoder = decoders.Metaspace(replacement=WORD_START, prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single=f"$A {T5_EOS}", pair=f"$A {T5_EOS} $B {T5_EOS}",
+                                                           special_tokens=[(T5_EOS, 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token=T5_PAD, eos_token=T5_EOS, unk_token=T5_UNK,
+                                extra_ids=0)
+    tokenizer.model_max_length = max_tokens
+    return tokenizer
 
 
 def tokenize(tokenizer, captions: list[str]):

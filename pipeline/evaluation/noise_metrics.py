@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline
 
 from pipeline.contracts.latents import MappedRows
 from pipeline.diffusion.families import family_of_pipeline
+from pipeline.diffusion.vae_io import denoiser_latents
 
 NOISE_METRICS_BATCH = 64  # samples per denoiser call: the validation split never has to fit in memory at once
 
@@ -65,7 +66,7 @@ def noise_metrics_on(
     sums = {timestep: ErrorSums() for timestep in timesteps}
     for start in range(0, len(captions), batch_size):
         stop = min(start + batch_size, len(captions))
-        latents = latent_means[np.arange(start, stop)].float().to(device) * pipeline.vae.config.scaling_factor
+        latents = denoiser_latents(latent_means[np.arange(start, stop)].float().to(device), pipeline.vae.config)
         ids = family.token_ids(pipeline.components, captions[start:stop])
         states = family.encode_text(pipeline.components, {name: value.to(device) for name, value in ids.items()})
         sizes = square_image_sizes(len(latents), latents.shape[-1] * pipeline.vae_scale_factor)

@@ -69,6 +69,7 @@ class Encoder:
     key: str
     dtype: str
     family: str | None = None  # text: the model family, which says what its encoders give
+    max_sequence_length: int = 77  # text: T5's tokens per caption (sd3, flux)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def loaded_vae(encoder: Encoder) -> AutoencoderKL:
 def loaded_text_encoders(encoder: Encoder) -> dict[str, object]:
     """The family's tokenizers and frozen text encoders, the encoders in the cache's dtype on the device."""
     family = family_named(encoder.family)
-    text = family.load_text(encoder.location, encoder.root)
+    text = family.load_text(encoder.location, encoder.root, encoder.max_sequence_length)
     for part in family.text:
         text[part.encoder] = text[part.encoder].to(DTYPES[encoder.dtype]).to(compute_device())
     return text
@@ -143,15 +144,18 @@ def encode_file(task: LatentTask) -> list[dict]:
 
 def text_encoder_of(model: ModelParams, paths: Paths, dtype: str) -> Encoder | None:
     """The pretrained model's text encoders in finetune mode; scratch mode trains its own (nothing to cache).
-    The key names the family (what is computed from the encoders) and every encoder's weights."""
+    The key names the family (what is computed from the encoders), T5's sequence length and every encoder's
+    weights."""
     if model.mode != "finetune":
         return None
     family = family_named(model.family)
-    text = family.load_text(model.pretrained, paths.root)
+    text = family.load_text(model.pretrained, paths.root, model.max_sequence_length)
     digest = hashlib.sha256(family.name.encode())
+    if any(part.sequence_length_is_a_param for part in family.text):
+        digest.update(f"max_sequence_length={model.max_sequence_length}".encode())
     for encoder in family.text_encoders(text):
         digest.update(module_hash(encoder.to(DTYPES[dtype])).encode())
-    return Encoder(model.pretrained, paths.root, digest.hexdigest(), dtype, family.name)
+    return Encoder(model.pretrained, paths.root, digest.hexdigest(), dtype, family.name, model.max_sequence_length)
 
 
 def split_plan(manifest: pd.DataFrame, vae: Encoder, text: Encoder | None, random_flip: bool) -> pd.DataFrame:

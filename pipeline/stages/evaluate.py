@@ -33,7 +33,7 @@ from pipeline.core.atomic import atomic_file, write_json
 from pipeline.core.config import EvaluateParams, Params
 from pipeline.data.images import image_grid
 from pipeline.data.shapes import SHAPE_PROMPTS
-from pipeline.diffusion.families import load_pipeline
+from pipeline.diffusion.families import family_of_pipeline, load_pipeline
 from pipeline.diffusion.vae_io import reconstruct, to_model_range
 from pipeline.evaluation.external_metrics import ExternalMetrics, external_metrics
 from pipeline.evaluation.label_adherence import label_judge
@@ -59,14 +59,13 @@ def generate_samples(
 ) -> list[list[Image.Image]]:
     """One row of images per prompt, one column per fixed seed (a new set per repeat)."""
     first_seed = params.sample_seed + repeat * SEED_SET_STRIDE
-    rows = []
+    family, rows = family_of_pipeline(pipeline), []
     for prompt in prompts:
         generators = [torch.Generator().manual_seed(first_seed + column) for column in range(params.samples_per_prompt)]
         rows.append(
             pipeline(
-                [prompt] * params.samples_per_prompt,
+                **family.sampling_arguments(pipeline, [prompt] * params.samples_per_prompt, params.guidance_scale),
                 num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
                 generator=generators,
             ).images
         )
@@ -122,9 +121,9 @@ def stability_metrics(
 
 def is_deterministic(pipeline: DiffusionPipeline, prompt: str, params: EvaluateParams) -> bool:
     """The same prompt and seed twice must give identical pixels."""
+    arguments = family_of_pipeline(pipeline).sampling_arguments(pipeline, [prompt], params.guidance_scale)
     images = [
-        pipeline(prompt, num_inference_steps=params.num_inference_steps,
-                 guidance_scale=params.guidance_scale,
+        pipeline(**arguments, num_inference_steps=params.num_inference_steps,
                  generator=torch.Generator().manual_seed(params.sample_seed)).images[0]
         for _ in range(2)
     ]

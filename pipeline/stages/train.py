@@ -1,5 +1,5 @@
-"""Stage `train`: a text-conditioned denoiser of a model family (`model.family`: the UNet of sd or sdxl)
-trained on cached latents, from scratch or fine-tuned.
+"""Stage `train`: a text-conditioned denoiser of a model family (`model.family`: the UNet of sd or sdxl, the
+transformer of sd3 or flux) trained on cached latents, from scratch or fine-tuned.
 
 - scratch (`model.mode`): tokenizers built from the training captions, and the family's text encoders and
   denoiser at a size preset, trained together;
@@ -51,6 +51,7 @@ from pipeline.core.atomic import write_json
 from pipeline.core.config import Params, TrainParams
 from pipeline.data.images import image_grid
 from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS, weighted_mse
+from pipeline.diffusion.vae_io import denoiser_latents
 from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.tracking.runs import training_run
 from pipeline.training.checkpoints import (
@@ -149,9 +150,9 @@ class Conditioning:
 
 
 def make_batch(cache: CachedLatents, conditioning: Conditioning, group_index: int, positions: torch.Tensor, *,
-               scale: float, caption_dropout: float, random_flip: bool, generator: torch.Generator) -> Batch:
-    """Latents sampled from the cached posteriors (scaled to unit variance; half of them mirrored when
-    flipping), and their captions with dropout."""
+               vae_config, caption_dropout: float, random_flip: bool, generator: torch.Generator) -> Batch:
+    """Latents sampled from the cached posteriors (in the denoiser's space: shifted and scaled as the VAE's config
+    says; half of them mirrored when flipping), and their captions with dropout."""
     group = cache.groups[group_index]
     mean, std = group.mean[positions].float(), group.std[positions].float()
     noise = torch.randn(mean.shape, generator=generator)
@@ -159,7 +160,7 @@ def make_batch(cache: CachedLatents, conditioning: Conditioning, group_index: in
         mirrored = (torch.rand(len(positions), generator=generator) < 0.5)[:, None, None, None]
         mean = torch.where(mirrored, group.flip_mean[positions].float(), mean)
         std = torch.where(mirrored, group.flip_std[positions].float(), std)
-    latents = (mean + std * noise) * scale
+    latents = denoiser_latents(mean + std * noise, vae_config)
     samples = group.rows[positions]
     return Batch(latents, conditioning.for_samples(samples, caption_dropout, generator), cache.image_sizes[samples])
 
@@ -219,9 +220,10 @@ class Run:
     def sample_grid(self):
         prompts = list(dict.fromkeys(self.val.captions))[:SAMPLE_PROMPTS]
         with self.evaluation_weights(), self.accelerator.autocast():
-            images = self.model.pipeline(self.accelerator)(
-                prompts, num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE,
-                generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
+            pipeline = self.model.pipeline(self.accelerator)
+            images = pipeline(
+                **self.model.family.sampling_arguments(pipeline, prompts, SAMPLE_GUIDANCE),
+                num_inference_steps=SAMPLE_STEPS, generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
             ).images
         return image_grid([images])
 
@@ -245,7 +247,7 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughpu
             run.progress.saw(group, positions)
             generator = torch.Generator().manual_seed(derived_seed(settings.seed, "step", micro_batch,
                                                                    accelerator.process_index))
-            batch = make_batch(run.cache, run.conditioning, group, positions, scale=model.vae.config.scaling_factor,
+            batch = make_batch(run.cache, run.conditioning, group, positions, vae_config=model.vae.config,
                                caption_dropout=settings.caption_dropout, random_flip=settings.random_flip,
                                generator=generator)
             images += len(positions) * accelerator.num_processes
@@ -300,7 +302,7 @@ def flops_per_image(model: Model, cache: CachedLatents, conditioning: Conditioni
                     accelerator: Accelerator) -> int:
     """The FLOPs of training on one image (the loss's forward and backward passes), counted once, before training."""
     generator = torch.Generator().manual_seed(derived_seed(settings.seed, "flops"))
-    batch = make_batch(cache, conditioning, 0, torch.tensor([0]), scale=model.vae.config.scaling_factor,
+    batch = make_batch(cache, conditioning, 0, torch.tensor([0]), vae_config=model.vae.config,
                        caption_dropout=0.0, random_flip=False, generator=generator)
 
     def one_image() -> None:

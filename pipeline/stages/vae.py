@@ -1,8 +1,10 @@
 """Stage `vae`: train a small AutoencoderKL from scratch, or resolve a pretrained model's VAE.
 
 Scratch mode trains on the processed training images (one aspect-ratio bucket per batch when
-`preprocess.bucketing` is on) and sets `scaling_factor` so that scaled latents have unit variance;
-finetune mode copies the pretrained VAE (`model.pretrained`) unchanged. Either way models/vae is a
+`preprocess.bucketing` is on) and sets `scaling_factor` so that scaled latents have unit variance; for the
+flow families (sd3, flux: 16 latent channels unless `vae.latent_channels` says otherwise) it also sets
+`shift_factor` to the latents' mean, which is taken off before scaling, as in SD3's and Flux's VAEs (the
+pipelines decode latents / scaling_factor + shift_factor); finetune mode copies the pretrained VAE (`model.pretrained`) unchanged. Either way models/vae is a
 diffusers folder and metrics/vae.json holds the reconstruction error on the validation split, so a
 pretrained VAE that does not suit the data shows up before any training.
 """
@@ -27,7 +29,7 @@ from pipeline.contracts.data import read_images, split_chunks, split_groups
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import VAE_METRICS
 from pipeline.core.atomic import atomic_dir, write_json
-from pipeline.core.config import ModelParams, PreprocessParams, TrainParams, VaeParams
+from pipeline.core.config import FLOW_FAMILIES, ModelParams, PreprocessParams, TrainParams, VaeParams, latent_channels_of
 from pipeline.diffusion.components import build_vae, load_pretrained_vae
 from pipeline.diffusion.vae_io import device_batches, reconstruct, to_model_range
 from pipeline.runtime.device import compute_device
@@ -77,11 +79,18 @@ def drawn_images(paths: Paths, groups: list[pd.DataFrame], batches: list[tuple[i
 
 
 @torch.no_grad()
-def latent_std(vae, groups: list[torch.Tensor]) -> float:
-    """The standard deviation of the latent means over these images, whatever their sizes."""
-    means = [vae.encode(batch).latent_dist.mean.float().flatten().cpu()
-             for images in groups for batch in device_batches(images, vae.device, vae.dtype)]
-    return float(torch.cat(means).std())
+def latent_moments(vae, groups: list[torch.Tensor]) -> tuple[float, float]:
+    """The mean and standard deviation of the latent means over these images, whatever their sizes."""
+    means = torch.cat([vae.encode(batch).latent_dist.mean.float().flatten().cpu()
+                       for images in groups for batch in device_batches(images, vae.device, vae.dtype)])
+    return float(means.mean()), float(means.std())
+
+
+def latent_normalisation(vae, groups: list[torch.Tensor], shifted: bool) -> dict[str, float]:
+    """The VAE config's scaling_factor (1 / std: unit variance) and, when `shifted`, shift_factor (the mean:
+    zero mean). The std is about the mean either way, so the scale is the same with or without the shift."""
+    mean, std = latent_moments(vae, groups)
+    return {"scaling_factor": 1.0 / std, **({"shift_factor": mean} if shifted else {})}
 
 
 def reconstruction_mse(vae, chunks: Iterable[np.ndarray]) -> float:
@@ -94,14 +103,15 @@ def reconstruction_mse(vae, chunks: Iterable[np.ndarray]) -> float:
     return squared_error / count
 
 
-def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_precision: str) -> dict:
+def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_precision: str, latent_channels: int,
+              shifted: bool) -> dict:
     set_seed(settings.seed)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     groups = split_groups(paths, "train")
     generator = torch.Generator().manual_seed(settings.seed)
     batches = drawn_batches([len(rows) for rows in groups], settings.steps, settings.batch_size, generator)
     train_groups = drawn_images(paths, groups, batches)
-    vae = build_vae(settings, resolution)
+    vae = build_vae(settings, resolution, latent_channels)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
     vae, optimizer = accelerator.prepare(vae, optimizer)
@@ -124,7 +134,7 @@ def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_preci
     vae = accelerator.unwrap_model(vae).eval()
     # over the images training drew: all of a small data set, a sample of steps x batch_size of a large one
     seen = [drawn.images for drawn in train_groups if len(drawn.positions)]
-    vae.register_to_config(scaling_factor=1.0 / latent_std(vae, seen))
+    vae.register_to_config(**latent_normalisation(vae, seen, shifted))
     return save_vae(vae, paths, steps=settings.steps,
                     images_per_second=settings.steps * settings.batch_size / seconds)
 
@@ -141,6 +151,7 @@ def save_vae(vae, paths: Paths, **facts) -> dict:
         val_mse=mse,
         val_psnr=10 * math.log10(4.0 / mse),  # images span [-1, 1], so the peak-to-peak range is 2
         scaling_factor=vae.config.scaling_factor,
+        **({"shift_factor": vae.config.shift_factor} if vae.config.get("shift_factor") is not None else {}),
         **facts,
     )
     with atomic_dir(paths.vae_model) as staging:
@@ -154,4 +165,5 @@ def vae_stage(paths: Paths, *, vae: VaeParams, model: ModelParams, preprocess: P
               train: TrainParams) -> dict:
     if model.mode == "finetune":
         return resolve_pretrained_vae(model.pretrained, paths)
-    return train_vae(vae, paths, resolution=preprocess.resolution, mixed_precision=train.mixed_precision)
+    return train_vae(vae, paths, resolution=preprocess.resolution, mixed_precision=train.mixed_precision,
+                     latent_channels=latent_channels_of(vae, model.family), shifted=model.family in FLOW_FAMILIES)

@@ -17,6 +17,27 @@ PIPELINE_ARTIFACT = "pipeline"
 DEFAULTS = {"negative_prompt": None, "seed": 0, "steps": 25, "guidance": 4.0}
 
 
+FLUX_TRAINED_GUIDANCE = 1.0
+
+
+def sampling_arguments(pipeline, prompt: str, negative_prompt: str | None, guidance: float) -> dict:
+    """The prompt and guidance arguments of a pipeline call as sdpipe's families sample (restated from
+    pipeline/diffusion/families, which this file cannot import; tests/test_families.py checks they agree): Flux
+    with its guidance embedding at the trained 1.0 and true classifier-free guidance against the empty prompt;
+    SD3 and Flux with T5's trained sequence length (their tokenizer's); Flux at the size its transformer records."""
+    name = type(pipeline).__name__
+    if name == "FluxPipeline":
+        side = pipeline.transformer.config.get("sample_size")
+        size = {"height": side * pipeline.vae_scale_factor, "width": side * pipeline.vae_scale_factor} if side else {}
+        return {"prompt": prompt, "true_cfg_scale": guidance, "negative_prompt": negative_prompt or "",
+                "guidance_scale": FLUX_TRAINED_GUIDANCE, "max_sequence_length": pipeline.tokenizer_2.model_max_length,
+                **size}
+    arguments = {"prompt": prompt, "guidance_scale": guidance, "negative_prompt": negative_prompt}
+    if name == "StableDiffusion3Pipeline":
+        arguments["max_sequence_length"] = pipeline.tokenizer_3.model_max_length
+    return arguments
+
+
 class DiffusersPipelineModel(PythonModel):
     def load_context(self, context):
         from accelerate import PartialState
@@ -32,10 +53,8 @@ class DiffusersPipelineModel(PythonModel):
     def _image(self, row: dict) -> str:
         settings = {key: row.get(key) if pd.notna(row.get(key)) else value for key, value in DEFAULTS.items()}
         image = self.pipeline(
-            row["prompt"],
-            negative_prompt=settings["negative_prompt"],
+            **sampling_arguments(self.pipeline, row["prompt"], settings["negative_prompt"], float(settings["guidance"])),
             num_inference_steps=int(settings["steps"]),
-            guidance_scale=float(settings["guidance"]),
             generator=torch.Generator().manual_seed(int(settings["seed"])),
         ).images[0]
         buffer = io.BytesIO()

@@ -67,7 +67,7 @@ def scratch_model(family: Family, model: ModelParams, train: TrainParams, paths:
                   latents: MappedRows) -> Model:
     """Tokenizers from the training captions; text encoders and denoiser of the preset's sizes, all trained."""
     components = family.scratch_components(Scratch(tuple(cache.captions), model.preset, train.tokenizer_vocab_size,
-                                                    latents.shape[1], latents.shape[-1]))
+                                                    latents.shape[1], latents.shape[-1], model.max_sequence_length))
     denoiser = components.pop(family.denoiser)
     return Model(family, AutoencoderKL.from_pretrained(paths.vae_model), components, denoiser,
                  family.training_objective(train, None), trains_text_encoder=True, lora=False)
@@ -81,7 +81,7 @@ def pretrained_model(family: Family, model: ModelParams, train: TrainParams, pat
         raise ValueError(f"train: {paths.latents} holds no text-encoder states; run `sdpipe encode` with "
                          "model.mode: finetune (dvc repro does)")
     check_pretrained_family(spec, paths.root, family)
-    text = family.load_text(spec, paths.root)
+    text = family.load_text(spec, paths.root, model.max_sequence_length)
     denoiser = family.load_denoiser(spec, paths.root)
     if denoiser.config.in_channels != latents.shape[1]:
         raise ValueError(f"train: the {family.denoiser} of {spec} takes {denoiser.config.in_channels} latent channels "
@@ -138,7 +138,7 @@ def stored_frozen_modules(model: Model, settings: ModelParams, paths: Paths) -> 
     """The frozen modules as stored (fp32), for the saved model: a round trip through bf16 would change them."""
     model.vae = AutoencoderKL.from_pretrained(paths.vae_model)
     if not model.trains_text_encoder:
-        model.text = model.family.load_text(settings.pretrained, paths.root)
+        model.text = model.family.load_text(settings.pretrained, paths.root, settings.max_sequence_length)
 
 
 def make_optimizer(parameters: list, settings: TrainParams, device: torch.device):

@@ -12,18 +12,20 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
-from pipeline.core.config import ConfigError, TrainParams, VaeParams
+from pipeline.core.config import FLOW_FAMILIES, ConfigError, TrainParams, VaeParams, latent_channels_of
 from pipeline.diffusion.components import PIPELINE_INDEX, build_vae, pretrained_location
-from pipeline.diffusion.families import sd, sdxl
+from pipeline.diffusion.families import flux, sd, sd3, sdxl
 from pipeline.diffusion.families.base import Family, Scratch
 from pipeline.runtime.device import compute_device
 
-FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl)}
+FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl, sd3, flux)}
+# the random stand-ins' VAE shift and scale for the flow families: like the released ones, nonzero and not 1
+STAND_IN_LATENT_SHIFT, STAND_IN_LATENT_SCALE = 0.1159, 0.3611
 
 
 def family_named(name: str) -> Family:
     if name not in FAMILIES:
-        raise ConfigError(f"model.family: {name!r} is not built yet; choose one of {', '.join(FAMILIES)}")
+        raise ConfigError(f"model.family: {name!r} is not a model family; choose one of {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
@@ -62,13 +64,16 @@ def check_pretrained_family(spec: str, root: Path, family: Family) -> None:
 
 
 def random_pipeline(family: Family, captions: Iterable[str], *, preset: str = "tiny", vae: VaeParams = VaeParams(),
-                    resolution: int = 32, vocab_size: int = 1000) -> DiffusionPipeline:
+                    resolution: int = 32, vocab_size: int = 1000, max_sequence_length: int = 77) -> DiffusionPipeline:
     """A randomly initialised pipeline of a family at a preset. Saved with save_pretrained it has the files and
-    layout of real weights (SD 1.5, SDXL, ...): the stand-in for them in tests and benchmarks."""
-    autoencoder = build_vae(vae, resolution)
+    layout of real weights (SD 1.5, SDXL, SD 3.5, Flux.1 ...; the flow families' VAE with a latent shift): the
+    stand-in for them in tests and benchmarks."""
+    autoencoder = build_vae(vae, resolution, latent_channels_of(vae, family.name))
+    if family.name in FLOW_FAMILIES:
+        autoencoder.register_to_config(shift_factor=STAND_IN_LATENT_SHIFT, scaling_factor=STAND_IN_LATENT_SCALE)
     latent_size = resolution // 2 ** (len(vae.block_out_channels) - 1)
-    components = family.scratch_components(Scratch(tuple(captions), preset, vocab_size, vae.latent_channels,
-                                                   latent_size))
+    components = family.scratch_components(Scratch(tuple(captions), preset, vocab_size,
+                                                   autoencoder.config.latent_channels, latent_size, max_sequence_length))
     objective = family.training_objective(TrainParams(), None)
     return family.pipeline({**components, "vae": autoencoder, "scheduler": objective.sampling_scheduler()})
 

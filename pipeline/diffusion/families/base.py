@@ -23,6 +23,7 @@ class TextComponent:
     encoder: str
     encoder_class: type
     tokenizer_class: type
+    sequence_length_is_a_param: bool = False  # T5: as long as model.max_sequence_length; CLIP: its own fixed length
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Scratch:
     vocab_size: int
     latent_channels: int
     latent_size: int
+    max_sequence_length: int = 77  # model.max_sequence_length: T5's tokens per caption
 
 
 class Family:
@@ -79,12 +81,21 @@ class Family:
         sample's (original height, original width, crop top, crop left, height, width) in pixels."""
         raise NotImplementedError
 
+    # sampling
+    def sampling_arguments(self, pipeline: DiffusionPipeline, prompts: list[str], guidance_scale: float,
+                           negative_prompt: str | None = None) -> dict:
+        """The pipeline call's prompt and guidance arguments, as this family's model was trained to be sampled."""
+        negative = {"negative_prompt": [negative_prompt] * len(prompts)} if negative_prompt else {}
+        return {"prompt": prompts, "guidance_scale": guidance_scale, **negative}
+
     # loading and saving
-    def load_text(self, location: str, root: Path) -> dict[str, object]:
-        """The pretrained tokenizers and text encoders, frozen, by component name."""
+    def load_text(self, location: str, root: Path, max_sequence_length: int = 77) -> dict[str, object]:
+        """The pretrained tokenizers (T5's cut to `max_sequence_length`) and text encoders, frozen, by name."""
         loaded = {}
         for part in self.text:
             loaded[part.tokenizer] = load_pretrained(location, root, part.tokenizer, part.tokenizer_class.from_pretrained)
+            if part.sequence_length_is_a_param:
+                loaded[part.tokenizer].model_max_length = max_sequence_length
             encoder = load_pretrained(location, root, part.encoder, part.encoder_class.from_pretrained)
             loaded[part.encoder] = encoder.eval().requires_grad_(False)
         return loaded
