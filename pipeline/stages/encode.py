@@ -202,8 +202,8 @@ def counted(tasks: list[LatentTask], kinds: tuple[str, ...]) -> int:
 
 def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, train: TrainParams,
            ray: RayParams = RayParams()) -> dict[str, int]:
-    """Returns the samples per split and how many latents (images, mirrored ones counted apart) were
-    encoded and reused."""
+    """Returns the samples per split, how many latents (images, mirrored ones counted apart) were encoded and
+    reused, and the cache's size in bytes: image latents and caption states."""
     vae = Encoder(str(paths.vae_model), paths.root, folder_hash(paths.vae_model), encode.dtype)
     text = text_encoder_of(model, paths, encode.dtype)
     plans = {split: split_plan(pd.read_parquet(paths.processed / split / MANIFEST), vae, text, train.random_flip)
@@ -220,9 +220,16 @@ def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, train: Tra
         stale.unlink()
     images = (POSTERIOR, FLIPPED)
     counts = {split: len(plan) for split, plan in plans.items()}
-    counts.update(encoded=counted(todo, images), reused=counted(tasks, images) - counted(todo, images))
-    log.info("encode: %s samples; latents %d encoded, %d reused from the last run%s",
+    counts.update(encoded=counted(todo, images), reused=counted(tasks, images) - counted(todo, images),
+                  image_cache_bytes=cache_bytes(tasks, images), text_cache_bytes=cache_bytes(tasks, (TEXT,)))
+    log.info("encode: %s samples; latents %d encoded, %d reused from the last run%s; cache %.1f MiB of latents%s",
              {split: counts[split] for split in SPLITS}, counts["encoded"], counts["reused"],
              f"; caption states {counted(todo, (TEXT,))} encoded, {counted(tasks, (TEXT,)) - counted(todo, (TEXT,))} "
-             "reused" if text else "")
+             "reused" if text else "", counts["image_cache_bytes"] / 2**20,
+             f", {counts['text_cache_bytes'] / 2**20:.1f} MiB of caption states" if text else "")
     return counts
+
+
+def cache_bytes(tasks: list[LatentTask], kinds: tuple[str, ...]) -> int:
+    """The size on disk of the run's latent files of these kinds (each file once)."""
+    return sum(task.target.stat().st_size for task in tasks if task.kind in kinds)

@@ -83,8 +83,9 @@ def pretrained_model(family: Family, model: ModelParams, train: TrainParams, pat
     check_pretrained_family(spec, paths.root, family)
     text = family.load_text(spec, paths.root, model.max_sequence_length)
     denoiser = family.load_denoiser(spec, paths.root)
-    if denoiser.config.in_channels != latents.shape[1]:
-        raise ValueError(f"train: the {family.denoiser} of {spec} takes {denoiser.config.in_channels} latent channels "
+    if family.denoiser_latent_channels(denoiser) != latents.shape[1]:
+        raise ValueError(f"train: the {family.denoiser} of {spec} takes {family.denoiser_latent_channels(denoiser)} "
+                         "latent channels "
                          f"but models/vae gives {latents.shape[1]}: the VAE must come from the same model (rerun the "
                          "vae stage)")
     # a model fine-tuned at one resolution generates at it by default

@@ -81,6 +81,10 @@ class Family:
         sample's (original height, original width, crop top, crop left, height, width) in pixels."""
         raise NotImplementedError
 
+    def denoiser_latent_channels(self, denoiser) -> int:
+        """The VAE latent channels a (pretrained) denoiser takes."""
+        return denoiser.config.in_channels
+
     # sampling
     def sampling_arguments(self, pipeline: DiffusionPipeline, prompts: list[str], guidance_scale: float,
                            negative_prompt: str | None = None) -> dict:

@@ -124,6 +124,9 @@ class Flux(Family):
     def objective_of(self, scheduler_config: dict) -> FlowMatching:
         return flow_of(scheduler_config, patch_size=PATCH)
 
+    def denoiser_latent_channels(self, denoiser) -> int:
+        return denoiser.config.in_channels // (PATCH * PATCH)
+
     def encode_text(self, components: dict, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pooled = components["text_encoder"](token_ids["tokenizer"], output_hidden_states=False).pooler_output
         states = components["text_encoder_2"](token_ids["tokenizer_2"], output_hidden_states=False)[0]
