@@ -4,6 +4,11 @@ by side on one random SD 1.5-sized pipeline and the same 512 px images.
     python bench/gpu.py                       # one GPU: about 6 minutes on an H100 (each measurement has a limit)
     python bench/gpu.py --tiny                # any CPU: the tiny preset at 64 px (tests/test_bench_gpu.py runs it)
     python bench/gpu.py --only "train full"   # one measurement again (results accumulate in --out)
+    python bench/gpu.py --family flux         # another family's real-size architecture (README "Model families")
+
+`--family` (sd, sdxl, sd3, flux) measures that family's real-size preset instead (sdxl; sd35_medium; flux_dev),
+randomly initialised the same way, with encode, train full and train LoRA (the diffusers loop is SD 1.x's
+script, so it runs for sd only). Not yet measured on a GPU: no machine was lent when it was added.
 
 The pipeline is the repo's `sd15` UNet and text encoder with Stable Diffusion's VAE configuration, randomly
 initialised and saved as a diffusers folder (the stand-in for real SD 1.5 weights: the same shapes, files and
@@ -30,7 +35,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import asdict, dataclass, replace  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -59,6 +64,7 @@ class Setup:
     vae_channels: tuple[int, ...]
     loader_workers: int
     levers: bool  # also measure the speed levers
+    family: str = "sd"
 
 
 GPU = Setup("sd15", 512, 550, 16, 60, "bf16", "bfloat16", (128, 256, 512, 512), 8, levers=True)
@@ -67,6 +73,14 @@ TINY = Setup("tiny", 64, 48, 8, 10, "no", "float32", (16, 32, 32, 32), 0, levers
 LIMITS = {"encode": 120, "train full": 150, "train LoRA": 150, "diffusers loop": 150,
           "train full, compile": 330, "train full, batch 32": 150}
 TINY_LIMIT = 300  # a loaded 2-core CI machine
+GPU_PRESETS = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd35_medium", "flux": "flux_dev"}  # --family's real sizes
+
+
+def setup_for(tiny: bool, family: str) -> Setup:
+    """The tiny CPU setup or the GPU one, for a family: its tiny preset, or its real-size one without the levers."""
+    if family == "sd":
+        return TINY if tiny else GPU
+    return replace(TINY if tiny else GPU, family=family, preset="tiny" if tiny else GPU_PRESETS[family], levers=False)
 
 
 # ---------------------------------------------------------------- the project the measurements share
@@ -76,7 +90,7 @@ def bench_params(setup: Setup, root: Path, **train) -> Params:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["ingest"]["synthetic"].update(count=setup.images, resolution=setup.resolution)
     raw["preprocess"].update(resolution=setup.resolution)
-    raw["model"].update(mode="finetune", pretrained=str(root / "pretrained"), finetune="full")
+    raw["model"].update(family=setup.family, mode="finetune", pretrained=str(root / "pretrained"), finetune="full")
     raw["encode"].update(batch_size=32, dtype=setup.encode_dtype)
     raw["train"].update(steps=setup.steps, batch_size=setup.batch_size, mixed_precision=setup.mixed_precision,
                         log_every=10, validate_every=setup.steps, checkpoint_every=setup.steps, sample_every=0,
@@ -100,15 +114,15 @@ def prepare(setup: Setup, root: Path) -> None:
 
 
 def random_model(setup: Setup, captions: list[str]):
-    """The preset's UNet and text encoder and, at SD's sizes, SD 1.5's VAE configuration."""
+    """The family's preset (denoiser, text encoders) and, at SD's sizes, SD 1.5's VAE configuration."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from pipeline.diffusion.families import family_named, random_pipeline
 
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1 B parameters: GPU speed
-        pipeline = random_pipeline(family_named("sd"), captions, preset=setup.preset, resolution=setup.resolution,
-                                   vae=VaeParams(block_out_channels=setup.vae_channels))
+        pipeline = random_pipeline(family_named(setup.family), captions, preset=setup.preset,
+                                   resolution=setup.resolution, vae=VaeParams(block_out_channels=setup.vae_channels))
         if setup.preset == "sd15":
             vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                                 block_out_channels=setup.vae_channels, layers_per_block=2, sample_size=512)
@@ -175,7 +189,9 @@ def peak_mb() -> float:
 def measurements(setup: Setup) -> dict:
     """name -> function(setup, root), in the order they run: the essentials first, then the levers."""
     plan = {"encode": measure_encode, "train full": partial(measure_train, name="train full"),
-            "train LoRA": partial(measure_train, name="train LoRA"), "diffusers loop": measure_reference}
+            "train LoRA": partial(measure_train, name="train LoRA")}
+    if setup.family == "sd":
+        plan["diffusers loop"] = measure_reference
     if setup.levers:
         plan["train full, compile"] = partial(measure_train, name="train full, compile", compile=True)
         plan["train full, batch 32"] = partial(measure_train, name="train full, batch 32", batch_size=32)
@@ -189,7 +205,8 @@ def child(name: str, setup: Setup, root: Path, result_file: Path) -> None:
 def measure_in_own_process(name: str, setup: Setup, root: Path, limit: float) -> dict:
     result_file = root / "results" / f"{name}.json"
     result_file.parent.mkdir(exist_ok=True)
-    command = [sys.executable, __file__, "--child", name, "--root", str(root), *(["--tiny"] if setup is TINY else [])]
+    command = [sys.executable, __file__, "--child", name, "--root", str(root), "--family", setup.family,
+               *(["--tiny"] if setup.preset == "tiny" else [])]
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
@@ -236,9 +253,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("gpu-bench.json"), help="results, written as they come")
     parser.add_argument("--root", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--only", action="append", help="run only this measurement (repeatable)")
+    parser.add_argument("--family", default="sd", choices=tuple(GPU_PRESETS), help="the model family to measure")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    setup = TINY if args.tiny else GPU
+    setup = setup_for(args.tiny, args.family)
     if args.child:
         return child(args.child, setup, args.root, args.root / "results" / f"{args.child}.json")
     if not args.tiny and not torch.cuda.is_available():

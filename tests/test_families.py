@@ -81,7 +81,8 @@ def test_ddpm_settings_are_refused_for_the_flow_families_with_a_sentence(family)
     with pytest.raises(ConfigError, match=f"train.snr_gamma: min-SNR weighting is DDPM's .* {family} trains by flow"):
         parse_params(merge(tiny_params_dict(), {"model": {"family": family}, "train": {"snr_gamma": 5.0}}))
     with pytest.raises(ConfigError, match="train.prediction_type: v_prediction is a DDPM target"):
-        parse_params(merge(tiny_params_dict(), {"model": {"family": family}, "train": {"prediction_type": "v_prediction"}}))
+        parse_params(merge(tiny_params_dict(), {"model": {"family": family},
+                                                "train": {"prediction_type": "v_prediction"}}))
 
 
 def test_a_preset_of_another_family_is_named():

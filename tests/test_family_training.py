@@ -12,7 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -128,7 +128,8 @@ E2E_OVERRIDES = {
 @pytest.mark.e2e
 @pytest.mark.parametrize("family", FINETUNED)
 def test_dvc_repro_trains_a_family_from_scratch_and_serves_it_from_the_registry(tmp_path, family):
-    root = copy_repository(tmp_path / "clone", merge(tiny_params_dict(), merge(E2E_OVERRIDES, {"model": {"family": family}})))
+    params = merge(tiny_params_dict(), merge(E2E_OVERRIDES, {"model": {"family": family}}))
+    root = copy_repository(tmp_path / "clone", params)
     _run(["dvc", "repro"], root)
 
     pipeline_class = family_named(family).pipeline_class

@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from pipeline.contracts.data import load_split_groups, split_groups
-from pipeline.diffusion.vae_io import to_model_range
+from pipeline.diffusion.vae_io import denoiser_latents, to_model_range
 from pipeline.stages.preprocess import preprocess
 from pipeline.stages.vae import drawn_batches, drawn_images, train_vae
 
@@ -47,7 +47,14 @@ def test_the_vae_trains_on_a_bucketed_train_split(tmp_path):
     params = params.model_copy(update={"vae": params.vae.model_copy(update={"steps": 4, "batch_size": 4})})
     preprocess(params.preprocess, paths)
     assert len(load_split_groups(paths, "train")) > 1
+    # the flow families' layout: 16 channels, and a fitted shift (the latents' mean) taken off before scaling
     metrics = train_vae(params.vae, paths, resolution=params.preprocess.resolution,
-                        mixed_precision=params.train.mixed_precision)
+                        mixed_precision=params.train.mixed_precision, latent_channels=16, shifted=True)
     assert math.isfinite(metrics["val_mse"]) and metrics["scaling_factor"] > 0
-    assert AutoencoderKL.from_pretrained(paths.vae_model).config.scaling_factor == metrics["scaling_factor"]
+    vae = AutoencoderKL.from_pretrained(paths.vae_model)
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (metrics["scaling_factor"], metrics["shift_factor"])
+    assert vae.config.latent_channels == 16
+    with torch.no_grad():  # fitted on the images training drew: most of these
+        latents = torch.cat([denoiser_latents(vae.encode(to_model_range(images)).latent_dist.mean, vae.config).flatten()
+                             for images, _ in load_split_groups(paths, "train")])
+    assert vae.config.shift_factor != 0 and abs(float(latents.mean())) < 0.05 and abs(float(latents.std()) - 1) < 0.1

@@ -219,8 +219,8 @@ class LoraParams(Section):
 
 
 # The scratch presets of each family that is built (pipeline/diffusion/families/; a test checks they agree).
-FAMILY_PRESETS = {"sd": ("tiny", "small", "sd15"), "sdxl": ("tiny", "sdxl"), "sd3": ("tiny", "sd35_medium", "sd35_large"),
-                  "flux": ("tiny", "flux_dev", "flux_schnell")}
+FAMILY_PRESETS = {"sd": ("tiny", "small", "sd15"), "sdxl": ("tiny", "sdxl"),
+                  "sd3": ("tiny", "sd35_medium", "sd35_large"), "flux": ("tiny", "flux_dev", "flux_schnell")}
 FAMILIES = tuple(FAMILY_PRESETS)
 FLOW_FAMILIES = ("sd3", "flux")  # trained by flow matching, with a 16-channel VAE whose latents are shifted
 FAMILY_LATENT_CHANNELS = {"sd": 4, "sdxl": 4, "sd3": 16, "flux": 16}

@@ -109,7 +109,9 @@ class FlowMatching:
 
 def scheduler_shift(scheduler_config: dict) -> float | str:
     """The shift a FlowMatchEulerDiscreteScheduler config samples with: RESOLUTION_SHIFT under dynamic shifting."""
-    return RESOLUTION_SHIFT if scheduler_config.get("use_dynamic_shifting") else float(scheduler_config.get("shift", 1.0))
+    if scheduler_config.get("use_dynamic_shifting"):
+        return RESOLUTION_SHIFT
+    return float(scheduler_config.get("shift", 1.0))
 
 
 def flow_objective(settings: FlowParams, family_shift: float | str, patch_size: int,

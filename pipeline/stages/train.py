@@ -223,7 +223,8 @@ class Run:
             pipeline = self.model.pipeline(self.accelerator)
             images = pipeline(
                 **self.model.family.sampling_arguments(pipeline, prompts, SAMPLE_GUIDANCE),
-                num_inference_steps=SAMPLE_STEPS, generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
+                num_inference_steps=SAMPLE_STEPS,
+                generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
             ).images
         return image_grid([images])
 

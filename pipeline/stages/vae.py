@@ -4,8 +4,8 @@ Scratch mode trains on the processed training images (one aspect-ratio bucket pe
 `preprocess.bucketing` is on) and sets `scaling_factor` so that scaled latents have unit variance; for the
 flow families (sd3, flux: 16 latent channels unless `vae.latent_channels` says otherwise) it also sets
 `shift_factor` to the latents' mean, which is taken off before scaling, as in SD3's and Flux's VAEs (the
-pipelines decode latents / scaling_factor + shift_factor); finetune mode copies the pretrained VAE (`model.pretrained`) unchanged. Either way models/vae is a
-diffusers folder and metrics/vae.json holds the reconstruction error on the validation split, so a
+pipelines decode latents / scaling_factor + shift_factor); finetune mode copies the pretrained VAE
+(`model.pretrained`) unchanged. Either way models/vae is a diffusers folder and metrics/vae.json holds the reconstruction error on the validation split, so a
 pretrained VAE that does not suit the data shows up before any training.
 """
 
@@ -29,7 +29,14 @@ from pipeline.contracts.data import read_images, split_chunks, split_groups
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import VAE_METRICS
 from pipeline.core.atomic import atomic_dir, write_json
-from pipeline.core.config import FLOW_FAMILIES, ModelParams, PreprocessParams, TrainParams, VaeParams, latent_channels_of
+from pipeline.core.config import (
+    FLOW_FAMILIES,
+    ModelParams,
+    PreprocessParams,
+    TrainParams,
+    VaeParams,
+    latent_channels_of,
+)
 from pipeline.diffusion.components import build_vae, load_pretrained_vae
 from pipeline.diffusion.vae_io import device_batches, reconstruct, to_model_range
 from pipeline.runtime.device import compute_device

@@ -53,7 +53,8 @@ class DiffusersPipelineModel(PythonModel):
     def _image(self, row: dict) -> str:
         settings = {key: row.get(key) if pd.notna(row.get(key)) else value for key, value in DEFAULTS.items()}
         image = self.pipeline(
-            **sampling_arguments(self.pipeline, row["prompt"], settings["negative_prompt"], float(settings["guidance"])),
+            **sampling_arguments(self.pipeline, row["prompt"], settings["negative_prompt"],
+                                 float(settings["guidance"])),
             num_inference_steps=int(settings["steps"]),
             generator=torch.Generator().manual_seed(int(settings["seed"])),
         ).images[0]

@@ -72,8 +72,8 @@ def random_pipeline(family: Family, captions: Iterable[str], *, preset: str = "t
     if family.name in FLOW_FAMILIES:
         autoencoder.register_to_config(shift_factor=STAND_IN_LATENT_SHIFT, scaling_factor=STAND_IN_LATENT_SCALE)
     latent_size = resolution // 2 ** (len(vae.block_out_channels) - 1)
-    components = family.scratch_components(Scratch(tuple(captions), preset, vocab_size,
-                                                   autoencoder.config.latent_channels, latent_size, max_sequence_length))
+    components = family.scratch_components(Scratch(tuple(captions), preset, vocab_size, autoencoder.config.latent_channels,
+                                                   latent_size, max_sequence_length))
     objective = family.training_objective(TrainParams(), None)
     return family.pipeline({**components, "vae": autoencoder, "scheduler": objective.sampling_scheduler()})
 

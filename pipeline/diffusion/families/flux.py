@@ -114,7 +114,8 @@ class Flux(Family):
         clip = CLIPTextModel(clip_text_config(clip_tokenizer, preset.clip_width, preset.clip_layers, preset.clip_heads))
         t5 = T5EncoderModel(t5_encoder_config(t5_tokenizer, preset.t5_width, preset.t5_layers, preset.t5_heads,
                                               preset.t5_feed_forward, dropout=0.0))
-        transformer = build_transformer(preset, latent_channels=scratch.latent_channels, latent_size=scratch.latent_size)
+        transformer = build_transformer(preset, latent_channels=scratch.latent_channels,
+                                        latent_size=scratch.latent_size)
         return {"tokenizer": clip_tokenizer, "tokenizer_2": t5_tokenizer, "text_encoder": clip, "text_encoder_2": t5,
                 "transformer": transformer}
 
@@ -149,8 +150,9 @@ class Flux(Family):
     def sampling_arguments(self, pipeline, prompts, guidance_scale, negative_prompt=None) -> dict:
         side = pipeline.transformer.config.get("sample_size")
         size = {"height": side * pipeline.vae_scale_factor, "width": side * pipeline.vae_scale_factor} if side else {}
-        return {"prompt": prompts, "true_cfg_scale": guidance_scale, "negative_prompt": [negative_prompt or ""] * len(prompts),
-                "guidance_scale": TRAINED_GUIDANCE, "max_sequence_length": pipeline.tokenizer_2.model_max_length, **size}
+        return {"prompt": prompts, "true_cfg_scale": guidance_scale,
+                "negative_prompt": [negative_prompt or ""] * len(prompts), "guidance_scale": TRAINED_GUIDANCE,
+                "max_sequence_length": pipeline.tokenizer_2.model_max_length, **size}
 
 
 FAMILY = Flux()

@@ -105,7 +105,8 @@ class StableDiffusion3(Family):
             projection_dim=preset.clip_2_width))
         t5 = T5EncoderModel(t5_encoder_config(t5_tokenizer, preset.t5_width, preset.t5_layers, preset.t5_heads,
                                               preset.t5_feed_forward, dropout=0.0))
-        transformer = build_transformer(preset, latent_channels=scratch.latent_channels, latent_size=scratch.latent_size)
+        transformer = build_transformer(preset, latent_channels=scratch.latent_channels,
+                                        latent_size=scratch.latent_size)
         return {"tokenizer": clip_tokenizer, "tokenizer_2": clip_tokenizer, "tokenizer_3": t5_tokenizer,
                 "text_encoder": first, "text_encoder_2": second, "text_encoder_3": t5, "transformer": transformer}
 
