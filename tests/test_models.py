@@ -1,10 +1,15 @@
+import json
+import os
+import subprocess
+import sys
+
 import torch
 
 from pipeline.core.config import VaeParams
 from pipeline.diffusion.components import build_vae
 from pipeline.diffusion.families.base import Scratch
 from pipeline.diffusion.families.sd import FAMILY, PRESETS, build_unet
-from pipeline.diffusion.tokenizer import build_tokenizer, tokenize
+from pipeline.diffusion.tokenizer import build_t5_tokenizer, build_tokenizer, tokenize
 
 CAPTIONS = ["a red circle", "a blue square on a light background", "a picture of a green triangle"] * 20
 
@@ -19,6 +24,26 @@ def test_tokenizer_learns_whole_words_and_falls_back_to_characters(tmp_path):
     from transformers import CLIPTokenizer
 
     assert CLIPTokenizer.from_pretrained(tmp_path).tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
+
+
+def test_t5_tokenizer_learns_whole_words_the_same_in_every_process(tmp_path):
+    """Hash order must not change the vocabulary (the `tokenizers` Unigram trainer's does): cache keys and exact
+    resume depend on the token ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = build_t5_tokenizer(CAPTIONS, vocab_size=1000, max_tokens=8)
+    assert tokenizer.tokenize("a red circle") == ["▁a", "▁red", "▁circle"]
+    assert len(tokenizer.tokenize("a purple hexagon")) > 3, "unseen words are spelled out"
+    assert tokenize(tokenizer, ["a red circle"]).tolist() == [tokenizer.convert_tokens_to_ids(
+        ["▁a", "▁red", "▁circle", "</s>", "<pad>", "<pad>", "<pad>", "<pad>"])], "eos, then padded to max_tokens"
+    assert tokenize(tokenizer, ["a " * 20])[0, -1] == tokenizer.eos_token_id, "truncated, ending with eos"
+    script = ("import json, sys; from pipeline.diffusion.tokenizer import build_t5_tokenizer; "
+              "print(json.dumps(build_t5_tokenizer(json.loads(sys.argv[1]), vocab_size=1000, max_tokens=8).get_vocab()))")
+    other = subprocess.run([sys.executable, "-c", script, json.dumps(list(reversed(CAPTIONS)))],
+                           env={**os.environ, "PYTHONHASHSEED": "12345"}, capture_output=True, text=True, check=True)
+    assert json.loads(other.stdout) == tokenizer.get_vocab()
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).tokenize("a red circle") == ["▁a", "▁red", "▁circle"]
 
 
 def test_components_fit_together():
