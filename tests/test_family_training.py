@@ -51,7 +51,9 @@ def encoded(trained_project, bases, tmp_path_factory):
 
     def project_of(family: str, params) -> Path:
         if family not in projects:
-            projects[family] = project(trained_project, tmp_path_factory.mktemp(f"{family}-project"), params)[0].root
+            paths, counts = project(trained_project, tmp_path_factory.mktemp(f"{family}-project"), params)
+            assert counts["text_cache_bytes"] > 0 and counts["image_cache_bytes"] > 0, "encode reports the cache"
+            projects[family] = paths.root
         return projects[family]
 
     return project_of

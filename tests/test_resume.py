@@ -27,7 +27,7 @@ RESUME_OVERRIDES = {"train": {"steps": 120, "checkpoint_every": 10, "log_every":
 # A flow family (flux: packing, guidance embedding, resolution shift; EMA and caption dropout as for sd), shorter:
 # killed after its first checkpoint at step 10, it still has most of its steps to go.
 FLOW_RESUME_OVERRIDES = {"model": {"family": "flux", "max_sequence_length": 8},
-                         "train": {"steps": 40, "checkpoint_every": 10, "log_every": 10, "validate_every": 40,
+                         "train": {"steps": 30, "checkpoint_every": 10, "log_every": 10, "validate_every": 30,
                                    "sample_every": 0, "ema_decay": 0.99, "noise_offset": 0.05,
                                    "flow": {"sampling": "mode", "weighting": "cosmap"}}}
 
