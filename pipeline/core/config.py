@@ -295,7 +295,7 @@ class TrainParams(Section):
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting (sd, sdxl); null: off")
     flow: FlowParams = FlowParams()
     noise_offset: float = Field(0.0, ge=0)
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the UNet weights; null: off")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the denoiser weights; null: off")
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "classic"] = "sdpa"
     compile: bool = Field(False, description="torch.compile the UNet (GPU lever; minutes of compiling first)")
