@@ -27,7 +27,6 @@ from .conftest import merge, save_random_base_model, tiny_params_dict
 from .test_finetune import finetune_params, project
 from .test_pipeline_e2e import _run, copy_repository
 
-
 FINETUNED = ("sdxl", "sd3", "flux")
 
 
