@@ -49,6 +49,7 @@ NOT_DEPENDENCIES = {
 OUTPUT_NEUTRAL = {
     "ray.address": "where the data stages' Ray tasks run; the outputs are the same on any cluster (test_ray_cluster.py)",
     "ray.num_cpus": "how many Ray workers run them; the outputs are the same for any number (test_preprocess.py)",
+    "ray.min_tasks": "whether a few tasks skip Ray; the outputs are the same bytes (test_pipeline_e2e.py)",
 }
 SECTION_OF_CLASS = {field.annotation.__name__: field.alias or name for name, field in Params.model_fields.items()}
 SECTION_OF_ATTRIBUTE = {name: field.alias or name for name, field in Params.model_fields.items()}
