@@ -22,7 +22,7 @@ from pipeline.training.checkpoints import checkpoint_folders
 
 from .conftest import merge, tiny_params_dict
 
-RESUME_OVERRIDES = {"train": {"steps": 120, "checkpoint_every": 10, "log_every": 10, "validate_every": 120,
+RESUME_OVERRIDES = {"train": {"steps": 40, "checkpoint_every": 10, "log_every": 10, "validate_every": 40,
                               "sample_every": 0, "ema_decay": 0.99, "snr_gamma": 5.0, "noise_offset": 0.05}}
 # A flow family (flux: packing, guidance embedding, resolution shift; EMA and caption dropout as for sd), shorter:
 # killed after its first checkpoint at step 10, it still has most of its steps to go.
