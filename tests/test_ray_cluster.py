@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,9 +74,6 @@ print(sorted({row["pid"] for task in rows for row in task}) == [os.getpid()], "r
 
 
 def test_fewer_tasks_than_min_tasks_run_in_the_stages_process_without_ray(tmp_path):
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-c", FEW_TASKS], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "RAY_ADDRESS": ""})
     assert done.returncode == 0, done.stderr
