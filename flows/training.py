@@ -44,8 +44,8 @@ from flows.publish import publish
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import EVAL_METRICS, HEADLINE_METRICS, REGISTRY_RECORD, SUMMARY
 from pipeline.core.atomic import read_json
-from pipeline.core.config import SOURCES
 from pipeline.core.params_file import PARAMS_FILE, read_params_file, with_overrides
+from pipeline.core.source_params import SOURCES
 from pipeline.core.team import DVC_REMOTE, apply_team_settings
 from pipeline.tracking.lineage import FLOW_RUN_ENV
 from pipeline.tracking.runs import is_server, tracking_uri

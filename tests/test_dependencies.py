@@ -43,6 +43,8 @@ NOT_DEPENDENCIES = {
     "pipeline/__init__.py": "the package's docstring and version",
     "pipeline/cli.py": "argument parsing and dispatch; each stage's own code is what it runs",
     "pipeline/core/config.py": "the params' types; their values are deps through `params`",
+    "pipeline/core/source_params.py": "the ingest section's types; their values are deps through `params`",
+    "pipeline/core/section.py": "the base type of every params section",
     "pipeline/core/params_file.py": "reads params.yaml; the values it reads are deps through `params`",
     "pipeline/core/atomic.py": "writes files atomically; cannot change what a file holds",
 }

@@ -9,104 +9,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from pipeline.core.section import Section
+from pipeline.core.source_params import SOURCES, IngestParams
 
 
 class ConfigError(ValueError):
     """A parameter file that cannot be used, with the offending key in the message."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SyntheticSource(Section):
-    count: int = Field(3000, ge=1)
-    resolution: int = Field(32, ge=8)
-    seed: int = 0
-    min_size: float = Field(0.4, gt=0, le=1, description="smallest shape, as a share of the image side")
-    max_size: float = Field(0.8, gt=0, le=1)
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-class FolderSource(Section):
-    """A folder of images: imagefolder metadata, sidecar caption files or class sub-folders."""
-
-    path: str = Field(description="the folder, relative to the project root unless absolute")
-    caption_column: str = Field("text", description="caption column of metadata.jsonl / metadata.csv")
-    caption_extension: str = Field(".txt", description="sidecar caption file: photo.jpg + photo.txt")
-    label_template: str | None = Field("a photo of a {label}", description="caption for class sub-folders")
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
-
-    @field_validator("caption_extension")
-    @classmethod
-    def _is_an_extension(cls, value: str) -> str:
-        if not value.startswith("."):
-            raise ValueError("must start with a dot, like .txt")
-        return value
-
-    @field_validator("extensions")
-    @classmethod
-    def _are_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value or not all(extension.startswith(".") for extension in value):
-            raise ValueError("must list at least one extension, each starting with a dot, like .png")
-        return tuple(extension.lower() for extension in value)
-
-    @field_validator("label_template")
-    @classmethod
-    def _names_the_label(cls, value: str | None) -> str | None:
-        if value is not None and "{label}" not in value:
-            raise ValueError("must contain {label} (the sub-folder name), or be null to turn labels off")
-        return value
-
-
-class ManifestSource(Section):
-    """A CSV, Parquet or JSONL file of image paths (relative to the file) and captions."""
-
-    path: str = Field(description="the manifest file, relative to the project root unless absolute")
-    path_column: str = "path"
-    caption_column: str = "text"
-
-
-class HfSource(Section):
-    """A dataset saved with `datasets.save_to_disk`, or a hub id (needs the network)."""
-
-    path_or_id: str
-    split: str = "train"
-    image_column: str = "image"
-    caption_column: str = "text"
-
-
-class WebdatasetSource(Section):
-    """img2dataset's webdataset output: .tar shards of {key}.jpg|png|webp + {key}.txt + {key}.json."""
-
-    path: str = Field(description="a folder of .tar shards, a glob (data/shards/*.tar) or an fsspec URL "
-                                  "(s3://bucket/shards/); local paths are relative to the project root unless absolute")
-
-
-SOURCES = ("synthetic", "folder", "manifest", "hf", "webdataset")
-
-
-class IngestParams(Section):
-    source: Literal[SOURCES] = "synthetic"
-    synthetic: SyntheticSource = SyntheticSource()
-    folder: FolderSource | None = None
-    manifest: ManifestSource | None = None
-    hf: HfSource | None = None
-    webdataset: WebdatasetSource | None = None
-    shard_size: int = Field(1000, ge=1, description="images per data/raw shard; a run's new images fill new shards")
-
-    @model_validator(mode="after")
-    def _chosen_source_is_configured(self) -> IngestParams:
-        if self.source != "synthetic" and getattr(self, self.source) is None:
-            key = {"folder": "folder.path", "manifest": "manifest.path", "hf": "hf.path_or_id",
-                   "webdataset": "webdataset.path"}[self.source]
-            raise PydanticCustomError("missing_setting", "ingest.{key}: required when ingest.source is {source}",
-                                      {"key": key, "source": self.source})
-        return self
 
 
 class ValidateParams(Section):

@@ -32,7 +32,8 @@ from pipeline.contracts.data import MANIFEST, RAW_MANIFEST_COLUMNS, REJECTED, RE
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import shard_name, unreferenced_shards, write_shard
 from pipeline.core.atomic import atomic_file, read_json, write_json
-from pipeline.core.config import FolderSource, IngestParams, RayParams
+from pipeline.core.config import RayParams
+from pipeline.core.source_params import FolderSource, IngestParams
 from pipeline.data.images import content_id, describe_image
 from pipeline.data.sources import Rejected, SourceError, SourceItem, folder, hf, manifest, synthetic, webdataset
 from pipeline.runtime.ray_tasks import iter_tasks

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.core.config import FolderSource
+from pipeline.core.source_params import FolderSource
 from pipeline.data.sources import Rejected, SourceError, SourceItem, caption_text, file_item, path_inside
 from pipeline.data.sources.tables import read_rows, require_column
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.core.config import HfSource
+from pipeline.core.source_params import HfSource
 from pipeline.data.sources import SourceError, SourceItem, caption_text
 
 

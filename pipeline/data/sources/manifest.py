@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.core.config import ManifestSource
+from pipeline.core.source_params import ManifestSource
 from pipeline.data.sources import Rejected, SourceError, SourceItem, caption_text, file_item, path_inside
 from pipeline.data.sources.tables import read_rows, require_column
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pipeline.core.config import SyntheticSource
+from pipeline.core.source_params import SyntheticSource
 from pipeline.data.shapes import render_samples
 from pipeline.data.sources import SourceItem
 
