@@ -15,6 +15,11 @@ for _name, _value in {
     "HF_HUB_DISABLE_TELEMETRY": "1",
 }.items():
     os.environ.setdefault(_name, _value)
+# `make test` runs two pytest-xdist workers on two cores: each worker, and every process it starts, gets one
+# core's worth of torch threads. Two torch processes of two threads each would oversubscribe the cores, and
+# a step's thousands of small ops then wait for descheduled threads (steps several times slower).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="sdpipe-prefect-"))
