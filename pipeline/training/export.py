@@ -8,8 +8,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft.utils import get_peft_model_state_dict
 
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import atomic_dir
@@ -27,7 +25,7 @@ def save_model(family: Family, pipeline: DiffusionPipeline, lora_denoiser: torch
     trained denoiser with its LoRA layers), the LoRA weights alone."""
     with atomic_dir(paths.sd_model) as staging:
         if lora_denoiser is not None:
-            family.save_lora(staging, convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_denoiser)))
+            family.save_lora(staging, lora_denoiser)
             pipeline = base_pipeline_with_lora(family, pipeline, model.pretrained, paths, staging)
         pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / MODEL_CARD).write_text(card, encoding="utf-8")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
 
 from pipeline.core.config import TrainParams
 from pipeline.diffusion.components import load_pretrained
@@ -49,6 +51,9 @@ class Family:
     conditioning: tuple[str, ...]  # the named tensors the text encoders give per caption (encode caches them)
     lora_targets: tuple[str, ...]  # diffusers' training scripts' defaults for the denoiser
     lora_layers_argument: str  # the keyword of pipeline_class.save_lora_weights for the denoiser's layers
+    # UNet families save LoRA keys in diffusers' own format, as its SD/SDXL scripts do; the transformer families
+    # PEFT's, as its SD3/Flux scripts do (converted, SD3's loader skipped the attention layers' to_q/k/v/out keys).
+    lora_keys_to_diffusers: bool = False
     presets: tuple[str, ...]
     pipeline_options: dict = {}  # constructor arguments beside the components
     vae_in_fp32: bool = False  # its VAE gives NaNs in fp16: kept in fp32 under mixed precision
@@ -112,9 +117,12 @@ class Family:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def save_lora(self, folder: Path, denoiser_layers: dict) -> None:
-        self.pipeline_class.save_lora_weights(folder, **{self.lora_layers_argument: denoiser_layers},
-                                              safe_serialization=True)
+    def save_lora(self, folder: Path, lora_denoiser: torch.nn.Module) -> None:
+        """The denoiser's LoRA layers, keyed as the family's load_lora_weights reads them."""
+        layers = get_peft_model_state_dict(lora_denoiser)
+        if self.lora_keys_to_diffusers:
+            layers = convert_state_dict_to_diffusers(layers)
+        self.pipeline_class.save_lora_weights(folder, **{self.lora_layers_argument: layers}, safe_serialization=True)
 
     def text_encoders(self, components: dict) -> list[torch.nn.Module]:
         return [components[part.encoder] for part in self.text]

@@ -63,6 +63,7 @@ class StableDiffusion(Family):
     conditioning = ("prompt_embeds",)
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     lora_layers_argument = "unet_lora_layers"
+    lora_keys_to_diffusers = True
     presets = tuple(PRESETS)
     pipeline_options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 

@@ -71,6 +71,7 @@ class StableDiffusionXL(Family):
     conditioning = ("prompt_embeds", "pooled_prompt_embeds")
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     lora_layers_argument = "unet_lora_layers"
+    lora_keys_to_diffusers = True
     presets = tuple(PRESETS)
     pipeline_options = {"force_zeros_for_empty_prompt": False}
     vae_in_fp32 = True  # "The VAE is always in float32 to avoid NaN losses" (diffusers' SDXL scripts)
