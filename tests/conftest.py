@@ -204,12 +204,20 @@ def save_random_base_model(folder: Path, family: str = "sd") -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """The address of a real two-node Ray cluster on this machine (tests/ray_cluster.py), for the session."""
+    import shutil
+
     from .ray_cluster import two_node_cluster
 
-    with two_node_cluster(tmp_path_factory.mktemp("ray")) as address:
-        yield address
+    # Ray's socket paths under its temp dir must stay within AF_UNIX's 107 bytes: pytest's own temp dirs
+    # (/tmp/pytest-of-root/pytest-12/popen-gw0/...) leave too little room.
+    temp_dir = Path(tempfile.mkdtemp(prefix="sdpipe-ray-"))
+    try:
+        with two_node_cluster(temp_dir) as address:
+            yield address
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # Smaller still: the team tests' pipeline runs go through Prefect and DVC, whose overhead is theirs to test;

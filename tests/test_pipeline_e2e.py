@@ -173,6 +173,17 @@ def _artifact(key: str) -> str:
     return found[0].data
 
 
+def _api(method: str, url: str, **request):
+    """A Prefect API call, retried while the server answers 503 as Prefect's own client retries it (the server's
+    word for a retryable error, such as its SQLite database busy on a loaded machine)."""
+    for _ in range(10):
+        response = httpx.request(method, url, timeout=30, **request)
+        if response.status_code != 503:
+            return response.json()
+        time.sleep(2)
+    response.raise_for_status()
+
+
 def _wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -218,8 +229,7 @@ def test_deployments_on_a_real_prefect_server_run_train_with_an_override(repo_co
                               stderr=subprocess.STDOUT)
     try:
         def deployment(name):
-            found = httpx.post(f"{api}/deployments/filter",
-                               json={"deployments": {"name": {"any_": [name]}}}).json()
+            found = _api("POST", f"{api}/deployments/filter", json={"deployments": {"name": {"any_": [name]}}})
             return found[0] if found else None
 
         train = _wait_for(lambda: deployment("train"), 120, f"the deployments (log: {tmp_path / 'serve.log'})")
@@ -227,18 +237,16 @@ def test_deployments_on_a_real_prefect_server_run_train_with_an_override(repo_co
         assert retrain["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
         steps, before = read_params_file(repo_copy / "params.yaml")["train"]["steps"] + 2, _tracked_state(repo_copy)
-        run = httpx.post(f"{api}/deployments/{train['id']}/create_flow_run",
-                         json={"parameters": {"steps": steps}}).json()
+        run = _api("POST", f"{api}/deployments/{train['id']}/create_flow_run", json={"parameters": {"steps": steps}})
         assert "id" in run, run
 
         def finished():
-            state = httpx.get(f"{api}/flow_runs/{run['id']}").json()["state"]
+            state = _api("GET", f"{api}/flow_runs/{run['id']}")["state"]
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
         state = _wait_for(finished, 420, f"the train flow run (log: {tmp_path / 'serve.log'})", interval=3)
         assert state["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
-        task_runs = httpx.post(f"{api}/task_runs/filter",
-                               json={"task_runs": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+        task_runs = _api("POST", f"{api}/task_runs/filter", json={"task_runs": {"flow_run_id": {"any_": [run["id"]]}}})
         assert sorted(task["name"] for task in task_runs) == sorted(STAGES)
         assert _tracked_state(repo_copy) == before
         experiment = _experiment(repo_copy, run["name"])
