@@ -1,4 +1,5 @@
-"""Typed parameters: every section of params.yaml, its keys, defaults and checks.
+"""Typed parameters: every section of params.yaml, its keys, defaults and checks (the ingest section and its
+sources are in pipeline.core.source_params).
 
 Every stage receives a validated `Params` object (pipeline.core.params_file reads it). An unknown or
 mistyped key fails with a message that names the key (for example `params.yaml: train.lerning_rate:
