@@ -52,8 +52,8 @@ def denoiser_output(family_name: str, pipeline, denoiser: torch.nn.Module | None
     family = family_named(family_name)
     conditioning = family.encode_text(pipeline.components, family.token_ids(pipeline.components, ["a red circle"] * 2))
     latents = torch.randn(2, pipeline.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
-    return family.predict(denoiser or getattr(pipeline, family.denoiser), latents, torch.tensor([10.0, 500.0]),
-                          conditioning, square_image_sizes(2, 32))
+    denoiser = denoiser if denoiser is not None else getattr(pipeline, family.denoiser)
+    return family.predict(denoiser, latents, torch.tensor([10.0, 500.0]), conditioning, square_image_sizes(2, 32))
 
 
 def assert_finetuned(family: str, finetune: str, model: Path, base_folder: str, trainable_parameters: int) -> None:
