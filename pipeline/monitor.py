@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS
 from pipeline.contracts.paths import Paths
@@ -33,10 +32,6 @@ from pipeline.data.captions import normalise_caption
 from pipeline.data.images import content_id, describe_image, load_training_image
 from pipeline.data.sources import path_inside
 from pipeline.data.sources.tables import read_rows
-from pipeline.diffusion.families import load_pipeline
-from pipeline.diffusion.vae_io import encode_images, to_model_range
-from pipeline.evaluation.noise_metrics import noise_metrics_on
-from pipeline.quality.drift import feature_drift, mmd_test
 from pipeline.quality.drift_features import feature_table
 from pipeline.quality.manifest_checks import ImageFiles, check_manifest
 
@@ -117,6 +112,15 @@ def _sample_reference(paths: Paths, count: int, seed: int, resolution: int) -> n
 
 
 def check_batch(folder: Path, params: Params, paths: Paths, champion_folder: Path, champion_noise_mse: float) -> BatchReport:
+    # torch and diffusers load here only: `sdpipe pending-batches`, `decide` and `merge-batches`, each a process
+    # of the retraining flow, start in under a second without them instead of about 8
+    import torch
+
+    from pipeline.diffusion.families import load_pipeline
+    from pipeline.diffusion.vae_io import encode_images, to_model_range
+    from pipeline.evaluation.noise_metrics import noise_metrics_on
+    from pipeline.quality.drift import feature_drift, mmd_test
+
     settings = params.monitor
     manifest = batch_manifest(folder)
     validation = check_manifest(manifest, ImageFiles(folder), params.validate_)

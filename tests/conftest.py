@@ -38,6 +38,18 @@ from pipeline.core.params_file import parse_params, read_params_file  # noqa: E4
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The files that take longest (busy seconds, README "Performance"), longest first. `make test` hands each
+# pytest-xdist worker the next file in collection order as it finishes one: with these first, the long files
+# run side by side from the start and the many short ones fill in, instead of a long file starting last.
+SLOWEST_FILES = ("test_pipeline_e2e.py", "test_team.py", "test_family_training.py", "test_resume.py",
+                 "test_ray_cluster.py", "test_bench_gpu.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))  # stable: a file's order stays
+
+
 TINY_OVERRIDES = {
     "ingest": {"synthetic": {"count": 160}},
     "vae": {"steps": 20, "batch_size": 32},
