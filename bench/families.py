@@ -5,6 +5,7 @@
     python bench/families.py                      # every family; README "Model families" has the table
     python bench/families.py --family flux        # one family (repeatable)
     python bench/families.py --smoke              # a few steps and samples per family: the bench runs, no figures
+    python bench/families.py --family sd3 --steps 3000   # one point instead of the sweep (--learning-rate too)
 
 A family's runs try the sweep in order (params.yaml's steps and learning rate first) and stop at the first that
 reaches adherence 0.9. The data (ingest, preprocess) is made once; the VAE is trained once per latent layout
@@ -35,7 +36,8 @@ from pipeline.core.config import FAMILIES, Params, latent_channels_of  # noqa: E
 from pipeline.core.params_file import parse_params  # noqa: E402
 
 TARGET = 0.9
-SWEEP = ((None, None), (3000, None), (3000, 5e-4))  # (train.steps, train.learning_rate); None: params.yaml's
+Sweep = tuple[tuple[int | None, float | None], ...]  # (train.steps, train.learning_rate); None: params.yaml's
+SWEEP: Sweep = ((None, None), (3000, None), (3000, 5e-4))
 SMOKE = {"ingest": {"synthetic": {"count": 96}}, "vae": {"steps": 3}, "train": {"steps": 3, "validation_samples": 8},
          "evaluate": {"max_prompts": 2, "samples_per_prompt": 1, "stability_repeats": 1, "num_inference_steps": 2}}
 
@@ -112,11 +114,11 @@ def adherence(params: Params, paths: Paths, data: Paths) -> dict:
                 adherence_samples=sum(run["adherence_samples"] for run in runs))
 
 
-def measure_family(family: str, root: Path, smoke: bool) -> list[dict]:
+def measure_family(family: str, root: Path, smoke: bool, sweep: Sweep) -> list[dict]:
     from pipeline.stages.train import train
 
     results = []
-    for steps, learning_rate in (SWEEP[:1] if smoke else SWEEP):
+    for steps, learning_rate in (sweep[:1] if smoke else sweep):
         params = bench_params(family, smoke, steps, learning_rate)
         data = prepare_data(params, root)
         shared = encoded_project(params, root, data)
@@ -150,11 +152,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps and samples: checks the bench runs")
     parser.add_argument("--root", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=Path("families-bench.json"), help="results, written as they come")
+    parser.add_argument("--steps", type=int, help="one run at these train.steps instead of the sweep")
+    parser.add_argument("--learning-rate", type=float, help="one run at this train.learning_rate instead of the sweep")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="sdpipe-families-bench-"))
+    sweep = ((args.steps, args.learning_rate),) if args.steps or args.learning_rate else SWEEP
     results = []
     for family in args.family or FAMILIES:
-        results += measure_family(family, root, args.smoke)
+        results += measure_family(family, root, args.smoke, sweep)
         args.out.write_text(json.dumps(results, indent=2))
     print("\n" + table(results))
 

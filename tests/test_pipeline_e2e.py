@@ -236,11 +236,11 @@ def test_deployments_on_a_real_prefect_server_run_train_with_an_override(repo_co
         retrain = _wait_for(lambda: deployment("retrain"), 30, "the retrain deployment")
         assert retrain["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
-        # the first `dvc repro`'s steps, one fewer than the workspace's now: DVC's run cache restores what that
-        # run's train and evaluate wrote instead of running them again (the override, not training, is tested)
-        steps, before = tiny_params_dict()["train"]["steps"], _tracked_state(repo_copy)
-        assert steps != read_params_file(repo_copy / "params.yaml")["train"]["steps"]
-        run = _api("POST", f"{api}/deployments/{train['id']}/create_flow_run", json={"parameters": {"steps": steps}})
+        # a register setting: the experiment re-runs register only (training through a flow is tested above)
+        gate = read_params_file(repo_copy / "params.yaml")["register"]["min_improvement"] + 0.5
+        before = _tracked_state(repo_copy)
+        run = _api("POST", f"{api}/deployments/{train['id']}/create_flow_run",
+                   json={"parameters": {"overrides": {"register.min_improvement": gate}}})
         assert "id" in run, run
 
         def finished():
@@ -253,7 +253,7 @@ def test_deployments_on_a_real_prefect_server_run_train_with_an_override(repo_co
         assert sorted(task["name"] for task in task_runs) == sorted(STAGES)
         assert _tracked_state(repo_copy) == before
         experiment = _experiment(repo_copy, run["name"])
-        assert experiment["params"]["params.yaml"]["data"]["train"]["steps"] == steps
+        assert experiment["params"]["params.yaml"]["data"]["register"]["min_improvement"] == gate
         assert "adherence" in experiment["metrics"]["metrics/eval.json"]["data"]
     finally:
         served.terminate()
