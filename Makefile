@@ -4,6 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-quantize
 # dvc.yaml's stage commands are `sdpipe ...`: the virtualenv's scripts come first.
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -28,6 +29,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,team]'
 	touch $(STAMP)
 
+# the tests also train LoRA on an int8 base (pyproject.toml's `quantize` extra)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[quantize]'
+	touch $(TEST_STAMP)
+
 run: setup
 	$(BIN)/dvc repro
 	@echo
@@ -43,10 +49,10 @@ run: setup
 # cores the suite takes about 0.7 of its serial time (README "Performance"). TEST_WORKERS=0 runs it serially.
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
-test: setup
+test: $(TEST_STAMP)
 	$(PYTEST)
 
-test-fast: setup
+test-fast: $(TEST_STAMP)
 	$(PYTEST) -m "not e2e"
 
 ui-mlflow: setup

@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,15 +42,9 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # runs from a plain copy of the repo, nothing installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from project import REPO, commit_of, dvc, new_project, set_params  # noqa: E402
 
-from pipeline.core.params_file import read_params_file  # noqa: E402
-
-BIN = Path(sys.executable).parent  # dvc.yaml's commands are `sdpipe ...`: this virtualenv's scripts
-QUIET = {"DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_ENABLED": "false",
-         "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-         "HF_HUB_DISABLE_TELEMETRY": "1"}  # the Makefile's exports
 DATA_STAGES = ("ingest", "validate", "preprocess", "encode")
 COMPARED_STAGES = ("validate", "preprocess")
 RESOLUTION = 32
@@ -59,55 +52,6 @@ VAE_STEPS = 5
 FLAT = (0.75, 1.25)  # per-image cost, largest size over smallest
 NOOP_LIMIT = 10.0  # seconds of a no-op `dvc repro` at the largest size
 SPEEDUP_TARGET = 1.7  # two Ray CPUs over one, validate + preprocess
-
-
-# ---------------------------------------------------------------- a project of its own for each size
-
-
-def copy_repository(folder: Path) -> None:
-    """This repository's files, tracked and new but not ignored, as they are in the working tree."""
-    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout.split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file():  # not a file: deleted in the working tree, or a symlink (.venv)
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, folder / name)
-
-
-def set_params(project: Path, settings: dict[str, object]) -> None:
-    """Write dotted keys (`ray.num_cpus`) into the project's params.yaml, adding sections it lacks."""
-    params = read_params_file(project / "params.yaml")
-    for dotted, value in settings.items():
-        *sections, key = dotted.split(".")
-        node = params
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[key] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def new_project(folder: Path, size: int) -> Path:
-    """A fresh copy of the repository that renders `size` synthetic images, committed in its own git repository."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    copy_repository(folder)
-    set_params(folder, {"ingest.synthetic.count": size, "ingest.synthetic.resolution": RESOLUTION,
-                        "preprocess.resolution": RESOLUTION, "vae.steps": VAE_STEPS})
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "scale"]):
-        subprocess.run(command, cwd=folder, check=True, capture_output=True)
-    return folder
-
-
-def dvc(project: Path, *arguments: str) -> tuple[float, str]:
-    """`dvc ARGUMENTS` in the project (running the project's own code): wall seconds and output."""
-    env = {**os.environ, **QUIET, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(project)}
-    started = time.perf_counter()
-    done = subprocess.run(["dvc", *arguments], cwd=project, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        raise RuntimeError(f"dvc {' '.join(arguments)} failed in {project}:\n{(done.stdout + done.stderr)[-3000:]}")
-    return seconds, done.stdout + done.stderr
 
 
 # ---------------------------------------------------------------- measurements
@@ -119,6 +63,11 @@ def timed_stages(project: Path) -> Iterator[tuple[str, float]]:
         if stage == "encode":  # it needs a VAE; training one (untimed, few steps) is not a data stage
             dvc(project, "repro", "-s", "vae")
         yield stage, dvc(project, "repro", "-s", stage)[0]
+
+
+def project_settings(size: int) -> dict[str, object]:
+    return {"ingest.synthetic.count": size, "ingest.synthetic.resolution": RESOLUTION,
+            "preprocess.resolution": RESOLUTION, "vae.steps": VAE_STEPS}
 
 
 def per_image(seconds: float, size: int) -> dict:
@@ -293,7 +242,7 @@ def measure_size(project: Path, size: int, results: dict, out: Path) -> None:
 def measure(args: argparse.Namespace, root: Path, results: dict) -> None:
     """Every size, each in its own project; the Ray CPU comparison in the project of its size."""
     for size in sorted(set(args.sizes) | ({args.workers_compare} - {0})):
-        project = new_project(root / f"n{size}", size)
+        project = new_project(root / f"n{size}", project_settings(size))
         if size in args.sizes:
             measure_size(project, size, results, args.out)
         else:
@@ -304,11 +253,6 @@ def measure(args: argparse.Namespace, root: Path, results: dict) -> None:
             print(f"{size:>9,} Ray CPUs: {json.dumps(results['workers'])}", flush=True)
         if not args.root:
             shutil.rmtree(project)  # 10^5 images take several GB
-
-
-def commit_of(folder: Path) -> str:
-    described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=folder, capture_output=True, text=True)
-    return described.stdout.strip()
 
 
 def main() -> None:

@@ -168,3 +168,18 @@ def test_dvc_repro_finetunes_a_family_with_lora_then_in_full(scratch_project, ba
     assert stages_run(out) == {"train"}, out
     trained = json.loads((root / "metrics" / "train.json").read_text())
     assert_finetuned(family, "full", root / "models" / "sd", bases[family], trained["trainable_parameters"])
+
+
+def test_lora_on_an_int8_base_trains_in_a_fraction_of_the_memory_and_saves_onto_the_full_precision_base(
+        trained_project, bases, tmp_path):
+    """QLoRA's recipe with torchao's int8 (model.lora.quantize_base): the frozen transformer's linear weights are
+    int8 while its LoRA layers train in fp32; the LoRA file is an ordinary one, and models/sd fuses it into the
+    base as stored, not into the quantized copy."""
+    params = finetune_params(bases["flux"], family="flux", max_sequence_length=8, lora={"quantize_base": "int8"})
+    paths, _ = project(trained_project, tmp_path, params)
+    metrics = train(params, paths, tracked=False)
+
+    base = family_named("flux").pipeline_class.from_pretrained(bases["flux"])
+    fp32_mb = sum(p.numel() * p.element_size() for p in base.transformer.parameters()) / 2**20
+    assert metrics["denoiser_weights_mb"] < 0.4 * fp32_mb, (metrics["denoiser_weights_mb"], fp32_mb)
+    assert_finetuned("flux", "lora", paths.sd_model, bases["flux"], metrics["trainable_parameters"])

@@ -128,6 +128,9 @@ class LoraParams(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] | None = Field(
         None, min_length=1, description="denoiser layers that get LoRA layers; null: the family's default")
+    quantize_base: Literal["int8"] | None = Field(
+        None, description="int8: the frozen denoiser's linear weights stored in int8 while training (torchao "
+                          "weight-only); the saved model fuses the LoRA layers into the full-precision base")
 
 
 # The scratch presets of each family that is built (pipeline/diffusion/families/; a test checks they agree).

@@ -69,6 +69,7 @@ from pipeline.training.modules import (
     EmaWeights,
     Model,
     build_model,
+    denoiser_weights_mb,
     make_optimizer,
     place_frozen_modules,
     stored_frozen_modules,
@@ -328,7 +329,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
     if len(cache) < accelerator.num_processes:
         raise ValueError(f"train: {len(cache)} training samples cannot feed {accelerator.num_processes} processes")
     model = build_model(params.model, params.train, paths, cache, val)
-    place_frozen_modules(model, device, WEIGHT_DTYPES[settings.mixed_precision])
+    place_frozen_modules(model, device, WEIGHT_DTYPES[settings.mixed_precision], params.model)
     for module in model.trained_modules():
         module.to(device)
     apply_speed_settings(model.denoiser, settings, device)
@@ -378,6 +379,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
             flops_per_image=flops, **utilisation(throughput["images_per_second"], flops, peak),
             peak_memory_mb=peak_memory_mb(device),
             trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
+            denoiser_weights_mb=denoiser_weights_mb(accelerator.unwrap_model(model.denoiser)),
         )
         accelerator.wait_for_everyone()
         if main:

@@ -122,10 +122,10 @@ def build_model(model: ModelParams, train: TrainParams, paths: Paths, cache: Cac
     return built
 
 
-def place_frozen_modules(model: Model, device: torch.device, dtype: torch.dtype) -> None:
+def place_frozen_modules(model: Model, device: torch.device, dtype: torch.dtype, settings: ModelParams) -> None:
     """Frozen weights in the weight dtype, as diffusers' training scripts keep them: the VAE (validation samples
     only; fp32 where the family's VAE gives NaNs in fp16), the finetune text encoders, and under LoRA the base
-    denoiser; trained parameters stay in fp32."""
+    denoiser, its linear weights in int8 if `model.lora.quantize_base` says so; trained parameters stay in fp32."""
     model.vae.to(device, torch.float32 if model.family.vae_in_fp32 else dtype)
     if not model.trains_text_encoder:
         for encoder in model.text_encoders():
@@ -133,6 +133,36 @@ def place_frozen_modules(model: Model, device: torch.device, dtype: torch.dtype)
     if model.lora:
         model.denoiser.to(device, dtype)
         cast_training_params(model.denoiser, dtype=torch.float32)
+        if settings.lora.quantize_base == "int8":
+            quantize_frozen_linears(model.denoiser)
+
+
+def quantize_frozen_linears(denoiser: torch.nn.Module) -> None:
+    """The frozen linear weights (the base layers under LoRA and every other linear) stored in int8 with a scale
+    per output channel, dequantized at each matmul (torchao's weight-only int8): half their bf16 bytes. Done on
+    the weights' device, after the move, so a large base is never quantized on the CPU."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ConfigError("model.lora.quantize_base: int8 needs torchao (pip install torchao; in this "
+                          "repository `pip install -e '.[quantize]'`)") from None
+
+    def frozen_linear(module: torch.nn.Module, _name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and not module.weight.requires_grad
+
+    quantize_(denoiser, Int8WeightOnlyConfig(), filter_fn=frozen_linear)
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """A tensor's bytes in memory; a quantized one's (a torchao tensor subclass) are its inner tensors'."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def denoiser_weights_mb(denoiser: torch.nn.Module) -> float:
+    return sum(stored_bytes(parameter) for parameter in denoiser.parameters()) / 2**20
 
 
 def stored_frozen_modules(model: Model, settings: ModelParams, paths: Paths) -> None:
