@@ -79,7 +79,8 @@ def read_metrics(project: Path, stages: list[str]) -> dict:
     def written(name: str) -> dict:
         return json.loads((project / "metrics" / f"{name}.json").read_text())
 
-    metrics = dict(vae_psnr=written("vae")["val_psnr"], vae_images_per_second=written("vae")["images_per_second"])
+    vae = written("vae")
+    metrics = dict(vae_psnr=vae["val_psnr"], vae_images_per_second=vae["images_per_second"])
     if "train" in stages:
         metrics["train_images_per_second"] = written("train")["images_per_second"]
     if "evaluate" in stages:
