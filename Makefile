@@ -21,11 +21,15 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 setup: $(STAMP)
 
-# torch first, pinned: a bare `torch` requirement would pull a CUDA build of several GB.
+# torch first, pinned, so nothing else picks its build. From PyPI, torch==2.13.0 on Linux is the CUDA build (several
+# GB; what a GPU machine wants). For a CPU-only build (a laptop, CI) name PyTorch's CPU index:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (these project machines already hold a CPU wheel of 2.13.0 in pip's find-links, so the default takes it).
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[test,team]'
 	touch $(STAMP)
 

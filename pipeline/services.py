@@ -12,8 +12,10 @@ still right. Those go to team.env (pipeline/core/team.py) and, for the DVC remot
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -24,7 +26,6 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from glob import glob
 from pathlib import Path
 
 from pipeline.core import team
@@ -176,15 +177,25 @@ def _wait_http(stack: Stack, name: str, url: str, headers: dict | None = None, a
 # --- the five pieces -----------------------------------------------------------------------------------
 
 def _pg_tool(tool: str) -> str:
-    found = shutil.which(tool) or max(glob(f"/usr/lib/postgresql/*/bin/{tool}"), default=None)
-    if found is None:
-        raise RuntimeError(f"PostgreSQL's {tool} is not installed (Debian: apt-get install postgresql)")
-    return found
+    """PostgreSQL's binaries from the pgserver wheel (the team extra), the same on every machine."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("PostgreSQL's binaries come with the team extra: pip install -e '.[team]' (make setup does)")
+    return str(Path(spec.origin).parent / "pginstall" / "bin" / tool)
+
+
+def _pg_user() -> str:
+    """initdb and the server refuse to run as root: as root they run as the `postgres` OS user where the machine
+    has one, else as `nobody`."""
+    try:
+        pwd.getpwnam("postgres")
+        return "postgres"
+    except KeyError:
+        return "nobody"
 
 
 def _as_postgres(command: list[str]) -> list[str]:
-    """initdb and the server refuse to run as root: as root they run as the `postgres` OS user."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+    return ["runuser", "-u", _pg_user(), "--", *command] if os.geteuid() == 0 else command
 
 
 def _pg_paths(stack: Stack) -> tuple[Path, Path]:
@@ -197,7 +208,7 @@ def _start_postgres(stack: Stack, fast: bool) -> None:
         for folder in (data, run):
             folder.mkdir(mode=0o700, exist_ok=True)
             if os.geteuid() == 0:
-                shutil.chown(folder, "postgres", "postgres")
+                shutil.chown(folder, _pg_user())
         subprocess.run(_as_postgres([_pg_tool("initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8",
                                      "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=scram-sha-256"]),
                        check=True, capture_output=True)

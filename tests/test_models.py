@@ -65,5 +65,5 @@ def test_sd15_preset_has_stable_diffusion_15_sizes():
 
     with init_empty_weights():  # shapes only: no 3.4 GB of weights
         unet = build_unet(PRESETS["sd15"], latent_channels=4, latent_size=64)
-    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # runwayml/stable-diffusion-v1-5's UNet
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # stable-diffusion-v1-5/stable-diffusion-v1-5's UNet
     assert unet.config.down_block_types[-1] == "DownBlock2D" and unet.config.cross_attention_dim == 768
