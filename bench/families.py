@@ -84,8 +84,8 @@ def encoded_project(params: Params, root: Path, data: Paths) -> Paths:
         (paths.root / "data").mkdir(parents=True, exist_ok=True)
         if not paths.processed.exists():
             paths.processed.symlink_to(data.processed)
-        vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
-        encode(paths, encode=params.encode, model=params.model, train=params.train)
+        vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess)
+        encode(paths, encode=params.encode, model=params.model)
     return paths
 
 

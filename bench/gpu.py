@@ -148,9 +148,9 @@ def measure_encode(setup: Setup, root: Path) -> dict:
     from pipeline.stages.vae import vae_stage
 
     params, paths = bench_params(setup, root), Paths(root / "project")
-    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
+    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess)
     started = time.perf_counter()
-    counts = encode(paths, encode=params.encode, model=params.model, train=params.train)
+    counts = encode(paths, encode=params.encode, model=params.model)
     seconds = time.perf_counter() - started
     images = counts["train"] + counts["val"]
     return dict(images=images, seconds=seconds, images_per_second=images / seconds,

@@ -313,9 +313,8 @@ def bench_vae(name: str, vae: tuple[int, ...], data: Paths, root: Path, args) ->
     epoch = math.ceil(len(files) / args.batch_size)  # steps per epoch, in both loops
     params, paths = finetune_params(root / "pretrained", vae, images=args.images, steps=epoch * (1 + args.epochs),
                                     batch_size=args.batch_size, log_every=epoch), Paths(root)
-    vae_seconds = timed(lambda: vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess,
-                                          train=params.train))
-    encode_seconds = timed(lambda: encode(paths, encode=params.encode, model=params.model, train=params.train))
+    vae_seconds = timed(lambda: vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess))
+    encode_seconds = timed(lambda: encode(paths, encode=params.encode, model=params.model))
     runs = {"ours": [], "reference": []}
     for _ in range(args.repeats):
         runs["ours"].append(in_fresh_process(our_loop, params, paths))

@@ -3,10 +3,13 @@
 A colleague then needs a clone at that commit, team.env and `dvc pull` to hold the run's exact files:
 dvc.lock names every output's hash; the outputs DVC does not cache (metrics, the run record, reports) are
 committed beside it, so `dvc status` finds nothing to re-run; the cached ones (data, models/sd) go to the
-team's DVC remote. Committing on the project's branch (rather than keeping the run as a DVC experiment and
-`dvc exp push`) because the flow reproduced the project itself: its branch is where the result belongs, and
-`git log dvc.lock` lists every published run. The registered version is tagged with that commit, the
-remote and the model's DVC hash, so the registry leads to the files.
+team's DVC remote. So do the batches the retraining flow merged into data/batches (an ingest dep that no
+stage produces): the first publish with merged batches moves the folder from git (which kept it as an empty
+folder) to DVC, as data/batches.dvc, so the commit names them and `dvc push` stores them. Committing on the
+project's branch (rather than keeping the run as a DVC experiment and `dvc exp push`) because the flow
+reproduced the project itself: its branch is where the result belongs, and `git log dvc.lock` lists every
+published run. The registered version is tagged with that commit, the remote and the model's DVC hash, so
+the registry leads to the files.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pipeline.tracking.runs import registry_client
 
 LOCK = "dvc.lock"
 MODEL_OUT = "models/sd"
+BATCHES, BATCHES_FILE = "data/batches", "data/batches.dvc"
 PUSH_RETRIES, PUSH_RETRY_DELAY_SECONDS = 3, 20
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "sdpipe flow", "GIT_AUTHOR_EMAIL": "sdpipe-flow@localhost",
                 "GIT_COMMITTER_NAME": "sdpipe flow", "GIT_COMMITTER_EMAIL": "sdpipe-flow@localhost"}
@@ -49,13 +53,41 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True, check=True)
 
 
+def has_merged_batches(root: Path) -> bool:
+    folder = root / BATCHES
+    return folder.is_dir() and any(entry.is_dir() for entry in folder.iterdir())
+
+
+@task
+def version_batches(root: Path) -> bool:
+    """`dvc add data/batches` when it holds merged batches; True when data/batches.dvc now names them.
+
+    Without batches nothing changes, so a fresh clone of a project that never merged one still finds the
+    folder in git and runs without a remote. DVC refuses a folder git holds a file of: the placeholder leaves
+    git's index here (the commit records that) and stays in the folder as DVC data. The files keep their
+    bytes, so ingest's dep in dvc.lock keeps its hash and nothing turns stale."""
+    if not has_merged_batches(root):
+        return False
+    if _git(root, "ls-files", "--", BATCHES).stdout.strip():
+        _git(root, "rm", "-r", "-q", "--cached", "--", BATCHES)
+    added = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", BATCHES], cwd=root, capture_output=True,
+                           text=True)
+    if added.returncode != 0:
+        reason = (added.stderr.strip() or added.stdout.strip()).splitlines()[-1:]
+        raise RuntimeError(f"dvc add {BATCHES} failed (exit {added.returncode}): "
+                           f"{reason[0] if reason else 'no output'}")
+    return True
+
+
 @task
 def commit_run(root: Path, message: str) -> str:
-    """Commit dvc.lock, the uncached outputs and the .gitignore files DVC keeps beside the cached ones
-    (nothing else of the workspace); return HEAD."""
+    """Commit dvc.lock, the uncached outputs, data/batches.dvc and the .gitignore files DVC keeps beside the
+    cached outputs (nothing else of the workspace); return HEAD."""
     kept = outputs(root)
-    gitignores = {(Path(path).parent / ".gitignore").as_posix() for path, cached in kept.items() if cached}
-    paths = [path for path in (LOCK, *(path for path, cached in kept.items() if not cached), *sorted(gitignores))
+    cached_outs = [path for path, cached in kept.items() if cached] + [BATCHES]
+    gitignores = {(Path(path).parent / ".gitignore").as_posix() for path in cached_outs}
+    paths = [path for path in (LOCK, *(path for path, cached in kept.items() if not cached), BATCHES_FILE,
+                               *sorted(gitignores))
              if (root / path).exists()]
     ignored = subprocess.run(["git", "check-ignore", "--stdin"], cwd=root, input="\n".join(paths),
                              capture_output=True, text=True).stdout.split()
@@ -89,6 +121,7 @@ def publish(root: Path, register: RegisterParams, registry_record: str, remote: 
     """Commit, push, then tag the registered version; returns the summary's line."""
     record = read_json(root / registry_record)
     name, version = record["model_name"], str(record["version"])
+    version_batches(root)
     commit = commit_run(root, f"sdpipe run {run_name}: dvc.lock and metrics of models:/{name}/{version}")
     pushed = push_outputs(root)
     client = registry_client(register, root)

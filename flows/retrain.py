@@ -87,6 +87,9 @@ def retrain_flow(project_root: str = str(PROJECT_ROOT)) -> dict:
         if not plan["batches"]:
             logger.info("no new batches in %s", plan["incoming"])
             return dict(retrain=False, reasons=[f"no new batches in {plan['incoming']}"])
+        if "no_champion" in plan:  # a fresh deployment: nothing to compare with; the batches stay pending
+            logger.warning("%d batches wait: %s", len(plan["batches"]), plan["no_champion"])
+            return dict(retrain=False, reasons=[plan["no_champion"]])
         champion = plan["champion"]
         outputs = [work / f"report-{number}.json" for number in range(len(plan["batches"]))]
         reports = [check.with_options(name=f"check {Path(folder).name}")(folder, root, champion, out)

@@ -8,6 +8,8 @@
     sdpipe pending-batches | check-batch FOLDER | decide REPORT... | merge-batches FOLDER...   (--out FILE.json)
 
 Each stage reads params.yaml (or --params) through `pipeline.core.config` and is what dvc.yaml runs.
+A problem the user can fix (pipeline.core.errors.UserError, a tracking server's refusal) prints as one
+sentence; anything else is a bug and keeps its traceback; `--debug` or SDPIPE_DEBUG=1 shows every traceback.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import read_json, write_json
-from pipeline.core.config import ConfigError, Params
+from pipeline.core.config import Params
+from pipeline.core.errors import UserError
 from pipeline.core.params_file import PARAMS_FILE, load_params
+
+DEBUG_ENV = "SDPIPE_DEBUG"
 
 
 def _ingest(params: Params, paths: Paths, _):
@@ -46,13 +52,13 @@ def _preprocess(params: Params, paths: Paths, _):
 def _vae(params: Params, paths: Paths, _):
     from pipeline.stages.vae import vae_stage
 
-    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
+    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess)
 
 
 def _encode(params: Params, paths: Paths, _):
     from pipeline.stages.encode import encode
 
-    encode(paths, encode=params.encode, model=params.model, train=params.train, ray=params.ray)
+    encode(paths, encode=params.encode, model=params.model, ray=params.ray)
 
 
 def _train(params: Params, paths: Paths, _):
@@ -139,15 +145,20 @@ def _drop_batch(params: Params, paths: Paths, args):
 
 
 def _pending_batches(params: Params, paths: Paths, args):
+    from pipeline.core.errors import NoChampionError
     from pipeline.monitor import champion_reference, pending_batches
 
     folders = pending_batches(params.monitor, paths)
     plan: dict = {"incoming": str(paths.resolve(params.monitor.incoming)), "batches": [str(f) for f in folders]}
     if folders:
-        folder, noise_mse, version = champion_reference(params, paths)
-        plan["champion"] = {"folder": str(folder), "noise_mse": noise_mse, "version": version}
+        try:
+            folder, noise_mse, version = champion_reference(params, paths)
+            plan["champion"] = {"folder": str(folder), "noise_mse": noise_mse, "version": version}
+        except NoChampionError as exc:  # a fresh deployment: the batches wait for a first champion
+            plan["no_champion"] = str(exc)
     write_json(args.out, plan)
-    print(f"{len(folders)} pending batches in {params.monitor.incoming}")
+    print(f"{len(folders)} pending batches in {params.monitor.incoming}"
+          + (f"; not checked: {plan['no_champion']}" if "no_champion" in plan else ""))
 
 
 def _check_batch(params: Params, paths: Paths, args):
@@ -199,20 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default=PARAMS_FILE, help="parameter file; its folder is the project root")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
                         help="auto: the accelerator when there is one (default); cpu: force the CPU")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of every error, also of those a user can fix (or {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler in STAGES.items():
         commands.add_parser(name, help=f"run the {name} stage").set_defaults(handler=handler)
     generate = commands.add_parser("generate", help="generate images from a model")
     generate.add_argument("--model", default="models/sd", help="diffusers folder or models:/NAME@ALIAS")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("-n", type=int, default=4, help="number of images")
+    generate.add_argument("-n", type=positive_int, default=4, help="number of images")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--steps", type=int, help="sampling steps (default: evaluate.num_inference_steps)")
+    generate.add_argument("--steps", type=positive_int, help="sampling steps (default: evaluate.num_inference_steps)")
     generate.add_argument("--guidance", type=float, help="guidance scale (default: evaluate.guidance_scale)")
     generate.add_argument("--negative-prompt", help="what the image should not show")
     generate.add_argument("--scheduler", help="dpm++, euler, ddim or ddpm (default: dpm++; sd3, flux: their flow "
                           "Euler sampler, the only one they take)")
-    generate.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    generate.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     generate.add_argument("--out", type=Path, default=Path("samples"))
     generate.set_defaults(handler=_generate)
     commands.add_parser("models", help="list registered versions with aliases and metrics").set_defaults(handler=_models)
@@ -236,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     drop.set_defaults(handler=_drop_batch)
     _add_monitoring_commands(commands)
     return parser
+
+
+def positive_int(text: str) -> int:
+    """An argument that counts something: 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _add_monitoring_commands(commands) -> None:
@@ -266,19 +290,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         args.handler(params, Paths(Path(args.params).resolve().parent), args)
-    except (ConfigError, FileNotFoundError, LookupError, KeyError, ValueError, RuntimeError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"sdpipe {args.command}: error: {message}", file=sys.stderr)
-        return 1
     except Exception as exc:
-        from pipeline.tracking.server_errors import server_problem
-
-        sentence = server_problem(exc)  # a tracking server that refused or is away: a sentence, not a trace
-        if sentence is None:
-            raise
+        sentence = user_problem(exc)
+        if sentence is None or args.debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise  # a bug (or a CUDA out-of-memory) keeps its traceback
         print(f"sdpipe {args.command}: error: {sentence}", file=sys.stderr)
         return 1
     return 0
+
+
+def user_problem(exc: BaseException) -> str | None:
+    """The sentence for an error the user can fix, else None."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    from pipeline.tracking.server_errors import server_problem
+
+    return server_problem(exc)  # a tracking server that refused or is away: a sentence, not a trace
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def generate(
 ) -> list[Path]:
     """`scheduler`: a sampler by name (schedule.SCHEDULERS); None: dpm++ for the DDPM families, the flow
     families' own Euler sampler."""
+    # None means "as evaluate samples"; 0 guidance (no classifier-free guidance) is a choice, not a default
+    guidance = params.evaluate.guidance_scale if guidance is None else guidance
+    steps = params.evaluate.num_inference_steps if steps is None else steps
     pipeline = load_pipeline(resolve_model(model, params.register_, paths))
     family = family_of_pipeline(pipeline)
     use_scheduler(pipeline, scheduler)
@@ -35,9 +38,8 @@ def generate(
     for first in range(0, count, batch_size):
         size = min(batch_size, count - first)
         images += pipeline(
-            **family.sampling_arguments(pipeline, [prompt] * size, guidance or params.evaluate.guidance_scale,
-                                        negative_prompt),
-            num_inference_steps=steps or params.evaluate.num_inference_steps,
+            **family.sampling_arguments(pipeline, [prompt] * size, guidance, negative_prompt),
+            num_inference_steps=steps,
             generator=[torch.Generator().manual_seed(seed + first + index) for index in range(size)],
         ).images
     out = Path(out)

@@ -24,16 +24,17 @@ import pandas as pd
 
 from pipeline.contracts.data import MANIFEST, REFERENCE_FEATURES, STATS
 from pipeline.contracts.paths import Paths
-from pipeline.contracts.records import CHAMPION, METRIC_TAG_PREFIX
+from pipeline.contracts.records import METRIC_TAG_PREFIX
 from pipeline.contracts.shards import image_bytes
 from pipeline.core.atomic import atomic_dir, read_json
 from pipeline.core.config import MonitorParams, Params
+from pipeline.core.errors import InputError
 from pipeline.data.captions import normalise_caption
 from pipeline.data.images import content_id, describe_image, load_training_image
 from pipeline.data.sources import path_inside
 from pipeline.data.sources.tables import read_rows
 from pipeline.quality.drift_features import feature_table
-from pipeline.quality.manifest_checks import ImageFiles, check_manifest
+from pipeline.quality.manifest_checks import ImageFiles, check_manifest, failed_hard_checks
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,18 @@ BATCH_METADATA = "metadata.jsonl"
 HISTORY = "history.jsonl"
 UNREADABLE = "unreadable"
 MONITORING_TAG = "sdpipe.monitoring"
+BATCH_SERIES = "valid_share"  # every checked batch logs it: its history's length counts the batches
 
 
 def batch_manifest(folder: Path) -> pd.DataFrame:
     """The batch as manifest rows (paths relative to the batch folder), headers read, pixels not decoded."""
     metadata = folder / BATCH_METADATA
     if not metadata.is_file():
-        raise FileNotFoundError(f"{folder}: a batch needs {BATCH_METADATA} with file_name and text per line")
+        raise InputError(f"{folder}: a batch needs {BATCH_METADATA} with file_name and text per line")
     rows = []
     for number, entry in enumerate(read_rows(metadata), start=1):
         if "file_name" not in entry:
-            raise ValueError(f"{metadata}: row {number} has no file_name")
+            raise InputError(f"{metadata}: row {number} has no file_name")
         name, caption = entry["file_name"], entry.get("text", "")
         path = path_inside(folder, folder / name)  # a name with ../ must not read outside the batch
         data = path.read_bytes() if path is not None and path.is_file() else b""
@@ -88,6 +90,11 @@ class BatchReport:
     def latents_drifted(self) -> bool:
         return bool(self.mmd) and self.mmd["drifted"]
 
+    @property
+    def failed_checks(self) -> dict[str, str]:
+        """The hard checks the batch failed (a broken upload), each with what was observed."""
+        return failed_hard_checks(self.validation) if self.validation else {}
+
 
 def _sample_reference(paths: Paths, count: int, seed: int, resolution: int) -> np.ndarray:
     """Up to `count` training images, processed exactly as `check_batch` processes a batch.
@@ -105,7 +112,7 @@ def _sample_reference(paths: Paths, count: int, seed: int, resolution: int) -> n
     raw = pd.read_parquet(paths.validated / MANIFEST, columns=["id", "shard"]).set_index("id")
     missing = sorted(set(chosen) - set(raw.index))
     if missing:
-        raise ValueError(f"{paths.validated / MANIFEST}: no row for training sample {missing[0]} of data/processed "
+        raise InputError(f"{paths.validated / MANIFEST}: no row for training sample {missing[0]} of data/processed "
                          f"({len(missing)} missing); re-run preprocess (dvc repro preprocess)")
     images = image_bytes(paths.raw, raw.loc[chosen].reset_index())
     return np.stack([np.asarray(load_training_image(io.BytesIO(data), resolution)) for data in images])
@@ -162,7 +169,12 @@ class Decision:
 
 
 def decide(reports: list[BatchReport], params: MonitorParams) -> Decision:
-    """Retrain when enough valid new data has arrived and it drifted or the champion got worse on it."""
+    """Retrain when enough valid new data has arrived and it drifted or the champion got worse on it.
+    A batch that failed a hard check counts for nothing: merge_batches leaves it out too."""
+    excluded = [f"{report.batch}: left out, it failed the hard checks: "
+                + "; ".join(f"{name}: observed {observed}" for name, observed in report.failed_checks.items())
+                for report in reports if report.failed_checks]
+    reports = [report for report in reports if not report.failed_checks]
     new_samples = sum(report.valid for report in reports)
     triggers = []
     for report in reports:
@@ -183,10 +195,11 @@ def decide(reports: list[BatchReport], params: MonitorParams) -> Decision:
     volume = (f"{new_samples} valid new samples in {len(reports)} pending batches "
               f"({'>=' if enough else '<'} monitor.min_new_samples {params.min_new_samples})")
     if not triggers:
-        return Decision(False, [volume, "no drift and the champion is within monitor.max_degradation"], new_samples)
+        return Decision(False, [volume, *excluded, "no drift and the champion is within monitor.max_degradation"],
+                        new_samples)
     if not enough:
-        return Decision(False, [volume, *triggers, "waiting for more data before retraining"], new_samples)
-    return Decision(True, [volume, *triggers], new_samples)
+        return Decision(False, [volume, *excluded, *triggers, "waiting for more data before retraining"], new_samples)
+    return Decision(True, [volume, *excluded, *triggers], new_samples)
 
 
 def record(paths: Paths, reports: list[BatchReport], decision: Decision) -> None:
@@ -198,10 +211,16 @@ def record(paths: Paths, reports: list[BatchReport], decision: Decision) -> None
 
 
 def merge_batches(folders: list[Path], params: Params, paths: Paths) -> int:
-    """Copy each batch's valid samples into data/batches/<batch>/ (read by `ingest`); returns samples merged."""
+    """Copy each batch's valid samples into data/batches/<batch>/ (read by `ingest`); returns samples merged.
+    A batch that fails a hard check (a broken upload) is left out and stays pending in `incoming`."""
     merged = 0
     for folder in folders:
-        good = check_manifest(batch_manifest(folder), ImageFiles(folder), params.validate_).good
+        check = check_manifest(batch_manifest(folder), ImageFiles(folder), params.validate_)
+        failed = failed_hard_checks(check.summary)
+        if failed:
+            log.warning("monitor: %s left out, it failed the hard checks: %s", folder.name, "; ".join(failed))
+            continue
+        good = check.good
         with atomic_dir(paths.batches / folder.name) as staging:
             lines = []
             for path, caption in zip(good["path"], good["caption"], strict=True):
@@ -216,18 +235,21 @@ def merge_batches(folders: list[Path], params: Params, paths: Paths) -> int:
 
 def champion_reference(params: Params, paths: Paths) -> tuple[Path, float, int]:
     """The champion's diffusers folder, its validation noise MSE and its version."""
+    from pipeline.tracking.champion import require_champion
     from pipeline.tracking.model_source import resolve_model
     from pipeline.tracking.runs import registry_client
 
     name = params.register_.model_name
-    client = registry_client(params.register_, paths.root)
-    version = client.get_model_version_by_alias(name, CHAMPION)
-    folder = resolve_model(f"models:/{name}@{CHAMPION}", params.register_, paths)
+    version = require_champion(registry_client(params.register_, paths.root), name)
+    folder = resolve_model(f"models:/{name}/{version.version}", params.register_, paths)
     return folder, float(version.tags[METRIC_TAG_PREFIX + "noise_mse"]), int(version.version)
 
 
 def log_monitoring(params: Params, paths: Paths, reports: list[BatchReport], decision: Decision) -> str:
-    """One long-lived MLflow run per project holds the monitoring time series; returns its id."""
+    """One long-lived MLflow run per project holds the monitoring time series; returns its id.
+
+    The batch measurements are a series with one step per batch checked (the run's tag `batch.<step>` names
+    the batch); `retrain` and `new_samples` are logged once per decision, at its last batch's step."""
     import mlflow
 
     from pipeline.tracking.runs import use_experiment
@@ -238,19 +260,30 @@ def log_monitoring(params: Params, paths: Paths, reports: list[BatchReport], dec
     found = client.search_runs([experiment.experiment_id], f"tags.{MONITORING_TAG} = 'true'", max_results=1)
     run_id = found[0].info.run_id if found else client.create_run(
         experiment.experiment_id, run_name="monitoring", tags={MONITORING_TAG: "true"}).info.run_id
-    step = len(client.get_metric_history(run_id, "retrain"))
-    metrics = {"retrain": float(decision.retrain), "new_samples": float(decision.new_samples)}
-    for report in reports:
-        metrics["valid_share"] = report.valid / report.samples if report.samples else 0.0
-        metrics.update({f"psi_{name}": test["psi"] for name, test in report.features.items()})
-        if report.mmd:
-            metrics.update(mmd2=report.mmd["mmd2"], mmd_pvalue=report.mmd["pvalue"])
-        if report.champion:
-            metrics.update(champion_noise_mse=report.champion["noise_mse_batch"],
-                           champion_degradation=report.champion["degradation"])
+    first = len(client.get_metric_history(run_id, BATCH_SERIES))
     timestamp = int(datetime.now(UTC).timestamp() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, timestamp, step) for k, v in metrics.items()])
+    entries, tags = [], []
+    for step, report in enumerate(reports, start=first):
+        entries += [mlflow.entities.Metric(k, v, timestamp, step) for k, v in batch_metrics(report).items()]
+        tags.append(mlflow.entities.RunTag(f"batch.{step}", report.batch))
+    last = first + max(len(reports) - 1, 0)
+    entries += [mlflow.entities.Metric("retrain", float(decision.retrain), timestamp, last),
+                mlflow.entities.Metric("new_samples", float(decision.new_samples), timestamp, last)]
+    client.log_batch(run_id, metrics=entries, tags=tags)
     return run_id
+
+
+def batch_metrics(report: BatchReport) -> dict[str, float]:
+    """One batch's measurements as monitoring metrics."""
+    metrics = {BATCH_SERIES: report.valid / report.samples if report.samples else 0.0,
+               "hard_checks_failed": float(len(report.failed_checks))}
+    metrics.update({f"psi_{name}": test["psi"] for name, test in report.features.items()})
+    if report.mmd:
+        metrics.update(mmd2=report.mmd["mmd2"], mmd_pvalue=report.mmd["pvalue"])
+    if report.champion:
+        metrics.update(champion_noise_mse=report.champion["noise_mse_batch"],
+                       champion_degradation=report.champion["degradation"])
+    return metrics
 
 
 SHIFTS: dict[str, dict] = {
@@ -266,7 +299,7 @@ def drop_demo_batch(params: Params, paths: Paths, *, shift: str, count: int, see
     from pipeline.data import shapes
 
     if shift not in SHIFTS:
-        raise ValueError(f"--shift {shift!r}: choose one of {', '.join(SHIFTS)}")
+        raise InputError(f"--shift {shift!r}: choose one of {', '.join(SHIFTS)}")
     settings = params.ingest.synthetic
     target = paths.resolve(params.monitor.incoming) / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{shift}-seed{seed}"
     with atomic_dir(target) as staging:

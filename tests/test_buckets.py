@@ -64,12 +64,13 @@ def test_a_bucketed_set_encodes_per_size_and_trains_without_mixing_sizes(tmp_pat
                                    val_fraction=0.2, bucketing=True)
     params = params.model_copy(update={
         "vae": params.vae.model_copy(update={"steps": 4, "batch_size": 4}),
+        "encode": params.encode.model_copy(update={"mirrored": True}),
         "train": params.train.model_copy(update={"steps": 6, "batch_size": 4, "validate_every": 6, "sample_every": 0,
                                                  "checkpoint_every": 6, "log_every": 3, "random_flip": True}),
     })
     preprocess(params.preprocess, paths)
-    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
-    encode(paths, encode=params.encode, model=params.model, train=params.train)
+    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess)
+    encode(paths, encode=params.encode, model=params.model)
     cache = load_latents(paths.latents, "train")
     assert len(cache.groups) > 1 and sum(len(group) for group in cache.groups) == len(cache)
     for group in cache.groups:

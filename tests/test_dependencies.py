@@ -45,8 +45,11 @@ NOT_DEPENDENCIES = {
     "pipeline/core/config.py": "the params' types; their values are deps through `params`",
     "pipeline/core/source_params.py": "the ingest section's types; their values are deps through `params`",
     "pipeline/core/section.py": "the base type of every params section",
+    "pipeline/core/validate_params.py": "the validate section's types; their values are deps through `params`",
+    "pipeline/core/cron.py": "checks monitor.retrain_cron when params are read; changes no value",
     "pipeline/core/params_file.py": "reads params.yaml; the values it reads are deps through `params`",
     "pipeline/core/atomic.py": "writes files atomically; cannot change what a file holds",
+    "pipeline/core/errors.py": "the exception types a stage raises on bad input; a failed stage writes no output",
 }
 OUTPUT_NEUTRAL = {
     "ray.address": "where the data stages' Ray tasks run; the outputs are the same on any cluster (test_ray_cluster.py)",
@@ -413,13 +416,17 @@ def expand_braces(text: str) -> list[str]:
 
 
 def test_the_readme_stage_table_is_dvc_yaml():
-    """The tour's table lists dvc.yaml's stages in order, each with its module and every out it writes."""
-    rows = [line.split("|")[1:-1] for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    """The architecture page's stage table (docs/explanation/architecture.md) lists dvc.yaml's stages in order,
+    each with its module and every out it writes."""
+    rows = [line.split("|")[1:-1] for line in (REPO / "docs" / "explanation" / "architecture.md").read_text(
+            encoding="utf-8").splitlines()
             if line.startswith("| ") and line.split("|")[1].strip() in dvc_stages()]
-    assert [row[0].strip() for row in rows] == list(dvc_stages()), "README's stage table is not dvc.yaml's stages"
+    assert [row[0].strip() for row in rows] == list(dvc_stages()), \
+        "the architecture page's stage table is not dvc.yaml's stages"
     for name, module, _, writes in rows:
-        assert module.strip() == f"`pipeline/stages/{name.strip()}.py`", f"README: stage {name.strip()} is {module}"
+        assert module.strip() == f"`pipeline/stages/{name.strip()}.py`", \
+            f"architecture page: stage {name.strip()} is {module}"
         written = [path for quoted in writes.split("`")[1::2] for path in expand_braces(quoted)]
         for out in declared_outputs(dvc_stages()[name.strip()]):
             assert any(path.rstrip("/") == out or path.startswith(out + "/") for path in written), \
-                f"README's stage table: {name.strip()} writes {out} (dvc.yaml), but its row does not say so"
+                f"the architecture page's table: {name.strip()} writes {out} (dvc.yaml), but its row does not say so"

@@ -25,7 +25,7 @@ def encoded_project(root, trained_project):
     params, paths = folder_project(root, [(24, 20)] * 30, val_fraction=0.2)
     preprocess(params.preprocess, paths)
     shutil.copytree(trained_project[1].vae_model, paths.vae_model)
-    return params, paths, encode(paths, encode=params.encode, model=params.model, train=params.train)
+    return params, paths, encode(paths, encode=params.encode, model=params.model)
 
 
 def test_latents_are_the_vae_posteriors_of_the_processed_images_read_by_index(trained_project, tmp_path):
@@ -53,14 +53,14 @@ def test_adding_images_encodes_only_their_shards_and_a_new_dtype_replaces_every_
     ingest(params.ingest, paths)
     validate(params.validate_, paths)
     preprocess(params.preprocess, paths)
-    again = encode(paths, encode=params.encode, model=params.model, train=params.train)
+    again = encode(paths, encode=params.encode, model=params.model)
     assert (again["encoded"], again["reused"]) == (10, 30)
     after = tree_hashes(paths.latents / "shards")
     assert before.items() <= after.items(), "the earlier files are kept as they were"
     assert 1 <= len(after) - len(before) <= 2, "one new file per new processed shard (train, val)"
 
     half = params.encode.model_copy(update={"dtype": "float16"})
-    counts = encode(paths, encode=half, model=params.model, train=params.train)
+    counts = encode(paths, encode=half, model=params.model)
     assert (counts["encoded"], counts["reused"]) == (40, 0)
     assert not set(tree_hashes(paths.latents / "shards")) & set(after), "files no manifest names are deleted"
     assert load_latents(paths.latents, "val").single_size().mean.load().dtype == torch.float16
@@ -72,7 +72,7 @@ def test_encoding_on_ray_gives_the_latents_of_encoding_in_process(trained_projec
     preprocess(params.preprocess, paths)
     shutil.copytree(trained_project[1].vae_model, paths.vae_model)
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails: the tasks run in this process
-    encode(paths, encode=params.encode, model=params.model, train=params.train)
+    encode(paths, encode=params.encode, model=params.model)
     monkeypatch.undo()
     assert sorted(tree_hashes(paths.latents / "shards")) == sorted(tree_hashes(on_ray.latents / "shards"))
     for split in ("train", "val"):
@@ -102,5 +102,5 @@ def test_a_damaged_latent_file_is_encoded_again(trained_project, tmp_path):
     params, paths, _ = encoded_project(tmp_path, trained_project)
     damaged = sorted((paths.latents / "shards").iterdir())[0]
     damaged.write_bytes(damaged.read_bytes()[:100])
-    counts = encode(paths, encode=params.encode, model=params.model, train=params.train)
+    counts = encode(paths, encode=params.encode, model=params.model)
     assert counts["encoded"] > 0 and torch.isfinite(load_latents(paths.latents, "train").single_size().mean.load()).all()

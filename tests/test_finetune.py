@@ -40,8 +40,8 @@ def project(trained_project, root, params):
     """The processed data of the trained project; vae and encode run for this model."""
     shutil.copytree(trained_project[1].processed, root / "data" / "processed")
     paths = Paths(root)
-    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess, train=params.train)
-    counts = encode(paths, encode=params.encode, model=params.model, train=params.train)
+    vae_stage(paths, vae=params.vae, model=params.model, preprocess=params.preprocess)
+    counts = encode(paths, encode=params.encode, model=params.model)
     return paths, counts
 
 
@@ -102,14 +102,14 @@ def test_caches_are_reused_only_when_their_keys_match(trained_project, base_mode
     samples = first["train"] + first["val"]
     assert first["encoded"] == samples and first["reused"] == 0
 
-    assert encode(paths, encode=params.encode, model=params.model, train=params.train)["encoded"] == 0
-    flipped = params.model_copy(update={"train": params.train.model_copy(update={"random_flip": True})})
-    both = encode(paths, encode=flipped.encode, model=flipped.model, train=flipped.train)
+    assert encode(paths, encode=params.encode, model=params.model)["encoded"] == 0
+    flipped = params.model_copy(update={"encode": params.encode.model_copy(update={"mirrored": True})})
+    both = encode(paths, encode=flipped.encode, model=flipped.model)
     assert (both["encoded"], both["reused"]) == (samples, samples)  # only the mirrored images are new
     group = load_latents(paths.latents, "train").single_size()
     assert not torch.allclose(group.flip_mean.load(), group.mean.load())
     half = params.model_copy(update={"encode": params.encode.model_copy(update={"dtype": "bfloat16"})})
-    assert encode(paths, encode=half.encode, model=half.model, train=half.train)["encoded"] == samples
+    assert encode(paths, encode=half.encode, model=half.model)["encoded"] == samples
     mapped = load_latents(paths.latents, "train").single_size().mean
     assert mapped.dtype == torch.bfloat16
     rows = pd.read_parquet(paths.latents / "train.parquet")
@@ -123,12 +123,10 @@ def test_finetune_needs_a_pretrained_model_it_can_find(tmp_path):
         parse_params(merge(tiny_params_dict(), {"model": {"mode": "finetune"}}))
     params = parse_params(merge(tiny_params_dict(), {"model": {"mode": "finetune", "pretrained": "./models/nowhere"}}))
     with pytest.raises(ConfigError, match="model.pretrained: './models/nowhere' is neither a folder"):
-        vae_stage(Paths(tmp_path), vae=params.vae, model=params.model, preprocess=params.preprocess,
-                  train=params.train)
+        vae_stage(Paths(tmp_path), vae=params.vae, model=params.model, preprocess=params.preprocess)
     not_cached = parse_params(merge(tiny_params_dict(), {"model": {"mode": "finetune", "pretrained": "nobody/nothing"}}))
     with pytest.raises(ConfigError, match="cannot load vae of 'nobody/nothing': there is no folder .*HF_HUB_OFFLINE"):
-        vae_stage(Paths(tmp_path), vae=not_cached.vae, model=not_cached.model, preprocess=not_cached.preprocess,
-                  train=not_cached.train)
+        vae_stage(Paths(tmp_path), vae=not_cached.vae, model=not_cached.model, preprocess=not_cached.preprocess)
 
 
 def test_unknown_lora_target_modules_are_named(trained_project, base_model, tmp_path):

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.core.errors import InputError, NotFoundError
 from pipeline.generate import generate
 
 
@@ -22,13 +23,13 @@ def test_generate_from_the_registry_champion(trained_project, tmp_path):
 
 def test_missing_model_folder_is_named(trained_project, tmp_path):
     params, paths = trained_project
-    with pytest.raises(FileNotFoundError, match="not a diffusers folder"):
+    with pytest.raises(InputError, match="not a diffusers folder"):
         generate(params, paths, model=str(tmp_path / "nowhere"), prompt="a red circle", out=tmp_path)
 
 
 def test_unknown_registry_alias_is_explained(trained_project, tmp_path):
     params, paths = trained_project
-    with pytest.raises(LookupError, match="models:/sdpipe@nobody"):
+    with pytest.raises(NotFoundError, match="models:/sdpipe@nobody"):
         generate(params, paths, model="models:/sdpipe@nobody", prompt="a red circle", out=tmp_path)
 
 
@@ -42,5 +43,27 @@ def test_batches_schedulers_and_negative_prompt_keep_seeds_reproducible(trained_
         assert difference.max() <= 2, together.name
     other = generate(params, paths, **common, out=tmp_path / "c", scheduler="euler", negative_prompt="a blue square")
     assert len(other) == 3
-    with pytest.raises(ValueError, match="--scheduler 'plms'"):
+    with pytest.raises(InputError, match="--scheduler 'plms'"):
         generate(params, paths, **common, out=tmp_path / "d", scheduler="plms")
+
+
+def test_guidance_zero_is_used_not_replaced_by_the_default(trained_project, tmp_path):
+    params, paths = trained_project
+    common = dict(model=str(paths.sd_model), prompt="a red circle", count=1, seed=2, steps=2)
+    unguided = generate(params, paths, **common, out=tmp_path / "zero", guidance=0.0)
+    default = generate(params, paths, **common, out=tmp_path / "default")
+    assert not np.array_equal(np.asarray(Image.open(unguided[0])), np.asarray(Image.open(default[0])))
+
+
+def test_a_registry_model_is_downloaded_once_into_the_cache(trained_project, tmp_path, monkeypatch):
+    from pipeline.tracking.model_source import CACHE_ENV, resolve_model
+
+    params, paths = trained_project
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    first = resolve_model("models:/sdpipe@champion", params.register_, paths)
+    (first / "model_index.json").touch()  # a second download would replace the folder and its files
+    marker = (first / "model_index.json").stat().st_mtime_ns
+    again = resolve_model("models:/sdpipe/1", params.register_, paths)
+    assert again == first and first.is_relative_to(tmp_path / "cache")
+    assert (again / "model_index.json").stat().st_mtime_ns == marker
+    assert len(list((tmp_path / "cache" / "models" / "sdpipe").iterdir())) == 1

@@ -302,6 +302,7 @@ def test_dvc_repro_finetunes_with_lora_and_encodes_only_what_changed(tmp_path):
     samples = len(pd.read_parquet(root / "data" / "validated" / "manifest.parquet"))
 
     params["train"]["random_flip"] = True
+    params["encode"]["mirrored"] = True
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     again = _run(["dvc", "repro", "train"], root)
     assert stages_run(again.stdout) == {"encode", "train"}, again.stdout

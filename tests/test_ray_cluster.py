@@ -59,7 +59,7 @@ def stage_outputs(params, root, vae: Path) -> tuple[dict[str, dict[str, str]], P
     validate(params.validate_, paths)
     preprocess(params.preprocess, paths)
     shutil.copytree(vae, paths.vae_model)
-    encode(paths, encode=params.encode, model=params.model, train=params.train)
+    encode(paths, encode=params.encode, model=params.model)
     return {"raw": tree_hashes(paths.raw), "validated": tree_hashes(paths.validated),
             "processed": tree_hashes(paths.processed)}, paths
 

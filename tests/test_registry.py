@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import CHALLENGER, CHAMPION
 from pipeline.core.atomic import write_json
-from pipeline.core.config import RegisterParams
+from pipeline.core.config import ConfigError, RegisterParams
 from pipeline.stages.register import choose_gate, gate_passes, register, untrusted_reason
 from pipeline.tracking.runs import tracking_uri
 
@@ -83,7 +83,7 @@ def test_worse_model_is_challenger_and_better_model_is_promoted(project_copy):
 def test_unknown_gate_metric_is_named(project_copy):
     params, paths = project_copy
     wrong = params.model_copy(update={"register_": RegisterParams(gate_metric="fdi")})
-    with pytest.raises(KeyError, match="register.gate_metric: 'fdi'"):
+    with pytest.raises(ConfigError, match="register.gate_metric: 'fdi'"):
         register(wrong, paths)
 
 

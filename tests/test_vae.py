@@ -48,8 +48,7 @@ def test_the_vae_trains_on_a_bucketed_train_split(tmp_path):
     preprocess(params.preprocess, paths)
     assert len(load_split_groups(paths, "train")) > 1
     # the flow families' layout: 16 channels, and a fitted shift (the latents' mean) taken off before scaling
-    metrics = train_vae(params.vae, paths, resolution=params.preprocess.resolution,
-                        mixed_precision=params.train.mixed_precision, latent_channels=16, shifted=True)
+    metrics = train_vae(params.vae, paths, resolution=params.preprocess.resolution, latent_channels=16, shifted=True)
     assert math.isfinite(metrics["val_mse"]) and metrics["scaling_factor"] > 0
     vae = AutoencoderKL.from_pretrained(paths.vae_model)
     assert (vae.config.scaling_factor, vae.config.shift_factor) == (metrics["scaling_factor"], metrics["shift_factor"])

@@ -8,7 +8,7 @@ the captions), written once and never rewritten:
 - `posterior-<hash>`: tensors `mean.<h>x<w>` and `std.<h>x<w>`, the posteriors of the shard's images of
   each size;
 - `flipped-<hash>`: `flip_mean.<h>x<w>` and `flip_std.<h>x<w>`, those of the mirror images
-  (`train.random_flip`);
+  (`encode.mirrored`, which `train.random_flip` needs);
 - `text-<hash>` (finetune): the frozen text encoders' outputs of the shard's distinct captions, one tensor per
   name the model family conditions on (`prompt_embeds`, and `pooled_prompt_embeds` for SDXL), row 0 the
   empty prompt.
@@ -176,6 +176,11 @@ class CachedLatents:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def text_states_of(self, samples: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """The cached text states of these samples (positions in the split), by name."""
+        rows = self.text_rows[samples]
+        return {name: table[rows] for name, table in self.text_states.items()}
 
     @property
     def flipped(self) -> bool:

@@ -1,5 +1,5 @@
 """Typed parameters: every section of params.yaml, its keys, defaults and checks (the ingest section and its
-sources are in pipeline.core.source_params).
+sources are in pipeline.core.source_params, the validate section in pipeline.core.validate_params).
 
 Every stage receives a validated `Params` object (pipeline.core.params_file reads it). An unknown or
 mistyped key fails with a message that names the key (for example `params.yaml: train.lerning_rate:
@@ -8,81 +8,32 @@ unknown key`), so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from pipeline.core.errors import UserError
+from pipeline.core.cron import cron_problem
 from pipeline.core.section import Section
-from pipeline.core.source_params import SOURCES, IngestParams
+from pipeline.core.source_params import IngestParams
+from pipeline.core.validate_params import ValidateParams
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A parameter file that cannot be used, with the offending key in the message."""
 
 
-class ValidateParams(Section):
-    """Thresholds of the validation suite (pipeline/stages/validate.py); hard checks fail the stage, soft ones
-    quarantine the row."""
-
-    # hard
-    min_rows: int = Field(10, ge=1, description="fewer rows fails the stage")
-    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="more quarantined rows fails the stage")
-    max_empty_caption_share: dict[str, float] = Field(
-        {"default": 0.0}, description="share of rows without a caption allowed, per source; 'default' for others")
-    # soft
-    min_caption_length: int = Field(1, ge=1)
-    max_caption_length: int = Field(1000, ge=1)
-    min_width: int = Field(16, ge=1)
-    min_height: int = Field(16, ge=1)
-    max_width: int = Field(8192, ge=1)
-    max_height: int = Field(8192, ge=1)
-    # At most Pillow's own limit, which preprocess decodes under.
-    max_pixels: int = Field(50_000_000, ge=1, le=89_478_485, description="larger headers are refused before decoding")
-    min_aspect_ratio: float = Field(0.25, gt=0, description="width / height")
-    max_aspect_ratio: float = Field(4.0, gt=0)
-    allowed_formats: tuple[str, ...] = ("png", "jpeg", "mpo", "webp", "bmp", "gif", "tiff")
-    allowed_modes: tuple[str, ...] = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr",
-                                      "I;16", "I;16B", "I;16L", "I")
-    max_near_duplicate_distance: int = Field(4, ge=-1, le=64, description="dHash bits; -1 turns the check off")
-    max_near_duplicate_colour_difference: float = Field(
-        15.0, ge=0, le=255, description="a dHash candidate is a near-duplicate only if no cell of a 24×24 colour "
-        "grid of either image lies further than this (0-255) outside the colours around it in the other")
-    near_duplicate_min_side: int = Field(64, ge=9, description="smaller images are too small to hash reliably")
-    min_contrast: float = Field(3.0, ge=0, description="largest colour-channel standard deviation; below it is blank")
-    min_brightness: float = Field(4.0, ge=0, le=255)
-    max_brightness: float = Field(252.0, ge=0, le=255)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_keys(cls, values: object) -> object:
-        if isinstance(values, dict) and "allow_empty_captions" in values:
-            raise PydanticCustomError(
-                "renamed_key", "validate.allow_empty_captions: replaced by validate.max_empty_caption_share "
-                "(for example {folder: 0.3}: the share of a source's rows that may have no caption)", {})
-        return values
-
-    @field_validator("max_empty_caption_share")
-    @classmethod
-    def _shares_per_source(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(value) - {"default", *SOURCES})
-        if unknown:
-            raise ValueError(f"unknown source {unknown}: use default or one of {', '.join(SOURCES)}")
-        if not all(0 <= share <= 1 for share in value.values()):
-            raise ValueError("each share must be between 0 and 1")
-        return {"default": 0.0} | value
-
-    def empty_caption_share(self, source: str) -> float:
-        return self.max_empty_caption_share.get(source, self.max_empty_caption_share["default"])
-
-
 class PreprocessParams(Section):
-    resolution: int = Field(32, ge=8)
-    val_fraction: float = Field(0.1, gt=0, lt=1)
+    """Decoding, resizing, cropping and splitting the validated images (pipeline/stages/preprocess.py)."""
+
+    resolution: int = Field(32, ge=8, description="side of the square images trained on, in pixels: a multiple of 8, "
+                                                  "and of 16 for sd3 and flux fine-tuned (8x VAE, 2x2 latent patches)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of samples in val, chosen by a hash of each id")
     crop: Literal["center", "random"] = Field(
         "center", description="random: one crop per sample, fixed by its id and `seed`, so re-runs agree")
     seed: int = Field(0, description="seeds the random crops")
-    lowercase_captions: bool = False
+    lowercase_captions: bool = Field(False, description="lower-case captions (always NFC, whitespace collapsed)")
     bucketing: bool = Field(False, description="train images keep their aspect ratio in buckets; val stays square")
     bucket_step: int = Field(8, ge=8, description="bucket sides are multiples of this; 64 for Stable Diffusion UNets")
     max_bucket_ratio: float = Field(2.0, ge=1, description="the most elongated bucket, long side / short side")
@@ -107,25 +58,46 @@ class PreprocessParams(Section):
 
 
 class VaeParams(Section):
-    block_out_channels: tuple[int, ...] = (16, 32, 32)
+    """The scratch VAE (pipeline/stages/vae.py); fine-tuning uses the pretrained model's VAE instead."""
+
+    block_out_channels: tuple[int, ...] = Field(
+        (16, 32, 32), min_length=1, description="channels per level; each level after the first halves the side "
+                                                "(3 levels: 32 px -> 8x8 latents)")
     latent_channels: int | None = Field(None, ge=1, description="null: the family's (sd, sdxl: 4; sd3, flux: 16)")
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    kl_weight: float = Field(1e-6, ge=0)
-    seed: int = 0
+    steps: int = Field(2000, ge=1, description="optimizer steps (AdamW, cosine decay to 0)")
+    batch_size: int = Field(16, ge=1, description="images per step")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW's initial learning rate")
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term beside the reconstruction loss")
+    seed: int = Field(0, description="seeds the initial weights and the batches")
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _groups_divide_the_channels(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        groups = min(8, min(value))  # the scratch VAE's GroupNorm groups (pipeline/diffusion/components.py)
+        if groups < 1 or any(channels % groups for channels in value):
+            raise ValueError("must list positive channel counts, each a multiple of 8 (or of the smallest, when it "
+                             "is below 8: the VAE's normalisation groups)")
+        return value
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="the scratch VAE's training precision (its own: train.mixed_precision retrains no VAE)")
 
 
 class EncodeParams(Section):
-    batch_size: int = Field(256, ge=1)
+    """Caching VAE latents and frozen text-encoder states once (pipeline/stages/encode.py)."""
+
+    batch_size: int = Field(256, ge=1, description="images per VAE call")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="the frozen encoders run and their cached outputs are stored in this dtype")
+    mirrored: bool = Field(False, description="also cache the latents of the mirror images (train.random_flip "
+                                              "needs them)")
 
 
 class LoraParams(Section):
-    rank: int = Field(4, ge=1)
+    """LoRA layers (peft) on the frozen denoiser, when model.finetune is lora."""
+
+    rank: int = Field(4, ge=1, description="inner dimension of each LoRA update")
     alpha: float = Field(4.0, gt=0, description="the update is scaled by alpha / rank")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA layers' input while training")
     target_modules: tuple[str, ...] | None = Field(
         None, min_length=1, description="denoiser layers that get LoRA layers; null: the family's default")
     quantize_base: Literal["int8"] | None = Field(
@@ -139,6 +111,20 @@ FAMILY_PRESETS = {"sd": ("tiny", "small", "sd15"), "sdxl": ("tiny", "sdxl"),
 FAMILIES = tuple(FAMILY_PRESETS)
 FLOW_FAMILIES = ("sd3", "flux")  # trained by flow matching, with a 16-channel VAE whose latents are shifted
 FAMILY_LATENT_CHANNELS = {"sd": 4, "sdxl": 4, "sd3": 16, "flux": 16}
+# latent pixels per token side: the transformers take 2x2 latent patches (the families' PATCH; a test checks)
+FAMILY_PATCH = {"sd": 1, "sdxl": 1, "sd3": 2, "flux": 2}
+PRETRAINED_VAE_DOWNSAMPLING = 8  # every family's released VAE, SD 1.x to Flux.1
+TRAINING_TIMESTEPS = 1000  # DDPM's (pipeline/diffusion/schedule.py); flow matching reads t as σ = t / 1000
+
+
+def _training_timesteps(value: tuple[int, ...]) -> tuple[int, ...]:
+    if not value or not all(0 <= timestep < TRAINING_TIMESTEPS for timestep in value):
+        raise ValueError(f"must list timesteps from 0 to {TRAINING_TIMESTEPS - 1} (the {TRAINING_TIMESTEPS} "
+                         "training timesteps)")
+    return value
+
+
+TrainingTimesteps = Annotated[tuple[int, ...], AfterValidator(_training_timesteps)]
 
 
 def latent_channels_of(vae: VaeParams, family: str) -> int:
@@ -147,14 +133,17 @@ def latent_channels_of(vae: VaeParams, family: str) -> int:
 
 
 class ModelParams(Section):
+    """What is trained: the family, scratch or fine-tuned, and how."""
+
     family: Literal[FAMILIES] = Field("sd", description="the architecture (README \"Model families\")")
-    mode: Literal["scratch", "finetune"] = "scratch"
+    mode: Literal["scratch", "finetune"] = Field(
+        "scratch", description="scratch: VAE, text encoders and denoiser trained here; finetune: from model.pretrained")
     preset: str = Field("tiny", description="scratch mode: the model sizes, one of the family's presets")
     pretrained: str | None = Field(None, description="finetune mode: a diffusers folder or a hub id")
     finetune: Literal["lora", "full"] = Field("lora", description="finetune mode: LoRA layers or the whole denoiser")
-    max_sequence_length: int = Field(77, ge=1, description="sd3, flux: T5 tokens per caption (truncated or padded to "
+    max_sequence_length: int = Field(77, ge=1, le=512, description="sd3, flux: T5 tokens per caption (truncated or padded to "
                                                           "it) in training, the encode cache and sampling")
-    lora: LoraParams = LoraParams()
+    lora: LoraParams = Field(LoraParams(), description="the LoRA layers (model.finetune: lora)")
 
     @model_validator(mode="after")
     def _finetune_names_its_model(self) -> ModelParams:
@@ -176,14 +165,17 @@ class ModelParams(Section):
 class FlowParams(Section):
     """Flow matching (sd3, flux; pipeline/diffusion/flow_matching.py): how σ is drawn, shifted and weighted."""
 
-    sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = Field(1.0, gt=0)
-    mode_scale: float = 1.29
+    sampling: Literal["uniform", "logit_normal", "mode"] = Field(
+        "logit_normal", description="how u (σ before the shift) is drawn: uniform, logit_normal (sigmoid of "
+                                    "N(logit_mean, logit_std)) or mode (SD3's, scaled by mode_scale)")
+    logit_mean: float = Field(0.0, description="logit_normal: mean of the normal")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: standard deviation of the normal")
+    mode_scale: float = Field(1.29, description="mode: how far u is pulled towards the middle (0: uniform)")
     shift: float | Literal["resolution"] | None = Field(
         None, description="static shift (> 0; 1: none), resolution (Flux's dynamic shifting), or null: the family's "
                           "(sd3: 3.0; flux: resolution), or a pretrained model's own scheduler's")
-    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="loss weight per sample: none, sigma_sqrt (σ^-2) or cosmap (SD3's)")
 
     @field_validator("shift")
     @classmethod
@@ -194,48 +186,61 @@ class FlowParams(Section):
 
 
 class TrainParams(Section):
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(1e-2, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    caption_dropout: float = Field(0.1, ge=0, lt=1)
-    random_flip: bool = Field(False, description="mirror half the samples; encode caches both orientations")
+    """Training the denoiser (pipeline/stages/train.py)."""
+
+    steps: int = Field(1500, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=1, description="images per micro-batch on each process")
+    learning_rate: float = Field(1e-3, gt=0, description="peak learning rate (AdamW), reached after warmup_steps")
+    warmup_steps: int = Field(100, ge=0, description="optimizer steps of linear warm-up from 0")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW's decoupled weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="share of empty captions: the unconditional branch "
+                                                                "of classifier-free guidance")
+    random_flip: bool = Field(False, description="mirror half the samples (needs encode.mirrored)")
     tokenizer_vocab_size: int = Field(1000, ge=600, description="the 512 byte-level symbols and 2 specials, plus whole-word tokens")
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="no (fp32), fp16 or bf16 autocast (GPU); frozen weights are stored in it")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="after the warm-up: cosine or linear decay to 0, or constant")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="DDPM's target (sd, sdxl): the noise or v; flow families predict the velocity")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting (sd, sdxl); null: off")
-    flow: FlowParams = FlowParams()
-    noise_offset: float = Field(0.0, ge=0)
+    flow: FlowParams = Field(FlowParams(), description="flow matching (sd3, flux)")
+    noise_offset: float = Field(0.0, ge=0, description="std of a per-channel constant added to the noise; e.g. 0.05 "
+                                                       "for very dark or bright images")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the denoiser weights; null: off")
-    gradient_checkpointing: bool = False
-    attention: Literal["sdpa", "classic"] = "sdpa"
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
+                                                            "memory, more compute")
+    attention: Literal["sdpa", "classic"] = Field(
+        "sdpa", description="sdpa: torch's scaled_dot_product_attention; classic: diffusers' AttnProcessor")
     compile: bool = Field(False, description="torch.compile the UNet (GPU lever; minutes of compiling first)")
     channels_last: bool = Field(False, description="the UNet's weights and activations in NHWC (GPU lever)")
     tf32: bool = Field(False, description="fp32 matmuls on tensor cores (CUDA only)")
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    log_every: int = Field(50, ge=1)
+    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw, or adamw_8bit (bitsandbytes, CUDA)")
+    log_every: int = Field(50, ge=1, description="steps between logs of loss, lr, grad norm, images/s and memory")
     validate_every: int = Field(250, ge=1, description="held-out loss at fixed timesteps every this many steps")
-    validation_timesteps: tuple[int, ...] = (100, 500, 900)
+    validation_timesteps: TrainingTimesteps = Field((100, 500, 900), description="timesteps of the held-out loss, "
+                                                    "0 (clean) to 999 (noise); flow families: σ = t / 1000")
     validation_samples: int = Field(1024, ge=1, description="the held-out loss's samples: the validation split's "
                                     "first this many, the same every time (evaluate uses them all)")
-    sample_every: int = Field(0, ge=0, description="sample grid to MLflow every this many steps; 0: off")
-    checkpoint_every: int = Field(250, ge=1)
-    checkpoints_kept: int = Field(2, ge=1)
-    seed: int = 0
+    sample_every: int = Field(500, ge=0, description="sample grid to MLflow every this many steps; 0: off")
+    checkpoint_every: int = Field(250, ge=1, description="steps between resumable checkpoints (models/checkpoints/)")
+    checkpoints_kept: int = Field(2, ge=1, description="the newest checkpoints kept; older ones are deleted")
+    seed: int = Field(0, description="seeds the initial weights, batches, noise and caption dropout")
 
 
 class EvaluateParams(Section):
-    timesteps: tuple[int, ...] = (50, 250, 500, 750, 950)
-    noise_seed: int = 0
-    samples_per_prompt: int = Field(4, ge=1)
-    sample_seed: int = 0
+    """Fixed-seed metrics and sample grids of the trained model (pipeline/stages/evaluate.py)."""
+
+    timesteps: TrainingTimesteps = Field((50, 250, 500, 750, 950), description="timesteps of the noise metrics, "
+                                         "0 (clean) to 999 (noise); flow families: σ = t / 1000")
+    noise_seed: int = Field(0, description="seeds the noise metrics' noise")
+    samples_per_prompt: int = Field(4, ge=1, description="images generated per prompt and seed set")
+    sample_seed: int = Field(0, description="seed of the first seed set of generated samples")
     stability_repeats: int = Field(3, ge=1, description="sample-based metrics over this many seed sets")
-    num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(4.0, ge=1)
+    num_inference_steps: int = Field(25, ge=1, description="sampler steps per generated image")
+    guidance_scale: float = Field(4.0, ge=1, description="classifier-free guidance of the samples (1: none)")
     inception_weights: str | None = Field(None, description="TorchScript FID Inception file for FID/KID")
     kid_subset_size: int = Field(50, ge=2, description="capped at the number of samples per seed set")
     clip_model: str | None = Field(None, description="CLIP folder or cached hub id for the CLIP score")
@@ -248,12 +253,17 @@ class EvaluateParams(Section):
 
 
 class RegisterParams(Section):
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "sdpipe"
-    model_name: str = "sdpipe"
+    """MLflow: where runs are tracked, the registered model, and the gate that moves its champion alias."""
+
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow's tracking URI (a relative sqlite path is "
+                                                                 "under the project root); MLFLOW_TRACKING_URI wins")
+    experiment: str = Field("sdpipe", description="MLflow experiment of the runs")
+    model_name: str = Field("sdpipe", description="registered model name")
     gate_metric: str = Field("auto", description="auto: the data's metric (README \"Evaluation\"), or an eval.json name")
-    gate_direction: Literal["auto", "maximize", "minimize"] = "auto"
-    min_improvement: float = Field(0.0, ge=0)
+    gate_direction: Literal["auto", "maximize", "minimize"] = Field(
+        "auto", description="auto (with gate_metric auto, or from a named metric), maximize or minimize")
+    min_improvement: float = Field(0.0, ge=0, description="a version becomes champion when its gate metric beats "
+                                                          "the champion's by more than this")
     min_classifier_accuracy: float = Field(0.8, ge=0, le=1, description="label adherence gates only when its "
                                            "classifier reads real images this well")
 
@@ -269,17 +279,27 @@ class RegisterParams(Section):
 class MonitorParams(Section):
     """When new batches in `incoming` make retraining worthwhile (see pipeline/monitor.py)."""
 
-    incoming: str = "data/incoming"
+    incoming: str = Field("data/incoming", description="folder of new batches, one sub-folder each (images + "
+                                                       "metadata.jsonl), relative to the project root")
     min_new_samples: int = Field(100, ge=1, description="valid new samples needed before any retraining")
     psi_threshold: float = Field(0.25, gt=0, description="a feature drifts above this PSI ...")
     ks_alpha: float = Field(0.01, gt=0, lt=1, description="... when its KS p-value is also below this")
     mmd_alpha: float = Field(0.01, gt=0, lt=1, description="latents drift when the MMD p-value is below this")
-    mmd_permutations: int = Field(200, ge=20)
+    mmd_permutations: int = Field(200, ge=20, description="permutations of the latent MMD test")
     reference_samples: int = Field(300, ge=10, description="training images the batch latents are compared to")
     max_degradation: float = Field(0.25, ge=0, description="allowed rise of the champion's noise MSE on new data")
-    retrain_cron: str = "0 3 * * *"
+    retrain_cron: str = Field("0 3 * * *", description="the retrain deployment's schedule: a cron expression "
+                                                       "(minute hour day-of-month month day-of-week) or @daily ...")
     stage_retries: int = Field(1, ge=0, description="retries of a failed stage in the training flow")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the reference sample and the MMD permutations")
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _is_a_cron_expression(cls, value: str) -> str:
+        problem = cron_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class RayParams(Section):
@@ -293,6 +313,8 @@ class RayParams(Section):
 
 
 class Params(Section):
+    """params.yaml: one section per stage, and the model, monitor and ray settings they share."""
+
     ingest: IngestParams = IngestParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     preprocess: PreprocessParams = PreprocessParams()
@@ -306,6 +328,35 @@ class Params(Section):
     ray: RayParams = RayParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _random_flip_has_mirrored_latents(self) -> Params:
+        if self.train.random_flip and not self.encode.mirrored:
+            raise PydanticCustomError(
+                "conflicting_setting", "train.random_flip: needs the mirror images' latents; set encode.mirrored: "
+                "true (encode caches them) or train.random_flip: false", {})
+        return self
+
+    @model_validator(mode="after")
+    def _resolution_fits_the_latent_patches(self) -> Params:
+        """The VAE divides the side by its downsampling and a transformer family packs 2x2 latent patches:
+        a side that does not divide fails as a tensor-shape error inside the vae or train stage."""
+        if self.model.mode == "finetune":
+            downsampling, vae = PRETRAINED_VAE_DOWNSAMPLING, "the pretrained VAE downsamples by 8"
+        else:
+            levels = len(self.vae.block_out_channels)
+            downsampling = 2 ** (levels - 1)
+            vae = f"vae.block_out_channels' {levels} levels downsample by {downsampling}"
+        patch = FAMILY_PATCH[self.model.family]
+        multiple = downsampling * patch
+        patches = f" and model.family {self.model.family} takes {patch}x{patch} latent patches" if patch > 1 else ""
+        for key, value in (("resolution", self.preprocess.resolution),
+                           *((("bucket_step", self.preprocess.bucket_step),) if self.preprocess.bucketing else ())):
+            if value % multiple:
+                raise PydanticCustomError(
+                    "conflicting_setting", "preprocess.{key}: must be a multiple of {multiple}: {vae}{patches} "
+                    "(got {value})", {"key": key, "multiple": multiple, "vae": vae, "patches": patches, "value": value})
+        return self
 
     @model_validator(mode="after")
     def _ddpm_settings_are_not_set_for_flow_matching(self) -> Params:

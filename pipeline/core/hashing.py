@@ -1,4 +1,4 @@
-"""Content identities: a folder's files, a module's weights. Stages key caches and checkpoints on them."""
+"""Content identities: a folder's files. Stages key caches and checkpoints on them."""
 
 from __future__ import annotations
 
@@ -11,16 +11,6 @@ def folder_hash(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def module_hash(module) -> str:
-    """sha256 over a module's parameter names and bytes: the identity of weights loaded from anywhere."""
-    import torch  # here, not at the top: hashing a folder (checkpoints, register) must not load torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        with path.open("rb") as file:  # streamed: a text encoder's shard can be larger than memory
+            digest.update(hashlib.file_digest(file, "sha256").digest())
     return digest.hexdigest()

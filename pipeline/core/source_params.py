@@ -7,15 +7,19 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from pipeline.core.section import Section
+from pipeline.core.section import Section, in_order
 
 
 class SyntheticSource(Section):
-    count: int = Field(3000, ge=1)
-    resolution: int = Field(32, ge=8)
-    seed: int = 0
+    """The embedded data set: captioned coloured shapes ("a red circle") rendered here, no download."""
+
+    count: int = Field(3000, ge=1, description="images rendered; the same seed renders the same first images")
+    resolution: int = Field(32, ge=8, description="side of the rendered square images, in pixels")
+    seed: int = Field(0, description="seeds the shapes, colours, sizes and positions")
     min_size: float = Field(0.4, gt=0, le=1, description="smallest shape, as a share of the image side")
-    max_size: float = Field(0.8, gt=0, le=1)
+    max_size: float = Field(0.8, gt=0, le=1, description="largest shape, as a share of the image side")
+
+    _sizes_in_order = in_order("ingest.synthetic", ("min_size", "max_size"))
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -28,7 +32,7 @@ class FolderSource(Section):
     caption_column: str = Field("text", description="caption column of metadata.jsonl / metadata.csv")
     caption_extension: str = Field(".txt", description="sidecar caption file: photo.jpg + photo.txt")
     label_template: str | None = Field("a photo of a {label}", description="caption for class sub-folders")
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="image files read, by extension (any case)")
 
     @field_validator("caption_extension")
     @classmethod
@@ -56,17 +60,18 @@ class ManifestSource(Section):
     """A CSV, Parquet or JSONL file of image paths (relative to the file) and captions."""
 
     path: str = Field(description="the manifest file, relative to the project root unless absolute")
-    path_column: str = "path"
-    caption_column: str = "text"
+    path_column: str = Field("path", description="column of image paths, relative to the manifest file")
+    caption_column: str = Field("text", description="column of captions")
 
 
 class HfSource(Section):
     """A dataset saved with `datasets.save_to_disk`, or a hub id (needs the network)."""
 
-    path_or_id: str
-    split: str = "train"
-    image_column: str = "image"
-    caption_column: str = "text"
+    path_or_id: str = Field(description="a `save_to_disk` folder, relative to the project root unless absolute, "
+                                        "or a hub id")
+    split: str = Field("train", description="the split read")
+    image_column: str = Field("image", description="column of images (datasets' Image feature)")
+    caption_column: str = Field("text", description="column of captions")
 
 
 class WebdatasetSource(Section):
@@ -80,12 +85,16 @@ SOURCES = ("synthetic", "folder", "manifest", "hf", "webdataset")
 
 
 class IngestParams(Section):
-    source: Literal[SOURCES] = "synthetic"
-    synthetic: SyntheticSource = SyntheticSource()
-    folder: FolderSource | None = None
-    manifest: ManifestSource | None = None
-    hf: HfSource | None = None
-    webdataset: WebdatasetSource | None = None
+    """Where the images come from (pipeline/stages/ingest.py): one source, copied into data/raw."""
+
+    source: Literal[SOURCES] = Field("synthetic", description="the source read: its section below must be set "
+                                                              "(synthetic has defaults)")
+    synthetic: SyntheticSource = Field(SyntheticSource(), description="the rendered shapes")
+    folder: FolderSource | None = Field(None, description="a folder of images, with imagefolder metadata, "
+                                                          "sidecar caption files or class sub-folders")
+    manifest: ManifestSource | None = Field(None, description="a CSV, Parquet or JSONL file of image paths and captions")
+    hf: HfSource | None = Field(None, description="a Hugging Face dataset, saved to disk or on the hub")
+    webdataset: WebdatasetSource | None = Field(None, description="img2dataset's .tar shards")
     shard_size: int = Field(1000, ge=1, description="images per data/raw shard; a run's new images fill new shards")
 
     @model_validator(mode="after")

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDPMScheduler
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTokenizerFast, T5Config, T5TokenizerFast
 
 from pipeline.core.config import ConfigError, VaeParams
 
 PIPELINE_INDEX = "model_index.json"
+STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors' names
 
 
 def clip_text_config(tokenizer: CLIPTokenizerFast, width: int, layers: int, heads: int,
@@ -83,16 +86,54 @@ def pretrained_location(spec: str, root: Path) -> str:
     return spec
 
 
-def load_pretrained(spec: str, root: Path, component: str, loader):
-    """One component (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) of a pretrained model."""
+def load_pretrained(spec: str, root: Path, component: str, loader, **options):
+    """One component (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) of a pretrained model; `options`
+    go to the loader (`torch_dtype`: the weights are read from their files straight into it)."""
     location = pretrained_location(spec, root)
     try:
-        return loader(location, subfolder=component)
+        return loader(location, subfolder=component, **options)
     except (OSError, ValueError) as error:
-        where = (f"there is no folder {Path(root).resolve() / spec}, and as a hub id it needs the network or the "
-                 "Hugging Face cache (the Makefile sets HF_HUB_OFFLINE=1; unset it to download)"
-                 if location == spec else f"the folder {location} lacks it")
-        raise ConfigError(f"model.pretrained: cannot load {component} of {spec!r}: {where} ({error})") from None
+        raise ConfigError(f"model.pretrained: cannot load {component} of {spec!r}: "
+                          f"{unavailable(spec, root, location)} ({error})") from None
+
+
+def unavailable(spec: str, root: Path, location: str) -> str:
+    """Why a pretrained model's component could not be read: where it was looked for."""
+    if location == spec:
+        return (f"there is no folder {Path(root).resolve() / spec}, and as a hub id it needs the network or the "
+                "Hugging Face cache (the Makefile sets HF_HUB_OFFLINE=1; unset it to download)")
+    return f"the folder {location} lacks it"
+
+
+def pretrained_folder(spec: str, root: Path) -> Path:
+    """The local folder of a pretrained model: the folder itself, or a hub id's snapshot in the Hugging Face cache
+    (the files from_pretrained reads, downloaded first when the hub is online)."""
+    location = pretrained_location(spec, root)
+    if Path(location).is_dir():
+        return Path(location)
+    try:
+        return Path(DiffusionPipeline.download(spec))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.pretrained: cannot find the files of {spec!r}: {unavailable(spec, root, spec)} "
+                          f"({error})") from None
+
+
+def component_folder(spec: str, root: Path, component: str) -> Path:
+    folder = pretrained_folder(spec, root) / component
+    if not folder.is_dir():
+        raise ConfigError(f"model.pretrained: {spec!r} has no {component} folder ({folder})")
+    return folder
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype a model folder's weights are stored in (its safetensors files, variants such as `.fp16` aside);
+    float32 where there are none."""
+    stored = sorted(path for path in folder.glob("*.safetensors") if path.name.count(".") == 1)
+    if not stored:
+        return torch.float32
+    with safe_open(stored[0], "pt") as handle:
+        names = list(handle.keys())
+        return STORED_DTYPES.get(handle.get_slice(names[0]).get_dtype(), torch.float32) if names else torch.float32
 
 
 def load_pretrained_vae(spec: str, root: Path) -> AutoencoderKL:

@@ -21,6 +21,8 @@ from diffusers import (
 )
 from diffusers.training_utils import compute_snr
 
+from pipeline.core.errors import InputError
+
 TRAIN_TIMESTEPS = 1000
 # Sampling defaults: the train stage's sample grids and the default of `evaluate.num_inference_steps` /
 # `evaluate.guidance_scale` (config.py) and of the served model (mlflow_model.py, which runs without sdpipe
@@ -61,12 +63,12 @@ def use_scheduler(pipeline, name: str | None) -> None:
     model keeps its own Euler sampler (the DDPM samplers do not follow a flow)."""
     if isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
         if name not in (None, FLOW_SAMPLER):
-            raise ValueError(f"--scheduler {name!r}: a flow-matching model (sd3, flux) samples with its own "
+            raise InputError(f"--scheduler {name!r}: a flow-matching model (sd3, flux) samples with its own "
                              f"{FLOW_SAMPLER} sampler; leave --scheduler out or pass {FLOW_SAMPLER}")
         return
     name = name or DEFAULT_SCHEDULER
     if name not in SCHEDULERS:
-        raise ValueError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+        raise InputError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
     scheduler_class, options = SCHEDULERS[name]
     pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **options)
 

@@ -3,6 +3,7 @@ evaluate's noise metrics."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -14,6 +15,7 @@ from pipeline.diffusion.families import family_of_pipeline
 from pipeline.diffusion.vae_io import denoiser_latents
 
 NOISE_METRICS_BATCH = 64  # samples per denoiser call: the validation split never has to fit in memory at once
+TextStates = Callable[[np.ndarray], dict[str, torch.Tensor]]  # rows -> their cached text states, by name
 
 
 @dataclass
@@ -50,14 +52,18 @@ class ErrorSums:
 def noise_metrics_on(
     pipeline: DiffusionPipeline, latent_means: torch.Tensor | MappedRows, captions: list[str],
     timesteps: tuple[int, ...], noise_seed: int, batch_size: int = NOISE_METRICS_BATCH,
+    text_states: TextStates | None = None,
 ) -> dict:
     """Prediction errors on given VAE latent means at fixed timesteps and noise seeds. The target is what the
     model was trained to predict: the noise, the velocity of v-prediction, or the flow's velocity, as the
     forward process its family's sampler config implies.
 
     Measured on the first len(captions) rows of `latent_means`, a tensor or the mapped rows of a latent
-    file, read `batch_size` at a time; each timestep's noise comes from its own generator, drawn batch after
-    batch in sample order. Size conditions (SDXL) are those of the square images the pipeline generates."""
+    file, read `batch_size` at a time (train: train.batch_size, what fits its memory); each timestep's noise comes
+    from its own generator, drawn batch after batch in sample order. The captions' conditioning comes from the
+    pipeline's text encoders, or from `text_states` (train in finetune mode: the states encode cached, as training
+    used them, with no text encoder loaded). Size conditions (SDXL) are those of the square images the pipeline
+    generates."""
     family = family_of_pipeline(pipeline)
     denoiser = getattr(pipeline, family.denoiser)
     device = denoiser.device
@@ -65,10 +71,13 @@ def noise_metrics_on(
     generators = {timestep: torch.Generator().manual_seed(noise_seed + timestep) for timestep in timesteps}
     sums = {timestep: ErrorSums() for timestep in timesteps}
     for start in range(0, len(captions), batch_size):
-        stop = min(start + batch_size, len(captions))
-        latents = denoiser_latents(latent_means[np.arange(start, stop)].float().to(device), pipeline.vae.config)
-        ids = family.token_ids(pipeline.components, captions[start:stop])
-        states = family.encode_text(pipeline.components, {name: value.to(device) for name, value in ids.items()})
+        rows = np.arange(start, min(start + batch_size, len(captions)))
+        latents = denoiser_latents(latent_means[rows].float().to(device), pipeline.vae.config)
+        if text_states is None:
+            ids = family.token_ids(pipeline.components, [captions[row] for row in rows])
+            states = family.encode_text(pipeline.components, {name: value.to(device) for name, value in ids.items()})
+        else:
+            states = {name: value.to(device, torch.float32) for name, value in text_states(rows).items()}
         sizes = square_image_sizes(len(latents), latents.shape[-1] * pipeline.vae_scale_factor)
         for timestep in timesteps:
             noise = torch.randn(latents.shape, generator=generators[timestep]).to(device)

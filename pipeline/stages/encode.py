@@ -1,17 +1,17 @@
 """Stage `encode`: cache what the frozen encoders compute, once, so training never runs them.
 
 - the VAE posterior (mean and std, unscaled) of every processed image, and of its mirror image when
-  `train.random_flip` is on (a latent of a mirrored image is not the mirrored latent);
+  `encode.mirrored` is on (a latent of a mirrored image is not the mirrored latent; `train.random_flip` needs them);
 - in finetune mode, the frozen text encoders' outputs of each distinct caption, as the model family
   (`model.family`) conditions on them: one named tensor each (row 0 of every text file: the empty prompt,
   which caption dropout uses).
 
 Writes data/latents as pipeline.contracts.latents lays it out: per processed shard, one file per kind, named
 by a hash of everything its values depend on (the processed shard, itself named by its images' recipes; the
-VAE's files or the text encoders' weights; `encode.dtype`; for text, the captions). data/latents persists
+VAE's files or the text encoders' and tokenizers' files; `encode.dtype`; for text, the captions). data/latents persists
 between runs (dvc.yaml): a file the run needs that is there already, holding what its name says, is kept;
 the others are encoded; files no manifest names any more are deleted. So adding images encodes only their
-shards, turning on `train.random_flip` encodes only the mirror images, and a new VAE re-encodes everything.
+shards, turning on `encode.mirrored` encodes only the mirror images, and a new VAE re-encodes everything.
 
 Each file to encode is a Ray task (pipeline.runtime.ray_tasks): a worker loads the frozen encoder once and keeps it for
 its next tasks, reads the processed shard's images a batch at a time, and writes the file. On a cluster with
@@ -48,8 +48,9 @@ from pipeline.contracts.latents import (
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import IMAGE, read_members, shard_name, unreferenced_shards
 from pipeline.core.atomic import atomic_file
-from pipeline.core.config import EncodeParams, ModelParams, RayParams, TrainParams
-from pipeline.core.hashing import folder_hash, module_hash
+from pipeline.core.config import EncodeParams, ModelParams, RayParams
+from pipeline.core.hashing import folder_hash
+from pipeline.diffusion.components import component_folder
 from pipeline.diffusion.families import family_named
 from pipeline.diffusion.vae_io import encode_images, to_model_range
 from pipeline.runtime.device import compute_device, cpu_forced
@@ -91,11 +92,12 @@ def loaded_vae(encoder: Encoder) -> AutoencoderKL:
 
 @lru_cache(maxsize=1)
 def loaded_text_encoders(encoder: Encoder) -> dict[str, object]:
-    """The family's tokenizers and frozen text encoders, the encoders in the cache's dtype on the device."""
+    """The family's tokenizers and frozen text encoders, the encoders read from their files in the cache's dtype,
+    on the device."""
     family = family_named(encoder.family)
-    text = family.load_text(encoder.location, encoder.root, encoder.max_sequence_length)
+    text = family.load_text(encoder.location, encoder.root, encoder.max_sequence_length, dtype=DTYPES[encoder.dtype])
     for part in family.text:
-        text[part.encoder] = text[part.encoder].to(DTYPES[encoder.dtype]).to(compute_device())
+        text[part.encoder] = text[part.encoder].to(compute_device())
     return text
 
 
@@ -144,21 +146,21 @@ def encode_file(task: LatentTask) -> list[dict]:
 
 def text_encoder_of(model: ModelParams, paths: Paths, dtype: str) -> Encoder | None:
     """The pretrained model's text encoders in finetune mode; scratch mode trains its own (nothing to cache).
-    The key names the family (what is computed from the encoders), T5's sequence length and every encoder's
-    weights."""
+    The key names the family (what is computed from the encoders), T5's sequence length and the files of every
+    tokenizer and encoder, hashed as stored (no weights are loaded here; the tasks load them)."""
     if model.mode != "finetune":
         return None
     family = family_named(model.family)
-    text = family.load_text(model.pretrained, paths.root, model.max_sequence_length)
     digest = hashlib.sha256(family.name.encode())
     if any(part.sequence_length_is_a_param for part in family.text):
         digest.update(f"max_sequence_length={model.max_sequence_length}".encode())
-    for encoder in family.text_encoders(text):
-        digest.update(module_hash(encoder.to(DTYPES[dtype])).encode())
+    for part in family.text:
+        for component in (part.tokenizer, part.encoder):
+            digest.update(f"{component}={folder_hash(component_folder(model.pretrained, paths.root, component))}".encode())
     return Encoder(model.pretrained, paths.root, digest.hexdigest(), dtype, family.name, model.max_sequence_length)
 
 
-def split_plan(manifest: pd.DataFrame, vae: Encoder, text: Encoder | None, random_flip: bool) -> pd.DataFrame:
+def split_plan(manifest: pd.DataFrame, vae: Encoder, text: Encoder | None, mirrored: bool) -> pd.DataFrame:
     """The split's latent manifest: each sample's files (named by their keys), its row among the shard's
     images of its size and its row in the shard's text states."""
     plan = manifest.assign(row=manifest.groupby(["shard", "height", "width"], sort=False).cumcount(),
@@ -166,7 +168,7 @@ def split_plan(manifest: pd.DataFrame, vae: Encoder, text: Encoder | None, rando
     for shard, members in manifest.groupby("shard", sort=False):
         at = members.index
         plan.loc[at, POSTERIOR] = shard_name(POSTERIOR, [shard, vae.key, vae.dtype], LATENT_SUFFIX)
-        if random_flip:
+        if mirrored:
             plan.loc[at, FLIPPED] = shard_name(FLIPPED, [shard, vae.key, vae.dtype], LATENT_SUFFIX)
         if text is not None:
             captions = shard_captions(members["caption"])
@@ -200,13 +202,12 @@ def counted(tasks: list[LatentTask], kinds: tuple[str, ...]) -> int:
     return sum(len(task.keys) for task in tasks if task.kind in kinds)
 
 
-def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, train: TrainParams,
-           ray: RayParams = RayParams()) -> dict[str, int]:
+def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, ray: RayParams = RayParams()) -> dict[str, int]:
     """Returns the samples per split, how many latents (images, mirrored ones counted apart) were encoded and
     reused, and the cache's size in bytes: image latents and caption states."""
     vae = Encoder(str(paths.vae_model), paths.root, folder_hash(paths.vae_model), encode.dtype)
     text = text_encoder_of(model, paths, encode.dtype)
-    plans = {split: split_plan(pd.read_parquet(paths.processed / split / MANIFEST), vae, text, train.random_flip)
+    plans = {split: split_plan(pd.read_parquet(paths.processed / split / MANIFEST), vae, text, encode.mirrored)
              for split in SPLITS}
     tasks = [task for plan in plans.values() for task in tasks_of(plan, vae, text, encode, paths)]
     todo = [task for task in tasks if latent_file_keys(task.target) != list(task.keys)]

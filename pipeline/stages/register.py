@@ -19,7 +19,6 @@ from importlib import metadata
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import (
     CHALLENGER,
-    CHAMPION,
     EVAL_METRICS,
     HEADLINE_METRICS,
     METRIC_TAG_PREFIX,
@@ -28,9 +27,9 @@ from pipeline.contracts.records import (
     read_unavailable,
 )
 from pipeline.core.atomic import write_json
-from pipeline.core.config import Params, RegisterParams
+from pipeline.core.config import ConfigError, Params, RegisterParams
 from pipeline.core.hashing import folder_hash
-from pipeline.tracking.champion import GATE_TAG_PREFIX, move_champion
+from pipeline.tracking.champion import GATE_TAG_PREFIX, current_champion, move_champion
 from pipeline.tracking.lineage import EXPERIMENT_TAG, lineage_tags
 from pipeline.tracking.runs import model_run, registry_client
 
@@ -131,11 +130,8 @@ def _existing_version(client, name: str, model_hash: str):
 
 
 def _champion_value(client, name: str, metric: str) -> tuple[int | None, float | None]:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    champion = current_champion(client, name)
+    if champion is None:
         return None, None
     value = champion.tags.get(METRIC_TAG_PREFIX + metric)
     return int(champion.version), float(value) if value is not None else None
@@ -186,7 +182,7 @@ def register(params: Params, paths: Paths) -> Registration:
     metrics, unavailable = read_metrics(paths), read_unavailable(paths)
     gate = choose_gate(settings, metrics)
     if gate.metric not in metrics and gate.metric not in unavailable:
-        raise KeyError(
+        raise ConfigError(
             f"register.gate_metric: {gate.metric!r} is not in {paths.metrics / EVAL_METRICS} "
             f"(available: {', '.join(sorted(metrics))})"
         )

@@ -49,6 +49,7 @@ from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
 from pipeline.core.atomic import write_json
 from pipeline.core.config import Params, TrainParams
+from pipeline.core.errors import UserError
 from pipeline.data.images import image_grid
 from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS, weighted_mse
 from pipeline.diffusion.vae_io import denoiser_latents
@@ -72,7 +73,6 @@ from pipeline.training.modules import (
     denoiser_weights_mb,
     make_optimizer,
     place_frozen_modules,
-    stored_frozen_modules,
     trained_denoiser_parameters,
 )
 from pipeline.training.speedups import apply_speed_settings, compile_unet
@@ -89,7 +89,7 @@ log = logging.getLogger(__name__)
 SAMPLE_PROMPTS = 8
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
@@ -211,23 +211,48 @@ class Run:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
+        """The held-out noise MSE, a training batch at a time, on the cached text states in finetune mode."""
+        group = self.val.single_size()
+        cached = None if self.model.trains_text_encoder else lambda rows: self.val.text_states_of(group.rows[rows])
         with self.evaluation_weights(), self.accelerator.autocast():
-            metrics = noise_metrics_on(self.model.pipeline(self.accelerator), self.val.single_size().mean,
+            metrics = noise_metrics_on(self.model.pipeline(self.accelerator), group.mean,
                                        self.val.captions[:self.settings.validation_samples],
-                                       self.settings.validation_timesteps, self.settings.seed)
+                                       self.settings.validation_timesteps, self.settings.seed,
+                                       batch_size=self.settings.batch_size, text_states=cached)
         return metrics["noise_mse"]
 
     @torch.no_grad()
     def sample_grid(self):
-        prompts = list(dict.fromkeys(self.val.captions))[:SAMPLE_PROMPTS]
+        """Samples of the first distinct validation captions (finetune: from their cached text states)."""
+        firsts = {}
+        for position, caption in enumerate(self.val.captions):
+            firsts.setdefault(caption, position)
+        prompts = list(firsts)[:SAMPLE_PROMPTS]
         with self.evaluation_weights(), self.accelerator.autocast():
             pipeline = self.model.pipeline(self.accelerator)
+            arguments = self.model.family.sampling_arguments(pipeline, prompts, SAMPLE_GUIDANCE)
+            if not self.model.trains_text_encoder:
+                arguments = cached_prompt_arguments(arguments, self.val, [firsts[prompt] for prompt in prompts],
+                                                    self.accelerator.device)
             images = pipeline(
-                **self.model.family.sampling_arguments(pipeline, prompts, SAMPLE_GUIDANCE),
+                **arguments,
                 num_inference_steps=SAMPLE_STEPS,
                 generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
             ).images
         return image_grid([images])
+
+
+def cached_prompt_arguments(arguments: dict, val: CachedLatents, samples: list[int], device) -> dict:
+    """A sampler call's prompts replaced by their cached text states: each conditioning tensor goes in as the
+    pipeline argument of its name, and the empty prompt's as its `negative_` one (the unconditional branch)."""
+    states = val.text_states_of(torch.tensor(samples))
+    empty = {name: table[EMPTY_PROMPT_ROW] for name, table in val.text_states.items()}
+    embedded = {}
+    for name, values in states.items():
+        embedded[name] = values.to(device, torch.float32)
+        embedded[f"negative_{name}"] = empty[name].to(device, torch.float32).expand_as(values)
+    return {**{key: value for key, value in arguments.items() if key not in ("prompt", "negative_prompt")},
+            **embedded}
 
 
 def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughput:
@@ -318,6 +343,35 @@ def flops_per_image(model: Model, cache: CachedLatents, conditioning: Conditioni
     return flops
 
 
+def prepared_optimisation(accelerator: Accelerator, model: Model, settings: TrainParams) -> tuple[object, object]:
+    """The optimizer and LR schedule, prepared with the trained modules (which replace the model's). accelerate
+    steps a prepared schedule once per process at each optimizer step, so its lengths are counted in those
+    steps, as diffusers' training scripts count them: the LR at each step is the same on any number of processes."""
+    optimizer = make_optimizer(model.trainable_parameters(), settings, accelerator.device)
+    lr_schedule = get_scheduler(settings.lr_schedule, optimizer,
+                                num_warmup_steps=settings.warmup_steps * accelerator.num_processes,
+                                num_training_steps=settings.steps * accelerator.num_processes)
+    *trained, optimizer, lr_schedule = accelerator.prepare(*model.trained_modules(), optimizer, lr_schedule)
+    model.replace_trained_modules(trained)
+    return optimizer, lr_schedule
+
+
+def export(accelerator: Accelerator, run: Run, params: Params, paths: Paths, card: str) -> None:
+    """models/sd with the evaluation weights. Under LoRA the layers are copied out and the training denoiser (the
+    base in the weight dtype) freed before export loads the base to fuse them into: one base in memory at a time."""
+    model = run.model
+    with run.evaluation_weights():
+        trained = model.trained_components(accelerator)
+        lora_layers = model.family.lora_layers(trained[model.family.denoiser]) if model.lora else None
+        sample_size = trained[model.family.denoiser].config.sample_size
+        if not model.lora:
+            save_model(model.family, trained, params.model, paths, card, sample_size=sample_size)
+            return
+    trained[model.family.denoiser] = model.denoiser = None
+    accelerator.free_memory()
+    save_model(model.family, trained, params.model, paths, card, lora_layers=lora_layers, sample_size=sample_size)
+
+
 def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
     """The stage. `tracked=False` (bench/gpu.py) logs nothing to MLflow and needs no MLflow installed."""
     settings = params.train
@@ -335,11 +389,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
     apply_speed_settings(model.denoiser, settings, device)
     conditioning = conditioning_of(model, cache)
     flops = flops_per_image(model, cache, conditioning, settings, accelerator)
-    optimizer = make_optimizer(model.trainable_parameters(), settings, device)
-    lr_schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
-                                num_training_steps=settings.steps)
-    *trained, optimizer, lr_schedule = accelerator.prepare(*model.trained_modules(), optimizer, lr_schedule)
-    model.replace_trained_modules(trained)
+    optimizer, lr_schedule = prepared_optimisation(accelerator, model, settings)
     if model.lora:
         save_lora_checkpoints_only(accelerator)
     ema = EMAModel(trained_denoiser_parameters(accelerator, model.denoiser), decay=settings.ema_decay) \
@@ -383,11 +433,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
         )
         accelerator.wait_for_everyone()
         if main:
-            stored_frozen_modules(model, params.model, paths)
-            with run.evaluation_weights():
-                lora_denoiser = accelerator.unwrap_model(model.denoiser) if model.lora else None
-                save_model(model.family, model.pipeline(accelerator), lora_denoiser, params.model, paths,
-                           model_card(model.family, params.model, params.train, paths, metrics))
+            export(accelerator, run, params, paths, model_card(model.family, params.model, params.train, paths, metrics))
             write_json(paths.metrics / TRAIN_METRICS, {**metrics, "data_digest": progress.data_digest})
             write_loss_curve(paths.metrics / LOSS_PLOT, progress.curve)
             remove_checkpoints(paths, fingerprint)

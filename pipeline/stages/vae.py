@@ -5,7 +5,7 @@ Scratch mode trains on the processed training images (one aspect-ratio bucket pe
 flow families (sd3, flux: 16 latent channels unless `vae.latent_channels` says otherwise) it also sets
 `shift_factor` to the latents' mean, which is taken off before scaling, as in SD3's and Flux's VAEs (the
 pipelines decode latents / scaling_factor + shift_factor); finetune mode copies the pretrained VAE
-(`model.pretrained`) unchanged. Either way models/vae is a diffusers folder and metrics/vae.json holds the reconstruction error on the validation split, so a
+(`model.pretrained`) unchanged, its files as they are. Either way models/vae is a diffusers folder and metrics/vae.json holds the reconstruction error on the validation split, so a
 pretrained VAE that does not suit the data shows up before any training.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,11 +34,10 @@ from pipeline.core.config import (
     FLOW_FAMILIES,
     ModelParams,
     PreprocessParams,
-    TrainParams,
     VaeParams,
     latent_channels_of,
 )
-from pipeline.diffusion.components import build_vae, load_pretrained_vae
+from pipeline.diffusion.components import build_vae, component_folder, load_pretrained_vae
 from pipeline.diffusion.vae_io import device_batches, reconstruct, to_model_range
 from pipeline.runtime.device import compute_device
 
@@ -110,10 +110,9 @@ def reconstruction_mse(vae, chunks: Iterable[np.ndarray]) -> float:
     return squared_error / count
 
 
-def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_precision: str, latent_channels: int,
-              shifted: bool) -> dict:
+def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, latent_channels: int, shifted: bool) -> dict:
     set_seed(settings.seed)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
     groups = split_groups(paths, "train")
     generator = torch.Generator().manual_seed(settings.seed)
     batches = drawn_batches([len(rows) for rows in groups], settings.steps, settings.batch_size, generator)
@@ -147,12 +146,23 @@ def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, mixed_preci
 
 
 def resolve_pretrained_vae(pretrained: str, paths: Paths) -> dict:
-    """The pretrained model's VAE, unchanged (its own scaling factor), measured on the validation split."""
+    """The pretrained model's VAE files, copied unchanged (its own scaling factor; the saved model's VAE is these
+    files), measured on the validation split."""
     vae = load_pretrained_vae(pretrained, paths.root).to(compute_device()).eval()
-    return save_vae(vae, paths, pretrained=pretrained)
+    metrics = vae_metrics(vae, paths, pretrained=pretrained)
+    with atomic_dir(paths.vae_model) as staging:
+        shutil.copytree(component_folder(pretrained, paths.root, "vae"), staging, dirs_exist_ok=True)
+    return recorded(metrics, paths)
 
 
 def save_vae(vae, paths: Paths, **facts) -> dict:
+    metrics = vae_metrics(vae, paths, **facts)
+    with atomic_dir(paths.vae_model) as staging:
+        vae.save_pretrained(staging, safe_serialization=True)
+    return recorded(metrics, paths)
+
+
+def vae_metrics(vae, paths: Paths, **facts) -> dict:
     mse = reconstruction_mse(vae, split_chunks(paths, "val"))
     metrics = dict(
         val_mse=mse,
@@ -161,16 +171,17 @@ def save_vae(vae, paths: Paths, **facts) -> dict:
         **({"shift_factor": vae.config.shift_factor} if vae.config.get("shift_factor") is not None else {}),
         **facts,
     )
-    with atomic_dir(paths.vae_model) as staging:
-        vae.save_pretrained(staging, safe_serialization=True)
-    write_json(paths.metrics / VAE_METRICS, metrics)
-    log.info("vae: val MSE %.5f, PSNR %.2f dB", mse, metrics["val_psnr"])
     return metrics
 
 
-def vae_stage(paths: Paths, *, vae: VaeParams, model: ModelParams, preprocess: PreprocessParams,
-              train: TrainParams) -> dict:
+def recorded(metrics: dict, paths: Paths) -> dict:
+    write_json(paths.metrics / VAE_METRICS, metrics)
+    log.info("vae: val MSE %.5f, PSNR %.2f dB", metrics["val_mse"], metrics["val_psnr"])
+    return metrics
+
+
+def vae_stage(paths: Paths, *, vae: VaeParams, model: ModelParams, preprocess: PreprocessParams) -> dict:
     if model.mode == "finetune":
         return resolve_pretrained_vae(model.pretrained, paths)
-    return train_vae(vae, paths, resolution=preprocess.resolution, mixed_precision=train.mixed_precision,
-                     latent_channels=latent_channels_of(vae, model.family), shifted=model.family in FLOW_FAMILIES)
+    return train_vae(vae, paths, resolution=preprocess.resolution, latent_channels=latent_channels_of(vae, model.family),
+                     shifted=model.family in FLOW_FAMILIES)

@@ -25,6 +25,7 @@ from pipeline.contracts.records import DATA_DOCS, QUARANTINE, SUMMARY
 from pipeline.contracts.shards import shard_images
 from pipeline.core.atomic import atomic_dir, atomic_file, write_json
 from pipeline.core.config import RayParams, ValidateParams
+from pipeline.core.errors import UserError
 from pipeline.quality.image_checks import property_columns
 from pipeline.quality.manifest_checks import ManifestCheck, check_manifest, failure_message, with_verdict
 from pipeline.runtime.ray_tasks import run_tasks
@@ -35,7 +36,7 @@ REJECTED_AT_INGEST = "rejected at ingest"
 SHARDS_KEPT = 8  # shards whose images near-duplicate confirmation keeps at hand
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(UserError, RuntimeError):
     """Too many bad rows: the data set is not fit to train on."""
 
 

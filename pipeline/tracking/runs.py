@@ -42,13 +42,23 @@ def is_server(uri: str) -> bool:
     return uri.startswith(SERVER_SCHEMES)
 
 
-def use_experiment(params: RegisterParams, root: Path) -> str:
-    """Point MLflow at the configured store and experiment; return the experiment id."""
+def use_store(params: RegisterParams, root: Path) -> str:
+    """Point MLflow at the configured store, creating nothing in it (a login that may only read can read);
+    return its URI."""
     import mlflow
 
     uri = tracking_uri(params, root)
     apply_team_settings(root)  # team.env's login: MLflow reads it from the environment at each request
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def use_experiment(params: RegisterParams, root: Path) -> str:
+    """Point MLflow at the configured store and experiment, creating the experiment on first use (for
+    writers only: runs and monitoring); return the experiment id."""
+    import mlflow
+
+    uri = use_store(params, root)
     experiment = mlflow.get_experiment_by_name(params.experiment)
     if experiment is not None:
         return experiment.experiment_id
@@ -103,8 +113,9 @@ def model_run(params: Params, paths: Paths) -> Iterator[object]:
 
 
 def registry_client(register: RegisterParams, root: Path):
-    """An MLflow client on the project's tracking store (the model registry)."""
+    """An MLflow client on the project's tracking store (the model registry); the registry needs no
+    experiment, so reading it creates none."""
     import mlflow
 
-    use_experiment(register, root)
+    use_store(register, root)
     return mlflow.MlflowClient()

@@ -4,14 +4,15 @@ weights alone in LoRA mode."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
 
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.config import FLOW_FAMILIES, ModelParams, TrainParams
+from pipeline.diffusion.components import PIPELINE_INDEX, component_folder, pretrained_folder, stored_dtype
 from pipeline.diffusion.families.base import Family
 from pipeline.tracking.lineage import data_version
 
@@ -19,28 +20,59 @@ MODEL_CARD = "README.md"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 
 
-def save_model(family: Family, pipeline: DiffusionPipeline, lora_denoiser: torch.nn.Module | None,
-               model: ModelParams, paths: Paths, card: str) -> None:
-    """models/sd: the whole pipeline (LoRA fused into the denoiser) and, in LoRA mode (`lora_denoiser`, the
-    trained denoiser with its LoRA layers), the LoRA weights alone."""
+def save_model(family: Family, trained: dict[str, object], model: ModelParams, paths: Paths, card: str, *,
+               lora_layers: dict[str, torch.Tensor] | None = None, sample_size: int | None = None) -> None:
+    """models/sd: the family's pipeline of the trained components (`trained`: the denoiser, scratch mode's
+    tokenizers and text encoders, the sampling scheduler) beside the frozen ones' files, copied as they are:
+    the VAE of models/vae and, in finetune mode, the pretrained tokenizers and text encoders. In LoRA mode
+    (`lora_layers`, from Family.lora_layers) the denoiser is the pretrained one with the layers fused in, and the
+    layers are saved alone too."""
+    frozen = frozen_components(family, model, paths)
     with atomic_dir(paths.sd_model) as staging:
-        if lora_denoiser is not None:
-            family.save_lora(staging, lora_denoiser)
-            pipeline = base_pipeline_with_lora(family, pipeline, model.pretrained, paths, staging)
-        pipeline.save_pretrained(staging, safe_serialization=True)
+        components = {**trained, **dict.fromkeys(frozen)}
+        if lora_layers is not None:
+            family.save_lora(staging, lora_layers)
+            components[family.denoiser] = base_denoiser_with_lora(family, components, model.pretrained, paths, staging,
+                                                                  sample_size)
+        family.pipeline(components).save_pretrained(staging, safe_serialization=True)
+        copy_components(frozen, staging)
         (staging / MODEL_CARD).write_text(card, encoding="utf-8")
 
 
-def base_pipeline_with_lora(family: Family, trained: DiffusionPipeline, pretrained: str, paths: Paths,
-                            lora_folder: Path) -> DiffusionPipeline:
-    """The pretrained denoiser with the saved LoRA file loaded the way users load it, then fused into its weights."""
-    denoiser = family.load_denoiser(pretrained, paths.root)
-    denoiser.register_to_config(sample_size=getattr(trained, family.denoiser).config.sample_size)
-    pipeline = family.pipeline({**trained.components, family.denoiser: denoiser})
+def frozen_components(family: Family, model: ModelParams, paths: Paths) -> dict[str, tuple[Path, list]]:
+    """The components saved as the files they were loaded from: {name: (folder, its model_index.json entry)}."""
+    vae_class = json.loads((paths.vae_model / "config.json").read_text(encoding="utf-8"))["_class_name"]
+    frozen = {"vae": (paths.vae_model, ["diffusers", vae_class])}
+    if model.mode == "finetune":
+        index = json.loads((pretrained_folder(model.pretrained, paths.root) / PIPELINE_INDEX).read_text(encoding="utf-8"))
+        for part in family.text:
+            for name in (part.tokenizer, part.encoder):
+                frozen[name] = (component_folder(model.pretrained, paths.root, name), index[name])
+    return frozen
+
+
+def copy_components(frozen: dict[str, tuple[Path, list]], folder: Path) -> None:
+    """Each frozen component's files into the saved pipeline (a hub cache's links followed), named in its index."""
+    for name, (source, _) in frozen.items():
+        shutil.copytree(source, folder / name)
+    index_file = folder / PIPELINE_INDEX
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    index.update({name: entry for name, (_, entry) in frozen.items()})
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def base_denoiser_with_lora(family: Family, components: dict, pretrained: str, paths: Paths, lora_folder: Path,
+                            sample_size: int | None) -> torch.nn.Module:
+    """The pretrained denoiser, in the dtype it is stored in, with the saved LoRA file loaded the way users load
+    it, then fused into its weights."""
+    stored = stored_dtype(component_folder(pretrained, paths.root, family.denoiser))
+    denoiser = family.load_denoiser(pretrained, paths.root, dtype=stored)
+    denoiser.register_to_config(sample_size=sample_size)
+    pipeline = family.pipeline({**components, family.denoiser: denoiser})
     pipeline.load_lora_weights(lora_folder, weight_name=LORA_WEIGHTS)
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()
-    return pipeline
+    return getattr(pipeline, family.denoiser)
 
 
 def model_card(family: Family, model: ModelParams, train: TrainParams, paths: Paths, metrics: dict) -> str:

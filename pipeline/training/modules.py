@@ -29,7 +29,7 @@ class Model:
 
     family: Family
     vae: AutoencoderKL
-    text: dict[str, object]  # the tokenizers and text encoders, by pipeline component name
+    text: dict[str, object]  # the tokenizers and text encoders (finetune: None), by pipeline component name
     denoiser: torch.nn.Module
     objective: object  # schedule.Ddpm or flow_matching.FlowMatching, with the prediction type
     trains_text_encoder: bool  # scratch: yes; finetune: frozen, their outputs come from the encode cache
@@ -57,10 +57,23 @@ class Model:
         return [p for module in self.trained_modules() for p in module.parameters() if p.requires_grad]
 
     def pipeline(self, accelerator: Accelerator) -> DiffusionPipeline:
+        """The family's pipeline of the modules in memory (in finetune mode without text encoders: train conditions
+        on the cached states)."""
+        return self.family.pipeline({**self.text, **self.trained_components(accelerator), "vae": self.vae})
+
+    def trained_components(self, accelerator: Accelerator) -> dict[str, object]:
+        """The pipeline components this training made: the denoiser, the sampling scheduler and, in scratch mode,
+        the tokenizers and text encoders."""
         text = {name: accelerator.unwrap_model(value) if isinstance(value, torch.nn.Module) else value
-                for name, value in self.text.items()}
-        return self.family.pipeline({**text, "vae": self.vae, self.family.denoiser: accelerator.unwrap_model(self.denoiser),
-                                     "scheduler": self.objective.sampling_scheduler()})
+                for name, value in self.text.items()} if self.trains_text_encoder else {}
+        return {**text, self.family.denoiser: accelerator.unwrap_model(self.denoiser),
+                "scheduler": self.objective.sampling_scheduler()}
+
+
+def frozen_vae(family: Family, train: TrainParams, paths: Paths) -> AutoencoderKL:
+    """models/vae in the dtype it runs in: the weight dtype, or fp32 where the family's VAE gives NaNs in fp16."""
+    dtype = torch.float32 if family.vae_in_fp32 else WEIGHT_DTYPES[train.mixed_precision]
+    return AutoencoderKL.from_pretrained(paths.vae_model, torch_dtype=dtype).requires_grad_(False)
 
 
 def scratch_model(family: Family, model: ModelParams, train: TrainParams, paths: Paths, cache: CachedLatents,
@@ -69,20 +82,24 @@ def scratch_model(family: Family, model: ModelParams, train: TrainParams, paths:
     components = family.scratch_components(Scratch(tuple(cache.captions), model.preset, train.tokenizer_vocab_size,
                                                     latents.shape[1], latents.shape[-1], model.max_sequence_length))
     denoiser = components.pop(family.denoiser)
-    return Model(family, AutoencoderKL.from_pretrained(paths.vae_model), components, denoiser,
+    return Model(family, frozen_vae(family, train, paths), components, denoiser,
                  family.training_objective(train, None), trains_text_encoder=True, lora=False)
 
 
 def pretrained_model(family: Family, model: ModelParams, train: TrainParams, paths: Paths, cache: CachedLatents,
                      latents: MappedRows) -> Model:
-    """The pretrained denoiser (whole, or frozen under LoRA layers) conditioned on the cached frozen text states."""
+    """The pretrained denoiser (whole, or frozen under LoRA layers) conditioned on the cached frozen text states:
+    the text encoders are never loaded here, only the tokenizers (a sampler reads T5's length from them). Under
+    LoRA the base is read from its files in the weight dtype; a whole denoiser trains on fp32 master weights."""
     spec, lora = model.pretrained, model.finetune == "lora"
     if cache.text_states is None:
         raise ValueError(f"train: {paths.latents} holds no text-encoder states; run `sdpipe encode` with "
                          "model.mode: finetune (dvc repro does)")
     check_pretrained_family(spec, paths.root, family)
-    text = family.load_text(spec, paths.root, model.max_sequence_length)
-    denoiser = family.load_denoiser(spec, paths.root)
+    text = {**family.load_tokenizers(spec, paths.root, model.max_sequence_length),
+            **{part.encoder: None for part in family.text}}
+    denoiser = family.load_denoiser(spec, paths.root,
+                                    dtype=WEIGHT_DTYPES[train.mixed_precision] if lora else torch.float32)
     if family.denoiser_latent_channels(denoiser) != latents.shape[1]:
         raise ValueError(f"train: the {family.denoiser} of {spec} takes {family.denoiser_latent_channels(denoiser)} "
                          "latent channels "
@@ -100,7 +117,7 @@ def pretrained_model(family: Family, model: ModelParams, train: TrainParams, pat
         except ValueError as error:
             raise ConfigError(f"model.lora.target_modules: {error}") from None
     objective = family.training_objective(train, pretrained_scheduler_config(spec, paths.root))
-    return Model(family, AutoencoderKL.from_pretrained(paths.vae_model), text, denoiser, objective,
+    return Model(family, frozen_vae(family, train, paths), text, denoiser, objective,
                  trains_text_encoder=False, lora=lora)
 
 
@@ -123,13 +140,10 @@ def build_model(model: ModelParams, train: TrainParams, paths: Paths, cache: Cac
 
 
 def place_frozen_modules(model: Model, device: torch.device, dtype: torch.dtype, settings: ModelParams) -> None:
-    """Frozen weights in the weight dtype, as diffusers' training scripts keep them: the VAE (validation samples
-    only; fp32 where the family's VAE gives NaNs in fp16), the finetune text encoders, and under LoRA the base
-    denoiser, its linear weights in int8 if `model.lora.quantize_base` says so; trained parameters stay in fp32."""
-    model.vae.to(device, torch.float32 if model.family.vae_in_fp32 else dtype)
-    if not model.trains_text_encoder:
-        for encoder in model.text_encoders():
-            encoder.to(device, dtype)
+    """Frozen weights on the device in the weight dtype they were loaded in, as diffusers' training scripts keep
+    them: the VAE (validation samples only) and under LoRA the base denoiser, its linear weights in int8 if
+    `model.lora.quantize_base` says so; trained parameters stay in fp32."""
+    model.vae.to(device)
     if model.lora:
         model.denoiser.to(device, dtype)
         cast_training_params(model.denoiser, dtype=torch.float32)
@@ -163,13 +177,6 @@ def stored_bytes(tensor: torch.Tensor) -> int:
 
 def denoiser_weights_mb(denoiser: torch.nn.Module) -> float:
     return sum(stored_bytes(parameter) for parameter in denoiser.parameters()) / 2**20
-
-
-def stored_frozen_modules(model: Model, settings: ModelParams, paths: Paths) -> None:
-    """The frozen modules as stored (fp32), for the saved model: a round trip through bf16 would change them."""
-    model.vae = AutoencoderKL.from_pretrained(paths.vae_model)
-    if not model.trains_text_encoder:
-        model.text = model.family.load_text(settings.pretrained, paths.root, settings.max_sequence_length)
 
 
 def make_optimizer(parameters: list, settings: TrainParams, device: torch.device):

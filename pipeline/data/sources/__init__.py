@@ -12,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.errors import UserError
 
-class SourceError(ValueError):
+
+class SourceError(UserError, ValueError):
     """Source input that cannot be used at all; the message names the file, the key or the row."""
 
 

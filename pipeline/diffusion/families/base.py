@@ -98,30 +98,40 @@ class Family:
         return {"prompt": prompts, "guidance_scale": guidance_scale, **negative}
 
     # loading and saving
-    def load_text(self, location: str, root: Path, max_sequence_length: int = 77) -> dict[str, object]:
-        """The pretrained tokenizers (T5's cut to `max_sequence_length`) and text encoders, frozen, by name."""
+    def load_tokenizers(self, location: str, root: Path, max_sequence_length: int = 77) -> dict[str, object]:
+        """The pretrained tokenizers (T5's cut to `max_sequence_length`), by name."""
         loaded = {}
         for part in self.text:
             loaded[part.tokenizer] = load_pretrained(location, root, part.tokenizer, part.tokenizer_class.from_pretrained)
             if part.sequence_length_is_a_param:
                 loaded[part.tokenizer].model_max_length = max_sequence_length
-            encoder = load_pretrained(location, root, part.encoder, part.encoder_class.from_pretrained)
+        return loaded
+
+    def load_text(self, location: str, root: Path, max_sequence_length: int = 77, *,
+                  dtype: torch.dtype = torch.float32) -> dict[str, object]:
+        """The pretrained tokenizers and text encoders, the encoders frozen and read from their files in `dtype`."""
+        loaded = self.load_tokenizers(location, root, max_sequence_length)
+        for part in self.text:
+            encoder = load_pretrained(location, root, part.encoder, part.encoder_class.from_pretrained, torch_dtype=dtype)
             loaded[part.encoder] = encoder.eval().requires_grad_(False)
         return loaded
 
-    def load_denoiser(self, location: str, root: Path) -> torch.nn.Module:
-        return load_pretrained(location, root, self.denoiser, self.denoiser_class.from_pretrained)
+    def load_denoiser(self, location: str, root: Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The pretrained denoiser, read from its files in `dtype`."""
+        return load_pretrained(location, root, self.denoiser, self.denoiser_class.from_pretrained, torch_dtype=dtype)
 
     def pipeline(self, components: dict) -> DiffusionPipeline:
         pipeline = self.pipeline_class(**{**components, **self.pipeline_options})
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def save_lora(self, folder: Path, lora_denoiser: torch.nn.Module) -> None:
-        """The denoiser's LoRA layers, keyed as the family's load_lora_weights reads them."""
-        layers = get_peft_model_state_dict(lora_denoiser)
-        if self.lora_keys_to_diffusers:
-            layers = convert_state_dict_to_diffusers(layers)
+    def lora_layers(self, lora_denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The denoiser's LoRA layers, copied to the CPU and keyed as the family's load_lora_weights reads them."""
+        layers = {name: value.detach().to("cpu", copy=True) for name, value in
+                  get_peft_model_state_dict(lora_denoiser).items()}
+        return convert_state_dict_to_diffusers(layers) if self.lora_keys_to_diffusers else layers
+
+    def save_lora(self, folder: Path, layers: dict[str, torch.Tensor]) -> None:
         self.pipeline_class.save_lora_weights(folder, **{self.lora_layers_argument: layers}, safe_serialization=True)
 
     def text_encoders(self, components: dict) -> list[torch.nn.Module]:
