@@ -50,7 +50,7 @@ run: setup
 
 # Two pytest-xdist workers, a test file each at a time (a file's module fixtures stay in one process), the
 # files in tests/conftest.py's order (slowest first; xdist would reorder them by their number of tests): on two
-# cores the suite takes about 0.7 of its serial time (README "Performance"). TEST_WORKERS=0 runs it serially.
+# cores the suite takes about 0.7 of its serial time (docs/explanation/results.md). TEST_WORKERS=0 runs it serially.
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(TEST_STAMP)
@@ -91,7 +91,7 @@ ui: setup
 deploy: setup
 	$(if $(wildcard team.env),,PREFECT_API_URL=http://127.0.0.1:4200/api) $(BIN)/python -m flows.deploy
 
-# The team's servers on this machine (README "Team setup"): PostgreSQL, S3, MLflow, Prefect and a worker on
+# The team's servers on this machine (docs/guides/team-setup.md): PostgreSQL, S3, MLflow, Prefect and a worker on
 # 127.0.0.1, data in .services/, client settings in team.env. Started again, only what is not running starts.
 services: setup
 	$(BIN)/sdpipe services start

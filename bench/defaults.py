@@ -34,12 +34,12 @@ from project import REPO, commit_of, dvc, new_project, set_params  # noqa: E402
 
 DATA_STAGES = ("ingest", "validate", "preprocess")
 MIN_ADHERENCE = 0.97
-# The default run before the defaults changed (README Performance: 1,500 train steps, 1,000 VAE steps, both at
+# The default run before the defaults changed (docs/explanation/results.md: 1,500 train steps, 1,000 VAE steps, both at
 # learning rate 0.001; identical in every run since the layout move, 2026-12-02).
 REFERENCE = {"noise_mse": 0.0395, "vae_psnr": 30.27}
 VAE = {"vae.steps": 2000, "vae.batch_size": 16}  # the defaults since 2026-12-03
 OLD_VAE = {"vae.steps": 1000, "vae.batch_size": 64}
-# The points measured on 2026-12-03 and -04 (README Performance), in that order: fewer or smaller training batches lose
+# The points measured on 2026-12-03 and -04 (docs/explanation/results.md), in that order: fewer or smaller training batches lose
 # adherence before they lose noise MSE; the VAE reconstructs better from more, smaller batches.
 SWEEP: tuple[dict[str, object], ...] = (
     OLD_VAE,

@@ -2,7 +2,7 @@
 (params.yaml's defaults otherwise), with its parameters, training images/s, CPU minutes, steps and adherence
 (evaluate's samples: max_prompts x samples_per_prompt x stability_repeats, 144 by default).
 
-    python bench/families.py                      # every family; README "Model families" has the table
+    python bench/families.py                      # every family; docs/guides/model-families.md has the table
     python bench/families.py --family flux        # one family (repeatable)
     python bench/families.py --smoke              # a few steps and samples per family: the bench runs, no figures
     python bench/families.py --family sd3 --steps 3000   # one point instead of the sweep (--learning-rate too)

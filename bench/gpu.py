@@ -4,7 +4,7 @@ by side on one random SD 1.5-sized pipeline and the same 512 px images.
     python bench/gpu.py                       # one GPU: about 6 minutes on an H100 (each measurement has a limit)
     python bench/gpu.py --tiny                # any CPU: the tiny preset at 64 px (tests/test_bench_gpu.py runs it)
     python bench/gpu.py --only "train full"   # one measurement again (results accumulate in --out)
-    python bench/gpu.py --family flux         # another family's real-size architecture (README "Model families")
+    python bench/gpu.py --family flux         # another family's real-size architecture (docs/guides/model-families.md)
 
 `--family` (sd, sdxl, sd3, flux) measures that family's real-size preset instead (sdxl; sd35_medium; flux_dev),
 randomly initialised the same way, with encode, train full and train LoRA (the diffusers loop is SD 1.x's

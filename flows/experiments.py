@@ -65,7 +65,8 @@ def copy_paths(root: Path) -> list[str]:
     outputs = {path: options for stage in stages for kind in ("outs", "metrics", "plots")
                for path, options in _declared(stage.get(kind, [])).items()}
     uncached = [path for path, options in outputs.items() if options.get("cache") is False]
-    sources = [path for stage in stages for path in stage.get("deps", []) if path not in outputs]
+    sources = [path for stage in stages for path in stage.get("deps", [])
+               if not any(path == output or path.startswith(output + "/") for output in outputs)]
     wanted = [path for path in dict.fromkeys([LOCK_FILE, *uncached, *sources]) if (root / path).exists()]
     return _untracked_tops(root, wanted) if wanted else []
 

@@ -31,6 +31,12 @@ from pipeline.core.params_file import PARAMS_FILE, load_params
 DEBUG_ENV = "SDPIPE_DEBUG"
 
 
+def _inputs(params: Params, paths: Paths, _):
+    from pipeline.stages.inputs import inputs
+
+    inputs(params, paths)
+
+
 def _ingest(params: Params, paths: Paths, _):
     from pipeline.stages.ingest import ingest
 
@@ -194,6 +200,7 @@ def _merge_batches(params: Params, paths: Paths, args):
 
 
 STAGES: dict[str, Callable] = {
+    "inputs": _inputs,
     "ingest": _ingest,
     "validate": _validate,
     "preprocess": _preprocess,
@@ -236,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="give the champion alias back to the previous champion")
     rollback.add_argument("--reason", default="rolled back by hand")
     rollback.set_defaults(handler=_rollback)
-    services = commands.add_parser("services", help="the team's servers on this machine (README \"Team setup\")")
+    services = commands.add_parser("services", help="the team's servers on this machine (docs/guides/team-setup.md)")
     services.add_argument("action", choices=("start", "stop", "status", "connect"),
                           help="start (what is not running) | stop | status | connect (this clone's DVC remote "
                                "from team.env)")

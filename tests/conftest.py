@@ -38,7 +38,7 @@ from pipeline.core.params_file import parse_params, read_params_file  # noqa: E4
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The files that take longest (busy seconds, README "Performance"), longest first. `make test` hands each
+# The files that take longest (busy seconds, docs/explanation/results.md), longest first. `make test` hands each
 # pytest-xdist worker the next file in collection order as it finishes one: with these first, the long files
 # run side by side from the start and the many short ones fill in, instead of a long file starting last.
 SLOWEST_FILES = ("test_pipeline_e2e.py", "test_team.py", "test_family_training.py", "test_resume.py",
@@ -164,6 +164,11 @@ def write_pattern(path: Path, seed: int, size: tuple[int, int] = (24, 20), fmt: 
     blocks = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
     Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST).save(path, format=fmt)
     return path
+
+
+def only_inputs_changed(status: str) -> bool:
+    """`dvc status` of a project with nothing to re-run: the inputs stage, which DVC runs every time, is all it lists."""
+    return status.split() == ["inputs:", "always", "changed"]
 
 
 def free_port() -> int:

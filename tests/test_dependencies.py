@@ -1,6 +1,6 @@
 """The package's layout is its architecture, and dvc.yaml's deps and params follow from the code.
 
-Layering (pipeline/README "Layout"): a module imports only modules of the layers below its own; folders on
+Layering (docs/explanation/architecture.md): a module imports only modules of the layers below its own; folders on
 one layer do not import each other; no stage imports a stage, and nothing but cli.py imports one; flows/
 import only core, contracts and tracking. pipeline/stages/ holds exactly dvc.yaml's stages, which are the
 CLI's stage commands.
@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.contracts import inputs as inputs_contract
 from pipeline.contracts import records
 from pipeline.contracts.paths import Paths
 from pipeline.core.config import Params
@@ -49,6 +50,7 @@ NOT_DEPENDENCIES = {
     "pipeline/core/cron.py": "checks monitor.retrain_cron when params are read; changes no value",
     "pipeline/core/params_file.py": "reads params.yaml; the values it reads are deps through `params`",
     "pipeline/core/atomic.py": "writes files atomically; cannot change what a file holds",
+    "pipeline/core/project.py": "names the project DVC runs a stage for; the inputs read there are fingerprinted",
     "pipeline/core/errors.py": "the exception types a stage raises on bad input; a failed stage writes no output",
 }
 OUTPUT_NEUTRAL = {
@@ -244,6 +246,25 @@ def test_a_stage_lists_every_param_it_reads(name):
         missing += [f"{section}.{key}" for key in sorted(needed)
                     if f"{section}.{key}" not in listed and f"{section}.{key}" not in OUTPUT_NEUTRAL]
     assert not missing, f"dvc.yaml: stage {name!r} reads {', '.join(missing)} but does not list it in params"
+
+
+@pytest.mark.parametrize("name", list(dvc_stages()))
+def test_a_stage_that_reads_an_input_outside_the_pipeline_lists_its_fingerprint(name):
+    """params.yaml's image source, model.pretrained, evaluate.prompts and evaluate.clip_model name files DVC cannot
+    list; a stage reading one depends on the fingerprint the inputs stage writes (pipeline/contracts/inputs.py)."""
+    if name == "inputs":
+        return
+    stage = dvc_stages()[name]
+    reads = params_read(*stage_function(stage["cmd"]))
+    fingerprints = (Paths(REPO).inputs.relative_to(REPO) / fingerprint for fingerprint in inputs_contract.WATCHED_KEYS)
+    missing = [f"{path.as_posix()} (it reads {key})" for path, keys in zip(fingerprints, inputs_contract.WATCHED_KEYS.values())
+               for key in keys if key_read(reads, key) and path.as_posix() not in dep_paths(stage)]
+    assert not missing, f"dvc.yaml: stage {name!r} does not list {', '.join(missing)}"
+
+
+def key_read(reads: dict[str, set[str] | None], key: str) -> bool:
+    section, _, field = key.partition(".")
+    return section in reads and (reads[section] is ALL or field in reads[section])
 
 
 def test_the_rule_catches_an_omitted_key():

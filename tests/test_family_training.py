@@ -158,7 +158,7 @@ def test_dvc_repro_finetunes_a_family_with_lora_then_in_full(scratch_project, ba
     params["train"].update(learning_rate=0.01, warmup_steps=0)  # a few steps must visibly move the weights
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro", "train"], root).stdout
-    assert stages_run(out) == {"vae", "encode", "train"}, out
+    assert stages_run(out) == {"inputs", "vae", "encode", "train"}, out
     trained = json.loads((root / "metrics" / "train.json").read_text())
     assert_finetuned(family, "lora", root / "models" / "sd", bases[family], trained["trainable_parameters"])
 
@@ -166,7 +166,7 @@ def test_dvc_repro_finetunes_a_family_with_lora_then_in_full(scratch_project, ba
     params["train"]["gradient_checkpointing"] = family != "sdxl"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro", "train"], root).stdout
-    assert stages_run(out) == {"train"}, out
+    assert stages_run(out) == {"inputs", "train"}, out
     trained = json.loads((root / "metrics" / "train.json").read_text())
     assert_finetuned(family, "full", root / "models" / "sd", bases[family], trained["trainable_parameters"])
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -150,3 +151,67 @@ def test_the_retrain_flows_commands_write_their_results_as_json(checked, tmp_pat
     decision = tmp_path / "decision.json"
     assert main([*project, "decide", str(report), "--out", str(decision)]) == 0
     assert json.loads(decision.read_text())["reasons"] == decide([reports["background"]], params.monitor).reasons
+
+
+def test_a_batch_that_failed_a_hard_check_counts_for_nothing_in_the_decision(checked):
+    params, _, _, reports, _ = checked
+    validation = reports["background"].validation
+    broken = replace(reports["background"], batch="broken-upload", validation={
+        **validation, "hard_checks": {**validation["hard_checks"], "min_rows": {"passed": False, "observed": 3}}})
+    assert broken.failed_checks, "the report must read as a failed hard check"
+    alone = decide([broken], params.monitor)
+    assert not alone.retrain and alone.new_samples == 0
+    assert any(reason.startswith("broken-upload: left out, it failed the hard checks") for reason in alone.reasons)
+    beside = decide([reports["none"], broken], params.monitor)
+    assert beside.new_samples == reports["none"].valid
+
+
+def test_a_batch_below_the_minimum_rows_is_not_merged_and_stays_pending(checked, tmp_path):
+    params, _, folders, _, _ = checked
+    batch = tmp_path / "incoming" / "too-small"
+    batch.mkdir(parents=True)
+    lines = (folders["none"] / "metadata.jsonl").read_text().splitlines()[:3]  # validate.min_rows is 10
+    for line in lines:
+        name = json.loads(line)["file_name"]
+        (batch / name).write_bytes((folders["none"] / name).read_bytes())
+    (batch / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    paths = Paths(tmp_path / "project")
+    assert merge_batches([batch], params, paths) == 0
+    assert not (paths.batches / "too-small").exists()
+    assert pending_batches(MonitorParams(incoming=str(tmp_path / "incoming")), paths) == [batch]
+
+
+def test_each_checked_batch_is_its_own_step_of_the_monitoring_series(checked, tmp_path):
+    import mlflow
+
+    from pipeline.monitor import BATCH_SERIES, log_monitoring
+
+    params, _, _, reports, _ = checked
+    paths = Paths(tmp_path)
+    first = [reports["none"], reports["colour"]]
+    run_id = log_monitoring(params, paths, first, decide(first, params.monitor))
+    assert log_monitoring(params, paths, [reports["background"]], decide([reports["background"]], params.monitor)) == run_id
+    client = mlflow.MlflowClient()
+    series = client.get_metric_history(run_id, BATCH_SERIES)
+    assert sorted(metric.step for metric in series) == [0, 1, 2]
+    tags = client.get_run(run_id).data.tags
+    assert [tags[f"batch.{step}"] for step in range(3)] == [reports[name].batch for name in ("none", "colour", "background")]
+    assert [m.step for m in client.get_metric_history(run_id, "retrain")] == [1, 2]
+
+
+def test_pending_batches_before_any_champion_says_so_and_succeeds(tmp_path, capsys):
+    """The first scheduled retrain of a fresh deployment: batches wait, no traceback, the flow goes on."""
+    import yaml
+
+    from pipeline.cli import main
+
+    incoming = tmp_path / "incoming" / "first"
+    incoming.mkdir(parents=True)
+    params = merge(tiny_params_dict(), {"monitor": {"incoming": str(tmp_path / "incoming")}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "plan.json"
+    assert main(["--params", str(tmp_path / "params.yaml"), "pending-batches", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["batches"] == [str(incoming)] and "champion" not in plan
+    assert "no champion" in plan["no_champion"].lower(), plan
+    assert "not checked" in capsys.readouterr().out

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.project import project_root
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -18,6 +20,17 @@ class Paths:
     def resolve(self, path: str | Path) -> Path:
         """A path from params.yaml: relative to the project root unless absolute."""
         return (self.root / Path(path).expanduser()).resolve()
+
+    def input(self, path: str | Path) -> Path:
+        """A path from params.yaml naming an input outside the pipeline's files (pipeline/contracts/inputs.py),
+        resolved against the project DVC runs for: in an experiment's copy that is the project itself, since
+        DVC does not copy such inputs."""
+        return (project_root(self.root) / Path(path).expanduser()).resolve()
+
+    @property
+    def inputs(self) -> Path:
+        """The fingerprints of the inputs params.yaml names outside the pipeline's files (stage `inputs`)."""
+        return self.root / "data" / "inputs"
 
     @property
     def raw(self) -> Path:

@@ -135,7 +135,7 @@ def latent_channels_of(vae: VaeParams, family: str) -> int:
 class ModelParams(Section):
     """What is trained: the family, scratch or fine-tuned, and how."""
 
-    family: Literal[FAMILIES] = Field("sd", description="the architecture (README \"Model families\")")
+    family: Literal[FAMILIES] = Field("sd", description="the architecture (docs/guides/model-families.md)")
     mode: Literal["scratch", "finetune"] = Field(
         "scratch", description="scratch: VAE, text encoders and denoiser trained here; finetune: from model.pretrained")
     preset: str = Field("tiny", description="scratch mode: the model sizes, one of the family's presets")
@@ -259,7 +259,7 @@ class RegisterParams(Section):
                                                                  "under the project root); MLFLOW_TRACKING_URI wins")
     experiment: str = Field("sdpipe", description="MLflow experiment of the runs")
     model_name: str = Field("sdpipe", description="registered model name")
-    gate_metric: str = Field("auto", description="auto: the data's metric (README \"Evaluation\"), or an eval.json name")
+    gate_metric: str = Field("auto", description="auto: the data's metric (docs/guides/evaluation.md), or an eval.json name")
     gate_direction: Literal["auto", "maximize", "minimize"] = Field(
         "auto", description="auto (with gate_metric auto, or from a named metric), maximize or minimize")
     min_improvement: float = Field(0.0, ge=0, description="a version becomes champion when its gate metric beats "

@@ -82,6 +82,7 @@ class WebdatasetSource(Section):
 
 
 SOURCES = ("synthetic", "folder", "manifest", "hf", "webdataset")
+LOCATION_KEY = {"folder": "path", "manifest": "path", "hf": "path_or_id", "webdataset": "path"}  # where each reads
 
 
 class IngestParams(Section):
@@ -100,8 +101,11 @@ class IngestParams(Section):
     @model_validator(mode="after")
     def _chosen_source_is_configured(self) -> IngestParams:
         if self.source != "synthetic" and getattr(self, self.source) is None:
-            key = {"folder": "folder.path", "manifest": "manifest.path", "hf": "hf.path_or_id",
-                   "webdataset": "webdataset.path"}[self.source]
             raise PydanticCustomError("missing_setting", "ingest.{key}: required when ingest.source is {source}",
-                                      {"key": key, "source": self.source})
+                                      {"key": f"{self.source}.{LOCATION_KEY[self.source]}", "source": self.source})
         return self
+
+    def location(self) -> str | None:
+        """Where the configured source reads, as params.yaml writes it; None for the rendered shapes."""
+        key = LOCATION_KEY.get(self.source)
+        return getattr(getattr(self, self.source), key) if key else None

@@ -1,7 +1,7 @@
 """The team settings file, team.env: where sdpipe, its flows and `make` find the shared servers.
 
 One `KEY=VALUE` a line (a shell can `set -a; . ./team.env`). `sdpipe services start` writes it for the
-stack it starts on this machine; a team with servers elsewhere writes it by hand (README "Team setup").
+stack it starts on this machine; a team with servers elsewhere writes it by hand (docs/guides/team-setup.md).
 Without the file everything stays on the embedded default (SQLite, no server). A variable already set in
 the environment wins over the file. The file holds logins: it is git-ignored and readable by its owner only.
 """
@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.core.project import project_root
+
 TEAM_FILE = "team.env"
-DVC_ROOT_ENV = "DVC_ROOT"  # DVC sets it to the project while a stage runs in an experiment's copy
 TRACKING_URI, TRACKING_USERNAME, TRACKING_PASSWORD = (
     "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 PREFECT_API_URL, PREFECT_AUTH = "PREFECT_API_URL", "PREFECT_API_AUTH_STRING"
@@ -20,11 +21,6 @@ WORK_POOL = "SDPIPE_WORK_POOL"
 DVC_REMOTE, DVC_ENDPOINT, DVC_KEY_ID, DVC_SECRET = (
     "SDPIPE_DVC_REMOTE", "SDPIPE_DVC_ENDPOINT", "SDPIPE_DVC_ACCESS_KEY_ID", "SDPIPE_DVC_SECRET_ACCESS_KEY")
 SECRET_KEYS = (TRACKING_PASSWORD, PREFECT_AUTH, DVC_SECRET)
-
-
-def project_root(root: Path) -> Path:
-    """The project DVC runs the stage for (inside an experiment's copy under .dvc/tmp/exps), else `root`."""
-    return Path(os.environ.get(DVC_ROOT_ENV) or root)
 
 
 def team_file(root: Path) -> Path:

@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTokenizerFast, T5Config, T5TokenizerFast
 
+from pipeline.contracts.paths import Paths
 from pipeline.core.config import ConfigError, VaeParams
 
 PIPELINE_INDEX = "model_index.json"
@@ -76,7 +77,7 @@ def build_vae(params: VaeParams, resolution: int, latent_channels: int) -> Autoe
 def pretrained_location(spec: str, root: Path) -> str:
     """`model.pretrained` as from_pretrained takes it: a diffusers folder (relative to the project root unless
     absolute), else a hub id, which must already be in the Hugging Face cache when the hub is offline."""
-    folder = (Path(root) / Path(spec).expanduser()).resolve()
+    folder = Paths(root).input(spec)
     if folder.is_dir():
         if not (folder / PIPELINE_INDEX).is_file():
             raise ConfigError(f"model.pretrained: {folder} is not a diffusers folder (no {PIPELINE_INDEX})")

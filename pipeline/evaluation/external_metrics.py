@@ -135,7 +135,7 @@ class ClipScore:
 
 def load_clip_score(model: str, root: Path) -> tuple[ClipScore | None, str | None]:
     """The CLIP scorer for a local folder or cached hub id; (None, why) when it cannot be loaded."""
-    local = Paths(root).resolve(model)
+    local = Paths(root).input(model)
     try:
         return ClipScore(str(local) if local.exists() else model), None
     except OSError as error:

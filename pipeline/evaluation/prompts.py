@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from pipeline.contracts.paths import Paths
 from pipeline.core.config import ConfigError, EvaluateParams
 from pipeline.data.shapes import SHAPE_PROMPTS
 
@@ -40,7 +41,7 @@ def prompts_from_captions(captions: Iterable[str], max_prompts: int) -> list[str
 
 def evaluation_prompts(params: EvaluateParams, source: str, val_captions: Iterable[str], root: Path) -> list[str]:
     if params.prompts is not None:
-        return prompts_from_file(root / params.prompts)
+        return prompts_from_file(Paths(root).input(params.prompts))
     if source == "synthetic":
         return list(SHAPE_PROMPTS)
     return prompts_from_captions(val_captions, params.max_prompts)

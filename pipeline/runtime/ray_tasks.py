@@ -4,7 +4,7 @@ cluster that has GPUs).
 On the embedded default Ray starts on this machine (no dashboard, `ray.num_cpus` CPUs) and stops when the
 stage ends, unless the stage has fewer than `ray.min_tasks` tasks: then they run one after another in the
 stage's own process, since Ray's start, its workers' imports and its shutdown cost more seconds than a
-few shards gain from running side by side (README "Performance"). With `ray.address` or RAY_ADDRESS set,
+few shards gain from running side by side (docs/explanation/results.md). With `ray.address` or RAY_ADDRESS set,
 the same tasks run on that cluster, whose nodes must see the project folder at the same path (a shared
 volume), because tasks read and write shards there. A Ray session already open in the calling process (a
 test's, a notebook's) is used as it is. Tasks return plain rows; their order is the order of the tasks, so
@@ -12,7 +12,7 @@ outputs never depend on how many workers ran them.
 
 Plain Ray tasks with a bounded window in flight, not a Ray Data pipeline: measured on 2 cores, Ray Data's
 streaming executor spent so much of the driver's CPU per task that two workers were barely faster than
-one (preprocess of 10^5 images: 1.2x); tasks with a window gave 1.7x (README "Performance"). Without Ray
+one (preprocess of 10^5 images: 1.2x); tasks with a window gave 1.7x (docs/explanation/results.md). Without Ray
 installed the tasks run one after another in the calling process.
 """
 
@@ -104,7 +104,7 @@ def iter_tasks(work: Callable[[Any], list[dict]], tasks: list, params: RayParams
     try:
         import ray
         from ray import cloudpickle
-    except ImportError:  # a machine without Ray (the GPU benchmark's, see README "GPU"): the same tasks here
+    except ImportError:  # a machine without Ray (the GPU benchmark's, see docs/guides/gpu.md): the same tasks here
         log.warning("%s: Ray is not installed: %d task(s) run one after another in this process", label, len(tasks))
         yield from as_one_cpu_tasks(work, tasks)
         return

@@ -35,7 +35,8 @@ from pipeline.core.atomic import atomic_file, read_json, write_json
 from pipeline.core.config import RayParams
 from pipeline.core.source_params import FolderSource, IngestParams
 from pipeline.data.images import content_id, describe_image
-from pipeline.data.sources import Rejected, SourceError, SourceItem, folder, hf, manifest, synthetic, webdataset
+from pipeline.data.sources import Rejected, SourceItem, folder
+from pipeline.data.sources.configured import open_source
 from pipeline.runtime.ray_tasks import iter_tasks
 
 log = logging.getLogger(__name__)
@@ -55,28 +56,6 @@ class IngestResult:
     total: int  # rows in the manifest
     unconditional: int  # rows with an empty caption
     manifest: Path
-
-
-def open_source(params: IngestParams, paths: Paths) -> tuple[str, Iterator[SourceItem | Rejected]]:
-    """The configured source's signature (what it is and where) and its items."""
-    if params.source == "folder":
-        root = paths.resolve(params.folder.path)
-        if paths.raw.is_relative_to(root):
-            # Otherwise every run would walk its own outputs (and the processed data) as new input.
-            raise SourceError(f"ingest.folder.path: {root} contains the pipeline's {paths.raw}; "
-                              "point it at the folder of source images, such as data/images")
-        return f"folder {root}", folder.items(params.folder, root)
-    if params.source == "manifest":
-        path = paths.resolve(params.manifest.path)
-        return f"manifest {path}", manifest.items(params.manifest, path)
-    if params.source == "hf":
-        location = hf.locate(params.hf.path_or_id, paths.resolve(params.hf.path_or_id))
-        return f"hf {location} split={params.hf.split}", hf.items(params.hf, location)
-    if params.source == "webdataset":
-        given = params.webdataset.path
-        location = given if webdataset.is_url(given) else str(paths.resolve(given))
-        return f"webdataset {location}", webdataset.items(location)
-    return f"synthetic {params.synthetic.model_dump_json()}", synthetic.items(params.synthetic)
 
 
 def read_items(items: list[SourceItem]) -> list[dict]:

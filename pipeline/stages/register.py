@@ -22,11 +22,12 @@ from pipeline.contracts.records import (
     EVAL_METRICS,
     HEADLINE_METRICS,
     METRIC_TAG_PREFIX,
+    PROMPTS,
     REGISTRY_RECORD,
     read_metrics,
     read_unavailable,
 )
-from pipeline.core.atomic import write_json
+from pipeline.core.atomic import read_json, write_json
 from pipeline.core.config import ConfigError, Params, RegisterParams
 from pipeline.core.hashing import folder_hash
 from pipeline.tracking.champion import GATE_TAG_PREFIX, current_champion, move_champion
@@ -124,6 +125,15 @@ def serving_signature():
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(DataType.string, "image")]))
 
 
+def serving_example(paths: Paths):
+    """A request the registry shows and MLflow runs once at logging (a smoke test of the served model): the
+    first evaluation prompt, one sampling step."""
+    import pandas as pd
+
+    prompts = read_json(paths.metrics / EVAL_METRICS).get(PROMPTS) or [""]
+    return pd.DataFrame([{"prompt": prompts[0], "seed": 0, "steps": 1}])
+
+
 def _existing_version(client, name: str, model_hash: str):
     matches = client.search_model_versions(f"name = '{name}' and tags.{MODEL_HASH_TAG} = '{model_hash}'")
     return min(matches, key=lambda version: int(version.version)) if matches else None
@@ -152,6 +162,7 @@ def _log_new_version(params: Params, paths: Paths, metrics: dict, model_hash: st
             python_model=mlflow_model.__file__,
             artifacts={PIPELINE_ARTIFACT: str(paths.sd_model)},
             signature=serving_signature(),
+            input_example=serving_example(paths),
             pip_requirements=serving_requirements(),
         )
         tags = {**lineage_tags(params, paths.root), MODEL_HASH_TAG: model_hash, "run_id": run.info.run_id,

@@ -62,7 +62,7 @@ class DiffusersPipelineModel(PythonModel):
         image.save(buffer, format="PNG")
         return base64.b64encode(buffer.getvalue()).decode("ascii")
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
         return pd.DataFrame({"image": [self._image(row) for row in frame.to_dict(orient="records")]})
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import read_json, write_json
 from pipeline.core.config import Params, RegisterParams
-from pipeline.core.team import TRACKING_URI, apply_team_settings, project_root, read_team_settings
+from pipeline.core.project import project_root
+from pipeline.core.team import TRACKING_URI, apply_team_settings, read_team_settings
 from pipeline.tracking.lineage import flat_params, lineage_tags
 
 ARTIFACTS_DIR = "mlartifacts"
