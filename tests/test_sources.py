@@ -332,7 +332,7 @@ def test_webdataset_without_shards_or_with_a_broken_shard_names_it(tmp_path):
     ({"source": "hf", "hf": {}}, r"ingest\.hf\.path_or_id: required"),
     ({"source": "folder", "folder": {"path": "x", "caption_col": "text"}}, r"ingest\.folder\.caption_col: unknown key"),
     ({"source": "webdataset"}, r"ingest\.webdataset\.path: required when ingest\.source is webdataset"),
-    ({"source": "s3"}, r"ingest\.source: .*'synthetic', 'folder', 'manifest', 'hf' or 'webdataset'"),
+    ({"source": "s3"}, r"ingest\.source: .*'synthetic', 'folder', 'manifest', 'hf', 'webdataset' or 'subsets'"),
     ({"source": "folder", "folder": {"path": "x", "label_template": "a {cls}"}}, r"ingest\.folder\.label_template: .*\{label\}"),
     ({"source": "folder", "folder": {"path": "x", "extensions": ["png"]}}, r"ingest\.folder\.extensions: .*dot"),
 ])

@@ -18,14 +18,15 @@ from pipeline.contracts.shards import image_bytes
 
 MANIFEST = "manifest.parquet"  # in data/raw, data/validated and each processed split
 # data/raw/manifest.parquet (and, the rows validation kept, data/validated/manifest.parquet)
-RAW_MANIFEST_COLUMNS = ("id", "shard", "caption", "width", "height", "format", "bytes", "source", "origin")
+RAW_MANIFEST_COLUMNS = ("id", "shard", "caption", "width", "height", "format", "bytes", "source", "origin",
+                        "subset")
 REJECTED = "rejected.parquet"  # data/raw: what the source offered but ingest could not take
 REJECTED_COLUMNS = ("origin", "reason")
 
 # data/processed
 SPLITS = ("train", "val")
 PROCESSED_MANIFEST_COLUMNS = ("id", "shard", "caption", "width", "height", "crop", "recipe", "sha256",
-                              "original_width", "original_height", "crop_left", "crop_top")
+                              "original_width", "original_height", "crop_left", "crop_top", "subset")
 STATS = "stats.json"
 REFERENCE_FEATURES = "reference_features.parquet"
 IMAGES_PER_CHUNK = 1024  # images decoded at a time by `split_chunks`

@@ -17,7 +17,9 @@ PRETRAINED = "pretrained.json"  # model.pretrained: read by vae, encode, train
 PROMPTS = "prompts.json"  # evaluate.prompts: read by evaluate
 CLIP_MODEL = "clip_model.json"  # evaluate.clip_model: read by evaluate
 
-# the params keys naming each input: a stage that reads one lists the fingerprint (tests/test_dependencies.py)
+# the params keys naming each input: a stage that reads one lists the fingerprint (tests/test_dependencies.py).
+# ingest.subsets names inputs too (each subset's source section), but train reads it only for the subsets' shares:
+# only ingest reads their sources, and it lists the fingerprint as it reads all of `ingest`.
 WATCHED_KEYS = {SOURCE: ("ingest.folder", "ingest.manifest", "ingest.hf", "ingest.webdataset"),
                 PRETRAINED: ("model.pretrained",), PROMPTS: ("evaluate.prompts",), CLIP_MODEL: ("evaluate.clip_model",)}
 

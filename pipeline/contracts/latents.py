@@ -14,8 +14,8 @@ the captions), written once and never rewritten:
   empty prompt.
 
 Each file's metadata lists what it holds (`keys`: the image ids, or a text file's captions). {split}.parquet has one row per sample
-(LATENT_COLUMNS): its files, its size, its `row` in the tensors of that size, its `text_row`, and its size
-before preprocess with the crop's corner (IMAGE_SIZE_COLUMNS).
+(LATENT_COLUMNS): its files, its size, its `row` in the tensors of that size, its `text_row`, its size
+before preprocess with the crop's corner (IMAGE_SIZE_COLUMNS), and its `subset` (`ingest.subsets`).
 
 Readers map the files rather than load them: a batch reads its samples' rows by index (the order training's
 exact resume replays), so a split larger than memory trains from the page cache.
@@ -46,7 +46,7 @@ EMPTY_PROMPT_ROW = 0  # the text tensors' row of the empty prompt, in every text
 # corner in the scaled image, and its size after (pixels)
 IMAGE_SIZE_COLUMNS = ("original_height", "original_width", "crop_top", "crop_left", "height", "width")
 LATENT_COLUMNS = ("id", "caption", "height", "width", "row", POSTERIOR, FLIPPED, TEXT, "text_row",
-                  "original_height", "original_width", "crop_top", "crop_left")
+                  "original_height", "original_width", "crop_top", "crop_left", "subset")
 LATENT_SUFFIX = ".safetensors"
 
 # safetensors dtype -> (numpy type of the same width, torch dtype); bfloat16 travels as int16
@@ -173,6 +173,7 @@ class CachedLatents:
     image_sizes: torch.Tensor | None = None  # per sample: original height and width, crop top and left, height, width
     text_states: dict[str, MappedRows] | None = None  # finetune: per name, the states of every text file's captions
     text_rows: torch.Tensor | None = None  # each sample's row in text_states
+    subsets: list[str] | None = None  # each sample's subset (ingest.subsets; `default` without subsets)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -240,4 +241,4 @@ def load_latents(directory: Path, split: str) -> CachedLatents:
         groups.append(LatentGroup(torch.tensor(members.index.to_numpy()), **named))
     text_states, text_rows = mapped_text_states(directory, rows) if rows[TEXT].notna().all() else (None, None)
     return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), image_sizes_of(rows), text_states,
-                         text_rows)
+                         text_rows, rows["subset"].tolist())

@@ -3,7 +3,8 @@ whether the data set as a whole passes. The validate stage runs it over data/raw
 over each incoming batch.
 
 Hard checks judge the data set as a whole (its columns, its size, its share of uncaptioned rows per
-source, its share of bad rows). Soft checks judge each row; a failing row is quarantined with a reason a
+source, its share of bad rows, and, for a run with named subsets (`ingest.subsets`), each subset's share of bad
+rows and that quarantine leaves it a row). Soft checks judge each row; a failing row is quarantined with a reason a
 person can act on. Image properties Great Expectations cannot compute (decodable, colour mode,
 perceptual hash, brightness) come from `pipeline.quality.image_checks`, read once per row, headers before pixels.
 """
@@ -19,6 +20,7 @@ import pandas as pd
 
 from pipeline.contracts.records import DATA_DOCS
 from pipeline.core.config import ValidateParams
+from pipeline.core.source_params import IMPLICIT_SUBSET
 from pipeline.data.images import ImageSource
 from pipeline.quality.image_checks import property_columns
 from pipeline.quality.near_duplicates import near_duplicate_of
@@ -278,9 +280,34 @@ def check_manifest(
         hard_checks=hard_check_results(outcomes),
         unexpected_rows={check.reason: int(result.get("unexpected_count") or 0)
                          for check, result in outcomes if not check.hard},
+        **subset_counts(frame, rows),
     )
     good = manifest.reset_index(drop=True).drop(index=rows).reset_index(drop=True)
     return ManifestCheck(good, quarantined, with_verdict(summary, params), failed)
+
+
+def subset_counts(frame: pd.DataFrame, bad_rows: list[int]) -> dict:
+    """`{"subsets": {name: {"total", "quarantined"}}}` for a manifest of named subsets; {} for any other (a run
+    with one source, a monitoring batch), whose summary keeps its old keys."""
+    if "subset" not in frame or set(frame["subset"]) <= {IMPLICIT_SUBSET}:
+        return {}
+    bad = frame["subset"].loc[bad_rows].value_counts()
+    return {"subsets": {str(name): dict(total=int(total), quarantined=int(bad.get(name, 0)))
+                        for name, total in frame["subset"].value_counts(sort=False).items()}}
+
+
+def subset_checks(summary: dict, params: ValidateParams) -> dict[str, dict]:
+    """Per named subset: quarantine must leave it a row, and its bad rows stay within validate.max_bad_fraction:
+    12 bad subject photos among 1,000 class images are 1 % of the data set but all of the subject."""
+    checks = {}
+    for name, counts in summary.get("subsets", {}).items():
+        total, bad = counts["total"], counts["quarantined"]
+        observed = f"{bad} of {total} rows"
+        checks[f"subset {name} emptied by quarantine (ingest.subsets.{name})"] = dict(passed=bad < total,
+                                                                                      observed=observed)
+        checks[f"bad rows of subset {name} (validate.max_bad_fraction)"] = dict(
+            passed=bad <= params.max_bad_fraction * total, observed=observed)
+    return checks
 
 
 def with_verdict(summary: dict, params: ValidateParams) -> dict:
@@ -289,7 +316,7 @@ def with_verdict(summary: dict, params: ValidateParams) -> dict:
     bad_fraction = summary["quarantined"] / total if total else 1.0
     bad_rows = {BAD_ROWS: dict(passed=bad_fraction <= params.max_bad_fraction,
                                observed=f"{summary['quarantined']} of {total} rows")}
-    hard_checks = summary["hard_checks"] | bad_rows
+    hard_checks = summary["hard_checks"] | bad_rows | subset_checks(summary, params)
     return summary | dict(bad_fraction=bad_fraction, hard_checks=hard_checks,
                           passed=all(result["passed"] for result in hard_checks.values()))
 

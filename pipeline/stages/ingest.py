@@ -5,11 +5,16 @@ Writes into data/raw:
   under its sample id (the sha256 of its bytes); each run's new images go into new shards of at most
   `ingest.shard_size`, and shards no manifest row names any more are deleted;
 - manifest.parquet: one row per sample: id, shard (relative to data/raw), caption ("" for an
-  unconditional sample), width, height, format, bytes, source, origin (its name in the source);
+  unconditional sample), width, height, format, bytes, source (its kind), origin (its name in the source),
+  subset (`ingest.subsets`' name, or `default` for a run with one source);
 - rejected.parquet: what the source offered but could not be ingested (origin, reason), for validation;
 - index.json: the source's signature and, per item name, its change stamp and content id.
 
 Batches the retraining flow merged into data/batches/ are ingested after the source's own items.
+
+With `ingest.source: subsets` every named subset is read in turn, its items named `<subset>/<name>` and
+captioned by the subset's caption rule (`pipeline.data.sources.configured`); content already taken by an
+earlier subset is a duplicate and stays in that subset. A subset left without a sample is an error.
 
 A re-run reads only items that are new or whose stamp (size and mtime for files) changed; the rest keep
 their rows, with captions refreshed from the source. Reading, hashing and describing the items to read runs
@@ -33,9 +38,9 @@ from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import shard_name, unreferenced_shards, write_shard
 from pipeline.core.atomic import atomic_file, read_json, write_json
 from pipeline.core.config import RayParams
-from pipeline.core.source_params import FolderSource, IngestParams
+from pipeline.core.source_params import IMPLICIT_SUBSET, SUBSETS, FolderSource, IngestParams
 from pipeline.data.images import content_id, describe_image
-from pipeline.data.sources import Rejected, SourceItem, folder
+from pipeline.data.sources import Rejected, SourceError, SourceItem, folder
 from pipeline.data.sources.configured import open_source
 from pipeline.runtime.ray_tasks import iter_tasks
 
@@ -82,7 +87,7 @@ class Ingestion:
     """One run over a source: the manifest rows and index carried over from earlier runs, and tallies."""
 
     raw: Path
-    source: str
+    sources: dict[str, str]  # each subset's kind of source
     rows: dict[str, dict] = field(default_factory=dict)  # by sample id, in manifest order
     index: dict[str, dict] = field(default_factory=dict)  # by item name: {"stamp", "id"}
     supplied_by: dict[str, str] = field(default_factory=dict)  # sample id -> item name, this run
@@ -133,7 +138,7 @@ class Ingestion:
             return False
         self.rows[sample_id] = dict(id=sample_id, shard=None, caption=item.caption, width=result["width"],
                                     height=result["height"], format=result["format"], bytes=len(result["data"]),
-                                    source=self.source, origin=item.name)
+                                    source=self.sources[item.subset], origin=item.name, subset=item.subset)
         self.supplied_by[sample_id] = item.name
         self.new += 1
         return True
@@ -166,6 +171,8 @@ def carried_over(raw: Path, signature: str) -> tuple[dict[str, dict], dict[str, 
     rows = pd.read_parquet(raw / MANIFEST).to_dict(orient="records")
     if rows and "shard" not in rows[0]:  # written before shards: read every item again
         return {}, {}
+    for row in rows:  # written before subsets
+        row.setdefault("subset", IMPLICIT_SUBSET)
     return {row["id"]: row for row in rows}, saved["items"]
 
 
@@ -183,11 +190,24 @@ def save(run: Ingestion, signature: str) -> pd.DataFrame:
     return frame
 
 
-def merged_batches(paths: Paths) -> Iterator[SourceItem | Rejected]:
+def require_every_subset(frame: pd.DataFrame, params: IngestParams) -> None:
+    """A named subset without a sample trains nothing of what it was named for: an error naming it."""
+    if params.source != SUBSETS:
+        return
+    empty = [name for name in params.subsets if not (frame["subset"] == name).any()]
+    if empty:
+        raise SourceError(f"ingest.subsets.{empty[0]}: its source gave no image that another subset had not "
+                          f"already (see {params.subsets[empty[0]].location() or 'its synthetic section'})")
+
+
+def merged_batches(paths: Paths, params: IngestParams) -> Iterator[SourceItem | Rejected]:
     """Batches the retraining flow accepted (data/batches/<batch>/, imagefolder layout): they add to
     whatever the configured source gives, named `batches/<batch>/<file>`."""
     if not paths.batches.is_dir():
         return
+    if params.source == SUBSETS and any(paths.batches.iterdir()):
+        raise SourceError(f"ingest.subsets: {paths.batches} holds merged batches, which belong to no subset; "
+                          "add them to a subset's source, or run without ingest.subsets")
     for item in folder.items(FolderSource(path=str(paths.batches), label_template=None), paths.batches):
         yield replace(item, name=f"{BATCHES_PREFIX}{item.name}")
 
@@ -195,13 +215,14 @@ def merged_batches(paths: Paths) -> Iterator[SourceItem | Rejected]:
 def ingest(params: IngestParams, paths: Paths, ray: RayParams = RayParams()) -> IngestResult:
     signature, source_items = open_source(params, paths)
     rows, index = carried_over(paths.raw, signature)
-    run = Ingestion(paths.raw, params.source, rows, index)
-    for item in itertools.chain(source_items, merged_batches(paths)):
+    run = Ingestion(paths.raw, {name: sections.source for name, sections in params.sources().items()}, rows, index)
+    for item in itertools.chain(source_items, merged_batches(paths, params)):
         run.take(item)
     chunks = [run.to_read[start:start + params.shard_size] for start in range(0, len(run.to_read), params.shard_size)]
     for chunk, results in zip(chunks, iter_tasks(read_items, chunks, ray, "ingest"), strict=True):
         run.store_shard(chunk, results)
     frame = save(run, signature)
+    require_every_subset(frame, params)
     unconditional = int((frame["caption"] == "").sum())
     log.info(
         "ingest: %d new, %d unchanged, %d read, %d duplicates, %d rejected; the manifest holds %d samples "

@@ -13,6 +13,7 @@ What a fingerprint covers:
   modification time (one stat per file, not a read of 24 GB of weights);
 - webdataset shards, local or remote: each shard's size and ETag or modification time;
 - the prompts file: its content;
+- named subsets (`ingest.source: subsets`): each subset's source as above, by subset name;
 - a hub id (and a remote URL for the other inputs): its name alone. A new revision upstream is not seen;
   `dvc repro -f -s STAGE` re-runs the stage that reads it.
 A copied or freshly cloned folder has new modification times: ingest re-reads its images once and, their
@@ -29,7 +30,7 @@ from pipeline.contracts.inputs import CLIP_MODEL, PRETRAINED, PROMPTS, SOURCE, i
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import write_json
 from pipeline.core.config import Params
-from pipeline.core.source_params import IngestParams
+from pipeline.core.source_params import SUBSETS, IngestParams, SourceSections
 from pipeline.data.sources import Rejected, configured, webdataset
 
 
@@ -48,9 +49,17 @@ def inputs(params: Params, paths: Paths) -> dict[str, dict]:
 
 
 def source_fingerprint(params: IngestParams, paths: Paths) -> dict:
+    if params.source == SUBSETS:
+        return {"input": SUBSETS, "subsets": {name: sections_fingerprint(subset, paths)
+                                              for name, subset in params.subsets.items()}}
+    return sections_fingerprint(params, paths)
+
+
+def sections_fingerprint(params: SourceSections, paths: Paths) -> dict:
+    """One source's fingerprint, from its kind and its section."""
     location = params.location()
     if params.source in ("folder", "manifest"):
-        _, items = configured.open_source(params, paths)
+        _, items = configured.open_sections(params, paths)
         return {"input": location, **digest_of(item_lines(items))}
     if params.source == "webdataset":
         filesystem, shards = webdataset.shard_files(

@@ -15,7 +15,8 @@ a model card (LoRA mode adds pytorch_lora_weights.safetensors, which the family 
 the loss curve metrics/train_loss.csv (a DVC plot) and the MLflow run id.
 
 Every step's data is a function of (seed, step, process): the epoch order comes from (seed, epoch) and
-the step's noise from (seed, step, process). With `accelerator.save_state` checkpoints every
+the step's noise from (seed, step, process); with named subsets (`ingest.subsets`) the batches draw each subset
+at its share (`pipeline.training.sampling`). With `accelerator.save_state` checkpoints every
 `train.checkpoint_every` steps in models/checkpoints/ (model, optimizer, LR schedule, EMA and the loss
 curve), a run killed at any point and started again continues exactly where the checkpoint left it.
 This module holds the data order and the loop; the model comes from `pipeline.training.modules`, the loss's math
@@ -27,7 +28,6 @@ from `pipeline.diffusion.schedule`, checkpoints from `pipeline.training.checkpoi
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import math
@@ -75,6 +75,7 @@ from pipeline.training.modules import (
     place_frozen_modules,
     trained_denoiser_parameters,
 )
+from pipeline.training.sampling import SubsetSampler, derived_seed, subset_sampler
 from pipeline.training.speedups import apply_speed_settings, compile_unet
 from pipeline.training.throughput import (
     Throughput,
@@ -91,11 +92,6 @@ SAMPLE_PROMPTS = 8
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def derived_seed(*parts: object) -> int:
-    """A seed for one purpose (an epoch's order, a step's noise) that no other purpose shares."""
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
 @lru_cache(maxsize=2)
@@ -190,6 +186,7 @@ class Run:
     ema: EMAModel | None
     log_metrics: Callable[[dict, int], None]
     log_image: Callable[[object, str], None]
+    sampler: SubsetSampler | None = None  # named subsets' batches; None: epochs of the whole split
 
     def optimizer_step(self) -> None:
         """A no-op on micro-batches that only accumulate gradients (accelerate's wrappers know)."""
@@ -269,8 +266,12 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughpu
         images = 0
         for micro in range(settings.gradient_accumulation_steps):
             micro_batch = (step - 1) * settings.gradient_accumulation_steps + micro
-            group, positions = batch_indices(micro_batch, group_sizes, settings.batch_size,
-                                             accelerator.num_processes, accelerator.process_index, settings.seed)
+            if run.sampler is None:
+                group, positions = batch_indices(micro_batch, group_sizes, settings.batch_size,
+                                                 accelerator.num_processes, accelerator.process_index, settings.seed)
+            else:
+                group, positions = run.sampler.batch(micro_batch * accelerator.num_processes
+                                                     + accelerator.process_index)
             run.progress.saw(group, positions)
             generator = torch.Generator().manual_seed(derived_seed(settings.seed, "step", micro_batch,
                                                                    accelerator.process_index))
@@ -399,7 +400,11 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
+    sampler = subset_sampler(params.ingest.subsets, cache.subsets, len(cache.groups), settings.batch_size,
+                             settings.seed)
     fingerprint = training_fingerprint(params.model, params.train, paths, accelerator.num_processes)
+    if sampler is not None:
+        fingerprint["subset_shares"] = sampler.describe()
     checkpoint = resumable_checkpoint(paths, fingerprint, settings.steps)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -417,7 +422,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
             accelerator, model, settings, cache, val, conditioning=conditioning,
             optimizer=optimizer, lr_schedule=lr_schedule, progress=progress, ema=ema,
             log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step) if logged else None,
-            log_image=lambda image, name: mlflow.log_image(image, name) if logged else None,
+            log_image=lambda image, name: mlflow.log_image(image, name) if logged else None, sampler=sampler,
         )
         started = time.perf_counter()
         speed = fit(run, paths, fingerprint, start_step)

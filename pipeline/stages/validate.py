@@ -108,8 +108,18 @@ def with_ingest_rejects(check: ManifestCheck, rejects: pd.DataFrame, params: Val
         quarantined=len(quarantined),
         unexpected_rows=check.summary["unexpected_rows"] | {REJECTED_AT_INGEST: len(rejects)},
     )
+    if "subsets" in summary:
+        summary["subsets"] = with_subset_rejects(summary["subsets"], rejects["origin"])
     return ManifestCheck(check.good, quarantined, with_verdict(summary, params),
                          check.failed_checks | {REJECTED_AT_INGEST: len(rejects)})
+
+
+def with_subset_rejects(subsets: dict[str, dict], origins: pd.Series) -> dict[str, dict]:
+    """Each subset's counts with ingest's rejects of its items (named `<subset>/...`) added as bad rows."""
+    rejected = origins.str.split("/", n=1).str[0].value_counts()
+    return {name: dict(total=counts["total"] + int(rejected.get(name, 0)),
+                       quarantined=counts["quarantined"] + int(rejected.get(name, 0)))
+            for name, counts in subsets.items()}
 
 
 def validate(params: ValidateParams, paths: Paths, ray: RayParams = RayParams()) -> ValidationResult:

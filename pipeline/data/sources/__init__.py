@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import UserError
+from pipeline.core.source_params import IMPLICIT_SUBSET
 
 
 class SourceError(UserError, ValueError):
@@ -25,6 +26,7 @@ class SourceItem:
     caption: str  # "" is an unconditional sample (the classifier-free-guidance branch)
     read: Callable[[], bytes]
     stamp: str | None = None  # changes whenever the bytes may have; None means "always read"
+    subset: str = IMPLICIT_SUBSET  # the named subset (ingest.subsets) the item belongs to
 
 
 @dataclass(frozen=True)
