@@ -62,7 +62,7 @@ TINY_OVERRIDES = {
 def merge(base: dict, overrides: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
-        merged[key] = merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+        merged[key] = merge(merged.get(key) or {}, value) if isinstance(value, dict) else value
     return merged
 
 
