@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 # pytest-xdist worker the next file in collection order as it finishes one: with these first, the long files
 # run side by side from the start and the many short ones fill in, instead of a long file starting last.
 SLOWEST_FILES = ("test_pipeline_e2e.py", "test_team.py", "test_family_training.py", "test_resume.py",
-                 "test_docs.py", "test_ray_cluster.py", "test_bench_gpu.py")
+                 "test_docs.py", "test_ray_cluster.py", "test_bench_gpu.py", "test_subsets.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

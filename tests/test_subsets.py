@@ -116,6 +116,16 @@ def test_a_subset_left_without_images_is_an_error_naming_it(tmp_path):
         ingest(missing.ingest, Paths(tmp_path / "project"))
 
 
+def test_merged_batches_which_belong_to_no_subset_are_refused(tmp_path):
+    add_patterns(tmp_path / "subject", [(24, 20)] * 2)
+    add_patterns(tmp_path / "class", [(24, 20)] * 2, first_seed=10)
+    paths = Paths(tmp_path / "project")
+    write_pattern(paths.batches / "batch-1" / "new.png", 50)
+    params = parse_params(subsets_params(str(tmp_path / "subject"), str(tmp_path / "class")))
+    with pytest.raises(SourceError, match=r"ingest\.subsets: .*batches holds merged batches, which belong to no subset"):
+        ingest(params.ingest, paths)
+
+
 def test_validation_fails_naming_a_subset_that_quarantine_empties(tmp_path):
     """Two bad subject images among 40 are 4.8 % of the data set, within validate.max_bad_fraction, yet all of
     the subject: the per-subset checks fail the stage, naming it."""

@@ -205,10 +205,10 @@ def merged_batches(paths: Paths, params: IngestParams) -> Iterator[SourceItem | 
     whatever the configured source gives, named `batches/<batch>/<file>`."""
     if not paths.batches.is_dir():
         return
-    if params.source == SUBSETS and any(paths.batches.iterdir()):
-        raise SourceError(f"ingest.subsets: {paths.batches} holds merged batches, which belong to no subset; "
-                          "add them to a subset's source, or run without ingest.subsets")
     for item in folder.items(FolderSource(path=str(paths.batches), label_template=None), paths.batches):
+        if params.source == SUBSETS:
+            raise SourceError(f"ingest.subsets: {paths.batches} holds merged batches, which belong to no subset; "
+                              "add them to a subset's source, or run without ingest.subsets")
         yield replace(item, name=f"{BATCHES_PREFIX}{item.name}")
 
 
