@@ -79,6 +79,15 @@ def _section_of(annotation) -> type[BaseModel] | None:
     return sections[0] if sections else None
 
 
+def _named_sections_of(annotation) -> type[BaseModel] | None:
+    """The section class of a field typed as a mapping of names to sections (ingest.subsets), or None."""
+    candidates = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for candidate in candidates:
+        if typing.get_origin(candidate) is dict:
+            return _section_of(typing.get_args(candidate)[1])
+    return None
+
+
 def _type_name(annotation) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return "choice"
@@ -136,6 +145,9 @@ def params_rows(section: type[BaseModel], prefix: str = "") -> list[dict]:
         rows.append({"key": key, "type": _type_name(field.annotation), "allowed": _allowed(field),
                      "default": "required" if required else f"`{_yaml(field.default)}`",
                      "description": field.description or ""})
+        named = _named_sections_of(field.annotation)
+        if named is not None:  # each entry's keys, under a placeholder for its name
+            rows.extend(params_rows(named, f"{key}.<name>."))
     return rows
 
 
