@@ -101,7 +101,7 @@ def _generate(params: Params, paths: Paths, args):
 
 
 def _models(params: Params, paths: Paths, _):
-    from pipeline.contracts.records import HEADLINE_METRICS
+    from pipeline.contracts.records import CHAMPION, HEADLINE_METRICS, call_in_card
     from pipeline.tracking.champion import list_versions
 
     versions = list_versions(params, paths)
@@ -112,6 +112,11 @@ def _models(params: Params, paths: Paths, _):
         gate = f"gate {entry['gate']['metric']} ({entry['gate'].get('outcome', '?')})" if entry["gate"] else "gate -"
         print(f"{entry['version']:>4}  {','.join(entry['aliases']) or '-':<22} {headline}  {gate}  "
               f"commit {entry['git_commit'][:10]}")
+    champion = next((entry for entry in versions if CHAMPION in entry["aliases"]), None)
+    call = champion and call_in_card(champion["description"])
+    if call:
+        print(f"\nthe champion in plain diffusers (its model card's call; models/sd: the version's model folder):\n\n"
+              f"{call}")
 
 
 def _promote(params: Params, paths: Paths, args):

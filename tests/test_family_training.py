@@ -18,8 +18,9 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.core.config import FLOW_FAMILIES
-from pipeline.core.params_file import read_params_file
+from pipeline.contracts.paths import Paths
+from pipeline.core.config import FLOW_FAMILIES, EvaluateParams
+from pipeline.core.params_file import parse_params, read_params_file
 from pipeline.diffusion.families import family_named
 from pipeline.evaluation.noise_metrics import square_image_sizes
 from pipeline.stages.train import train
@@ -28,6 +29,7 @@ from pipeline.training.modules import denoiser_weights_mb
 
 from .conftest import merge, save_random_base_model, tiny_params_dict
 from .test_finetune import finetune_params, project
+from .test_model_card import LORA_PIXEL_TOLERANCE, assert_card_draws_as_sdpipe
 from .test_pipeline_e2e import _run, copy_repository, stages_run
 
 FINETUNED = ("sdxl", "sd3", "flux")
@@ -36,12 +38,10 @@ FINETUNED = ("sdxl", "sd3", "flux")
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, str]:
     """A tiny pretrained folder per family, saved when a test first asks for it."""
-    saved = {}
-
     class Bases(dict):
         def __missing__(self, family: str) -> str:
-            saved[family] = str(save_random_base_model(tmp_path_factory.mktemp(family) / f"tiny-{family}", family))
-            return saved[family]
+            self[family] = str(save_random_base_model(tmp_path_factory.mktemp(family) / f"tiny-{family}", family))
+            return self[family]
 
     return Bases()
 
@@ -148,7 +148,25 @@ def test_dvc_repro_trains_a_family_from_scratch_and_serves_it_from_the_registry(
 
 
 @pytest.mark.e2e
-def test_dvc_repro_finetunes_a_family_with_lora_then_in_full(scratch_project, bases):
+def test_the_model_cards_call_draws_what_sdpipe_generate_draws(scratch_project, tmp_path):
+    """The card's python block run as written in a process without sdpipe: identical pixels to sdpipe generate,
+    with the arguments the family's pipeline would otherwise default differently."""
+    family, root = scratch_project
+    params = parse_params(read_params_file(root / "params.yaml"))
+    code = assert_card_draws_as_sdpipe(params, Paths(root), tmp_path)
+    assert f"{family_named(family).pipeline_class.__name__}.from_pretrained('models/sd')" in code
+    if family in FLOW_FAMILIES:  # T5 pads to the trained length, not the pipeline's 256 or 512
+        assert f"max_sequence_length={params.model.max_sequence_length}," in code
+    if family == "flux":  # FluxPipeline samples 1024 px with guidance 3.5 and no true guidance unless told
+        for argument in ("height=32,", "width=32,", "guidance_scale=1.0,", "negative_prompt='',",
+                         f"true_cfg_scale={EvaluateParams().guidance_scale},"):
+            assert argument in code, argument
+    else:  # the pipeline reads the trained size from the denoiser's config
+        assert "height=" not in code
+
+
+@pytest.mark.e2e
+def test_dvc_repro_finetunes_a_family_with_lora_then_in_full(scratch_project, bases, tmp_path):
     """The scratch project switched to fine-tuning a tiny pretrained folder of its family: LoRA re-runs only the
     stages that read the model (the data stages stand), then the whole denoiser re-runs only train. Full
     fine-tuning checkpoints the transformers' activations (train.gradient_checkpointing): it must train alike."""
@@ -161,6 +179,9 @@ def test_dvc_repro_finetunes_a_family_with_lora_then_in_full(scratch_project, ba
     assert stages_run(out) == {"inputs", "vae", "encode", "train"}, out
     trained = json.loads((root / "metrics" / "train.json").read_text())
     assert_finetuned(family, "lora", root / "models" / "sd", bases[family], trained["trainable_parameters"])
+    code = assert_card_draws_as_sdpipe(parse_params(params), Paths(root), tmp_path, block=1,
+                                       tolerance=LORA_PIXEL_TOLERANCE)
+    assert f"from_pretrained({params['model']['pretrained']!r})\npipe.load_lora_weights('models/sd')" in code
 
     params["model"]["finetune"] = "full"
     params["train"]["gradient_checkpointing"] = family != "sdxl"

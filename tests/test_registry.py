@@ -7,7 +7,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pipeline.contracts.paths import Paths
-from pipeline.contracts.records import CHALLENGER, CHAMPION
+from pipeline.contracts.records import CHALLENGER, CHAMPION, MODEL_CARD, call_in_card
 from pipeline.core.atomic import write_json
 from pipeline.core.config import ConfigError, RegisterParams
 from pipeline.stages.register import choose_gate, gate_passes, register, untrusted_reason
@@ -50,6 +50,19 @@ def test_first_version_becomes_champion_with_lineage(trained_project):
     recorded = json.loads((paths.metrics / "eval.json").read_text())
     assert f"| adherence | {recorded['adherence']:.4g} |" in version.description
     assert version.tags["git_commit"] in version.description
+    call = call_in_card((paths.sd_model / MODEL_CARD).read_text())
+    assert call and f"```python\n{call}```" in version.description, "the version shows the model card's call"
+
+
+def test_models_lists_the_versions_and_the_champions_plain_diffusers_call(project_copy, capsys):
+    from pipeline.cli import main
+
+    params, paths = project_copy
+    register(params, paths)
+    (paths.root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
+    assert main(["--params", str(paths.root / "params.yaml"), "models"]) == 0
+    printed = capsys.readouterr().out
+    assert "champion" in printed and call_in_card((paths.sd_model / MODEL_CARD).read_text()) in printed
 
 
 def test_registering_the_same_files_twice_makes_no_new_version(project_copy):

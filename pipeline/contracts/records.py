@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import atomic_file, read_json
@@ -22,6 +23,11 @@ HEADLINE_METRICS = ("adherence", "label_adherence", "classifier_accuracy", "nois
 UNAVAILABLE = "unavailable"  # eval.json's map of metric -> why it could not be computed here
 PROMPTS = "prompts"  # eval.json's list of the prompts the samples were drawn with, in grid order
 REGISTRY_RECORD = "registry.json"
+
+# train: models/sd's model card, whose first python block under CALL_HEADING samples the model in plain diffusers
+# as sdpipe does (pipeline/diffusion/plain_call.py); register's version description and `sdpipe models` repeat it
+MODEL_CARD = "README.md"
+CALL_HEADING = "## Sample it in plain diffusers"
 
 # the MLflow registry: aliases and the version tags register writes and monitoring reads
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -44,3 +50,10 @@ def write_loss_curve(target, curve: list[list[float]]) -> None:
         writer = csv.writer(handle)
         writer.writerow(["step", "loss"])
         writer.writerows(curve)
+
+
+def call_in_card(card: str) -> str | None:
+    """The model card's plain-diffusers call: the first python block under CALL_HEADING (None in an older card)."""
+    _, heading, rest = card.partition(CALL_HEADING)
+    found = re.search(r"```python\n(.*?)```", rest, re.DOTALL) if heading else None
+    return found.group(1) if found else None

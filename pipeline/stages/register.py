@@ -18,12 +18,15 @@ from importlib import metadata
 
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import (
+    CALL_HEADING,
     CHALLENGER,
     EVAL_METRICS,
     HEADLINE_METRICS,
     METRIC_TAG_PREFIX,
+    MODEL_CARD,
     PROMPTS,
     REGISTRY_RECORD,
+    call_in_card,
     read_metrics,
     read_unavailable,
 )
@@ -172,19 +175,24 @@ def _log_new_version(params: Params, paths: Paths, metrics: dict, model_hash: st
         # away) finds this version by its model hash when it is run again, instead of making a second one
         version = mlflow.register_model(info.model_uri, settings.model_name, tags=tags)
     client = mlflow.MlflowClient()
-    client.update_model_version(settings.model_name, version.version, description=version_description(metrics, tags))
+    call = call_in_card((paths.sd_model / MODEL_CARD).read_text(encoding="utf-8"))
+    client.update_model_version(settings.model_name, version.version,
+                                description=version_description(metrics, tags, call))
     return version
 
 
-def version_description(metrics: dict, tags: dict) -> str:
-    """What a reviewer reads on the version's page in the MLflow UI."""
+def version_description(metrics: dict, tags: dict, call: str | None) -> str:
+    """What a reviewer reads on the version's page in the MLflow UI: the headline metrics, the lineage, and the
+    model card's plain-diffusers call (the version's `pipeline` artifact is the card's models/sd)."""
     headline = "\n".join(f"| {name} | {metrics[name]:.4g} |" for name in HEADLINE_METRICS if name in metrics)
+    usage = (f"\n\n{CALL_HEADING}\n\nThe model card's call, run where `models/sd` is this version's model folder "
+             f"(its `pipeline` artifact):\n\n```python\n{call}```") if call else ""
     return (
         f"Headline metrics (metrics/eval.json; every metric is a `{METRIC_TAG_PREFIX}*` tag):\n\n"
         f"| metric | value |\n|---|---|\n{headline}\n\n"
         f"git commit `{tags.get('git_commit', 'unknown')}`, data version `{tags.get('data_version', 'unknown')}`, "
         f"params hash `{tags.get('params_hash', 'unknown')}`, MLflow run `{tags['run_id']}`"
-        + (f", DVC experiment `{tags[EXPERIMENT_TAG]}` (`dvc exp show`)" if EXPERIMENT_TAG in tags else "")
+        + (f", DVC experiment `{tags[EXPERIMENT_TAG]}` (`dvc exp show`)" if EXPERIMENT_TAG in tags else "") + usage
     )
 
 

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -357,7 +358,7 @@ def prepared_optimisation(accelerator: Accelerator, model: Model, settings: Trai
     return optimizer, lr_schedule
 
 
-def export(accelerator: Accelerator, run: Run, params: Params, paths: Paths, card: str) -> None:
+def export(accelerator: Accelerator, run: Run, params: Params, paths: Paths, card: Callable[[Path], str]) -> None:
     """models/sd with the evaluation weights. Under LoRA the layers are copied out and the training denoiser (the
     base in the weight dtype) freed before export loads the base to fuse them into: one base in memory at a time."""
     model = run.model
@@ -438,7 +439,10 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
         )
         accelerator.wait_for_everyone()
         if main:
-            export(accelerator, run, params, paths, model_card(model.family, params.model, params.train, paths, metrics))
+            prompt = next((caption for caption in cache.captions if caption), "")
+            export(accelerator, run, params, paths,
+                   lambda folder: model_card(folder, model.family, params.model, params.train, paths, metrics,
+                                             prompt))
             write_json(paths.metrics / TRAIN_METRICS, {**metrics, "data_digest": progress.data_digest})
             write_loss_curve(paths.metrics / LOSS_PLOT, progress.curve)
             remove_checkpoints(paths, fingerprint)

@@ -58,7 +58,7 @@ def move_champion(
 
 
 def list_versions(params: Params, paths: Paths) -> list[dict]:
-    """Every version of the model, newest first, with its aliases and headline metrics."""
+    """Every version of the model, newest first, with its aliases, headline metrics and description."""
     client = registry_client(params.register_, paths.root)
     name = params.register_.model_name
     versions = client.search_model_versions(f"name = '{name}'")
@@ -73,6 +73,7 @@ def list_versions(params: Params, paths: Paths) -> list[dict]:
             metrics={k[len(METRIC_TAG_PREFIX):]: float(t) for k, t in v.tags.items() if k.startswith(METRIC_TAG_PREFIX)},
             gate={k[len(GATE_TAG_PREFIX):]: t for k, t in v.tags.items() if k.startswith(GATE_TAG_PREFIX)},
             git_commit=v.tags.get("git_commit", "unknown"),
+            description=v.description or "",
         )
         for v in sorted(versions, key=lambda v: int(v.version), reverse=True)
     ]

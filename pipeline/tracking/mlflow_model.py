@@ -21,21 +21,30 @@ FLUX_TRAINED_GUIDANCE = 1.0
 
 
 def sampling_arguments(pipeline, prompt: str, negative_prompt: str | None, guidance: float) -> dict:
-    """The prompt and guidance arguments of a pipeline call as sdpipe's families sample (restated from
+    """The prompt, guidance and size arguments of a pipeline call as sdpipe's families sample (restated from
     pipeline/diffusion/families, which this file cannot import; tests/test_families.py checks they agree): Flux
     with its guidance embedding at the trained 1.0 and true classifier-free guidance against the empty prompt;
-    SD3 and Flux with T5's trained sequence length (their tokenizer's); Flux at the size its transformer records."""
+    SD3 and Flux with T5's trained sequence length (their tokenizer's); every family at the size its denoiser
+    records."""
     name = type(pipeline).__name__
     if name == "FluxPipeline":
-        side = pipeline.transformer.config.get("sample_size")
-        size = {"height": side * pipeline.vae_scale_factor, "width": side * pipeline.vae_scale_factor} if side else {}
-        return {"prompt": prompt, "true_cfg_scale": guidance, "negative_prompt": negative_prompt or "",
-                "guidance_scale": FLUX_TRAINED_GUIDANCE, "max_sequence_length": pipeline.tokenizer_2.model_max_length,
-                **size}
-    arguments = {"prompt": prompt, "guidance_scale": guidance, "negative_prompt": negative_prompt}
+        arguments = {"prompt": prompt, "true_cfg_scale": guidance, "negative_prompt": negative_prompt or "",
+                     "guidance_scale": FLUX_TRAINED_GUIDANCE,
+                     "max_sequence_length": pipeline.tokenizer_2.model_max_length}
+    else:
+        arguments = {"prompt": prompt, "guidance_scale": guidance, "negative_prompt": negative_prompt}
     if name == "StableDiffusion3Pipeline":
         arguments["max_sequence_length"] = pipeline.tokenizer_3.model_max_length
-    return arguments
+    return {**arguments, **trained_size(pipeline)}
+
+
+def trained_size(pipeline) -> dict:
+    denoiser = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
+    side = denoiser.config.get("sample_size")
+    if side is None:
+        return {}
+    height, width = (side, side) if isinstance(side, int) else side
+    return {"height": height * pipeline.vae_scale_factor, "width": width * pipeline.vae_scale_factor}
 
 
 class DiffusersPipelineModel(PythonModel):

@@ -57,6 +57,16 @@ class Family:
     presets: tuple[str, ...]
     pipeline_options: dict = {}  # constructor arguments beside the components
     vae_in_fp32: bool = False  # its VAE gives NaNs in fp16: kept in fp32 under mixed precision
+    # why a plain-diffusers call of its model names an argument (the model card says it, pipeline/diffusion/plain_call.py)
+    argument_reasons: dict[str, str] = {
+        "guidance_scale": "the classifier-free guidance sdpipe samples with (`evaluate.guidance_scale`'s default)",
+        "negative_prompt": "the prompt the guidance steers away from",
+        "num_inference_steps": "the steps sdpipe samples with (`evaluate.num_inference_steps`'s default)",
+        "height": "the size it was trained at",
+        "width": "the size it was trained at",
+        "max_sequence_length": "T5's tokens per prompt in training (`model.max_sequence_length`): T5 reading more pads "
+                               "gives the prompt other states",
+    }
 
     # building
     def scratch_components(self, scratch: Scratch) -> dict[str, object]:
@@ -93,9 +103,26 @@ class Family:
     # sampling
     def sampling_arguments(self, pipeline: DiffusionPipeline, prompts: list[str], guidance_scale: float,
                            negative_prompt: str | None = None) -> dict:
-        """The pipeline call's prompt and guidance arguments, as this family's model was trained to be sampled."""
+        """The pipeline call's prompt, guidance and size arguments, as this family's model was trained to be
+        sampled."""
         negative = {"negative_prompt": [negative_prompt] * len(prompts)} if negative_prompt else {}
-        return {"prompt": prompts, "guidance_scale": guidance_scale, **negative}
+        return {"prompt": prompts, "guidance_scale": guidance_scale, **negative, **self.trained_size(pipeline)}
+
+    def trained_size(self, pipeline: DiffusionPipeline) -> dict[str, int]:
+        """height and width in pixels of the latent side the denoiser's config records (training registers the
+        side it trained at); none where it records no size."""
+        side = getattr(pipeline, self.denoiser).config.get("sample_size")
+        if side is None:
+            return {}
+        height, width = (side, side) if isinstance(side, int) else side
+        return {"height": height * pipeline.vae_scale_factor, "width": width * pipeline.vae_scale_factor}
+
+    def default_size(self, pipeline: DiffusionPipeline) -> dict[str, int]:
+        """height and width the pipeline samples at when the call names none: its default_sample_size (Flux: 128
+        latent pixels, whatever the transformer records), else the denoiser's sample_size (sd)."""
+        side = getattr(pipeline, "default_sample_size", None) or getattr(pipeline, self.denoiser).config.sample_size
+        height, width = (side, side) if isinstance(side, int) else side
+        return {"height": height * pipeline.vae_scale_factor, "width": width * pipeline.vae_scale_factor}
 
     # loading and saving
     def load_tokenizers(self, location: str, root: Path, max_sequence_length: int = 77) -> dict[str, object]:

@@ -105,6 +105,16 @@ class Flux(Family):
                     "ff_context.net.2")
     lora_layers_argument = "transformer_lora_layers"
     presets = tuple(PRESETS)
+    argument_reasons = {
+        **Family.argument_reasons,
+        "guidance_scale": f"the input of the guidance embedding, trained at {TRAINED_GUIDANCE}",
+        "true_cfg_scale": "true classifier-free guidance, the guidance sdpipe samples with "
+                          "(`evaluate.guidance_scale`'s default)",
+        "negative_prompt": "true guidance's unconditional branch, the empty prompt caption dropout trained (without "
+                           "a negative prompt FluxPipeline skips true guidance)",
+        "height": "the size it was trained at: FluxPipeline samples 1024 px unless told (it does not read the "
+                  "transformer's recorded `sample_size`)",
+    }
 
     def scratch_components(self, scratch: Scratch) -> dict[str, object]:
         preset = PRESETS[scratch.preset]
@@ -148,11 +158,9 @@ class Flux(Family):
         return FluxPipeline._unpack_latents(prediction, height, width, 1)
 
     def sampling_arguments(self, pipeline, prompts, guidance_scale, negative_prompt=None) -> dict:
-        side = pipeline.transformer.config.get("sample_size")
-        size = {"height": side * pipeline.vae_scale_factor, "width": side * pipeline.vae_scale_factor} if side else {}
         return {"prompt": prompts, "true_cfg_scale": guidance_scale,
                 "negative_prompt": [negative_prompt or ""] * len(prompts), "guidance_scale": TRAINED_GUIDANCE,
-                "max_sequence_length": pipeline.tokenizer_2.model_max_length, **size}
+                "max_sequence_length": pipeline.tokenizer_2.model_max_length, **self.trained_size(pipeline)}
 
 
 FAMILY = Flux()
