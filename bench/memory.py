@@ -47,6 +47,7 @@ for _name in ("GX_ANALYTICS_ENABLED", "MLFLOW_ENABLE_TELEMETRY", "PREFECT_SERVER
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -153,16 +154,24 @@ def tiny_flux_pipeline():
 
 
 def saved_base(folder: Path, build) -> Path:
-    """The pipeline `build` makes, saved in bf16 safetensors (as Flux.1 is published); kept once saved."""
+    """The pipeline `build` makes, saved in bf16 safetensors (as Flux.1 is published); kept once saved. Built in
+    a process of its own: a stage process starts with its parent's high-water mark (exec keeps it in ru_maxrss),
+    so building in this one would put the large base's peak into every stage's figure."""
+    if not (folder / "model_index.json").is_file():
+        builder = multiprocessing.get_context("spawn").Process(target=save_base, args=(folder, build))
+        builder.start()
+        builder.join()
+        if builder.exitcode:
+            raise RuntimeError(f"building {folder} failed (exit code {builder.exitcode})")
+    return folder
+
+
+def save_base(folder: Path, build) -> None:
     import torch
 
-    if not (folder / "model_index.json").is_file():
-        started = time.perf_counter()
-        pipeline = build().to(torch.bfloat16)
-        pipeline.save_pretrained(folder, safe_serialization=True)
-        del pipeline
-        print(f"saved {folder} in {time.perf_counter() - started:.0f} s", flush=True)
-    return folder
+    started = time.perf_counter()
+    build().to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    print(f"saved {folder} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def component_bytes(base: Path, component: str) -> int:

@@ -3,6 +3,7 @@ layout real weights have): frozen VAE and text encoder, full UNet or LoRA, and c
 depend on."""
 
 import shutil
+import weakref
 
 import pandas as pd
 import pytest
@@ -15,9 +16,11 @@ from pipeline.contracts.paths import Paths
 from pipeline.core.config import ConfigError
 from pipeline.core.params_file import parse_params
 from pipeline.diffusion.tokenizer import tokenize
+from pipeline.stages import train as train_stage
 from pipeline.stages.encode import encode
 from pipeline.stages.train import train
 from pipeline.stages.vae import vae_stage
+from pipeline.training import export, modules
 from pipeline.training.export import LORA_WEIGHTS
 
 from .conftest import merge, save_random_base_model, tiny_params_dict
@@ -53,10 +56,26 @@ def unet_output(unet, seed: int = 0) -> torch.Tensor:
         return unet(sample, torch.tensor([10, 500]), states).sample
 
 
-def test_lora_finetune_saves_weights_that_load_onto_the_base_model(trained_project, base_model, tmp_path):
+def test_lora_finetune_saves_weights_that_load_onto_the_base_model(trained_project, base_model, tmp_path,
+                                                                   monkeypatch):
     params = finetune_params(base_model, finetune="lora", lora={"rank": 4, "alpha": 4})
     paths, _ = project(trained_project, tmp_path, params)
+    training_denoiser, alive_at_export, load_base = [], [], export.base_denoiser_with_lora
+
+    def build_model(*args, **kwargs):
+        model = modules.build_model(*args, **kwargs)
+        training_denoiser.append(weakref.ref(model.denoiser))
+        return model
+
+    def base_denoiser_with_lora(*args, **kwargs):
+        alive_at_export.append(training_denoiser[0]() is not None)  # no gc.collect: a cycle left to it counts
+        return load_base(*args, **kwargs)
+
+    monkeypatch.setattr(train_stage, "build_model", build_model)
+    monkeypatch.setattr(export, "base_denoiser_with_lora", base_denoiser_with_lora)
     metrics = train(params, paths)
+    # at a base's real size, a training copy still alive when export loads the base again doubles the peak
+    assert alive_at_export == [False], "the training denoiser was still in memory when export loaded the base"
 
     base = StableDiffusionPipeline.from_pretrained(base_model)
     assert 0 < metrics["trainable_parameters"] < sum(p.numel() for p in base.unet.parameters()) / 10

@@ -28,6 +28,7 @@ from `pipeline.diffusion.schedule`, checkpoints from `pipeline.training.checkpoi
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import math
@@ -73,7 +74,7 @@ from pipeline.training.modules import (
     build_model,
     denoiser_weights_mb,
     make_optimizer,
-    place_frozen_modules,
+    place_modules,
     trained_denoiser_parameters,
 )
 from pipeline.training.sampling import SubsetSampler, derived_seed, subset_sampler
@@ -371,6 +372,7 @@ def export(accelerator: Accelerator, run: Run, params: Params, paths: Paths, car
             return
     trained[model.family.denoiser] = model.denoiser = None
     accelerator.free_memory()
+    gc.collect()  # free_memory collects before it drops its references, and prepare's autocast forward is a cycle
     save_model(model.family, trained, params.model, paths, card, lora_layers=lora_layers, sample_size=sample_size)
 
 
@@ -385,9 +387,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
     if len(cache) < accelerator.num_processes:
         raise ValueError(f"train: {len(cache)} training samples cannot feed {accelerator.num_processes} processes")
     model = build_model(params.model, params.train, paths, cache, val)
-    place_frozen_modules(model, device, WEIGHT_DTYPES[settings.mixed_precision], params.model)
-    for module in model.trained_modules():
-        module.to(device)
+    place_modules(model, device, WEIGHT_DTYPES[settings.mixed_precision], params.model)
     apply_speed_settings(model.denoiser, settings, device)
     conditioning = conditioning_of(model, cache)
     flops = flops_per_image(model, cache, conditioning, settings, accelerator)

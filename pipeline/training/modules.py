@@ -139,10 +139,12 @@ def build_model(model: ModelParams, train: TrainParams, paths: Paths, cache: Cac
     return built
 
 
-def place_frozen_modules(model: Model, device: torch.device, dtype: torch.dtype, settings: ModelParams) -> None:
-    """Frozen weights on the device in the weight dtype they were loaded in, as diffusers' training scripts keep
-    them: the VAE (validation samples only) and under LoRA the base denoiser, its linear weights in int8 if
-    `model.lora.quantize_base` says so; trained parameters stay in fp32."""
+def place_modules(model: Model, device: torch.device, dtype: torch.dtype, settings: ModelParams) -> None:
+    """The trained modules on the device, and the frozen weights in the weight dtype they were loaded in, as
+    diffusers' training scripts keep them: the VAE (validation samples only) and under LoRA the base denoiser, its
+    linear weights in int8 if `model.lora.quantize_base` says so; trained parameters stay in fp32."""
+    for module in model.trained_modules():
+        module.to(device)
     model.vae.to(device)
     if model.lora:
         model.denoiser.to(device, dtype)
