@@ -1,11 +1,13 @@
 """Every model family: a tiny pipeline built from scratch is that family's standard diffusers pipeline, and
 the family's conditioning and denoiser call are the pipeline's own."""
 
+import sys
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from pipeline.core.config import FAMILY_PRESETS, ConfigError
+from pipeline.core.config import FAMILY_DECLARATIONS, ConfigError, TrainParams
 from pipeline.core.params_file import parse_params
 from pipeline.diffusion.families import FAMILIES, family_named, family_of_folder, load_pipeline
 from pipeline.evaluation.noise_metrics import square_image_sizes
@@ -70,10 +72,40 @@ def test_the_family_conditions_and_calls_the_denoiser_as_its_pipeline_does(saved
     assert prediction.shape == latents.shape
 
 
-def test_the_config_knows_each_built_familys_presets():
-    assert {name: family.presets for name, family in FAMILIES.items()} == FAMILY_PRESETS
+def test_the_config_reads_each_familys_declaration_from_its_module():
+    from pipeline.diffusion.flow_matching import FlowMatching
+
+    assert list(FAMILY_DECLARATIONS) == sorted(FAMILIES), "every declared family is registered, and only those"
     for name, family in FAMILIES.items():
+        assert FAMILY_DECLARATIONS[name] == family.declared
         assert family.pipeline_class.__name__ == PIPELINE_CLASSES[name]
+        module = sys.modules[type(family).__module__]
+        assert tuple(module.PRESETS) == family.presets, "the declared presets are the module's sizes"
+        objective = family.training_objective(TrainParams(), None)
+        assert isinstance(objective, FlowMatching) == family.declared.flow
+        assert getattr(objective, "patch_size", 1) == family.declared.patch
+
+
+# Where a family's name may appear as a string in pipeline/ and flows/ besides its own module: the params'
+# default family, and models/sd, the trained model's folder (named before there were families).
+NAME_ALLOWED = {("pipeline/core/config.py", "sd"), ("pipeline/contracts/paths.py", "sd")}
+
+
+def test_no_module_but_the_familys_own_names_it():
+    """A family is one module: nothing else switches on its name (adding one touches its module, the
+    registry line in families/__init__.py, its tests and the docs)."""
+    import ast
+
+    from .conftest import REPO
+
+    found = []
+    for source in sorted([*REPO.glob("pipeline/**/*.py"), *REPO.glob("flows/**/*.py")]):
+        where = source.relative_to(REPO).as_posix()
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in FAMILY_DECLARATIONS and \
+                    where != f"pipeline/diffusion/families/{node.value}.py" and (where, node.value) not in NAME_ALLOWED:
+                found.append(f"{where}:{node.lineno}: {node.value!r}")
+    assert not found, found
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

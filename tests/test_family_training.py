@@ -18,7 +18,6 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.core.config import FLOW_FAMILIES
 from pipeline.core.params_file import read_params_file
 from pipeline.diffusion.families import family_named
 from pipeline.evaluation.noise_metrics import square_image_sizes
@@ -127,7 +126,7 @@ def test_dvc_repro_trains_a_family_from_scratch_and_serves_it_from_the_registry(
     pipeline_class = family_named(family).pipeline_class
     saved = DiffusionPipeline.from_pretrained(root / "models" / "sd")
     assert type(saved) is pipeline_class
-    if family in FLOW_FAMILIES:  # a 16-channel VAE whose latents' mean the vae stage fitted
+    if family_named(family).declared.latents_shifted:  # a 16-channel VAE whose latents' mean the vae stage fitted
         assert saved.vae.config.latent_channels == 16 and saved.vae.config.shift_factor not in (None, 0.0)
     else:
         assert saved.vae.config.latent_channels == 4 and saved.vae.config.shift_factor is None

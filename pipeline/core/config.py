@@ -14,6 +14,7 @@ from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_va
 from pydantic_core import PydanticCustomError
 
 from pipeline.core.errors import UserError
+from pipeline.core.family_declarations import declared_families
 from pipeline.core.cron import cron_problem
 from pipeline.core.section import Section
 from pipeline.core.source_params import IngestParams
@@ -63,7 +64,7 @@ class VaeParams(Section):
     block_out_channels: tuple[int, ...] = Field(
         (16, 32, 32), min_length=1, description="channels per level; each level after the first halves the side "
                                                 "(3 levels: 32 px -> 8x8 latents)")
-    latent_channels: int | None = Field(None, ge=1, description="null: the family's (sd, sdxl: 4; sd3, flux: 16)")
+    latent_channels: int | None = Field(None, ge=1, description="null: the family's (docs/guides/model-families.md)")
     steps: int = Field(2000, ge=1, description="optimizer steps (AdamW, cosine decay to 0)")
     batch_size: int = Field(16, ge=1, description="images per step")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW's initial learning rate")
@@ -105,14 +106,9 @@ class LoraParams(Section):
                           "weight-only); the saved model fuses the LoRA layers into the full-precision base")
 
 
-# The scratch presets of each family that is built (pipeline/diffusion/families/; a test checks they agree).
-FAMILY_PRESETS = {"sd": ("tiny", "small", "sd15"), "sdxl": ("tiny", "sdxl"),
-                  "sd3": ("tiny", "sd35_medium", "sd35_large"), "flux": ("tiny", "flux_dev", "flux_schnell")}
-FAMILIES = tuple(FAMILY_PRESETS)
-FLOW_FAMILIES = ("sd3", "flux")  # trained by flow matching, with a 16-channel VAE whose latents are shifted
-FAMILY_LATENT_CHANNELS = {"sd": 4, "sdxl": 4, "sd3": 16, "flux": 16}
-# latent pixels per token side: the transformers take 2x2 latent patches (the families' PATCH; a test checks)
-FAMILY_PATCH = {"sd": 1, "sdxl": 1, "sd3": 2, "flux": 2}
+# Each family's presets, objective, latent channels and patch, as its module declares them
+FAMILY_DECLARATIONS = declared_families()
+FAMILIES = tuple(FAMILY_DECLARATIONS)
 PRETRAINED_VAE_DOWNSAMPLING = 8  # every family's released VAE, SD 1.x to Flux.1
 TRAINING_TIMESTEPS = 1000  # DDPM's (pipeline/diffusion/schedule.py); flow matching reads t as σ = t / 1000
 
@@ -129,7 +125,7 @@ TrainingTimesteps = Annotated[tuple[int, ...], AfterValidator(_training_timestep
 
 def latent_channels_of(vae: VaeParams, family: str) -> int:
     """The scratch VAE's latent channels: vae.latent_channels, else the family's."""
-    return vae.latent_channels or FAMILY_LATENT_CHANNELS[family]
+    return vae.latent_channels or FAMILY_DECLARATIONS[family].latent_channels
 
 
 class ModelParams(Section):
@@ -155,10 +151,11 @@ class ModelParams(Section):
 
     @model_validator(mode="after")
     def _family_has_the_preset(self) -> ModelParams:
-        if self.preset not in FAMILY_PRESETS[self.family]:
+        presets = FAMILY_DECLARATIONS[self.family].presets
+        if self.preset not in presets:
             raise PydanticCustomError(
                 "missing_setting", "model.preset: '{preset}' is not a preset of model.family {family} ({presets})",
-                {"preset": self.preset, "family": self.family, "presets": ", ".join(FAMILY_PRESETS[self.family])})
+                {"preset": self.preset, "family": self.family, "presets": ", ".join(presets)})
         return self
 
 
@@ -347,7 +344,7 @@ class Params(Section):
             levels = len(self.vae.block_out_channels)
             downsampling = 2 ** (levels - 1)
             vae = f"vae.block_out_channels' {levels} levels downsample by {downsampling}"
-        patch = FAMILY_PATCH[self.model.family]
+        patch = FAMILY_DECLARATIONS[self.model.family].patch
         multiple = downsampling * patch
         patches = f" and model.family {self.model.family} takes {patch}x{patch} latent patches" if patch > 1 else ""
         for key, value in (("resolution", self.preprocess.resolution),
@@ -360,7 +357,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _ddpm_settings_are_not_set_for_flow_matching(self) -> Params:
-        if self.model.family in FLOW_FAMILIES:
+        if FAMILY_DECLARATIONS[self.model.family].flow:
             if self.train.snr_gamma is not None:
                 raise PydanticCustomError(
                     "conflicting_setting", "train.snr_gamma: min-SNR weighting is DDPM's (sd, sdxl); model.family "

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import atomic_dir
-from pipeline.core.config import FLOW_FAMILIES, ModelParams, TrainParams
+from pipeline.core.config import ModelParams, TrainParams
 from pipeline.diffusion.components import PIPELINE_INDEX, component_folder, pretrained_folder, stored_dtype
 from pipeline.diffusion.families.base import Family
 from pipeline.tracking.lineage import data_version
@@ -98,16 +98,9 @@ def model_card(family: Family, model: ModelParams, train: TrainParams, paths: Pa
         f"pipe = {pipeline_class}.from_pretrained(\"models/sd\")\n```\n\n" + lora +
         f"- data: DVC version of data/processed `{data_version(paths.root)}`, "
         f"{metrics.get('train_samples', 0):.0f} training samples\n"
-        f"- {objective_line(model, train)}\n\n"
+        f"- {family.objective_line(train)}\n\n"
         f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n\n"
         "Evaluation metrics are in metrics/eval.json and on the MLflow model version.\n\n"
         f"## Parameters\n\n```json\n{settings}\n```\n"
     )
 
-
-def objective_line(model: ModelParams, train: TrainParams) -> str:
-    if model.family not in FLOW_FAMILIES:
-        return f"prediction type: {train.prediction_type}"
-    flow = train.flow
-    shift = flow.shift if flow.shift is not None else "the default (the family's, or the pretrained scheduler's)"
-    return f"objective: flow matching (velocity), σ {flow.sampling}, shift {shift}, loss weighting {flow.weighting}"
