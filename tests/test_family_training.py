@@ -29,7 +29,7 @@ from .conftest import merge, save_random_base_model, tiny_params_dict
 from .test_finetune import finetune_params, project
 from .test_pipeline_e2e import _run, copy_repository, stages_run
 
-FINETUNED = ("sdxl", "sd3", "flux")
+FINETUNED = ("sdxl", "sd3", "flux", "chroma")
 
 
 @pytest.fixture(scope="module")

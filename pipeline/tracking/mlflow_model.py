@@ -35,6 +35,10 @@ def sampling_arguments(pipeline, prompt: str, negative_prompt: str | None, guida
     arguments = {"prompt": prompt, "guidance_scale": guidance, "negative_prompt": negative_prompt}
     if name == "StableDiffusion3Pipeline":
         arguments["max_sequence_length"] = pipeline.tokenizer_3.model_max_length
+    if name == "ChromaPipeline":  # T5's trained sequence length, at the size its transformer records
+        side = pipeline.transformer.config.get("sample_size")
+        size = {"height": side * pipeline.vae_scale_factor, "width": side * pipeline.vae_scale_factor} if side else {}
+        arguments.update(max_sequence_length=pipeline.tokenizer.model_max_length, **size)
     return arguments
 
 
