@@ -96,7 +96,8 @@ class Family:
             return f"prediction type: {train.prediction_type}"
         flow = train.flow
         shift = flow.shift if flow.shift is not None else "the default (the family's, or the pretrained scheduler's)"
-        return f"objective: flow matching (velocity), σ {flow.sampling}, shift {shift}, loss weighting {flow.weighting}"
+        return (f"objective: flow matching (velocity), σ {flow.sampling}, shift {shift}, "
+                f"loss weighting {flow.weighting}")
 
     # the conditioning
     def token_ids(self, tokenizers: dict, captions: list[str]) -> dict[str, torch.Tensor]:
