@@ -32,7 +32,7 @@ import yaml  # noqa: E402
 
 from pipeline.contracts.data import MANIFEST  # noqa: E402
 from pipeline.contracts.paths import Paths  # noqa: E402
-from pipeline.core.config import FAMILIES, Params, latent_channels_of  # noqa: E402
+from pipeline.core.config import FAMILIES, FAMILY_DECLARATIONS, Params, latent_channels_of  # noqa: E402
 from pipeline.core.params_file import parse_params  # noqa: E402
 
 TARGET = 0.9
@@ -73,12 +73,11 @@ def prepare_data(params: Params, root: Path) -> Paths:
 
 def encoded_project(params: Params, root: Path, data: Paths) -> Paths:
     """A project with the VAE of this family's latent layout trained and the data encoded (shared by its runs)."""
-    from pipeline.core.config import FLOW_FAMILIES
     from pipeline.stages.encode import encode
     from pipeline.stages.vae import vae_stage
 
     family = params.model.family
-    layout = f"vae-{latent_channels_of(params.vae, family)}{'-shifted' if family in FLOW_FAMILIES else ''}"
+    layout = f"vae-{latent_channels_of(params.vae, family)}{'-shifted' if FAMILY_DECLARATIONS[family].latents_shifted else ''}"
     paths = Paths(root / layout)
     if not (paths.latents / "train.parquet").is_file():
         (paths.root / "data").mkdir(parents=True, exist_ok=True)

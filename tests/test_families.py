@@ -1,11 +1,13 @@
 """Every model family: a tiny pipeline built from scratch is that family's standard diffusers pipeline, and
 the family's conditioning and denoiser call are the pipeline's own."""
 
+import sys
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from pipeline.core.config import FAMILY_PRESETS, ConfigError
+from pipeline.core.config import FAMILY_DECLARATIONS, ConfigError, TrainParams
 from pipeline.core.params_file import parse_params
 from pipeline.diffusion.families import FAMILIES, family_named, family_of_folder, load_pipeline
 from pipeline.evaluation.noise_metrics import square_image_sizes
@@ -14,7 +16,7 @@ from pipeline.tracking.mlflow_model import sampling_arguments as served_sampling
 from .conftest import merge, save_random_base_model, tiny_params_dict
 
 PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "chroma": "ChromaPipeline"}
 
 
 def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -24,6 +26,10 @@ def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
     if name == "FluxPipeline":  # (T5 states, pooled CLIP, text ids)
         encoded = pipeline.encode_prompt(captions, **common, max_sequence_length=pipeline.tokenizer_2.model_max_length)
         return {"prompt_embeds": encoded[0], "pooled_prompt_embeds": encoded[1]}
+    if name == "ChromaPipeline":  # (T5 states, text ids, the transformer's mask, the negative's three)
+        encoded = pipeline.encode_prompt(captions, **common, do_classifier_free_guidance=False,
+                                         max_sequence_length=pipeline.tokenizer.model_max_length)
+        return {"prompt_embeds": encoded[0], "prompt_attention_mask": encoded[2]}
     if name == "StableDiffusion3Pipeline":  # the other encoders' prompts default to the first's
         common.update(prompt_2=None, prompt_3=None, max_sequence_length=pipeline.tokenizer_3.model_max_length)
     encoded = pipeline.encode_prompt(captions, **common, do_classifier_free_guidance=False)
@@ -70,19 +76,75 @@ def test_the_family_conditions_and_calls_the_denoiser_as_its_pipeline_does(saved
     assert prediction.shape == latents.shape
 
 
-def test_the_config_knows_each_built_familys_presets():
-    assert {name: family.presets for name, family in FAMILIES.items()} == FAMILY_PRESETS
+def test_the_config_reads_each_familys_declaration_from_its_module():
+    from pipeline.diffusion.flow_matching import FlowMatching
+
+    assert list(FAMILY_DECLARATIONS) == sorted(FAMILIES), "every declared family is registered, and only those"
     for name, family in FAMILIES.items():
+        assert FAMILY_DECLARATIONS[name] == family.declared
         assert family.pipeline_class.__name__ == PIPELINE_CLASSES[name]
+        module = sys.modules[type(family).__module__]
+        assert tuple(module.PRESETS) == family.presets, "the declared presets are the module's sizes"
+        objective = family.training_objective(TrainParams(), None)
+        assert isinstance(objective, FlowMatching) == family.declared.flow
+        assert getattr(objective, "patch_size", 1) == family.declared.patch
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+# Where a family's name may appear as a string in pipeline/ and flows/ besides its own module: the params'
+# default family, and models/sd, the trained model's folder (named before there were families).
+NAME_ALLOWED = {("pipeline/core/config.py", "sd"), ("pipeline/contracts/paths.py", "sd")}
+
+
+def test_no_module_but_the_familys_own_names_it():
+    """A family is one module: nothing else switches on its name (adding one touches its module, the
+    registry line in families/__init__.py, its tests and the docs)."""
+    import ast
+
+    from .conftest import REPO
+
+    found = []
+    for source in sorted([*REPO.glob("pipeline/**/*.py"), *REPO.glob("flows/**/*.py")]):
+        where = source.relative_to(REPO).as_posix()
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in FAMILY_DECLARATIONS and \
+                    where != f"pipeline/diffusion/families/{node.value}.py" and (where, node.value) not in NAME_ALLOWED:
+                found.append(f"{where}:{node.lineno}: {node.value!r}")
+    assert not found, found
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma"])
 def test_ddpm_settings_are_refused_for_the_flow_families_with_a_sentence(family):
     with pytest.raises(ConfigError, match=f"train.snr_gamma: min-SNR weighting is DDPM's .* {family} trains by flow"):
         parse_params(merge(tiny_params_dict(), {"model": {"family": family}, "train": {"snr_gamma": 5.0}}))
     with pytest.raises(ConfigError, match="train.prediction_type: v_prediction is a DDPM target"):
         parse_params(merge(tiny_params_dict(), {"model": {"family": family},
                                                 "train": {"prediction_type": "v_prediction"}}))
+
+
+@torch.no_grad()
+def test_chroma_attends_to_the_caption_and_one_padding_token(tmp_path):
+    """T5 reads the tokenizer's mask, and the transformer attends to each caption's tokens and exactly one
+    padding token (ChromaPipeline's rule): the padding beyond it changes nothing, the mask reaches the blocks."""
+    family, pipeline = family_named("chroma"), load_pipeline(save_random_base_model(tmp_path / "chroma", "chroma"))
+    captions = ["a red circle", "a big purple triangle on a green square"]
+    tokens = family.token_ids(pipeline.components, captions)
+    conditioning = family.encode_text(pipeline.components, tokens)
+    lengths = tokens["tokenizer_attention_mask"].sum(dim=1)
+    assert lengths[0] < lengths[1] < tokens["tokenizer"].shape[1], "both captions are padded, by different counts"
+    assert conditioning["prompt_attention_mask"].sum(dim=1).tolist() == (lengths + 1).tolist()
+    latents = torch.randn(2, pipeline.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps, sizes = torch.tensor([300, 700]), square_image_sizes(2, 32)
+    masked = family.predict(pipeline.transformer, latents, timesteps, conditioning, sizes)
+    unmasked = {**conditioning, "prompt_attention_mask": torch.ones_like(conditioning["prompt_attention_mask"])}
+    assert not torch.allclose(masked, family.predict(pipeline.transformer, latents, timesteps, unmasked, sizes))
+
+
+def test_the_chroma1_preset_has_chroma1s_sizes():
+    from pipeline.diffusion.families.chroma import PRESETS, build_transformer
+
+    with torch.device("meta"):  # shapes only: 8.9 B parameters would take 36 GB in fp32
+        transformer = build_transformer(PRESETS["chroma1"], latent_channels=16, latent_size=128)
+    assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 1) == 8.9  # lodestones/Chroma1-HD's card
 
 
 def test_a_preset_of_another_family_is_named():

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.contracts.paths import Paths
-from pipeline.core.config import FLOW_FAMILIES, EvaluateParams
+from pipeline.core.config import EvaluateParams
 from pipeline.core.params_file import parse_params, read_params_file
 from pipeline.diffusion.families import family_named
 from pipeline.evaluation.noise_metrics import square_image_sizes
@@ -32,7 +32,7 @@ from .test_finetune import finetune_params, project
 from .test_model_card import LORA_PIXEL_TOLERANCE, assert_card_draws_as_sdpipe
 from .test_pipeline_e2e import _run, copy_repository, stages_run
 
-FINETUNED = ("sdxl", "sd3", "flux")
+FINETUNED = ("sdxl", "sd3", "flux", "chroma")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_dvc_repro_trains_a_family_from_scratch_and_serves_it_from_the_registry(
     pipeline_class = family_named(family).pipeline_class
     saved = DiffusionPipeline.from_pretrained(root / "models" / "sd")
     assert type(saved) is pipeline_class
-    if family in FLOW_FAMILIES:  # a 16-channel VAE whose latents' mean the vae stage fitted
+    if family_named(family).declared.latents_shifted:  # a 16-channel VAE whose latents' mean the vae stage fitted
         assert saved.vae.config.latent_channels == 16 and saved.vae.config.shift_factor not in (None, 0.0)
     else:
         assert saved.vae.config.latent_channels == 4 and saved.vae.config.shift_factor is None
@@ -155,12 +155,14 @@ def test_the_model_cards_call_draws_what_sdpipe_generate_draws(scratch_project, 
     params = parse_params(read_params_file(root / "params.yaml"))
     code = assert_card_draws_as_sdpipe(params, Paths(root), tmp_path)
     assert f"{family_named(family).pipeline_class.__name__}.from_pretrained('models/sd')" in code
-    if family in FLOW_FAMILIES:  # T5 pads to the trained length, not the pipeline's 256 or 512
+    if family_named(family).declared.flow:  # T5 pads to the trained length, not the pipeline's 256 or 512
         assert f"max_sequence_length={params.model.max_sequence_length}," in code
     if family == "flux":  # FluxPipeline samples 1024 px with guidance 3.5 and no true guidance unless told
         for argument in ("height=32,", "width=32,", "guidance_scale=1.0,", "negative_prompt='',",
                          f"true_cfg_scale={EvaluateParams().guidance_scale},"):
             assert argument in code, argument
+    elif family == "chroma":  # ChromaPipeline samples 1024 px unless told too
+        assert "height=32," in code and "width=32," in code
     else:  # the pipeline reads the trained size from the denoiser's config
         assert "height=" not in code
 

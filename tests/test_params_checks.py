@@ -4,7 +4,7 @@ the file is read, naming the key and what it may be."""
 import pytest
 from pydantic import BaseModel
 
-from pipeline.core.config import FAMILY_PATCH, TRAINING_TIMESTEPS, ConfigError, Params
+from pipeline.core.config import TRAINING_TIMESTEPS, ConfigError, Params
 from pipeline.core.cron import cron_problem
 from pipeline.core.params_file import load_params, parse_params
 from pipeline.core.section import Section
@@ -62,12 +62,6 @@ def test_a_scratch_vae_with_more_levels_needs_a_larger_multiple():
     with pytest.raises(ConfigError, match=r"preprocess\.bucket_step: must be a multiple of 16"):
         parse_params({"model": {"family": "flux", "mode": "finetune", "pretrained": "models/base"},
                       "preprocess": {"resolution": 64, "bucketing": True, "bucket_step": 8}})
-
-
-def test_the_table_of_patches_is_the_families():
-    from pipeline.diffusion.families import flux, sd, sd3, sdxl
-
-    assert {module.FAMILY.name: getattr(module, "PATCH", 1) for module in (sd, sdxl, sd3, flux)} == FAMILY_PATCH
 
 
 @pytest.mark.parametrize("key", ["train.validation_timesteps", "evaluate.timesteps"])

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_va
 from pydantic_core import PydanticCustomError
 
 from pipeline.core.errors import UserError
+from pipeline.core.family_declarations import declared_families
 from pipeline.core.cron import cron_problem
 from pipeline.core.section import Section
 from pipeline.core.source_params import IngestParams
@@ -63,7 +64,7 @@ class VaeParams(Section):
     block_out_channels: tuple[int, ...] = Field(
         (16, 32, 32), min_length=1, description="channels per level; each level after the first halves the side "
                                                 "(3 levels: 32 px -> 8x8 latents)")
-    latent_channels: int | None = Field(None, ge=1, description="null: the family's (sd, sdxl: 4; sd3, flux: 16)")
+    latent_channels: int | None = Field(None, ge=1, description="null: the family's (docs/guides/model-families.md)")
     steps: int = Field(2000, ge=1, description="optimizer steps (AdamW, cosine decay to 0)")
     batch_size: int = Field(16, ge=1, description="images per step")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW's initial learning rate")
@@ -105,14 +106,9 @@ class LoraParams(Section):
                           "weight-only); the saved model fuses the LoRA layers into the full-precision base")
 
 
-# The scratch presets of each family that is built (pipeline/diffusion/families/; a test checks they agree).
-FAMILY_PRESETS = {"sd": ("tiny", "small", "sd15"), "sdxl": ("tiny", "sdxl"),
-                  "sd3": ("tiny", "sd35_medium", "sd35_large"), "flux": ("tiny", "flux_dev", "flux_schnell")}
-FAMILIES = tuple(FAMILY_PRESETS)
-FLOW_FAMILIES = ("sd3", "flux")  # trained by flow matching, with a 16-channel VAE whose latents are shifted
-FAMILY_LATENT_CHANNELS = {"sd": 4, "sdxl": 4, "sd3": 16, "flux": 16}
-# latent pixels per token side: the transformers take 2x2 latent patches (the families' PATCH; a test checks)
-FAMILY_PATCH = {"sd": 1, "sdxl": 1, "sd3": 2, "flux": 2}
+# Each family's presets, objective, latent channels and patch, as its module declares them
+FAMILY_DECLARATIONS = declared_families()
+FAMILIES = tuple(FAMILY_DECLARATIONS)
 PRETRAINED_VAE_DOWNSAMPLING = 8  # every family's released VAE, SD 1.x to Flux.1
 TRAINING_TIMESTEPS = 1000  # DDPM's (pipeline/diffusion/schedule.py); flow matching reads t as σ = t / 1000
 
@@ -129,7 +125,7 @@ TrainingTimesteps = Annotated[tuple[int, ...], AfterValidator(_training_timestep
 
 def latent_channels_of(vae: VaeParams, family: str) -> int:
     """The scratch VAE's latent channels: vae.latent_channels, else the family's."""
-    return vae.latent_channels or FAMILY_LATENT_CHANNELS[family]
+    return vae.latent_channels or FAMILY_DECLARATIONS[family].latent_channels
 
 
 class ModelParams(Section):
@@ -141,7 +137,7 @@ class ModelParams(Section):
     preset: str = Field("tiny", description="scratch mode: the model sizes, one of the family's presets")
     pretrained: str | None = Field(None, description="finetune mode: a diffusers folder or a hub id")
     finetune: Literal["lora", "full"] = Field("lora", description="finetune mode: LoRA layers or the whole denoiser")
-    max_sequence_length: int = Field(77, ge=1, le=512, description="sd3, flux: T5 tokens per caption (truncated or padded to "
+    max_sequence_length: int = Field(77, ge=1, le=512, description="sd3, flux, chroma: T5 tokens per caption (truncated or padded to "
                                                           "it) in training, the encode cache and sampling")
     lora: LoraParams = Field(LoraParams(), description="the LoRA layers (model.finetune: lora)")
 
@@ -155,15 +151,16 @@ class ModelParams(Section):
 
     @model_validator(mode="after")
     def _family_has_the_preset(self) -> ModelParams:
-        if self.preset not in FAMILY_PRESETS[self.family]:
+        presets = FAMILY_DECLARATIONS[self.family].presets
+        if self.preset not in presets:
             raise PydanticCustomError(
                 "missing_setting", "model.preset: '{preset}' is not a preset of model.family {family} ({presets})",
-                {"preset": self.preset, "family": self.family, "presets": ", ".join(FAMILY_PRESETS[self.family])})
+                {"preset": self.preset, "family": self.family, "presets": ", ".join(presets)})
         return self
 
 
 class FlowParams(Section):
-    """Flow matching (sd3, flux; pipeline/diffusion/flow_matching.py): how σ is drawn, shifted and weighted."""
+    """Flow matching (sd3, flux, chroma; pipeline/diffusion/flow_matching.py): how σ is drawn, shifted and weighted."""
 
     sampling: Literal["uniform", "logit_normal", "mode"] = Field(
         "logit_normal", description="how u (σ before the shift) is drawn: uniform, logit_normal (sigmoid of "
@@ -206,7 +203,7 @@ class TrainParams(Section):
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "epsilon", description="DDPM's target (sd, sdxl): the noise or v; flow families predict the velocity")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting (sd, sdxl); null: off")
-    flow: FlowParams = Field(FlowParams(), description="flow matching (sd3, flux)")
+    flow: FlowParams = Field(FlowParams(), description="flow matching (sd3, flux, chroma)")
     noise_offset: float = Field(0.0, ge=0, description="std of a per-channel constant added to the noise; e.g. 0.05 "
                                                        "for very dark or bright images")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the denoiser weights; null: off")
@@ -347,7 +344,7 @@ class Params(Section):
             levels = len(self.vae.block_out_channels)
             downsampling = 2 ** (levels - 1)
             vae = f"vae.block_out_channels' {levels} levels downsample by {downsampling}"
-        patch = FAMILY_PATCH[self.model.family]
+        patch = FAMILY_DECLARATIONS[self.model.family].patch
         multiple = downsampling * patch
         patches = f" and model.family {self.model.family} takes {patch}x{patch} latent patches" if patch > 1 else ""
         for key, value in (("resolution", self.preprocess.resolution),
@@ -360,7 +357,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _ddpm_settings_are_not_set_for_flow_matching(self) -> Params:
-        if self.model.family in FLOW_FAMILIES:
+        if FAMILY_DECLARATIONS[self.model.family].flow:
             if self.train.snr_gamma is not None:
                 raise PydanticCustomError(
                     "conflicting_setting", "train.snr_gamma: min-SNR weighting is DDPM's (sd, sdxl); model.family "

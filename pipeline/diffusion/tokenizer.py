@@ -120,6 +120,10 @@ def build_t5_tokenizer(captions: Iterable[str], *, vocab_size: int, max_tokens: 
 
 def tokenize(tokenizer, captions: list[str]):
     """Token ids padded to the tokenizer's fixed length, as the pipeline pads prompts."""
+    return tokenized(tokenizer, captions).input_ids
+
+
+def tokenized(tokenizer, captions: list[str]):
+    """The ids and attention mask (1: a caption's token, 0: padding), padded as `tokenize` pads."""
     return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")

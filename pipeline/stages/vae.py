@@ -30,13 +30,7 @@ from pipeline.contracts.data import read_images, split_chunks, split_groups
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import VAE_METRICS
 from pipeline.core.atomic import atomic_dir, write_json
-from pipeline.core.config import (
-    FLOW_FAMILIES,
-    ModelParams,
-    PreprocessParams,
-    VaeParams,
-    latent_channels_of,
-)
+from pipeline.core.config import FAMILY_DECLARATIONS, ModelParams, PreprocessParams, VaeParams, latent_channels_of
 from pipeline.diffusion.components import build_vae, component_folder, load_pretrained_vae
 from pipeline.diffusion.vae_io import device_batches, reconstruct, to_model_range
 from pipeline.runtime.device import compute_device
@@ -184,4 +178,4 @@ def vae_stage(paths: Paths, *, vae: VaeParams, model: ModelParams, preprocess: P
     if model.mode == "finetune":
         return resolve_pretrained_vae(model.pretrained, paths)
     return train_vae(vae, paths, resolution=preprocess.resolution, latent_channels=latent_channels_of(vae, model.family),
-                     shifted=model.family in FLOW_FAMILIES)
+                     shifted=FAMILY_DECLARATIONS[model.family].latents_shifted)

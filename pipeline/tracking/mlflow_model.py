@@ -35,6 +35,8 @@ def sampling_arguments(pipeline, prompt: str, negative_prompt: str | None, guida
         arguments = {"prompt": prompt, "guidance_scale": guidance, "negative_prompt": negative_prompt}
     if name == "StableDiffusion3Pipeline":
         arguments["max_sequence_length"] = pipeline.tokenizer_3.model_max_length
+    if name == "ChromaPipeline":
+        arguments["max_sequence_length"] = pipeline.tokenizer.model_max_length
     return {**arguments, **trained_size(pipeline)}
 
 

@@ -14,7 +14,7 @@ import torch
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import CALL_HEADING, MODEL_CARD
 from pipeline.core.atomic import atomic_dir
-from pipeline.core.config import FLOW_FAMILIES, ModelParams, TrainParams
+from pipeline.core.config import ModelParams, TrainParams
 from pipeline.diffusion.components import PIPELINE_INDEX, component_folder, pretrained_folder, stored_dtype
 from pipeline.diffusion.families.base import Family
 from pipeline.diffusion.plain_call import PlainCall, Sample, pipeline_skeleton, plain_call
@@ -111,7 +111,7 @@ def model_card(folder: Path, family: Family, model: ModelParams, train: TrainPar
         "sdpipe.\n\n" + usage(folder, family, model, paths, prompt) +
         f"## How it was made\n\n- data: DVC version of data/processed `{data_version(paths.root)}`, "
         f"{metrics.get('train_samples', 0):.0f} training samples\n"
-        f"- {objective_line(model, train)}\n\n"
+        f"- {family.objective_line(train)}\n\n"
         f"## Training metrics\n\n| metric | value |\n|---|---|\n{rows}\n\n"
         "Evaluation metrics are in metrics/eval.json and on the MLflow model version.\n\n"
         f"## Parameters\n\n```json\n{settings}\n```\n"
@@ -157,10 +157,3 @@ def reasons(call: PlainCall, family: Family) -> str:
     return "\n".join(f"- `{name}={value!r}` (default {call.defaults[name]!r}): {family.argument_reasons.get(name, '')}"
                      for name, value in call.arguments.items())
 
-
-def objective_line(model: ModelParams, train: TrainParams) -> str:
-    if model.family not in FLOW_FAMILIES:
-        return f"prediction type: {train.prediction_type}"
-    flow = train.flow
-    shift = flow.shift if flow.shift is not None else "the default (the family's, or the pretrained scheduler's)"
-    return f"objective: flow matching (velocity), σ {flow.sampling}, shift {shift}, loss weighting {flow.weighting}"

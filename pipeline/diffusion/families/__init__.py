@@ -12,14 +12,15 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
-from pipeline.core.config import FLOW_FAMILIES, ConfigError, TrainParams, VaeParams, latent_channels_of
+from pipeline.core.config import ConfigError, TrainParams, VaeParams, latent_channels_of
 from pipeline.diffusion.components import PIPELINE_INDEX, build_vae, pretrained_location
-from pipeline.diffusion.families import flux, sd, sd3, sdxl
+from pipeline.diffusion.families import chroma, flux, sd, sd3, sdxl
 from pipeline.diffusion.families.base import Family, Scratch
 from pipeline.runtime.device import compute_device
 
-FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl, sd3, flux)}
-# the random stand-ins' VAE shift and scale for the flow families: like the released ones, nonzero and not 1
+FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl, sd3, flux, chroma)}
+# the random stand-ins' VAE shift and scale for the families whose latents are shifted: like the released ones
+# (Flux.1's), nonzero and not 1
 STAND_IN_LATENT_SHIFT, STAND_IN_LATENT_SCALE = 0.1159, 0.3611
 
 
@@ -69,7 +70,7 @@ def random_pipeline(family: Family, captions: Iterable[str], *, preset: str = "t
     layout of real weights (SD 1.5, SDXL, SD 3.5, Flux.1 ...; the flow families' VAE with a latent shift): the
     stand-in for them in tests and benchmarks."""
     autoencoder = build_vae(vae, resolution, latent_channels_of(vae, family.name))
-    if family.name in FLOW_FAMILIES:
+    if family.declared.latents_shifted:
         autoencoder.register_to_config(shift_factor=STAND_IN_LATENT_SHIFT, scaling_factor=STAND_IN_LATENT_SCALE)
     latent_size = resolution // 2 ** (len(vae.block_out_channels) - 1)
     components = family.scratch_components(Scratch(tuple(captions), preset, vocab_size, autoencoder.config.latent_channels,

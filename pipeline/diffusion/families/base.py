@@ -13,8 +13,9 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
 from pipeline.core.config import TrainParams
+from pipeline.core.family_declarations import Declared
 from pipeline.diffusion.components import load_pretrained
-from pipeline.diffusion.tokenizer import tokenize
+from pipeline.diffusion.tokenizer import tokenized
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,14 @@ class TextComponent:
     encoder_class: type
     tokenizer_class: type
     sequence_length_is_a_param: bool = False  # T5: as long as model.max_sequence_length; CLIP: its own fixed length
+    # the encoder reads the tokenizer's attention mask too (Chroma's T5): `token_ids` gives it beside the ids, as
+    # `attention_mask_of(tokenizer)`, and conditioning that depends on it (the denoiser's mask) is a named tensor
+    masked: bool = False
+
+
+def attention_mask_of(tokenizer: str) -> str:
+    """The name of a masked tokenizer's attention mask among the token tensors."""
+    return f"{tokenizer}_attention_mask"
 
 
 @dataclass(frozen=True)
@@ -41,20 +50,22 @@ class Scratch:
 
 
 class Family:
-    """One architecture. Subclasses set the class attributes and implement the methods that raise."""
+    """One architecture. Subclasses set the class attributes and implement the methods that raise; `declared`
+    holds the module's `DECLARED` facts (pipeline/core/family_declarations.py), which config validation reads too."""
 
-    name: str
+    declared: Declared
     pipeline_class: type[DiffusionPipeline]
     denoiser: str  # the pipeline component that training trains: "unet" or "transformer"
     denoiser_class: type
     text: tuple[TextComponent, ...]
-    conditioning: tuple[str, ...]  # the named tensors the text encoders give per caption (encode caches them)
+    # the named tensors the text encoders give per caption (encode caches them; a sampler call takes each as the
+    # argument of its name, and the empty prompt's as `negative_<name>`): states, pooled outputs, attention masks
+    conditioning: tuple[str, ...]
     lora_targets: tuple[str, ...]  # diffusers' training scripts' defaults for the denoiser
     lora_layers_argument: str  # the keyword of pipeline_class.save_lora_weights for the denoiser's layers
     # UNet families save LoRA keys in diffusers' own format, as its SD/SDXL scripts do; the transformer families
     # PEFT's, as its SD3/Flux scripts do (converted, SD3's loader skipped the attention layers' to_q/k/v/out keys).
     lora_keys_to_diffusers: bool = False
-    presets: tuple[str, ...]
     pipeline_options: dict = {}  # constructor arguments beside the components
     vae_in_fp32: bool = False  # its VAE gives NaNs in fp16: kept in fp32 under mixed precision
     # why a plain-diffusers call of its model names an argument (the model card says it, pipeline/diffusion/plain_call.py)
@@ -67,6 +78,14 @@ class Family:
         "max_sequence_length": "T5's tokens per prompt in training (`model.max_sequence_length`): T5 reading more pads "
                                "gives the prompt other states",
     }
+
+    @property
+    def name(self) -> str:
+        return self.declared.name
+
+    @property
+    def presets(self) -> tuple[str, ...]:
+        return self.declared.presets
 
     # building
     def scratch_components(self, scratch: Scratch) -> dict[str, object]:
@@ -81,10 +100,26 @@ class Family:
         """The training objective a saved pipeline's sampler config implies (validation and evaluation)."""
         raise NotImplementedError
 
+    def objective_line(self, train: TrainParams) -> str:
+        """The objective as the model card states it."""
+        if not self.declared.flow:
+            return f"prediction type: {train.prediction_type}"
+        flow = train.flow
+        shift = flow.shift if flow.shift is not None else "the default (the family's, or the pretrained scheduler's)"
+        return (f"objective: flow matching (velocity), σ {flow.sampling}, shift {shift}, "
+                f"loss weighting {flow.weighting}")
+
     # the conditioning
     def token_ids(self, tokenizers: dict, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Each tokenizer's ids, padded to its fixed length as the pipeline pads prompts."""
-        return {part.tokenizer: tokenize(tokenizers[part.tokenizer], captions) for part in self.text}
+        """Each tokenizer's ids, padded to its fixed length as the pipeline pads prompts (and a masked one's
+        attention mask). Training keeps them per sample in scratch mode, caption dropout swapping them all."""
+        tokens = {}
+        for part in self.text:
+            encoded = tokenized(tokenizers[part.tokenizer], captions)
+            tokens[part.tokenizer] = encoded.input_ids
+            if part.masked:
+                tokens[attention_mask_of(part.tokenizer)] = encoded.attention_mask
+        return tokens
 
     def encode_text(self, components: dict, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The named conditioning tensors (`conditioning`) of tokenized captions, as the pipeline computes them."""

@@ -29,12 +29,16 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from pipeline.core.config import TrainParams
+from pipeline.core.family_declarations import Declared
 from pipeline.diffusion.components import clip_text_config, t5_encoder_config
 from pipeline.diffusion.families.base import Family, Scratch, TextComponent
 from pipeline.diffusion.flow_matching import RESOLUTION_SHIFT, FlowMatching, flow_objective, flow_of
 from pipeline.diffusion.tokenizer import build_t5_tokenizer, build_tokenizer
 
-PATCH = 2  # latent pixels per packed token side
+DECLARED = {"name": "flux", "presets": ("tiny", "flux_dev", "flux_schnell"), "objective": "flow",
+            "latent_channels": 16, "patch": 2, "latents_shifted": True}
+
+PATCH = DECLARED["patch"]  # latent pixels per packed token side
 TRAINED_GUIDANCE = 1.0  # the guidance embedding's input in training and sampling
 
 
@@ -92,7 +96,7 @@ def guidance_embedded(denoiser) -> bool:
 
 
 class Flux(Family):
-    name = "flux"
+    declared = Declared(**DECLARED)
     pipeline_class = FluxPipeline
     denoiser, denoiser_class = "transformer", FluxTransformer2DModel
     text = (TextComponent("tokenizer", "text_encoder", CLIPTextModel, AutoTokenizer),
@@ -104,7 +108,6 @@ class Flux(Family):
                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                     "ff_context.net.2")
     lora_layers_argument = "transformer_lora_layers"
-    presets = tuple(PRESETS)
     argument_reasons = {
         **Family.argument_reasons,
         "guidance_scale": f"the input of the guidance embedding, trained at {TRAINED_GUIDANCE}",

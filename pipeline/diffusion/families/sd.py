@@ -14,10 +14,14 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
 from pipeline.core.config import TrainParams
+from pipeline.core.family_declarations import Declared
 from pipeline.diffusion.components import clip_text_config
 from pipeline.diffusion.families.base import Family, Scratch, TextComponent
 from pipeline.diffusion.schedule import Ddpm, forward_process_of, training_scheduler
 from pipeline.diffusion.tokenizer import build_tokenizer
+
+DECLARED = {"name": "sd", "presets": ("tiny", "small", "sd15"), "objective": "ddpm", "latent_channels": 4,
+            "patch": 1, "latents_shifted": False}
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ def build_unet(preset: Preset, *, latent_channels: int, latent_size: int) -> UNe
 
 
 class StableDiffusion(Family):
-    name = "sd"
+    declared = Declared(**DECLARED)
     pipeline_class = StableDiffusionPipeline
     denoiser, denoiser_class = "unet", UNet2DConditionModel
     text = (TextComponent("tokenizer", "text_encoder", CLIPTextModel, AutoTokenizer),)
@@ -64,7 +68,6 @@ class StableDiffusion(Family):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     lora_layers_argument = "unet_lora_layers"
     lora_keys_to_diffusers = True
-    presets = tuple(PRESETS)
     pipeline_options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def scratch_components(self, scratch: Scratch) -> dict[str, object]:

@@ -21,13 +21,17 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from pipeline.core.config import TrainParams
+from pipeline.core.family_declarations import Declared
 from pipeline.diffusion.components import clip_text_config, t5_encoder_config
 from pipeline.diffusion.families.base import Family, Scratch, TextComponent
 from pipeline.diffusion.flow_matching import FlowMatching, flow_objective, flow_of
 from pipeline.diffusion.tokenizer import build_t5_tokenizer, build_tokenizer
 
+DECLARED = {"name": "sd3", "presets": ("tiny", "sd35_medium", "sd35_large"), "objective": "flow",
+            "latent_channels": 16, "patch": 2, "latents_shifted": True}
+
 SHIFT = 3.0  # SD3's sampler and training scripts at 1024 px
-PATCH = 2  # latent pixels per token side, as in SD3 (a resolution-dependent shift counts these tokens)
+PATCH = DECLARED["patch"]  # latent pixels per token side, as in SD3 (a resolution-dependent shift counts these tokens)
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def build_transformer(preset: Preset, *, latent_channels: int, latent_size: int)
 
 
 class StableDiffusion3(Family):
-    name = "sd3"
+    declared = Declared(**DECLARED)
     pipeline_class = StableDiffusion3Pipeline
     denoiser, denoiser_class = "transformer", SD3Transformer2DModel
     text = (TextComponent("tokenizer", "text_encoder", CLIPTextModelWithProjection, AutoTokenizer),
@@ -91,7 +95,6 @@ class StableDiffusion3(Family):
     lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
     lora_layers_argument = "transformer_lora_layers"
-    presets = tuple(PRESETS)
 
     def scratch_components(self, scratch: Scratch) -> dict[str, object]:
         preset = PRESETS[scratch.preset]

@@ -18,10 +18,14 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from pipeline.core.config import TrainParams
+from pipeline.core.family_declarations import Declared
 from pipeline.diffusion.components import clip_text_config
 from pipeline.diffusion.families.base import Family, Scratch, TextComponent
 from pipeline.diffusion.schedule import Ddpm, forward_process_of, training_scheduler
 from pipeline.diffusion.tokenizer import build_tokenizer
+
+DECLARED = {"name": "sdxl", "presets": ("tiny", "sdxl"), "objective": "ddpm", "latent_channels": 4, "patch": 1,
+            "latents_shifted": False}
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def build_unet(preset: Preset, *, latent_channels: int, latent_size: int) -> UNe
 
 
 class StableDiffusionXL(Family):
-    name = "sdxl"
+    declared = Declared(**DECLARED)
     pipeline_class = StableDiffusionXLPipeline
     denoiser, denoiser_class = "unet", UNet2DConditionModel
     text = (TextComponent("tokenizer", "text_encoder", CLIPTextModel, AutoTokenizer),
@@ -72,7 +76,6 @@ class StableDiffusionXL(Family):
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     lora_layers_argument = "unet_lora_layers"
     lora_keys_to_diffusers = True
-    presets = tuple(PRESETS)
     pipeline_options = {"force_zeros_for_empty_prompt": False}
     vae_in_fp32 = True  # "The VAE is always in float32 to avoid NaN losses" (diffusers' SDXL scripts)
 
