@@ -14,6 +14,8 @@ from pipeline.core.atomic import atomic_dir
 from pipeline.core.config import FLOW_FAMILIES, ModelParams, TrainParams
 from pipeline.diffusion.components import PIPELINE_INDEX, component_folder, pretrained_folder, stored_dtype
 from pipeline.diffusion.families.base import Family
+from pipeline.training.lora_formats import KOHYA_LORA_WEIGHTS, save_kohya_lora
+from pipeline.training.modules import lora_config
 from pipeline.tracking.lineage import data_version
 
 MODEL_CARD = "README.md"
@@ -31,7 +33,9 @@ def save_model(family: Family, trained: dict[str, object], model: ModelParams, p
     with atomic_dir(paths.sd_model) as staging:
         components = {**trained, **dict.fromkeys(frozen)}
         if lora_layers is not None:
-            family.save_lora(staging, lora_layers)
+            family.save_lora(staging, lora_layers, lora_config(family, model.lora).to_dict())
+            if "kohya" in model.lora.export:
+                save_kohya_lora(staging, family, lora_layers, model.lora)
             components[family.denoiser] = base_denoiser_with_lora(family, components, model.pretrained, paths, staging,
                                                                   sample_size)
         family.pipeline(components).save_pretrained(staging, safe_serialization=True)
@@ -89,7 +93,7 @@ def model_card(family: Family, model: ModelParams, train: TrainParams, paths: Pa
         f"The LoRA layers alone are in `{LORA_WEIGHTS}` (rank {model.lora.rank}, alpha "
         f"{model.lora.alpha}); the {family.denoiser} in this folder has them fused in. On the base model:\n\n"
         f"```python\npipe = {pipeline_class}.from_pretrained(\"{model.pretrained}\")\n"
-        "pipe.load_lora_weights(\"models/sd\")\n```\n\n"
+        "pipe.load_lora_weights(\"models/sd\")\n```\n\n" + kohya_line(model)
     ) if model.mode == "finetune" and model.finetune == "lora" else ""
     return (
         "---\nlibrary_name: diffusers\ntags: [text-to-image, stable-diffusion, sdpipe]\n---\n\n" + title +
@@ -103,6 +107,14 @@ def model_card(family: Family, model: ModelParams, train: TrainParams, paths: Pa
         "Evaluation metrics are in metrics/eval.json and on the MLflow model version.\n\n"
         f"## Parameters\n\n```json\n{settings}\n```\n"
     )
+
+
+def kohya_line(model: ModelParams) -> str:
+    if "kohya" not in model.lora.export:
+        return ""
+    return (f"The same layers in kohya's key layout, for ComfyUI and AUTOMATIC1111, are in `{KOHYA_LORA_WEIGHTS}` "
+            "(diffusers reads it too: `pipe.load_lora_weights(\"models/sd\", "
+            f"weight_name=\"{KOHYA_LORA_WEIGHTS}\")`).\n\n")
 
 
 def objective_line(model: ModelParams, train: TrainParams) -> str:
