@@ -22,6 +22,7 @@ from pipeline.stages.train import train
 from pipeline.stages.vae import vae_stage
 from pipeline.training import export, modules
 from pipeline.training.export import LORA_WEIGHTS
+from pipeline.training.lora_formats import KOHYA_LORA_WEIGHTS
 
 from .conftest import merge, save_random_base_model, tiny_params_dict
 
@@ -94,6 +95,49 @@ def test_lora_finetune_saves_weights_that_load_onto_the_base_model(trained_proje
     assert "load_lora_weights" in (paths.sd_model / "README.md").read_text()
     image = saved("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
+
+
+def sample(pipeline) -> torch.Tensor:
+    return pipeline("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="pt").images
+
+
+def with_lora(base_model: str, folder, weight_name: str) -> StableDiffusionPipeline:
+    pipeline = StableDiffusionPipeline.from_pretrained(base_model)
+    pipeline.load_lora_weights(folder, weight_name=weight_name)
+    return pipeline
+
+
+def test_a_lora_run_exports_a_kohya_file_that_plain_diffusers_loads_to_the_same_images(trained_project, base_model,
+                                                                                        tmp_path):
+    params = finetune_params(base_model, lora={"rank": 4, "alpha": 8, "export": ["diffusers", "kohya"]})
+    paths, _ = project(trained_project, tmp_path, params)
+    train(params, paths)
+
+    diffusers_file = with_lora(base_model, paths.sd_model, LORA_WEIGHTS)
+    assert diffusers_file.unet.peft_config["default_0"].lora_alpha == 8  # the scale trained with: alpha / rank = 2
+    expected = sample(diffusers_file)
+    assert not torch.allclose(expected, sample(StableDiffusionPipeline.from_pretrained(base_model)), atol=1e-3)
+    assert torch.equal(sample(with_lora(base_model, paths.sd_model, KOHYA_LORA_WEIGHTS)), expected)
+    fused = StableDiffusionPipeline.from_pretrained(paths.sd_model)
+    torch.testing.assert_close(sample(fused), expected, atol=1e-4, rtol=0)
+    assert KOHYA_LORA_WEIGHTS in (paths.sd_model / "README.md").read_text()
+
+
+def test_a_dora_run_saves_magnitudes_that_load_and_fuse_in_plain_diffusers(trained_project, base_model, tmp_path):
+    params = finetune_params(base_model, lora={"use_dora": True})
+    paths, _ = project(trained_project, tmp_path, params)
+    train(params, paths)
+
+    saved = load_file(paths.sd_model / LORA_WEIGHTS)
+    assert any(key.endswith("lora_magnitude_vector") for key in saved)
+    loaded = with_lora(base_model, paths.sd_model, LORA_WEIGHTS)
+    assert loaded.unet.peft_config["default_0"].use_dora
+    expected = sample(loaded)
+    assert not torch.allclose(expected, sample(StableDiffusionPipeline.from_pretrained(base_model)), atol=1e-3)
+    torch.testing.assert_close(sample(StableDiffusionPipeline.from_pretrained(paths.sd_model)), expected,
+                               atol=1e-4, rtol=0)  # models/sd: the DoRA layers fused into the base
+    assert not (paths.sd_model / KOHYA_LORA_WEIGHTS).exists()
 
 
 def test_full_finetune_trains_the_unet_on_cached_text_states(trained_project, base_model, tmp_path):

@@ -111,11 +111,13 @@ def test_frozen_weights_are_in_the_weight_dtype_and_trained_ones_in_fp32(trained
         assert {t.dtype for t in load_file(paths.sd_model / f"{module}.safetensors").values()} == {torch.float32}
 
 
+@pytest.mark.parametrize("optimizer", [{"optimizer": "adamw"}, {"optimizer": "prodigy", "learning_rate": 1.0}],
+                         ids=["adamw", "prodigy"])
 def test_lora_checkpoints_hold_only_lora_weights_and_resume_exactly(trained_project, base_model, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, optimizer):
     params = finetune_params(base_model, finetune="lora")
     params = params.model_copy(update={"train": params.train.model_copy(update={
-        "steps": 8, "checkpoint_every": 4, "validate_every": 5, "log_every": 1})})
+        "steps": 8, "checkpoint_every": 4, "validate_every": 5, "log_every": 1, **optimizer})})
     straight, _ = project(trained_project, tmp_path / "straight", params)
     expected = train(params, straight)
 
@@ -133,6 +135,9 @@ def test_lora_checkpoints_hold_only_lora_weights_and_resume_exactly(trained_proj
     assert LORA_CHECKPOINT in files and not any(name.startswith(("model", "pytorch_model")) for name in files)
     lora = load_file(checkpoint / LORA_CHECKPOINT)
     assert lora and all("lora" in key for key in lora)
+    [group] = torch.load(checkpoint / "optimizer.bin", weights_only=False)["param_groups"]
+    if optimizer["optimizer"] == "prodigy":  # its step-size estimate has moved: resuming must restore it
+        assert group["d"] > group["d0"] and group["k"] == 4
     monkeypatch.setattr(train_module.Run, "validation_loss", validation_loss)
     resumed = train(params, paths)
     assert resumed["resumed_from_step"] == 4 and resumed["final_loss"] == expected["final_loss"]

@@ -129,3 +129,28 @@ def test_a_reversed_min_max_pair_is_refused(section, low, high, values):
 def test_a_t5_longer_than_the_pipelines_take_is_refused():
     with pytest.raises(ConfigError, match=r"model\.max_sequence_length: .*less than or equal to 512"):
         parse_params({"model": {"max_sequence_length": 1024}})
+
+
+@pytest.mark.parametrize(("model", "train", "message"), [
+    ({"family": "flux", "lora": {"export": ["diffusers", "kohya"]}}, {},
+     r"model\.lora\.export: kohya has no key layout for model\.family flux"),
+    ({"lora": {"export": ["diffusers", "kohya"], "use_dora": True}}, {},
+     r"model\.lora\.export: kohya with model\.lora\.use_dora"),
+    ({"lora": {"export": ["kohya"]}}, {}, r"model\.lora\.export: .*must include diffusers"),
+    ({"lora": {"export": ["comfy"]}}, {}, r"model\.lora\.export\.0: .*'diffusers' or 'kohya'"),
+    ({}, {"optimizer": "prodigy"}, r"train\.learning_rate: 0\.001 with train\.optimizer prodigy.*set 1\.0"),
+    ({}, {"optimizer": "prodigy", "learning_rate": 50.0}, r"train\.learning_rate: 50\.0 with train\.optimizer prodigy"),
+])
+def test_lora_exports_and_the_optimizer_are_refused_where_they_cannot_work(model, train, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params(merge(tiny_params_dict(), {"model": model, "train": train}))
+
+
+def test_kohya_export_dora_and_prodigy_are_accepted_where_they_work():
+    for family in ("sd", "sdxl"):
+        params = parse_params(merge(tiny_params_dict(), {"model": {"family": family, "lora": {
+            "export": ["diffusers", "kohya", "kohya"]}}}))
+        assert params.model.lora.export == ("diffusers", "kohya")
+    params = parse_params(merge(tiny_params_dict(), {"model": {"family": "flux", "lora": {"use_dora": True}},
+                                                      "train": {"optimizer": "prodigy", "learning_rate": 1.0}}))
+    assert params.model.lora.use_dora and params.train.optimizer == "prodigy"

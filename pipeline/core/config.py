@@ -104,11 +104,25 @@ class LoraParams(Section):
     quantize_base: Literal["int8"] | None = Field(
         None, description="int8: the frozen denoiser's linear weights stored in int8 while training (torchao "
                           "weight-only); the saved model fuses the LoRA layers into the full-precision base")
+    use_dora: bool = Field(False, description="DoRA (weight-decomposed LoRA, peft's use_dora): a magnitude per "
+                                              "output channel trained beside the LoRA layers; diffusers loads it")
+    export: tuple[Literal["diffusers", "kohya"], ...] = Field(
+        ("diffusers",), min_length=1, description="the LoRA files models/sd carries: diffusers (always: the file "
+        "load_lora_weights reads), and kohya (sd, sdxl: the lora_unet_ key layout ComfyUI loads)")
+
+    @field_validator("export")
+    @classmethod
+    def _diffusers_file_is_kept(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "diffusers" not in value:
+            raise ValueError("must include diffusers: models/sd's own LoRA file, which the saved model is fused "
+                             "from; kohya is written beside it")
+        return tuple(dict.fromkeys(value))
 
 
 # Each family's presets, objective, latent channels and patch, as its module declares them
 FAMILY_DECLARATIONS = declared_families()
 FAMILIES = tuple(FAMILY_DECLARATIONS)
+PRODIGY_LEARNING_RATES = (0.1, 10.0)  # Prodigy's lr scales its own step-size estimate: 1.0 is its default
 PRETRAINED_VAE_DOWNSAMPLING = 8  # every family's released VAE, SD 1.x to Flux.1
 TRAINING_TIMESTEPS = 1000  # DDPM's (pipeline/diffusion/schedule.py); flow matching reads t as σ = t / 1000
 
@@ -214,7 +228,9 @@ class TrainParams(Section):
     compile: bool = Field(False, description="torch.compile the UNet (GPU lever; minutes of compiling first)")
     channels_last: bool = Field(False, description="the UNet's weights and activations in NHWC (GPU lever)")
     tf32: bool = Field(False, description="fp32 matmuls on tensor cores (CUDA only)")
-    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw, or adamw_8bit (bitsandbytes, CUDA)")
+    optimizer: Literal["adamw", "adamw_8bit", "prodigy"] = Field(
+        "adamw", description="adamw, adamw_8bit (bitsandbytes, CUDA) or prodigy (prodigyopt: estimates the step size "
+                             "itself; learning_rate scales it, 1.0 recommended)")
     log_every: int = Field(50, ge=1, description="steps between logs of loss, lr, grad norm, images/s and memory")
     validate_every: int = Field(250, ge=1, description="held-out loss at fixed timesteps every this many steps")
     validation_timesteps: TrainingTimesteps = Field((100, 500, 900), description="timesteps of the held-out loss, "
@@ -353,6 +369,33 @@ class Params(Section):
                 raise PydanticCustomError(
                     "conflicting_setting", "preprocess.{key}: must be a multiple of {multiple}: {vae}{patches} "
                     "(got {value})", {"key": key, "multiple": multiple, "vae": vae, "patches": patches, "value": value})
+        return self
+
+    @model_validator(mode="after")
+    def _lora_exports_have_a_layout(self) -> Params:
+        lora = self.model.lora
+        if "kohya" in lora.export and not FAMILY_DECLARATIONS[self.model.family].kohya_lora:
+            kohya_families = [name for name, declared in FAMILY_DECLARATIONS.items() if declared.kohya_lora]
+            raise PydanticCustomError(
+                "conflicting_setting", "model.lora.export: kohya has no key layout for model.family {family} here "
+                "(written for {families}): leave model.lora.export at [diffusers]",
+                {"family": self.model.family, "families": ", ".join(kohya_families)})
+        if "kohya" in lora.export and lora.use_dora:
+            raise PydanticCustomError(
+                "conflicting_setting", "model.lora.export: kohya with model.lora.use_dora: diffusers drops a kohya "
+                "file's DoRA magnitudes (dora_scale) when loading it; export only diffusers for a DoRA run", {})
+        return self
+
+    @model_validator(mode="after")
+    def _prodigy_learning_rate_is_a_multiplier(self) -> Params:
+        """Prodigy estimates the step size; its lr multiplies that estimate. AdamW's 1e-3 would train 1000x slower
+        than Prodigy means to, with no error, so a learning rate far from 1.0 is refused rather than warned of."""
+        rate = self.train.learning_rate
+        if self.train.optimizer == "prodigy" and not PRODIGY_LEARNING_RATES[0] <= rate <= PRODIGY_LEARNING_RATES[1]:
+            raise PydanticCustomError(
+                "conflicting_setting", "train.learning_rate: {rate} with train.optimizer prodigy, which estimates the "
+                "step size itself and multiplies it by the learning rate: set 1.0 (from {low} to {high} accepted)",
+                {"rate": rate, "low": PRODIGY_LEARNING_RATES[0], "high": PRODIGY_LEARNING_RATES[1]})
         return self
 
     @model_validator(mode="after")

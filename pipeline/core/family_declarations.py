@@ -1,7 +1,8 @@
 """What the parameters need to know of each model family, read from the family's own module.
 
 Each module in pipeline/diffusion/families/ opens with a `DECLARED` literal: its name, scratch presets,
-objective, scratch VAE latent channels, latent patch and whether its VAE's latents are shifted. Config
+objective, scratch VAE latent channels, latent patch, whether its VAE's latents are shifted and whether LoRA
+files have a kohya key layout for it. Config
 validation reads these literals from the modules' source without importing them, because those modules import
 torch and diffusers and params are validated in light processes (the flows, the CLI); the Family classes read
 the same literal, so every fact is declared once, in the family's module.
@@ -28,6 +29,7 @@ class Declared:
     latent_channels: int  # the scratch VAE's latent channels unless vae.latent_channels sets them
     patch: int  # latent pixels per denoiser token side: the side must divide by the VAE's downsampling x this
     latents_shifted: bool  # its VAE's latents are shifted by their mean (a `shift_factor`) before scaling
+    kohya_lora: bool = False  # kohya's lora_unet_ key layout exists for it (model.lora.export: kohya)
 
     @property
     def flow(self) -> bool:

@@ -19,6 +19,8 @@ from pipeline.diffusion.components import PIPELINE_INDEX, component_folder, pret
 from pipeline.diffusion.families.base import Family
 from pipeline.diffusion.plain_call import PlainCall, Sample, pipeline_skeleton, plain_call
 from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS
+from pipeline.training.lora_formats import KOHYA_LORA_WEIGHTS, save_kohya_lora
+from pipeline.training.modules import lora_config
 from pipeline.tracking.lineage import data_version
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
@@ -36,7 +38,9 @@ def save_model(family: Family, trained: dict[str, object], model: ModelParams, p
     with atomic_dir(paths.sd_model) as staging:
         components = {**trained, **dict.fromkeys(frozen)}
         if lora_layers is not None:
-            family.save_lora(staging, lora_layers)
+            family.save_lora(staging, lora_layers, lora_config(family, model.lora).to_dict())
+            if "kohya" in model.lora.export:
+                save_kohya_lora(staging, family, lora_layers, model.lora)
             components[family.denoiser] = base_denoiser_with_lora(family, components, model.pretrained, paths, staging,
                                                                   sample_size)
         family.pipeline(components).save_pretrained(staging, safe_serialization=True)
@@ -149,11 +153,19 @@ def usage(folder: Path, family: Family, model: ModelParams, paths: Paths, prompt
         "the base model (the same images, up to the rounding of fused against separate LoRA weights):\n\n"
         f"```python\n{on_base.code('sample_lora.png')}```\n\n{reasons(on_base, family)}\n"
         + ("- `pipe.scheduler`: the sampler this model was trained for; the base's differs\n"
-           if on_base.scheduler else "") + "\n"
+           if on_base.scheduler else "") + "\n" + kohya_line(model)
     )
 
 
 def reasons(call: PlainCall, family: Family) -> str:
     return "\n".join(f"- `{name}={value!r}` (default {call.defaults[name]!r}): {family.argument_reasons.get(name, '')}"
                      for name, value in call.arguments.items())
+
+
+def kohya_line(model: ModelParams) -> str:
+    if "kohya" not in model.lora.export:
+        return ""
+    return (f"The same layers in kohya's key layout, for ComfyUI and AUTOMATIC1111, are in `{KOHYA_LORA_WEIGHTS}` "
+            "(diffusers reads it too: `pipe.load_lora_weights(\"models/sd\", "
+            f"weight_name=\"{KOHYA_LORA_WEIGHTS}\")`).\n\n")
 

@@ -15,7 +15,7 @@ from peft import LoraConfig
 
 from pipeline.contracts.latents import CachedLatents, MappedRows
 from pipeline.contracts.paths import Paths
-from pipeline.core.config import ConfigError, ModelParams, TrainParams
+from pipeline.core.config import ConfigError, LoraParams, ModelParams, TrainParams
 from pipeline.diffusion.components import pretrained_scheduler_config
 from pipeline.diffusion.families import check_pretrained_family, family_named
 from pipeline.diffusion.families.base import Family, Scratch
@@ -109,16 +109,21 @@ def pretrained_model(family: Family, model: ModelParams, train: TrainParams, pat
     denoiser.register_to_config(sample_size=latents.shape[-1])
     if lora:
         denoiser.requires_grad_(False)
-        settings = model.lora
         try:
-            denoiser.add_adapter(LoraConfig(
-                r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, init_lora_weights="gaussian",
-                target_modules=list(settings.target_modules or family.lora_targets)))
+            denoiser.add_adapter(lora_config(family, model.lora))
         except ValueError as error:
             raise ConfigError(f"model.lora.target_modules: {error}") from None
     objective = family.training_objective(train, pretrained_scheduler_config(spec, paths.root))
     return Model(family, frozen_vae(family, train, paths), text, denoiser, objective,
                  trains_text_encoder=False, lora=lora)
+
+
+def lora_config(family: Family, settings: LoraParams) -> LoraConfig:
+    """The LoRA (or DoRA) layers trained on the denoiser; the LoRA file carries them as its adapter metadata, so
+    load_lora_weights rebuilds the same layers (alpha included)."""
+    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      init_lora_weights="gaussian", use_dora=settings.use_dora,
+                      target_modules=list(settings.target_modules or family.lora_targets))
 
 
 def build_model(model: ModelParams, train: TrainParams, paths: Paths, cache: CachedLatents,
@@ -190,8 +195,22 @@ def make_optimizer(parameters: list, settings: TrainParams, device: torch.device
         if device.type != "cuda":
             raise ConfigError("train.optimizer: adamw_8bit needs a CUDA GPU; use adamw on this machine")
         return bitsandbytes.optim.AdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    if settings.optimizer == "prodigy":
+        return prodigy(parameters, settings)
     # fused: one kernel for all parameters; on CPUs the default per-tensor path costs ~20% of a tiny model's step
     return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True)
+
+
+def prodigy(parameters: list, settings: TrainParams):
+    """Prodigy with the settings diffusers' DreamBooth scripts default to: AdamW-style decoupled weight decay, bias
+    correction, and its step-size estimate held back during the LR warm-up (safeguard_warmup). Its estimate d and
+    the sums behind it live in the param groups, so a checkpoint's optimizer state resumes it exactly."""
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise ConfigError("train.optimizer: prodigy needs prodigyopt (pip install prodigyopt)") from None
+    return Prodigy(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, decouple=True,
+                   use_bias_correction=True, safeguard_warmup=True)
 
 
 def trained_denoiser_parameters(accelerator: Accelerator, denoiser) -> list[torch.nn.Parameter]:

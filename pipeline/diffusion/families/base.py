@@ -193,8 +193,12 @@ class Family:
                   get_peft_model_state_dict(lora_denoiser).items()}
         return convert_state_dict_to_diffusers(layers) if self.lora_keys_to_diffusers else layers
 
-    def save_lora(self, folder: Path, layers: dict[str, torch.Tensor]) -> None:
-        self.pipeline_class.save_lora_weights(folder, **{self.lora_layers_argument: layers}, safe_serialization=True)
+    def save_lora(self, folder: Path, layers: dict[str, torch.Tensor], config: dict) -> None:
+        """The layers with their LoraConfig as the file's adapter metadata: without it load_lora_weights assumes
+        alpha = rank (and no DoRA), as diffusers' training scripts avoid by saving it the same way."""
+        metadata = self.lora_layers_argument.replace("_layers", "_adapter_metadata")
+        self.pipeline_class.save_lora_weights(folder, **{self.lora_layers_argument: layers, metadata: config},
+                                              safe_serialization=True)
 
     def text_encoders(self, components: dict) -> list[torch.nn.Module]:
         return [components[part.encoder] for part in self.text]

@@ -21,7 +21,8 @@ from pipeline.diffusion.schedule import Ddpm, forward_process_of, training_sched
 from pipeline.diffusion.tokenizer import build_tokenizer
 
 DECLARED = {"name": "sd", "presets": ("tiny", "small", "sd15"), "objective": "ddpm", "latent_channels": 4,
-            "patch": 1, "latents_shifted": False}
+            "patch": 1, "latents_shifted": False,
+            "kohya_lora": True}
 
 
 @dataclass(frozen=True)
