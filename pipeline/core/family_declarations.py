@@ -2,10 +2,10 @@
 
 Each module in pipeline/diffusion/families/ opens with a `DECLARED` literal: its name, scratch presets,
 objective, scratch VAE latent channels, latent patch, whether its VAE's latents are shifted and whether LoRA
-files have a kohya key layout for it. Config
-validation reads these literals from the modules' source without importing them, because those modules import
-torch and diffusers and params are validated in light processes (the flows, the CLI); the Family classes read
-the same literal, so every fact is declared once, in the family's module.
+files have a kohya key layout for it. Config validation reads these literals from the modules' source without
+importing them, because those modules import torch and diffusers and params are validated in light processes
+(the flows, the CLI); the Family classes read the same literal, so every fact is declared once, in the family's
+module.
 """
 
 from __future__ import annotations
