@@ -202,15 +202,16 @@ def make_optimizer(parameters: list, settings: TrainParams, device: torch.device
 
 
 def prodigy(parameters: list, settings: TrainParams):
-    """Prodigy with the settings diffusers' DreamBooth scripts default to: AdamW-style decoupled weight decay, bias
-    correction, and its step-size estimate held back during the LR warm-up (safeguard_warmup). Its estimate d and
-    the sums behind it live in the param groups, so a checkpoint's optimizer state resumes it exactly."""
+    """Prodigy as its authors advise for diffusion models: AdamW-style decoupled weight decay, bias correction, and
+    its step-size estimate held back during an LR warm-up (safeguard_warmup, which without a warm-up only slows
+    the estimate's growth). Its estimate d and the sums behind it live in the param groups, so a checkpoint's
+    optimizer state resumes it exactly."""
     try:
         from prodigyopt import Prodigy
     except ImportError:
         raise ConfigError("train.optimizer: prodigy needs prodigyopt (pip install prodigyopt)") from None
     return Prodigy(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, decouple=True,
-                   use_bias_correction=True, safeguard_warmup=True)
+                   use_bias_correction=True, safeguard_warmup=settings.warmup_steps > 0)
 
 
 def trained_denoiser_parameters(accelerator: Accelerator, denoiser) -> list[torch.nn.Parameter]:
