@@ -44,6 +44,8 @@ NOT_DEPENDENCIES = {
     "pipeline/__init__.py": "the package's docstring and version",
     "pipeline/cli.py": "argument parsing and dispatch; each stage's own code is what it runs",
     "pipeline/core/config.py": "the params' types; their values are deps through `params`",
+    "pipeline/core/family_declarations.py": "reads the families' declared facts for config (as config's own "
+                                            "constants were); a stage building a model lists the families",
     "pipeline/core/source_params.py": "the ingest section's types; their values are deps through `params`",
     "pipeline/core/section.py": "the base type of every params section",
     "pipeline/core/validate_params.py": "the validate section's types; their values are deps through `params`",
