@@ -174,7 +174,7 @@ def test_sdxl_time_ids_follow_each_images_recorded_size_and_crop(tmp_path):
 
     from pipeline.contracts.data import MANIFEST
     from pipeline.contracts.latents import IMAGE_SIZE_COLUMNS, load_latents
-    from pipeline.diffusion.components import build_vae
+    from pipeline.diffusion.latent_space import ScaledLatents
     from pipeline.stages.encode import encode
     from pipeline.stages.preprocess import preprocess
 
@@ -182,7 +182,7 @@ def test_sdxl_time_ids_follow_each_images_recorded_size_and_crop(tmp_path):
 
     params, paths = folder_project(tmp_path, [(48, 24), (24, 40), (32, 32)] * 4, crop="random", val_fraction=0.3)
     preprocess(params.preprocess, paths)
-    build_vae(params.vae, 32, latent_channels=4).save_pretrained(paths.vae_model)
+    ScaledLatents(shifted=False).build_vae(params.vae, 32, latent_channels=4).save_pretrained(paths.vae_model)
     encode(paths, encode=params.encode, model=params.model)
     manifest = pd.read_parquet(paths.processed / "train" / MANIFEST)
     wide = manifest[manifest["original_width"] == 48].iloc[0]
