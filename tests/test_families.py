@@ -17,7 +17,7 @@ from .conftest import merge, save_random_base_model, tiny_params_dict
 
 PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
                     "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "chroma": "ChromaPipeline",
-                    "flux2": "Flux2KleinPipeline"}
+                    "flux2": "Flux2KleinPipeline", "qwenimage": "QwenImagePipeline"}
 
 
 def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -30,6 +30,13 @@ def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
     if name == "Flux2KleinPipeline":  # (stacked Qwen3 states, text ids), at the layers its call defaults to
         encoded = pipeline.encode_prompt(captions, **common, max_sequence_length=pipeline.tokenizer.model_max_length)
         return {"prompt_embeds": encoded[0]}
+    if name == "QwenImagePipeline":  # (states, mask) padded to the longest caption: the cache pads to the trained
+        # length, zero states and mask where padded (what the pipeline's own padding holds)
+        length = pipeline.tokenizer.model_max_length
+        states, mask = pipeline.encode_prompt(captions, **common, max_sequence_length=length)
+        padding = length - states.shape[1]
+        return {"prompt_embeds": torch.nn.functional.pad(states, (0, 0, 0, padding)),
+                "prompt_embeds_mask": torch.nn.functional.pad(mask, (0, padding)).to(states.dtype)}
     if name == "ChromaPipeline":  # (T5 states, text ids, the transformer's mask, the negative's three)
         encoded = pipeline.encode_prompt(captions, **common, do_classifier_free_guidance=False,
                                          max_sequence_length=pipeline.tokenizer.model_max_length)
@@ -88,7 +95,7 @@ def test_the_family_conditions_and_calls_the_denoiser_as_its_pipeline_does(saved
     for tensor in ours:
         torch.testing.assert_close(ours[tensor], theirs[tensor])
     denoiser = getattr(pipeline, family.denoiser)
-    vae_latents = torch.randn(2, pipeline.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    vae_latents = torch.randn(2, family.denoiser_latent_channels(denoiser), 8, 8, generator=torch.Generator().manual_seed(0))
     latents = family.latent_space.to_denoiser(vae_latents, pipeline.vae)
     prediction = family.predict(denoiser, latents, torch.tensor([10, 900]), ours, square_image_sizes(2, 32))
     assert prediction.shape == latents.shape
@@ -131,7 +138,7 @@ def test_no_module_but_the_familys_own_names_it():
     assert not found, found
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2", "qwenimage"])
 def test_ddpm_settings_are_refused_for_the_flow_families_with_a_sentence(family):
     with pytest.raises(ConfigError, match=f"train.snr_gamma: min-SNR weighting is DDPM's .* {family} trains by flow"):
         parse_params(merge(tiny_params_dict(), {"model": {"family": family}, "train": {"snr_gamma": 5.0}}))
@@ -249,3 +256,37 @@ def test_flux2_reads_the_text_layers_its_pipeline_stacks():
     assert (transformer.config.joint_attention_dim, transformer.config.in_channels) == (7680, 128)
     assert (transformer.config.num_layers, transformer.config.num_single_layers,
             transformer.inner_dim) == (5, 20, 3072)
+
+
+@torch.no_grad()
+def test_qwenimage_normalises_latents_as_its_pipeline_does(tmp_path):
+    """The same image's latents: the family's latent space (an image as one frame of the 5-D VAE, per-channel
+    latents_mean/latents_std, which the stand-in has apart per channel) against QwenImageImg2ImgPipeline's own
+    encoding, which samples the posterior: the same generator draws the same sample."""
+    from diffusers import QwenImageImg2ImgPipeline
+
+    from pipeline.diffusion.latent_space import posterior
+
+    pipeline = load_pipeline(save_random_base_model(tmp_path / "qwenimage", "qwenimage"))
+    assert len(set(pipeline.vae.config.latents_mean)) == pipeline.vae.config.z_dim
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    theirs = QwenImageImg2ImgPipeline(**pipeline.components)._encode_vae_image(
+        image.unsqueeze(2), generator=torch.Generator().manual_seed(0))
+    sample = posterior(pipeline.vae, image).sample(generator=torch.Generator().manual_seed(0))
+    ours = family_named("qwenimage").latent_space.to_denoiser(sample, pipeline.vae)
+    torch.testing.assert_close(ours, theirs.squeeze(2))
+    assert ours.shape == (1, 16, 8, 8)
+
+
+def test_qwenimage_drops_just_the_system_prompt_that_its_pipeline_drops(tmp_path):
+    """QwenImagePipeline drops a fixed 34 leading tokens, its system prompt in Qwen's vocabulary: the scratch
+    tokenizer spells that prompt in exactly as many, so the states start at the caption's turn as for Qwen's."""
+    from pipeline.diffusion.families.qwenimage import PROMPT_TEMPLATE, TEMPLATE_TOKENS
+
+    tokenizer = load_pipeline(save_random_base_model(tmp_path / "qwenimage", "qwenimage")).tokenizer
+    assert TEMPLATE_TOKENS == 34
+    system, caption_turn = PROMPT_TEMPLATE.split("{}")
+    tokens = tokenizer.tokenize(system)
+    assert len(tokens) == TEMPLATE_TOKENS and tokens[-3:] == ["<|im_start|>", "user", "Ċ"]
+    assert tokenizer.tokenize(PROMPT_TEMPLATE.format("a red circle"))[TEMPLATE_TOKENS:TEMPLATE_TOKENS + 3] == \
+        ["a", "Ġred", "Ġcircle"]

@@ -11,6 +11,10 @@ space's `to_denoiser` is the inverse of what its pipeline does to sampled latent
   (4C, H/2, W/2), each channel standardised by the VAE's BatchNorm running mean and variance (`vae.bn`'s buffers,
   saved with its weights, not in its config), as Flux2KleinPipeline does. A freshly built one has mean 0 and
   variance 1: scratch mode fits them to the training images' latents.
+- `FrameLatents` (`AutoencoderKLQwenImage`: qwenimage): a video VAE (causal 3-D convolutions over
+  (N, C, frames, H, W)) that sees an image as one frame; `posterior` and `decoded` add and take off that frames
+  dimension, so everything else handles its latents as (N, C, H, W). Each channel is standardised by the VAE
+  config's per-channel `latents_mean` and `latents_std`, `(z - mean) / std`, as QwenImageImg2ImgPipeline does.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2KleinPipeline, ModelMixin
+from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, Flux2KleinPipeline, ModelMixin
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from pipeline.core.config import VaeParams
 
@@ -124,8 +129,72 @@ class PatchNormalisedLatents:
                 "latent_std": float(vae.bn.running_var.add(vae.config.batch_norm_eps).sqrt().mean())}
 
 
-LatentSpace = ScaledLatents | PatchNormalisedLatents
-VAE_CLASSES = {vae_class.__name__: vae_class for vae_class in (AutoencoderKL, AutoencoderKLFlux2)}
+@dataclass(frozen=True)
+class FrameLatents:
+    """One-frame latents of a video VAE, standardised per channel by its config's latents_mean/latents_std."""
+
+    vae_class: type[ModelMixin] = AutoencoderKLQwenImage
+    patch: int = 1  # VAE latent pixels per side folded into one pixel of the denoiser's input
+
+    def build_vae(self, params: VaeParams, resolution: int, latent_channels: int) -> AutoencoderKLQwenImage:
+        """One level per entry of `vae.block_out_channels`, as for the other VAEs; the channels are multiples of
+        the first (the VAE's `dim_mult`), and no level downsamples time (an image is one frame)."""
+        base = params.block_out_channels[0]
+        if any(channels % base for channels in params.block_out_channels):
+            raise ValueError(f"vae.block_out_channels: {list(params.block_out_channels)}: {self.vae_class.__name__} "
+                             f"takes channels that are multiples of the first ({base})")
+        levels = len(params.block_out_channels)
+        return self.vae_class(base_dim=base, z_dim=latent_channels, num_res_blocks=1,
+                              dim_mult=[channels // base for channels in params.block_out_channels],
+                              temperal_downsample=[False] * (levels - 1), latents_mean=[0.0] * latent_channels,
+                              latents_std=[1.0] * latent_channels)
+
+    def to_denoiser(self, latents: torch.Tensor, vae) -> torch.Tensor:
+        mean, std = self.moments(vae, latents)
+        return (latents - mean) / std
+
+    @staticmethod
+    def moments(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel mean and std, shaped to broadcast over (N, C, H, W), on `like`'s device and dtype."""
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+    def fit(self, vae, latent_means: list[torch.Tensor]) -> None:
+        """latents_mean and latents_std each channel's own over these latents."""
+        channels = vae.config.z_dim
+        values = torch.cat([means.float().transpose(0, 1).reshape(channels, -1) for means in latent_means], dim=1)
+        vae.register_to_config(latents_mean=values.mean(dim=1).tolist(), latents_std=values.std(dim=1).tolist())
+
+    def stand_in(self, vae) -> None:
+        """A different mean and std per channel, so a test sees a conversion that mixes up the channels."""
+        channels = torch.arange(vae.config.z_dim, dtype=torch.float64)
+        vae.register_to_config(latents_mean=(STAND_IN_LATENT_SHIFT + 0.05 * channels).tolist(),
+                               latents_std=((1 + 0.1 * channels) / STAND_IN_LATENT_SCALE).tolist())
+
+    def statistics(self, vae) -> dict[str, float]:
+        """The channels' average mean and std (metrics/vae.json; the per-channel values are in the VAE's config)."""
+        return {"latent_mean": float(torch.tensor(vae.config.latents_mean).mean()),
+                "latent_std": float(torch.tensor(vae.config.latents_std).mean())}
+
+
+LatentSpace = ScaledLatents | PatchNormalisedLatents | FrameLatents
+VAE_CLASSES = {vae_class.__name__: vae_class for vae_class in (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage)}
+FRAME_VAES = (AutoencoderKLQwenImage,)  # VAEs of (N, C, frames, H, W), fed an image as one frame
+
+
+def posterior(vae, images: torch.Tensor) -> DiagonalGaussianDistribution:
+    """The VAE's posterior of (N, 3, H, W) images, over (N, C, h, w) latents whatever the VAE's layout."""
+    if not isinstance(vae, FRAME_VAES):
+        return vae.encode(images).latent_dist
+    return DiagonalGaussianDistribution(vae.encode(images.unsqueeze(2)).latent_dist.parameters.squeeze(2))
+
+
+def decoded(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's (N, 3, H, W) images of (N, C, h, w) latents."""
+    if not isinstance(vae, FRAME_VAES):
+        return vae.decode(latents).sample
+    return vae.decode(latents.unsqueeze(2)).sample.squeeze(2)
 
 
 def vae_class_of(config: dict, where: str) -> type[ModelMixin]:

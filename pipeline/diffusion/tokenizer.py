@@ -10,7 +10,7 @@ library's Unigram trainer: on a few thousand short captions the trainer splits c
 and its vocabulary changes from process to process (hash order), which would change cache keys and break
 exact resume. `save_pretrained` writes a folder T5Tokenizer loads.
 
-Qwen2 (zimage, flux2): Qwen's byte-level BPE (GPT-2's byte alphabet, Qwen's pre-tokenizer regex) whose merges
+Qwen2 (zimage, flux2, qwenimage): Qwen's byte-level BPE (GPT-2's byte alphabet, Qwen's pre-tokenizer regex) whose merges
 build the captions' most frequent words whole (`Ġred`: a word after a space), with Qwen's chat tokens and a
 ChatML chat template, as the Qwen3 text encoders read prompts. `save_pretrained` writes a folder
 Qwen2Tokenizer loads.
@@ -139,12 +139,17 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def build_qwen2_tokenizer(captions: Iterable[str], *, vocab_size: int, max_tokens: int) -> Qwen2Tokenizer:
+def build_qwen2_tokenizer(captions: Iterable[str], *, vocab_size: int, max_tokens: int,
+                          prompt_template: str = "") -> Qwen2Tokenizer:
     """A Qwen2 tokenizer whose merges build the captions' most frequent words (and the chat roles) whole;
-    unseen words fall back to byte-level characters. `<|endoftext|>` pads, as in Qwen's own. Deterministic."""
+    unseen words fall back to byte-level characters. `<|endoftext|>` pads, as in Qwen's own. Deterministic.
+    A `prompt_template`'s words are learned whole before any caption's: a pipeline that drops the template's
+    tokens by their count in Qwen's own vocabulary (Qwen-Image) then drops the same words."""
     alphabet = sorted(_byte_alphabet())
     base = Qwen2Tokenizer(vocab={symbol: index for index, symbol in enumerate(alphabet)}, merges=[])
     counts = _word_counts(base, captions) + Counter({role: 1 for role in QWEN_ROLES})
+    template_words = _word_counts(base, _without_chat_tokens(prompt_template))
+    counts.update({word: max(counts.values(), default=0) + 1 - counts[word] for word in template_words})
     merges = _whole_word_merges(counts, budget=vocab_size - len(alphabet) - 5, word_end="")
     vocab = {symbol: index for index, symbol in enumerate(alphabet + ["".join(pair) for pair in merges])}
     specials = {token: len(vocab) + offset for offset, token in enumerate((QWEN_PAD, QWEN_IM_START, QWEN_IM_END))}
@@ -154,6 +159,11 @@ def build_qwen2_tokenizer(captions: Iterable[str], *, vocab_size: int, max_token
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     tokenizer.model_max_length = max_tokens
     return tokenizer
+
+
+def _without_chat_tokens(template: str) -> list[str]:
+    """A template's text between its chat tokens (which are special tokens, never merged)."""
+    return [piece for part in template.split(QWEN_IM_START) for piece in part.split(QWEN_IM_END) if piece]
 
 
 def tokenize(tokenizer, captions: list[str]):

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from pipeline.diffusion.latent_space import decoded, posterior
+
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1], the range diffusers' VAEs expect."""
@@ -18,9 +20,9 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> 
     """Posterior mean and std of CPU images, computed where the VAE is and returned on the CPU."""
     means, stds = [], []
     for start in range(0, len(images), batch_size):
-        posterior = vae.encode(images[start : start + batch_size].to(vae.device, vae.dtype)).latent_dist
-        means.append(posterior.mean.cpu())
-        stds.append(posterior.std.cpu())
+        moments = posterior(vae, images[start : start + batch_size].to(vae.device, vae.dtype))
+        means.append(moments.mean.cpu())
+        stds.append(moments.std.cpu())
     return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
@@ -37,5 +39,5 @@ def device_batches(images: torch.Tensor, device: torch.device, dtype: torch.dtyp
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """The VAE's reconstructions (of the posterior means) of CPU images in [-1, 1], clamped, on the CPU."""
-    return torch.cat([vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1).float().cpu()
+    return torch.cat([decoded(vae, posterior(vae, batch).mean).clamp(-1, 1).float().cpu()
                       for batch in device_batches(images, vae.device, vae.dtype)])

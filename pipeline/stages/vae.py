@@ -34,7 +34,7 @@ from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.config import ModelParams, PreprocessParams, VaeParams, latent_channels_of
 from pipeline.diffusion.components import component_folder, load_pretrained
 from pipeline.diffusion.families import family_named
-from pipeline.diffusion.latent_space import LatentSpace
+from pipeline.diffusion.latent_space import LatentSpace, decoded, posterior
 from pipeline.diffusion.vae_io import device_batches, reconstruct, to_model_range
 from pipeline.runtime.device import compute_device
 
@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 
 
 def reconstruction_loss(vae, batch: torch.Tensor, kl_weight: float) -> torch.Tensor:
-    posterior = vae.encode(batch).latent_dist
-    reconstruction = vae.decode(posterior.sample()).sample
-    return F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
+    moments = posterior(vae, batch)
+    reconstruction = decoded(vae, moments.sample())
+    return F.mse_loss(reconstruction, batch) + kl_weight * moments.kl().mean()
 
 
 def drawn_batches(group_sizes: list[int], steps: int, batch_size: int,
@@ -85,7 +85,7 @@ def drawn_images(paths: Paths, groups: list[pd.DataFrame], batches: list[tuple[i
 @torch.no_grad()
 def latent_means(vae, groups: list[torch.Tensor]) -> list[torch.Tensor]:
     """The posterior means of these images on the CPU, a batch of one size each."""
-    return [vae.encode(batch).latent_dist.mean.float().cpu()
+    return [posterior(vae, batch).mean.float().cpu()
             for images in groups for batch in device_batches(images, vae.device, vae.dtype)]
 
 

@@ -14,11 +14,12 @@ from diffusers import DiffusionPipeline
 
 from pipeline.core.config import ConfigError, TrainParams, VaeParams, latent_channels_of
 from pipeline.diffusion.components import PIPELINE_INDEX, pretrained_location
-from pipeline.diffusion.families import chroma, flux, flux2, sd, sd3, sdxl
+from pipeline.diffusion.families import chroma, flux, flux2, qwenimage, sd, sd3, sdxl
 from pipeline.diffusion.families.base import Family, Scratch
 from pipeline.runtime.device import compute_device
 
-FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl, sd3, flux, chroma, flux2)}
+FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl, sd3, flux, chroma, flux2,
+                                                                            qwenimage)}
 
 
 def family_named(name: str) -> Family:
@@ -66,10 +67,11 @@ def random_pipeline(family: Family, captions: Iterable[str], *, preset: str = "t
     """A randomly initialised pipeline of a family at a preset. Saved with save_pretrained it has the files and
     layout of real weights (SD 1.5, SDXL, SD 3.5, Flux.1 ...; the VAE's latent normalisation like a released
     one's, not the identity): the stand-in for them in tests and benchmarks."""
-    autoencoder = family.latent_space.build_vae(vae, resolution, latent_channels_of(vae, family.name))
+    latent_channels = latent_channels_of(vae, family.name)
+    autoencoder = family.latent_space.build_vae(vae, resolution, latent_channels)
     family.latent_space.stand_in(autoencoder)
     latent_size = resolution // 2 ** (len(vae.block_out_channels) - 1)
-    components = family.scratch_components(Scratch(tuple(captions), preset, vocab_size, autoencoder.config.latent_channels,
+    components = family.scratch_components(Scratch(tuple(captions), preset, vocab_size, latent_channels,
                                                    latent_size, max_sequence_length))
     objective = family.training_objective(TrainParams(), None)
     return family.pipeline({**components, "vae": autoencoder, "scheduler": objective.sampling_scheduler()})
