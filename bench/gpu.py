@@ -75,7 +75,7 @@ LIMITS = {"encode": 120, "train full": 150, "train LoRA": 150, "diffusers loop":
 TINY_LIMIT = 300  # a loaded 2-core CI machine
 # --family's real sizes
 GPU_PRESETS = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd35_medium", "flux": "flux_dev", "chroma": "chroma1",
-               "flux2": "klein_4b"}
+               "flux2": "klein_4b", "qwenimage": "qwen_image_20b"}
 
 
 def setup_for(tiny: bool, family: str) -> Setup:

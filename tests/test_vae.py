@@ -3,10 +3,12 @@
 import math
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLFlux2
+import pytest
+from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage
 
 from pipeline.contracts.data import load_split_groups, split_groups
-from pipeline.diffusion.latent_space import PatchNormalisedLatents, ScaledLatents
+from pipeline.core.config import VaeParams
+from pipeline.diffusion.latent_space import FrameLatents, PatchNormalisedLatents, ScaledLatents, posterior
 from pipeline.diffusion.vae_io import to_model_range
 from pipeline.stages.preprocess import preprocess
 from pipeline.stages.vae import drawn_batches, drawn_images, train_vae
@@ -80,3 +82,28 @@ def test_a_flux2_vae_fits_its_batchnorm_statistics_to_the_patchified_latents(tmp
     assert latents.shape[1:] == (8, 4, 4)
     per_channel = latents.transpose(0, 1).flatten(1)
     assert per_channel.mean(dim=1).abs().max() < 0.05 and (per_channel.std(dim=1) - 1).abs().max() < 0.1
+
+
+def test_a_qwenimage_vae_fits_per_channel_statistics_to_its_one_frame_latents(tmp_path):
+    """Qwen-Image's space: a video VAE fed each image as one frame, its (N, C, H, W) latents standardised per
+    channel by the config's latents_mean/latents_std, which a fresh AutoencoderKLQwenImage has at 0 and 1 and
+    the vae stage fits."""
+    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2)
+    params = params.model_copy(update={"vae": params.vae.model_copy(update={"steps": 4, "batch_size": 24})})
+    preprocess(params.preprocess, paths)
+    space = FrameLatents()
+    metrics = train_vae(params.vae, paths, resolution=params.preprocess.resolution, latent_channels=3, space=space)
+    vae = AutoencoderKLQwenImage.from_pretrained(paths.vae_model)
+    assert len(vae.config.latents_mean) == 3 and math.isfinite(metrics["val_mse"]) and metrics["latent_std"] > 0
+    assert vae.config.latents_mean != [0.0] * 3 and vae.config.latents_std != [1.0] * 3
+    with torch.no_grad():
+        latents = torch.cat([space.to_denoiser(posterior(vae, to_model_range(images)).mean, vae)
+                             for images, _ in load_split_groups(paths, "train")])
+    assert latents.shape[1:] == (3, 8, 8)
+    per_channel = latents.transpose(0, 1).flatten(1)
+    assert per_channel.mean(dim=1).abs().max() < 0.05 and (per_channel.std(dim=1) - 1).abs().max() < 0.1
+
+
+def test_a_qwenimage_vae_needs_level_channels_that_are_multiples_of_the_first():
+    with pytest.raises(ValueError, match=r"vae.block_out_channels: \[16, 24\]: AutoencoderKLQwenImage takes channels"):
+        FrameLatents().build_vae(VaeParams(block_out_channels=(16, 24)), 32, 16)
