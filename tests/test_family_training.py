@@ -32,7 +32,7 @@ from .test_finetune import finetune_params, project
 from .test_model_card import LORA_PIXEL_TOLERANCE, assert_card_draws_as_sdpipe
 from .test_pipeline_e2e import _run, copy_repository, stages_run
 
-FINETUNED = ("sdxl", "sd3", "flux", "chroma")
+FINETUNED = ("sdxl", "sd3", "flux", "chroma", "qwenimage")
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def denoiser_output(family_name: str, pipeline, denoiser: torch.nn.Module | None
     tokenizers and text encoders as its family conditions them."""
     family = family_named(family_name)
     conditioning = family.encode_text(pipeline.components, family.token_ids(pipeline.components, ["a red circle"] * 2))
-    latents = torch.randn(2, pipeline.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     denoiser = denoiser if denoiser is not None else getattr(pipeline, family.denoiser)
+    latents = torch.randn(2, family.denoiser_latent_channels(denoiser), 8, 8, generator=torch.Generator().manual_seed(0))
     return family.predict(denoiser, latents, torch.tensor([10.0, 500.0]), conditioning, square_image_sizes(2, 32))
 
 
@@ -85,7 +85,9 @@ def assert_finetuned(family: str, finetune: str, model: Path, base_folder: str, 
         for (key, original), (_, kept) in zip(getattr(base, name).state_dict().items(),
                                               getattr(saved, name).state_dict().items(), strict=True):
             assert torch.equal(original, kept), f"{name}.{key} changed: it must stay frozen"
-    assert saved.vae.config.shift_factor == base.vae.config.shift_factor, "the pretrained VAE's own latent shift"
+    for normalisation in ("shift_factor", "scaling_factor", "latents_mean", "latents_std"):
+        assert saved.vae.config.get(normalisation) == base.vae.config.get(normalisation), \
+            f"the pretrained VAE's own latent normalisation ({normalisation})"
     assert f"{pipeline_class.__name__}.from_pretrained" in (model / "README.md").read_text()
 
 
@@ -127,7 +129,10 @@ def test_dvc_repro_trains_a_family_from_scratch_and_serves_it_from_the_registry(
     pipeline_class = family_named(family).pipeline_class
     saved = DiffusionPipeline.from_pretrained(root / "models" / "sd")
     assert type(saved) is pipeline_class
-    if family_named(family).declared.latents_shifted:  # a 16-channel VAE whose latents' mean the vae stage fitted
+    if family == "qwenimage":  # a 16-channel one-frame VAE whose per-channel latent statistics the vae stage fitted
+        assert saved.vae.config.z_dim == 16 and saved.vae.config.latents_mean != [0.0] * 16
+        assert saved.vae.config.latents_std != [1.0] * 16
+    elif family_named(family).declared.latents_shifted:  # a 16-channel VAE whose latents' mean the vae stage fitted
         assert saved.vae.config.latent_channels == 16 and saved.vae.config.shift_factor not in (None, 0.0)
     else:
         assert saved.vae.config.latent_channels == 4 and saved.vae.config.shift_factor is None
@@ -163,6 +168,9 @@ def test_the_model_cards_call_draws_what_sdpipe_generate_draws(scratch_project, 
             assert argument in code, argument
     elif family == "chroma":  # ChromaPipeline samples 1024 px unless told too
         assert "height=32," in code and "width=32," in code
+    elif family == "qwenimage":  # 1024 px too, and guides (true_cfg_scale) only against a negative prompt
+        for argument in ("height=32,", "width=32,", "negative_prompt='',"):
+            assert argument in code, argument
     else:  # the pipeline reads the trained size from the denoiser's config
         assert "height=" not in code
 

@@ -105,7 +105,7 @@ def build_text_encoder(preset: Preset, tokenizer) -> Qwen2_5_VLForConditionalGen
                 num_key_value_heads=preset.qwen_kv_heads, rope_theta=1_000_000.0,
                 rope_scaling={"mrope_section": list(preset.qwen_rope_sections), "rope_type": "default",
                               "type": "default"},
-                max_position_embeddings=max(512, tokenizer.model_max_length + TEMPLATE_TOKENS * 4),
+                max_position_embeddings=max(512, tokenizer.model_max_length + TEMPLATE_TOKENS),
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=ends, bos_token_id=None)
     vision = dict(depth=preset.vision_depth, hidden_size=preset.vision_width,
                   intermediate_size=preset.vision_feed_forward, num_heads=preset.vision_heads,
