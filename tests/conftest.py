@@ -60,6 +60,7 @@ class FileOrFamilyScheduling(LoadFileScheduling):
         return file
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown to pytest -p no:xdist
 def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadFileScheduling | None:
     return FileOrFamilyScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
 
