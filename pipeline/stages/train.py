@@ -231,8 +231,8 @@ class Run:
             pipeline = self.model.pipeline(self.accelerator)
             arguments = self.model.family.sampling_arguments(pipeline, prompts, SAMPLE_GUIDANCE)
             if not self.model.trains_text_encoder:
-                arguments = cached_prompt_arguments(arguments, self.val, [firsts[prompt] for prompt in prompts],
-                                                    self.accelerator.device)
+                arguments = self.model.family.with_cached_states(cached_prompt_arguments(
+                    arguments, self.val, [firsts[prompt] for prompt in prompts], self.accelerator.device))
             images = pipeline(
                 **arguments,
                 num_inference_steps=SAMPLE_STEPS,
