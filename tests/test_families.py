@@ -33,8 +33,8 @@ def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
         return {"prompt_embeds": encoded[0], "prompt_attention_mask": encoded[2]}
     if name == "ZImagePipeline":  # (each caption's unpadded states, the negatives'): padded back, with their mask
         length = pipeline.tokenizer.model_max_length
-        encoded, _ = pipeline.encode_prompt(list(captions), device=torch.device("cpu"), do_classifier_free_guidance=False,
-                                            max_sequence_length=length)
+        encoded, _ = pipeline.encode_prompt(list(captions), device=torch.device("cpu"),
+                                            do_classifier_free_guidance=False, max_sequence_length=length)
         padded = torch.stack([torch.cat([states, states.new_zeros(length - len(states), states.shape[1])])
                               for states in encoded])
         mask = torch.stack([(torch.arange(length) < len(states)).to(states.dtype) for states in encoded])
