@@ -33,8 +33,8 @@ def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
         return {"prompt_embeds": encoded[0], "prompt_attention_mask": encoded[2]}
     if name == "ZImagePipeline":  # (each caption's unpadded states, the negatives'): padded back, with their mask
         length = pipeline.tokenizer.model_max_length
-        encoded, _ = pipeline.encode_prompt(list(captions), device=torch.device("cpu"), do_classifier_free_guidance=False,
-                                            max_sequence_length=length)
+        encoded, _ = pipeline.encode_prompt(list(captions), device=torch.device("cpu"),
+                                            do_classifier_free_guidance=False, max_sequence_length=length)
         padded = torch.stack([torch.cat([states, states.new_zeros(length - len(states), states.shape[1])])
                               for states in encoded])
         mask = torch.stack([(torch.arange(length) < len(states)).to(states.dtype) for states in encoded])
@@ -186,6 +186,38 @@ def test_zimage_samples_with_classifier_free_guidance_as_the_other_families_coun
                          "max_sequence_length": pipeline.tokenizer.model_max_length, "height": 32, "width": 32}
     assert family.sampling_arguments(pipeline, ["a red circle"], 1.0)["guidance_scale"] == 0.0
     assert family.default_size(pipeline) == {"height": 1024, "width": 1024}, "ZImagePipeline's own default"
+
+    # sample grids of a fine-tune sample from the cached states (the caption's and the empty prompt's)
+    cached = family.encode_text(pipeline.components, family.token_ids(pipeline.components, ["a red circle", ""]))
+    from_cache = family.with_cached_states({
+        **{key: value for key, value in arguments.items() if key not in ("prompt", "negative_prompt")},
+        **{name: tensor[:1] for name, tensor in cached.items()},
+        **{f"negative_{name}": tensor[1:] for name, tensor in cached.items()}})
+    draw = dict(num_inference_steps=2, output_type="np")
+    with torch.no_grad():
+        expected = pipeline(**{**arguments, "negative_prompt": None}, **draw,
+                            generator=torch.Generator().manual_seed(0)).images
+        drawn = pipeline(**from_cache, **draw, generator=torch.Generator().manual_seed(0)).images
+    assert abs(drawn - expected).max() < 1e-5
+
+
+@torch.no_grad()
+def test_zimage_latents_are_normalised_as_its_pipelines_encode_images(tmp_path):
+    """The latents training sees are those ZImageImg2ImgPipeline makes of an image before noising it: shifted by
+    the VAE's shift_factor and scaled by its scaling_factor (ZImagePipeline decodes by the inverse)."""
+    from diffusers import ZImageImg2ImgPipeline
+
+    from pipeline.diffusion.vae_io import denoiser_latents
+
+    pipeline = load_pipeline(save_random_base_model(tmp_path / "zimage", "zimage"))
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    img2img = ZImageImg2ImgPipeline(**pipeline.components)
+    img2img.scheduler.scale_noise = lambda sample, timestep, noise: sample  # the clean latents, before the noise
+    theirs = img2img.prepare_latents(image, torch.tensor([1000.0]), 1, 16, 32, 32, torch.float32, torch.device("cpu"),
+                                     torch.Generator().manual_seed(1))
+    sample = pipeline.vae.encode(image).latent_dist.sample(torch.Generator().manual_seed(1))
+    assert pipeline.vae.config.shift_factor not in (None, 0.0)
+    torch.testing.assert_close(denoiser_latents(sample, pipeline.vae.config), theirs)
 
 
 def test_the_z_image_6b_preset_has_z_images_sizes():

@@ -151,8 +151,9 @@ class ModelParams(Section):
     preset: str = Field("tiny", description="scratch mode: the model sizes, one of the family's presets")
     pretrained: str | None = Field(None, description="finetune mode: a diffusers folder or a hub id")
     finetune: Literal["lora", "full"] = Field("lora", description="finetune mode: LoRA layers or the whole denoiser")
-    max_sequence_length: int = Field(77, ge=1, le=512, description="sd3, flux, chroma: T5 tokens per caption (zimage: Qwen3's, "
-                                                          "chat template included; truncated or padded to it) in training, the encode cache and sampling")
+    max_sequence_length: int = Field(77, ge=1, le=512, description="sd3, flux, chroma: T5 tokens per caption "
+                                                          "(zimage: Qwen3's, chat template included; truncated or "
+                                                          "padded to it) in training, the encode cache and sampling")
     lora: LoraParams = Field(LoraParams(), description="the LoRA layers (model.finetune: lora)")
 
     @model_validator(mode="after")
@@ -174,7 +175,8 @@ class ModelParams(Section):
 
 
 class FlowParams(Section):
-    """Flow matching (sd3, flux, chroma, zimage; pipeline/diffusion/flow_matching.py): how σ is drawn, shifted and weighted."""
+    """Flow matching (sd3, flux, chroma, zimage; pipeline/diffusion/flow_matching.py): how σ is drawn, shifted and
+    weighted."""
 
     sampling: Literal["uniform", "logit_normal", "mode"] = Field(
         "logit_normal", description="how u (σ before the shift) is drawn: uniform, logit_normal (sigmoid of "
