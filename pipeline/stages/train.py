@@ -285,19 +285,16 @@ def validation_grid(params: Params, paths: Paths, model: Model, val: CachedLaten
     settings = params.train
     if not settings.sample_every or (not settings.validation_prompts and settings.sample_metric is None):
         return None
-    prompts = with_trigger(settings.validation_prompts, params.ingest.trigger)
-    states = None
-    if not prompts:
-        firsts = first_captions(val)
-        prompts = list(firsts)
-        if not model.trains_text_encoder:
-            states = (val.text_states_of(torch.tensor(list(firsts.values()))),
-                      {name: table[EMPTY_PROMPT_ROW] for name, table in val.text_states.items()})
-    elif not model.trains_text_encoder:
-        states = prompt_states(paths.latents, prompts)
     from pipeline.evaluation.sample_metric import sample_judge  # scikit-learn and CLIP's code, only when asked for
 
+    prompts = with_trigger(settings.validation_prompts, params.ingest.trigger) or list(first_captions(val))
     judge = sample_judge(settings.sample_metric, params.evaluate, paths, prompts)
+    states = None
+    if not model.trains_text_encoder and settings.validation_prompts:
+        states = prompt_states(paths.latents, prompts)
+    elif not model.trains_text_encoder:
+        states = (val.text_states_of(torch.tensor(list(first_captions(val).values()))),
+                  {name: table[EMPTY_PROMPT_ROW] for name, table in val.text_states.items()})
     return ValidationGrid(prompts, list(settings.validation_seeds), states, judge)
 
 
@@ -487,8 +484,10 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
         log.info("train: resuming from %s (step %d of %d)", checkpoint, progress.step, settings.steps)
     best = BestKeeper(settings.keep_best, settings.early_stopping_patience, settings.sample_every,
                       paths.checkpoints) if settings.keep_best else None
-    if best is not None and accelerator.is_main_process:
-        best.restore_from(checkpoint) if checkpoint is not None else best.remove()
+    if best is not None and accelerator.is_main_process and checkpoint is not None:
+        best.restore_from(checkpoint)
+    elif best is not None and accelerator.is_main_process:
+        best.remove()
     start_step = progress.step
     compile_unet(model.denoiser, settings)
     peak = measured_matmul_flops_per_second(device)
