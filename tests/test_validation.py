@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
 
+from pipeline.contracts.latents import StalePromptStates, prompt_states
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import read_json
 from pipeline.core.config import ConfigError
@@ -231,3 +232,14 @@ def test_a_resumed_run_keeps_the_best_so_far(kept_run, prepared, base_model, cli
     assert metrics["resumed_from_step"] == kill_at - 1
     assert metrics["kept_step"] == expected["kept_step"]
     assert all(torch.equal(lora_weights(paths)[name], kept[name]) for name in kept)
+
+
+def test_encode_caches_the_prompts_states_and_train_refuses_prompts_it_has_none_for(prepared, base_model, tmp_path):
+    paths = project(prepared, tmp_path / "run")
+    changed = run_params(base_model, validation_prompts=["a {trigger} triangle"])
+    with pytest.raises(StalePromptStates, match="run encode again"):
+        train(changed, paths)
+    counts = encode(paths, encode=changed.encode, model=changed.model, train=changed.train, ingest=changed.ingest)
+    assert counts["encoded"] == 0  # no image re-encoded: only the new prompt's text file
+    states, empty = prompt_states(paths.latents, ["a sks triangle"])
+    assert states["prompt_embeds"].shape[0] == 1 and empty["prompt_embeds"].dim() == 2
