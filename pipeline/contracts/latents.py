@@ -266,12 +266,6 @@ def remove_prompt_index(directory: Path) -> None:
     Path(directory, PROMPT_INDEX).unlink(missing_ok=True)
 
 
-def prompt_index_file(directory: Path) -> str | None:
-    """The text file the index names (kept by encode's clean-up), or None without an index."""
-    index = Path(directory) / PROMPT_INDEX
-    return read_json(index)["file"] if index.is_file() else None
-
-
 def prompt_states(directory: Path, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The cached text states of the prompts by name, one row per prompt in order, and the empty prompt's."""
     from safetensors.torch import load_file

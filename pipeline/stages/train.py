@@ -51,8 +51,8 @@ from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
 from pipeline.core.atomic import write_json
 from pipeline.core.config import Params, TrainParams
-from pipeline.core.source_params import with_trigger
 from pipeline.core.errors import UserError
+from pipeline.core.source_params import with_trigger
 from pipeline.data.images import image_grid
 from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS, weighted_mse
 from pipeline.diffusion.vae_io import denoiser_latents
@@ -81,7 +81,6 @@ from pipeline.training.modules import (
 )
 from pipeline.training.sampling import SubsetSampler, derived_seed, subset_sampler
 from pipeline.training.speedups import apply_speed_settings, compile_unet
-from pipeline.training.validation import ValidationGrid, adapters_disabled, embedded_prompt_arguments
 from pipeline.training.throughput import (
     Throughput,
     flops_of,
@@ -89,6 +88,7 @@ from pipeline.training.throughput import (
     peak_memory_mb,
     utilisation,
 )
+from pipeline.training.validation import ValidationGrid, embedded_prompt_arguments
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,6 @@ class Run:
                 generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
             ).images
         return image_grid([images])
-
 
     @torch.no_grad()
     def validation_step(self, step: int) -> None:
