@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 # pytest-xdist worker the next group of tests in collection order as it finishes one: with these first, the long
 # files run side by side from the start and the many short ones fill in, instead of a long file starting last.
 SLOWEST_FILES = ("test_family_training.py", "test_pipeline_e2e.py", "test_team.py", "test_resume.py",
-                 "test_docs.py", "test_ray_cluster.py", "test_bench_gpu.py", "test_subsets.py")
+                 "test_docs.py", "test_validation.py", "test_ray_cluster.py", "test_bench_gpu.py", "test_subsets.py")
 # A group is a file (its module fixtures stay in one process), except in these files, whose tests are parametrised
 # by family and grouped by it: a family's project is built and used by one worker while the other families' run on
 # the other, so no one file holds a worker for most of the run.
