@@ -118,7 +118,7 @@ def large_flux_pipeline():
     from transformers import CLIPTextModel, T5EncoderModel
 
     from pipeline.diffusion.components import clip_text_config, t5_encoder_config
-    from pipeline.diffusion.families import STAND_IN_LATENT_SCALE, STAND_IN_LATENT_SHIFT
+    from pipeline.diffusion.latent_space import STAND_IN_LATENT_SCALE, STAND_IN_LATENT_SHIFT
     from pipeline.diffusion.tokenizer import build_t5_tokenizer, build_tokenizer
 
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ from .conftest import merge, save_random_base_model, tiny_params_dict
 
 PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
                     "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "chroma": "ChromaPipeline",
-                    "zimage": "ZImagePipeline"}
+                    "zimage": "ZImagePipeline",
+                    "flux2": "Flux2KleinPipeline"}
 
 
 def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -27,6 +28,9 @@ def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
     if name == "FluxPipeline":  # (T5 states, pooled CLIP, text ids)
         encoded = pipeline.encode_prompt(captions, **common, max_sequence_length=pipeline.tokenizer_2.model_max_length)
         return {"prompt_embeds": encoded[0], "pooled_prompt_embeds": encoded[1]}
+    if name == "Flux2KleinPipeline":  # (stacked Qwen3 states, text ids), at the layers its call defaults to
+        encoded = pipeline.encode_prompt(captions, **common, max_sequence_length=pipeline.tokenizer.model_max_length)
+        return {"prompt_embeds": encoded[0]}
     if name == "ChromaPipeline":  # (T5 states, text ids, the transformer's mask, the negative's three)
         encoded = pipeline.encode_prompt(captions, **common, do_classifier_free_guidance=False,
                                          max_sequence_length=pipeline.tokenizer.model_max_length)
@@ -62,10 +66,23 @@ def test_a_tiny_pipeline_saves_and_loads_back_as_its_family(saved):
     image = pipeline(**arguments, num_inference_steps=2, output_type="np",
                      generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
-    served = served_sampling_arguments(pipeline, "a red circle", "a blue square", 4.0)
-    ours = family_named(name).sampling_arguments(pipeline, ["a red circle"], 4.0, "a blue square")
+    negative = None if name in NO_NEGATIVE_PROMPT else "a blue square"
+    served = served_sampling_arguments(pipeline, "a red circle", negative, 4.0)
+    ours = family_named(name).sampling_arguments(pipeline, ["a red circle"], 4.0, negative)
     assert served == {key: value[0] if isinstance(value, list) else value for key, value in ours.items()}, \
         "the served model (mlflow_model.py) samples as the family does"
+
+
+NO_NEGATIVE_PROMPT = {"flux2"}  # its pipeline guides against the empty prompt only
+
+
+@pytest.mark.parametrize("family", sorted(NO_NEGATIVE_PROMPT))
+def test_a_negative_prompt_is_refused_where_the_pipeline_takes_none(family, tmp_path):
+    pipeline = load_pipeline(save_random_base_model(tmp_path / family, family))
+    with pytest.raises(ValueError, match="takes no negative prompt"):
+        family_named(family).sampling_arguments(pipeline, ["a red circle"], 4.0, "a blue square")
+    with pytest.raises(ValueError, match="takes no negative prompt"):
+        served_sampling_arguments(pipeline, "a red circle", "a blue square", 4.0)
 
 
 @torch.no_grad()
@@ -80,7 +97,8 @@ def test_the_family_conditions_and_calls_the_denoiser_as_its_pipeline_does(saved
     for tensor in ours:
         torch.testing.assert_close(ours[tensor], theirs[tensor])
     denoiser = getattr(pipeline, family.denoiser)
-    latents = torch.randn(2, pipeline.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    vae_latents = torch.randn(2, pipeline.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = family.latent_space.to_denoiser(vae_latents, pipeline.vae)
     prediction = family.predict(denoiser, latents, torch.tensor([10, 900]), ours, square_image_sizes(2, 32))
     assert prediction.shape == latents.shape
 
@@ -96,7 +114,8 @@ def test_the_config_reads_each_familys_declaration_from_its_module():
         assert tuple(module.PRESETS) == family.presets, "the declared presets are the module's sizes"
         objective = family.training_objective(TrainParams(), None)
         assert isinstance(objective, FlowMatching) == family.declared.flow
-        assert getattr(objective, "patch_size", 1) == family.declared.patch
+        # the objective counts tokens on the denoiser's input, whose latent space may have folded patches already
+        assert getattr(objective, "patch_size", 1) * family.latent_space.patch == family.declared.patch
 
 
 # Where a family's name may appear as a string in pipeline/ and flows/ besides its own module: the params'
@@ -121,7 +140,7 @@ def test_no_module_but_the_familys_own_names_it():
     assert not found, found
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "zimage"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "zimage", "flux2"])
 def test_ddpm_settings_are_refused_for_the_flow_families_with_a_sentence(family):
     with pytest.raises(ConfigError, match=f"train.snr_gamma: min-SNR weighting is DDPM's .* {family} trains by flow"):
         parse_params(merge(tiny_params_dict(), {"model": {"family": family}, "train": {"snr_gamma": 5.0}}))
@@ -207,8 +226,6 @@ def test_zimage_latents_are_normalised_as_its_pipelines_encode_images(tmp_path):
     the VAE's shift_factor and scaled by its scaling_factor (ZImagePipeline decodes by the inverse)."""
     from diffusers import ZImageImg2ImgPipeline
 
-    from pipeline.diffusion.vae_io import denoiser_latents
-
     pipeline = load_pipeline(save_random_base_model(tmp_path / "zimage", "zimage"))
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     img2img = ZImageImg2ImgPipeline(**pipeline.components)
@@ -217,7 +234,7 @@ def test_zimage_latents_are_normalised_as_its_pipelines_encode_images(tmp_path):
                                      torch.Generator().manual_seed(1))
     sample = pipeline.vae.encode(image).latent_dist.sample(torch.Generator().manual_seed(1))
     assert pipeline.vae.config.shift_factor not in (None, 0.0)
-    torch.testing.assert_close(denoiser_latents(sample, pipeline.vae.config), theirs)
+    torch.testing.assert_close(family_named("zimage").latent_space.to_denoiser(sample, pipeline.vae), theirs)
 
 
 def test_the_z_image_6b_preset_has_z_images_sizes():
@@ -255,7 +272,7 @@ def test_sdxl_time_ids_follow_each_images_recorded_size_and_crop(tmp_path):
 
     from pipeline.contracts.data import MANIFEST
     from pipeline.contracts.latents import IMAGE_SIZE_COLUMNS, load_latents
-    from pipeline.diffusion.components import build_vae
+    from pipeline.diffusion.latent_space import ScaledLatents
     from pipeline.stages.encode import encode
     from pipeline.stages.preprocess import preprocess
 
@@ -263,7 +280,7 @@ def test_sdxl_time_ids_follow_each_images_recorded_size_and_crop(tmp_path):
 
     params, paths = folder_project(tmp_path, [(48, 24), (24, 40), (32, 32)] * 4, crop="random", val_fraction=0.3)
     preprocess(params.preprocess, paths)
-    build_vae(params.vae, 32, latent_channels=4).save_pretrained(paths.vae_model)
+    ScaledLatents(shifted=False).build_vae(params.vae, 32, latent_channels=4).save_pretrained(paths.vae_model)
     encode(paths, encode=params.encode, model=params.model)
     manifest = pd.read_parquet(paths.processed / "train" / MANIFEST)
     wide = manifest[manifest["original_width"] == 48].iloc[0]
@@ -281,3 +298,33 @@ def test_sdxl_time_ids_follow_each_images_recorded_size_and_crop(tmp_path):
         recorded = family.predict(pipeline.unet, latents, torch.tensor([500, 500]), conditioning, not_square)
         square = family.predict(pipeline.unet, latents, torch.tensor([500, 500]), conditioning, square_image_sizes(2, 32))
     assert not torch.allclose(recorded, square), "the time ids reach the UNet"
+
+
+@torch.no_grad()
+def test_flux2_normalises_latents_as_its_pipeline_does(tmp_path):
+    """The same image's latents: the family's latent space against Flux2KleinPipeline's own VAE encoding
+    (2x2 patches, then the VAE's BatchNorm statistics, which the stand-in has away from 0 and 1)."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import retrieve_latents
+
+    pipeline = load_pipeline(save_random_base_model(tmp_path / "flux2", "flux2"))
+    assert not torch.equal(pipeline.vae.bn.running_mean, torch.zeros_like(pipeline.vae.bn.running_mean))
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    theirs = pipeline._encode_vae_image(image, generator=torch.Generator().manual_seed(0))
+    ours = family_named("flux2").latent_space.to_denoiser(
+        retrieve_latents(pipeline.vae.encode(image), sample_mode="argmax"), pipeline.vae)
+    torch.testing.assert_close(ours, theirs)
+    assert ours.shape == (1, 4 * pipeline.vae.config.latent_channels, 4, 4)
+
+
+def test_flux2_reads_the_text_layers_its_pipeline_stacks():
+    """(9, 18, 27) from Flux2KleinPipeline's signature, not the (10, 20, 30) of diffusers' klein training script;
+    the tiny preset's Qwen3 is just deep enough, and its transformer reads three layers' width."""
+    from pipeline.diffusion.families.flux2 import PRESETS, TEXT_LAYERS, build_transformer
+
+    assert TEXT_LAYERS == (9, 18, 27)
+    assert PRESETS["tiny"].qwen_layers == 28
+    with torch.device("meta"):
+        transformer = build_transformer(PRESETS["klein_4b"], latent_channels=32, latent_size=64)
+    assert (transformer.config.joint_attention_dim, transformer.config.in_channels) == (7680, 128)
+    assert (transformer.config.num_layers, transformer.config.num_single_layers,
+            transformer.inner_dim) == (5, 20, 3072)

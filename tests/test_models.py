@@ -6,7 +6,7 @@ import sys
 import torch
 
 from pipeline.core.config import VaeParams
-from pipeline.diffusion.components import build_vae
+from pipeline.diffusion.latent_space import ScaledLatents
 from pipeline.diffusion.families.base import Scratch
 from pipeline.diffusion.families.sd import FAMILY, PRESETS, build_unet
 from pipeline.diffusion.tokenizer import build_qwen2_tokenizer, build_t5_tokenizer, build_tokenizer, tokenize
@@ -79,7 +79,7 @@ def test_qwen2_tokenizer_learns_whole_words_and_templates_prompts_as_the_qwen_pi
 def test_components_fit_together():
     components = FAMILY.scratch_components(Scratch(tuple(CAPTIONS), "tiny", 1000, latent_channels=4, latent_size=8))
     tokenizer, text_encoder, unet = components["tokenizer"], components["text_encoder"], components["unet"]
-    vae = build_vae(VaeParams(), resolution=32, latent_channels=4)
+    vae = ScaledLatents(shifted=False).build_vae(VaeParams(), resolution=32, latent_channels=4)
     ids = tokenize(tokenizer, ["a red circle"])
     assert ids.shape == (1, PRESETS["tiny"].max_tokens)
     with torch.no_grad():

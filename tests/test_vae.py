@@ -3,10 +3,11 @@
 import math
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLFlux2
 
 from pipeline.contracts.data import load_split_groups, split_groups
-from pipeline.diffusion.vae_io import denoiser_latents, to_model_range
+from pipeline.diffusion.latent_space import PatchNormalisedLatents, ScaledLatents
+from pipeline.diffusion.vae_io import to_model_range
 from pipeline.stages.preprocess import preprocess
 from pipeline.stages.vae import drawn_batches, drawn_images, train_vae
 
@@ -48,12 +49,34 @@ def test_the_vae_trains_on_a_bucketed_train_split(tmp_path):
     preprocess(params.preprocess, paths)
     assert len(load_split_groups(paths, "train")) > 1
     # the flow families' layout: 16 channels, and a fitted shift (the latents' mean) taken off before scaling
-    metrics = train_vae(params.vae, paths, resolution=params.preprocess.resolution, latent_channels=16, shifted=True)
+    metrics = train_vae(params.vae, paths, resolution=params.preprocess.resolution, latent_channels=16,
+                        space=ScaledLatents(shifted=True))
     assert math.isfinite(metrics["val_mse"]) and metrics["scaling_factor"] > 0
     vae = AutoencoderKL.from_pretrained(paths.vae_model)
     assert (vae.config.scaling_factor, vae.config.shift_factor) == (metrics["scaling_factor"], metrics["shift_factor"])
     assert vae.config.latent_channels == 16
+    space = ScaledLatents(shifted=True)
     with torch.no_grad():  # fitted on the images training drew: most of these
-        latents = torch.cat([denoiser_latents(vae.encode(to_model_range(images)).latent_dist.mean, vae.config).flatten()
+        latents = torch.cat([space.to_denoiser(vae.encode(to_model_range(images)).latent_dist.mean, vae).flatten()
                              for images, _ in load_split_groups(paths, "train")])
     assert vae.config.shift_factor != 0 and abs(float(latents.mean())) < 0.05 and abs(float(latents.std()) - 1) < 0.1
+
+
+def test_a_flux2_vae_fits_its_batchnorm_statistics_to_the_patchified_latents(tmp_path):
+    """Flux.2's space: each of the 4C channels of the 2x2-patchified latents standardised by the VAE's BatchNorm
+    running statistics, which a fresh AutoencoderKLFlux2 has at mean 0 and variance 1 and the vae stage fits."""
+    params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2)
+    # 96 draws of the 24 train images: fitted on (nearly) all of them
+    params = params.model_copy(update={"vae": params.vae.model_copy(update={"steps": 4, "batch_size": 24})})
+    preprocess(params.preprocess, paths)
+    space = PatchNormalisedLatents()
+    metrics = train_vae(params.vae, paths, resolution=params.preprocess.resolution, latent_channels=2, space=space)
+    vae = AutoencoderKLFlux2.from_pretrained(paths.vae_model)
+    assert vae.bn.num_features == 8 and metrics["latent_std"] > 0
+    assert not torch.equal(vae.bn.running_mean, torch.zeros(8)) and not torch.equal(vae.bn.running_var, torch.ones(8))
+    with torch.no_grad():
+        latents = torch.cat([space.to_denoiser(vae.encode(to_model_range(images)).latent_dist.mean, vae)
+                             for images, _ in load_split_groups(paths, "train")])
+    assert latents.shape[1:] == (8, 4, 4)
+    per_channel = latents.transpose(0, 1).flatten(1)
+    assert per_channel.mean(dim=1).abs().max() < 0.05 and (per_channel.std(dim=1) - 1).abs().max() < 0.1

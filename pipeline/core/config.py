@@ -74,7 +74,7 @@ class VaeParams(Section):
     @field_validator("block_out_channels")
     @classmethod
     def _groups_divide_the_channels(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        groups = min(8, min(value))  # the scratch VAE's GroupNorm groups (pipeline/diffusion/components.py)
+        groups = min(8, min(value))  # the scratch VAE's GroupNorm groups (pipeline/diffusion/latent_space.py)
         if groups < 1 or any(channels % groups for channels in value):
             raise ValueError("must list positive channel counts, each a multiple of 8 (or of the smallest, when it "
                              "is below 8: the VAE's normalisation groups)")

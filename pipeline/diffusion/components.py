@@ -1,8 +1,9 @@
-"""The pieces every model family builds from or loads with: the scratch VAE, CLIP text-encoder configs, and
+"""The pieces every model family builds from or loads with: CLIP and T5 text-encoder configs, and
 loading a pretrained diffusers model's components (`model.pretrained`: a folder or a hub id).
 
 Each family's own components and presets are in pipeline.diffusion.families; scratch mode's tokenizer is
-pipeline.diffusion.tokenizer's; pixels to latents, vae_io's. Everything is a plain diffusers/transformers
+pipeline.diffusion.tokenizer's; pixels to latents, vae_io's; the VAE and its latents' normalisation,
+latent_space's. Everything is a plain diffusers/transformers
 object, saved with `save_pretrained` and loadable with no sdpipe code.
 """
 
@@ -11,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTokenizerFast, T5Config, T5TokenizerFast
 
 from pipeline.contracts.paths import Paths
-from pipeline.core.config import ConfigError, VaeParams
+from pipeline.core.config import ConfigError
 
 PIPELINE_INDEX = "model_index.json"
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors' names
@@ -56,21 +57,6 @@ def t5_encoder_config(tokenizer: T5TokenizerFast, width: int, layers: int, heads
         decoder_start_token_id=tokenizer.pad_token_id,
         is_encoder_decoder=False,
         use_cache=False,
-    )
-
-
-def build_vae(params: VaeParams, resolution: int, latent_channels: int) -> AutoencoderKL:
-    levels = len(params.block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=params.block_out_channels,
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(8, min(params.block_out_channels)),
-        sample_size=resolution,
     )
 
 
@@ -135,10 +121,6 @@ def stored_dtype(folder: Path) -> torch.dtype:
     with safe_open(stored[0], "pt") as handle:
         names = list(handle.keys())
         return STORED_DTYPES.get(handle.get_slice(names[0]).get_dtype(), torch.float32) if names else torch.float32
-
-
-def load_pretrained_vae(spec: str, root: Path) -> AutoencoderKL:
-    return load_pretrained(spec, root, "vae", AutoencoderKL.from_pretrained)
 
 
 def pretrained_scheduler_config(spec: str, root: Path) -> dict:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from pipeline.diffusion.families import family_of_folder, family_of_pipeline
 
@@ -57,7 +57,7 @@ def pipeline_skeleton(folder: str | Path) -> DiffusionPipeline:
     family = family_of_folder(folder)
     empty = {}
     with init_empty_weights():
-        for name, model_class in ((family.denoiser, family.denoiser_class), ("vae", AutoencoderKL)):
+        for name, model_class in ((family.denoiser, family.denoiser_class), ("vae", family.latent_space.vae_class)):
             empty[name] = model_class.from_config(model_class.load_config(folder, subfolder=name))
     return family.pipeline_class.from_pretrained(folder, **empty, **{part.encoder: None for part in family.text})
 
@@ -82,7 +82,8 @@ class PlainCall:
             lines.append(f"pipe.load_lora_weights({self.lora!r})")
         if self.scheduler:
             lines.append(f"pipe.scheduler = {self.scheduler}.from_pretrained({self.lora!r}, subfolder=\"scheduler\")")
-        lines += ["image = pipe(", f"    {self.sample.prompt!r},"]
+        # by keyword: Flux2KleinPipeline's first positional argument is an image
+        lines += ["image = pipe(", f"    prompt={self.sample.prompt!r},"]
         lines += [f"    {name}={value!r}," for name, value in self.arguments.items()]
         lines += [f"    generator=torch.Generator().manual_seed({self.sample.seed}),", ").images[0]",
                   f"image.save({image!r})"]

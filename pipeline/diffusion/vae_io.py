@@ -1,5 +1,5 @@
-"""Pixels to latents and back through a VAE: the model's input range, posterior moments, the latent space the
-denoiser works in, reconstructions."""
+"""Pixels to latents and back through a VAE: the model's input range, posterior moments, reconstructions (the
+space the denoiser works in is pipeline.diffusion.latent_space's)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,6 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> 
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
     return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
-
-
-def denoiser_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
-    """VAE latents in the denoiser's space: shifted by the VAE's `shift_factor` (the flow families' VAEs have
-    one; absent: none) and scaled by its `scaling_factor`, the inverse of what the pipelines do before decoding."""
-    if vae_config.get("shift_factor") is not None:
-        latents = latents - vae_config["shift_factor"]
-    return latents * vae_config["scaling_factor"]
 
 
 BATCH_PIXELS = 2**22  # images per VAE pass outside training: 4,096 at 32 px, 16 at 512 px

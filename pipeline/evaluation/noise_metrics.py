@@ -12,7 +12,6 @@ from diffusers import DiffusionPipeline
 
 from pipeline.contracts.latents import MappedRows
 from pipeline.diffusion.families import family_of_pipeline
-from pipeline.diffusion.vae_io import denoiser_latents
 
 NOISE_METRICS_BATCH = 64  # samples per denoiser call: the validation split never has to fit in memory at once
 TextStates = Callable[[np.ndarray], dict[str, torch.Tensor]]  # rows -> their cached text states, by name
@@ -72,7 +71,7 @@ def noise_metrics_on(
     sums = {timestep: ErrorSums() for timestep in timesteps}
     for start in range(0, len(captions), batch_size):
         rows = np.arange(start, min(start + batch_size, len(captions)))
-        latents = denoiser_latents(latent_means[rows].float().to(device), pipeline.vae.config)
+        latents = family.latent_space.to_denoiser(latent_means[rows].float().to(device), pipeline.vae)
         if text_states is None:
             ids = family.token_ids(pipeline.components, [captions[row] for row in rows])
             states = family.encode_text(pipeline.components, {name: value.to(device) for name, value in ids.items()})

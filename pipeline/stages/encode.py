@@ -31,8 +31,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import AutoencoderKL
-
 from pipeline.contracts.data import MANIFEST, SPLITS, decode_png
 from pipeline.contracts.latents import (
     FLIPPED,
@@ -57,6 +55,7 @@ from pipeline.core.source_params import with_trigger
 from pipeline.core.hashing import folder_hash
 from pipeline.diffusion.components import component_folder
 from pipeline.diffusion.families import family_named
+from pipeline.diffusion.latent_space import load_vae
 from pipeline.diffusion.vae_io import encode_images, to_model_range
 from pipeline.runtime.device import compute_device, cpu_forced
 from pipeline.runtime.ray_tasks import run_tasks
@@ -91,8 +90,8 @@ class LatentTask:
 
 
 @lru_cache(maxsize=1)  # a worker keeps the encoder for its next tasks; new weights have a new key
-def loaded_vae(encoder: Encoder) -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(encoder.location, torch_dtype=DTYPES[encoder.dtype]).to(compute_device()).eval()
+def loaded_vae(encoder: Encoder):
+    return load_vae(encoder.location, torch_dtype=DTYPES[encoder.dtype]).to(compute_device()).eval()
 
 
 @lru_cache(maxsize=1)

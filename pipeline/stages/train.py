@@ -55,7 +55,6 @@ from pipeline.core.errors import UserError
 from pipeline.core.source_params import with_trigger
 from pipeline.data.images import image_grid
 from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS, weighted_mse
-from pipeline.diffusion.vae_io import denoiser_latents
 from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.tracking.runs import training_run
 from pipeline.training.best import BestKeeper
@@ -152,9 +151,9 @@ class Conditioning:
 
 
 def make_batch(cache: CachedLatents, conditioning: Conditioning, group_index: int, positions: torch.Tensor, *,
-               vae_config, caption_dropout: float, random_flip: bool, generator: torch.Generator) -> Batch:
-    """Latents sampled from the cached posteriors (in the denoiser's space: shifted and scaled as the VAE's config
-    says; half of them mirrored when flipping), and their captions with dropout."""
+               to_denoiser, caption_dropout: float, random_flip: bool, generator: torch.Generator) -> Batch:
+    """Latents sampled from the cached posteriors (in the denoiser's space, `to_denoiser`: the family's latent
+    space's normalisation; half of them mirrored when flipping), and their captions with dropout."""
     group = cache.groups[group_index]
     mean, std = group.mean[positions].float(), group.std[positions].float()
     noise = torch.randn(mean.shape, generator=generator)
@@ -162,7 +161,7 @@ def make_batch(cache: CachedLatents, conditioning: Conditioning, group_index: in
         mirrored = (torch.rand(len(positions), generator=generator) < 0.5)[:, None, None, None]
         mean = torch.where(mirrored, group.flip_mean[positions].float(), mean)
         std = torch.where(mirrored, group.flip_std[positions].float(), std)
-    latents = denoiser_latents(mean + std * noise, vae_config)
+    latents = to_denoiser(mean + std * noise)
     samples = group.rows[positions]
     return Batch(latents, conditioning.for_samples(samples, caption_dropout, generator), cache.image_sizes[samples])
 
@@ -335,7 +334,7 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughpu
             run.progress.saw(group, positions)
             generator = torch.Generator().manual_seed(derived_seed(settings.seed, "step", micro_batch,
                                                                    accelerator.process_index))
-            batch = make_batch(run.cache, run.conditioning, group, positions, vae_config=model.vae.config,
+            batch = make_batch(run.cache, run.conditioning, group, positions, to_denoiser=model.denoiser_latents,
                                caption_dropout=settings.caption_dropout, random_flip=settings.random_flip,
                                generator=generator)
             images += len(positions) * accelerator.num_processes
@@ -403,7 +402,7 @@ def flops_per_image(model: Model, cache: CachedLatents, conditioning: Conditioni
                     accelerator: Accelerator) -> int:
     """The FLOPs of training on one image (the loss's forward and backward passes), counted once, before training."""
     generator = torch.Generator().manual_seed(derived_seed(settings.seed, "flops"))
-    batch = make_batch(cache, conditioning, 0, torch.tensor([0]), vae_config=model.vae.config,
+    batch = make_batch(cache, conditioning, 0, torch.tensor([0]), to_denoiser=model.denoiser_latents,
                        caption_dropout=0.0, random_flip=False, generator=generator)
 
     def one_image() -> None:

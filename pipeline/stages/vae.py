@@ -1,10 +1,11 @@
 """Stage `vae`: train a small AutoencoderKL from scratch, or resolve a pretrained model's VAE.
 
-Scratch mode trains on the processed training images (one aspect-ratio bucket per batch when
-`preprocess.bucketing` is on) and sets `scaling_factor` so that scaled latents have unit variance; for the
-flow families (sd3, flux: 16 latent channels unless `vae.latent_channels` says otherwise) it also sets
-`shift_factor` to the latents' mean, which is taken off before scaling, as in SD3's and Flux's VAEs (the
-pipelines decode latents / scaling_factor + shift_factor); finetune mode copies the pretrained VAE
+Scratch mode builds the family's VAE (its latent space's class, pipeline/diffusion/latent_space.py; latent
+channels the family's unless `vae.latent_channels` says otherwise), trains it on the processed training images
+(one aspect-ratio bucket per batch when `preprocess.bucketing` is on) and fits the latents' normalisation to the
+images training drew, as the family's pipeline undoes it before decoding: an AutoencoderKL's `scaling_factor`
+(unit variance) and, for the families with a shift (sd3, flux, chroma), `shift_factor` (zero mean); Flux.2's
+BatchNorm running mean and variance of the 2x2-patchified latents. Finetune mode copies the pretrained VAE
 (`model.pretrained`) unchanged, its files as they are. Either way models/vae is a diffusers folder and metrics/vae.json holds the reconstruction error on the validation split, so a
 pretrained VAE that does not suit the data shows up before any training.
 """
@@ -30,8 +31,10 @@ from pipeline.contracts.data import read_images, split_chunks, split_groups
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import VAE_METRICS
 from pipeline.core.atomic import atomic_dir, write_json
-from pipeline.core.config import FAMILY_DECLARATIONS, ModelParams, PreprocessParams, VaeParams, latent_channels_of
-from pipeline.diffusion.components import build_vae, component_folder, load_pretrained_vae
+from pipeline.core.config import ModelParams, PreprocessParams, VaeParams, latent_channels_of
+from pipeline.diffusion.components import component_folder, load_pretrained
+from pipeline.diffusion.families import family_named
+from pipeline.diffusion.latent_space import LatentSpace
 from pipeline.diffusion.vae_io import device_batches, reconstruct, to_model_range
 from pipeline.runtime.device import compute_device
 
@@ -80,18 +83,10 @@ def drawn_images(paths: Paths, groups: list[pd.DataFrame], batches: list[tuple[i
 
 
 @torch.no_grad()
-def latent_moments(vae, groups: list[torch.Tensor]) -> tuple[float, float]:
-    """The mean and standard deviation of the latent means over these images, whatever their sizes."""
-    means = torch.cat([vae.encode(batch).latent_dist.mean.float().flatten().cpu()
-                       for images in groups for batch in device_batches(images, vae.device, vae.dtype)])
-    return float(means.mean()), float(means.std())
-
-
-def latent_normalisation(vae, groups: list[torch.Tensor], shifted: bool) -> dict[str, float]:
-    """The VAE config's scaling_factor (1 / std: unit variance) and, when `shifted`, shift_factor (the mean:
-    zero mean). The std is about the mean either way, so the scale is the same with or without the shift."""
-    mean, std = latent_moments(vae, groups)
-    return {"scaling_factor": 1.0 / std, **({"shift_factor": mean} if shifted else {})}
+def latent_means(vae, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The posterior means of these images on the CPU, a batch of one size each."""
+    return [vae.encode(batch).latent_dist.mean.float().cpu()
+            for images in groups for batch in device_batches(images, vae.device, vae.dtype)]
 
 
 def reconstruction_mse(vae, chunks: Iterable[np.ndarray]) -> float:
@@ -104,14 +99,14 @@ def reconstruction_mse(vae, chunks: Iterable[np.ndarray]) -> float:
     return squared_error / count
 
 
-def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, latent_channels: int, shifted: bool) -> dict:
+def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, latent_channels: int, space: LatentSpace) -> dict:
     set_seed(settings.seed)
     accelerator = Accelerator(mixed_precision=settings.mixed_precision)
     groups = split_groups(paths, "train")
     generator = torch.Generator().manual_seed(settings.seed)
     batches = drawn_batches([len(rows) for rows in groups], settings.steps, settings.batch_size, generator)
     train_groups = drawn_images(paths, groups, batches)
-    vae = build_vae(settings, resolution, latent_channels)
+    vae = space.build_vae(settings, resolution, latent_channels)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
     vae, optimizer = accelerator.prepare(vae, optimizer)
@@ -134,35 +129,34 @@ def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, latent_chan
     vae = accelerator.unwrap_model(vae).eval()
     # over the images training drew: all of a small data set, a sample of steps x batch_size of a large one
     seen = [drawn.images for drawn in train_groups if len(drawn.positions)]
-    vae.register_to_config(**latent_normalisation(vae, seen, shifted))
-    return save_vae(vae, paths, steps=settings.steps,
+    space.fit(vae, latent_means(vae, seen))
+    return save_vae(vae, space, paths, steps=settings.steps,
                     images_per_second=settings.steps * settings.batch_size / seconds)
 
 
-def resolve_pretrained_vae(pretrained: str, paths: Paths) -> dict:
-    """The pretrained model's VAE files, copied unchanged (its own scaling factor; the saved model's VAE is these
-    files), measured on the validation split."""
-    vae = load_pretrained_vae(pretrained, paths.root).to(compute_device()).eval()
-    metrics = vae_metrics(vae, paths, pretrained=pretrained)
+def resolve_pretrained_vae(pretrained: str, space: LatentSpace, paths: Paths) -> dict:
+    """The pretrained model's VAE files, copied unchanged (its own latent normalisation; the saved model's VAE is
+    these files), measured on the validation split."""
+    vae = load_pretrained(pretrained, paths.root, "vae", space.vae_class.from_pretrained).to(compute_device()).eval()
+    metrics = vae_metrics(vae, space, paths, pretrained=pretrained)
     with atomic_dir(paths.vae_model) as staging:
         shutil.copytree(component_folder(pretrained, paths.root, "vae"), staging, dirs_exist_ok=True)
     return recorded(metrics, paths)
 
 
-def save_vae(vae, paths: Paths, **facts) -> dict:
-    metrics = vae_metrics(vae, paths, **facts)
+def save_vae(vae, space: LatentSpace, paths: Paths, **facts) -> dict:
+    metrics = vae_metrics(vae, space, paths, **facts)
     with atomic_dir(paths.vae_model) as staging:
         vae.save_pretrained(staging, safe_serialization=True)
     return recorded(metrics, paths)
 
 
-def vae_metrics(vae, paths: Paths, **facts) -> dict:
+def vae_metrics(vae, space: LatentSpace, paths: Paths, **facts) -> dict:
     mse = reconstruction_mse(vae, split_chunks(paths, "val"))
     metrics = dict(
         val_mse=mse,
         val_psnr=10 * math.log10(4.0 / mse),  # images span [-1, 1], so the peak-to-peak range is 2
-        scaling_factor=vae.config.scaling_factor,
-        **({"shift_factor": vae.config.shift_factor} if vae.config.get("shift_factor") is not None else {}),
+        **space.statistics(vae),
         **facts,
     )
     return metrics
@@ -175,7 +169,8 @@ def recorded(metrics: dict, paths: Paths) -> dict:
 
 
 def vae_stage(paths: Paths, *, vae: VaeParams, model: ModelParams, preprocess: PreprocessParams) -> dict:
+    space = family_named(model.family).latent_space
     if model.mode == "finetune":
-        return resolve_pretrained_vae(model.pretrained, paths)
+        return resolve_pretrained_vae(model.pretrained, space, paths)
     return train_vae(vae, paths, resolution=preprocess.resolution, latent_channels=latent_channels_of(vae, model.family),
-                     shifted=FAMILY_DECLARATIONS[model.family].latents_shifted)
+                     space=space)

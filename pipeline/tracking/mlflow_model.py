@@ -25,12 +25,19 @@ def sampling_arguments(pipeline, prompt: str, negative_prompt: str | None, guida
     pipeline/diffusion/families, which this file cannot import; tests/test_families.py checks they agree): Flux
     with its guidance embedding at the trained 1.0 and true classifier-free guidance against the empty prompt;
     SD3 and Flux with T5's trained sequence length (their tokenizer's); Z-Image with its guidance as the pipeline
-    counts it and Qwen3's trained length; every family at the size its denoiser records."""
+    counts it and Qwen3's trained length; Flux.2 klein with Qwen3's and no negative prompt; every family at the
+    size its denoiser records."""
     name = type(pipeline).__name__
     if name == "FluxPipeline":
         arguments = {"prompt": prompt, "true_cfg_scale": guidance, "negative_prompt": negative_prompt or "",
                      "guidance_scale": FLUX_TRAINED_GUIDANCE,
                      "max_sequence_length": pipeline.tokenizer_2.model_max_length}
+    elif name == "Flux2KleinPipeline":
+        if negative_prompt:
+            raise ValueError(f"negative prompt {negative_prompt!r}: Flux2KleinPipeline guides against the empty prompt "
+                             "and takes no negative prompt; leave it out")
+        arguments = {"prompt": prompt, "guidance_scale": guidance,
+                     "max_sequence_length": pipeline.tokenizer.model_max_length}
     else:
         arguments = {"prompt": prompt, "guidance_scale": guidance, "negative_prompt": negative_prompt}
     if name == "StableDiffusion3Pipeline":

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.training_utils import EMAModel, cast_training_params
 from peft import LoraConfig
@@ -28,7 +28,7 @@ class Model:
     """The modules being trained and what turns them into a pipeline."""
 
     family: Family
-    vae: AutoencoderKL
+    vae: ModelMixin  # the family's latent space's VAE class
     text: dict[str, object]  # the tokenizers and text encoders (finetune: None), by pipeline component name
     denoiser: torch.nn.Module
     objective: object  # schedule.Ddpm or flow_matching.FlowMatching, with the prediction type
@@ -37,6 +37,10 @@ class Model:
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return self.family.text_encoders(self.text)
+
+    def denoiser_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents in the denoiser's space, normalised by models/vae's statistics (the family's latent space)."""
+        return self.family.latent_space.to_denoiser(latents, self.vae)
 
     def condition(self, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The denoiser's text conditioning: from the text encoders (token ids), or already computed by encode."""
@@ -70,10 +74,10 @@ class Model:
                 "scheduler": self.objective.sampling_scheduler()}
 
 
-def frozen_vae(family: Family, train: TrainParams, paths: Paths) -> AutoencoderKL:
+def frozen_vae(family: Family, train: TrainParams, paths: Paths) -> ModelMixin:
     """models/vae in the dtype it runs in: the weight dtype, or fp32 where the family's VAE gives NaNs in fp16."""
     dtype = torch.float32 if family.vae_in_fp32 else WEIGHT_DTYPES[train.mixed_precision]
-    return AutoencoderKL.from_pretrained(paths.vae_model, torch_dtype=dtype).requires_grad_(False)
+    return family.latent_space.vae_class.from_pretrained(paths.vae_model, torch_dtype=dtype).requires_grad_(False)
 
 
 def scratch_model(family: Family, model: ModelParams, train: TrainParams, paths: Paths, cache: CachedLatents,

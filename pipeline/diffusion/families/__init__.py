@@ -13,15 +13,12 @@ from pathlib import Path
 from diffusers import DiffusionPipeline
 
 from pipeline.core.config import ConfigError, TrainParams, VaeParams, latent_channels_of
-from pipeline.diffusion.components import PIPELINE_INDEX, build_vae, pretrained_location
-from pipeline.diffusion.families import chroma, flux, sd, sd3, sdxl, zimage
+from pipeline.diffusion.components import PIPELINE_INDEX, pretrained_location
+from pipeline.diffusion.families import chroma, flux, flux2, sd, sd3, sdxl, zimage
 from pipeline.diffusion.families.base import Family, Scratch
 from pipeline.runtime.device import compute_device
 
-FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl, sd3, flux, chroma, zimage)}
-# the random stand-ins' VAE shift and scale for the families whose latents are shifted: like the released ones
-# (Flux.1's), nonzero and not 1
-STAND_IN_LATENT_SHIFT, STAND_IN_LATENT_SCALE = 0.1159, 0.3611
+FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl, sd3, flux, chroma, zimage, flux2)}
 
 
 def family_named(name: str) -> Family:
@@ -67,11 +64,10 @@ def check_pretrained_family(spec: str, root: Path, family: Family) -> None:
 def random_pipeline(family: Family, captions: Iterable[str], *, preset: str = "tiny", vae: VaeParams = VaeParams(),
                     resolution: int = 32, vocab_size: int = 1000, max_sequence_length: int = 77) -> DiffusionPipeline:
     """A randomly initialised pipeline of a family at a preset. Saved with save_pretrained it has the files and
-    layout of real weights (SD 1.5, SDXL, SD 3.5, Flux.1 ...; the flow families' VAE with a latent shift): the
-    stand-in for them in tests and benchmarks."""
-    autoencoder = build_vae(vae, resolution, latent_channels_of(vae, family.name))
-    if family.declared.latents_shifted:
-        autoencoder.register_to_config(shift_factor=STAND_IN_LATENT_SHIFT, scaling_factor=STAND_IN_LATENT_SCALE)
+    layout of real weights (SD 1.5, SDXL, SD 3.5, Flux.1 ...; the VAE's latent normalisation like a released
+    one's, not the identity): the stand-in for them in tests and benchmarks."""
+    autoencoder = family.latent_space.build_vae(vae, resolution, latent_channels_of(vae, family.name))
+    family.latent_space.stand_in(autoencoder)
     latent_size = resolution // 2 ** (len(vae.block_out_channels) - 1)
     components = family.scratch_components(Scratch(tuple(captions), preset, vocab_size, autoencoder.config.latent_channels,
                                                    latent_size, max_sequence_length))

@@ -15,6 +15,7 @@ from peft.utils import get_peft_model_state_dict
 from pipeline.core.config import TrainParams
 from pipeline.core.family_declarations import Declared
 from pipeline.diffusion.components import load_pretrained
+from pipeline.diffusion.latent_space import LatentSpace, ScaledLatents
 from pipeline.diffusion.tokenizer import tokenized
 
 
@@ -86,6 +87,12 @@ class Family:
     @property
     def presets(self) -> tuple[str, ...]:
         return self.declared.presets
+
+    @property
+    def latent_space(self) -> LatentSpace:
+        """Its VAE's class and the normalisation of the VAE's latents for the denoiser: AutoencoderKL's shift and
+        scale unless the family declares another space."""
+        return ScaledLatents(shifted=self.declared.latents_shifted)
 
     # building
     def scratch_components(self, scratch: Scratch) -> dict[str, object]:
