@@ -32,7 +32,7 @@ from .test_finetune import finetune_params, project
 from .test_model_card import LORA_PIXEL_TOLERANCE, assert_card_draws_as_sdpipe
 from .test_pipeline_e2e import _run, copy_repository, stages_run
 
-FINETUNED = ("sdxl", "sd3", "flux", "chroma", "qwenimage")
+FINETUNED = ("sdxl", "sd3", "flux", "chroma", "zimage", "flux2", "qwenimage")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,8 @@ def denoiser_output(family_name: str, pipeline, denoiser: torch.nn.Module | None
     family = family_named(family_name)
     conditioning = family.encode_text(pipeline.components, family.token_ids(pipeline.components, ["a red circle"] * 2))
     denoiser = denoiser if denoiser is not None else getattr(pipeline, family.denoiser)
-    latents = torch.randn(2, family.denoiser_latent_channels(denoiser), 8, 8, generator=torch.Generator().manual_seed(0))
+    vae_latents = torch.randn(2, family.denoiser_latent_channels(denoiser), 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = family.latent_space.to_denoiser(vae_latents, pipeline.vae)
     return family.predict(denoiser, latents, torch.tensor([10.0, 500.0]), conditioning, square_image_sizes(2, 32))
 
 
@@ -85,9 +86,8 @@ def assert_finetuned(family: str, finetune: str, model: Path, base_folder: str, 
         for (key, original), (_, kept) in zip(getattr(base, name).state_dict().items(),
                                               getattr(saved, name).state_dict().items(), strict=True):
             assert torch.equal(original, kept), f"{name}.{key} changed: it must stay frozen"
-    for normalisation in ("shift_factor", "scaling_factor", "latents_mean", "latents_std"):
-        assert saved.vae.config.get(normalisation) == base.vae.config.get(normalisation), \
-            f"the pretrained VAE's own latent normalisation ({normalisation})"
+    space = family_named(family).latent_space
+    assert space.statistics(saved.vae) == space.statistics(base.vae), "the pretrained VAE's own latent normalisation"
     assert f"{pipeline_class.__name__}.from_pretrained" in (model / "README.md").read_text()
 
 
@@ -111,13 +111,17 @@ E2E_OVERRIDES = {
     "evaluate": {"stability_repeats": 1, "num_inference_steps": 2, "max_prompts": 3, "timesteps": [500],
                  "classifier_images_per_label": 20},
 }
+# what a family needs beside them: Qwen's chat template spends 8 of Z-Image's Qwen3 tokens on every prompt and
+# 15 of flux2's before a caption's end
+FAMILY_OVERRIDES = {"zimage": {"model": {"max_sequence_length": 24}}, "flux2": {"model": {"max_sequence_length": 24}}}
 
 
 @pytest.fixture(scope="module", params=FINETUNED)
 def scratch_project(request, tmp_path_factory) -> tuple[str, Path]:
     """Per family, a committed copy of the repository on the tiniest params in which `dvc repro` ran."""
     family = request.param
-    params = merge(tiny_params_dict(), merge(E2E_OVERRIDES, {"model": {"family": family}}))
+    params = merge(tiny_params_dict(), merge(merge(E2E_OVERRIDES, FAMILY_OVERRIDES.get(family, {})),
+                                             {"model": {"family": family}}))
     root = copy_repository(tmp_path_factory.mktemp(f"{family}-clone"), params)
     _run(["dvc", "repro"], root)
     return family, root
@@ -129,7 +133,10 @@ def test_dvc_repro_trains_a_family_from_scratch_and_serves_it_from_the_registry(
     pipeline_class = family_named(family).pipeline_class
     saved = DiffusionPipeline.from_pretrained(root / "models" / "sd")
     assert type(saved) is pipeline_class
-    if family == "qwenimage":  # a 16-channel one-frame VAE whose per-channel latent statistics the vae stage fitted
+    if family == "flux2":  # a 32-channel AutoencoderKLFlux2 whose patch channels' statistics the vae stage fitted
+        assert saved.vae.config.latent_channels == 32
+        assert not torch.equal(saved.vae.bn.running_mean, torch.zeros_like(saved.vae.bn.running_mean))
+    elif family == "qwenimage":  # a 16-channel one-frame VAE whose per-channel latent statistics the vae stage fitted
         assert saved.vae.config.z_dim == 16 and saved.vae.config.latents_mean != [0.0] * 16
         assert saved.vae.config.latents_std != [1.0] * 16
     elif family_named(family).declared.latents_shifted:  # a 16-channel VAE whose latents' mean the vae stage fitted
@@ -166,7 +173,7 @@ def test_the_model_cards_call_draws_what_sdpipe_generate_draws(scratch_project, 
         for argument in ("height=32,", "width=32,", "guidance_scale=1.0,", "negative_prompt='',",
                          f"true_cfg_scale={EvaluateParams().guidance_scale},"):
             assert argument in code, argument
-    elif family == "chroma":  # ChromaPipeline samples 1024 px unless told too
+    elif family in ("chroma", "zimage", "flux2"):  # their pipelines sample 1024 px unless told to
         assert "height=32," in code and "width=32," in code
     elif family == "qwenimage":  # 1024 px too, and guides (true_cfg_scale) only against a negative prompt
         for argument in ("height=32,", "width=32,", "negative_prompt='',"):

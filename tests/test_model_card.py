@@ -37,12 +37,12 @@ def card_blocks(model: Path) -> tuple[list[str], dict]:
 
 
 def drawn(code: str) -> dict:
-    """The pipe(...) call's prompt (its first argument), keywords and generator seed."""
+    """The pipe(...) call's keywords (the prompt among them) and generator seed."""
     calls = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)]
     call = next(call for call in calls if getattr(call.func, "id", None) == "pipe")
     seed = next(call.args[0].value for call in calls if getattr(call.func, "attr", None) == "manual_seed")
     keywords = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords if keyword.arg != "generator"}
-    return {"prompt": call.args[0].value, "seed": seed, **keywords}
+    return {"seed": seed, **keywords}
 
 
 def run_without_sdpipe(code: str, root: Path, folder: Path) -> np.ndarray:

@@ -82,7 +82,8 @@ class PlainCall:
             lines.append(f"pipe.load_lora_weights({self.lora!r})")
         if self.scheduler:
             lines.append(f"pipe.scheduler = {self.scheduler}.from_pretrained({self.lora!r}, subfolder=\"scheduler\")")
-        lines += ["image = pipe(", f"    {self.sample.prompt!r},"]
+        # by keyword: Flux2KleinPipeline's first positional argument is an image
+        lines += ["image = pipe(", f"    prompt={self.sample.prompt!r},"]
         lines += [f"    {name}={value!r}," for name, value in self.arguments.items()]
         lines += [f"    generator=torch.Generator().manual_seed({self.sample.seed}),", ").images[0]",
                   f"image.save({image!r})"]

@@ -14,12 +14,12 @@ from diffusers import DiffusionPipeline
 
 from pipeline.core.config import ConfigError, TrainParams, VaeParams, latent_channels_of
 from pipeline.diffusion.components import PIPELINE_INDEX, pretrained_location
-from pipeline.diffusion.families import chroma, flux, flux2, qwenimage, sd, sd3, sdxl
+from pipeline.diffusion.families import chroma, flux, flux2, qwenimage, sd, sd3, sdxl, zimage
 from pipeline.diffusion.families.base import Family, Scratch
 from pipeline.runtime.device import compute_device
 
-FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl, sd3, flux, chroma, flux2,
-                                                                            qwenimage)}
+FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY
+                               for module in (sd, sdxl, sd3, flux, chroma, zimage, flux2, qwenimage)}
 
 
 def family_named(name: str) -> Family:
