@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.prior_params import CLASS_IMAGES
 from pipeline.core.project import project_root
 
 
@@ -31,6 +32,11 @@ class Paths:
     def inputs(self) -> Path:
         """The fingerprints of the inputs params.yaml names outside the pipeline's files (stage `inputs`)."""
         return self.root / "data" / "inputs"
+
+    @property
+    def class_images(self) -> Path:
+        """The image prior's class images (stage `class_images`), which ingest reads as the class subset."""
+        return self.root / CLASS_IMAGES
 
     @property
     def raw(self) -> Path:
