@@ -18,7 +18,7 @@ from pipeline.core.prior_params import CLASS_IMAGES, PriorParams
 from pipeline.diffusion.components import pretrained_scheduler_config
 from pipeline.diffusion.families import family_named
 from pipeline.stages.class_images import RECORD, class_images
-from pipeline.stages.encode import Encoder, shard_captions, split_plan
+from pipeline.stages.encode import Encoder, encode_captions, shard_captions, split_plan
 from pipeline.stages.train import Batch, diffusion_loss
 from pipeline.training.modules import Model, lora_config
 from pipeline.training.prior import PredictionPrior, dreambooth_loss, per_sample_mse
@@ -111,27 +111,31 @@ def test_the_image_prior_loss_is_diffusers_dreambooth_formula_on_fixed_tensors(w
             "weight 0: the class images add nothing"
 
 
-@pytest.fixture(scope="module")
-def lora_model(tmp_path_factory):
-    """A tiny pretrained sd UNet with fresh LoRA layers (B zero, as peft initialises them)."""
-    root = tmp_path_factory.mktemp("prior")
-    base = str(save_random_base_model(root / "base"))
-    family = family_named("sd")
+CAPTIONS = ["", "a photo of sks bag", "sks on a table", "a photo of bag bag", "bag on a table"]  # rows 3, 4: classes
+
+
+@pytest.fixture(scope="module", params=["sd", "flux"])
+def lora_model(request, tmp_path_factory):
+    """A tiny pretrained denoiser of a DDPM and a flow family with fresh LoRA layers (B zero, as peft initialises
+    them), and the text tables of CAPTIONS from the base's own text encoders."""
+    root = tmp_path_factory.mktemp(request.param)
+    base = str(save_random_base_model(root / "base", request.param))
+    family = family_named(request.param)
     denoiser = family.load_denoiser(base, root).requires_grad_(False)
     denoiser.add_adapter(lora_config(family, LoraParams()))
-    return Model(family, None, None, denoiser, family.training_objective(TrainParams(), pretrained_scheduler_config(
+    tables = encode_captions(family.name, family.load_text(base, root), CAPTIONS, 8)
+    model = Model(family, None, None, denoiser, family.training_objective(TrainParams(), pretrained_scheduler_config(
         base, root)), trains_text_encoder=False, lora=True)
+    return model, tables
 
 
-def prior_case(model: Model, weight: float):
-    """Two samples captioned by rows 1 and 2 of a text table whose rows 3 and 4 are their class prompts."""
-    config = model.denoiser.config
-    generator = torch.Generator().manual_seed(1)
-    table = {"prompt_embeds": torch.randn(5, 77, config.cross_attention_dim, generator=generator)}
-    samples = torch.tensor([0, 1])
-    batch = Batch(torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=generator),
-                  {"prompt_embeds": table["prompt_embeds"][[1, 2]]}, torch.zeros(2, 6))
-    return PredictionPrior(table, torch.tensor([3, 4]), weight), batch, samples
+def prior_case(lora_model, weight: float):
+    """Two samples captioned by rows 1 and 2 of the text tables, whose class prompts are rows 3 and 4."""
+    model, tables = lora_model
+    channels = model.family.denoiser_latent_channels(model.denoiser)
+    latents = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    batch = Batch(latents, {name: table[[1, 2]] for name, table in tables.items()}, torch.zeros(2, 6))
+    return PredictionPrior(tables, torch.tensor([3, 4]), weight), batch, torch.tensor([0, 1])
 
 
 def prediction_loss(model, prior, batch, samples):
@@ -140,50 +144,54 @@ def prediction_loss(model, prior, batch, samples):
 
 def test_the_class_half_is_conditioned_on_the_class_prompt(lora_model, monkeypatch):
     prior, batch, samples = prior_case(lora_model, 1.0)
+    model, _ = lora_model
     calls = []
-    predict = lora_model.family.predict
+    predict = model.family.predict
 
     def recording(denoiser, noisy, timesteps, conditioning, image_sizes):
         calls.append({name: value.clone() for name, value in conditioning.items()})
         return predict(denoiser, noisy, timesteps, conditioning, image_sizes)
 
-    monkeypatch.setattr(lora_model.family, "predict", recording)
-    prediction_loss(lora_model, prior, batch, samples)
+    monkeypatch.setattr(model.family, "predict", recording)
+    prediction_loss(model, prior, batch, samples)
     trained, base = calls
-    class_states = prior.tables["prompt_embeds"][[3, 4]]
-    assert torch.equal(trained["prompt_embeds"][:2], batch.conditioning["prompt_embeds"]), "first half: the captions"
-    assert torch.equal(trained["prompt_embeds"][2:], class_states), "class half: the class prompts"
-    assert torch.equal(base["prompt_embeds"], class_states), "the base's target: the class prompts, not the captions"
+    for name, table in prior.tables.items():
+        class_states = table[[3, 4]].float()
+        assert torch.equal(trained[name][:2], batch.conditioning[name].float()), "first half: the captions"
+        assert torch.equal(trained[name][2:], class_states), "class half: the class prompts"
+        assert torch.equal(base[name], class_states), "the base's target: the class prompts, not the captions"
+        assert not torch.equal(class_states, batch.conditioning[name].float())
 
 
 def test_the_prediction_prior_is_zero_at_step_zero_and_weight_zero_is_a_plain_run(lora_model):
     weighted, batch, samples = prior_case(lora_model, 1.0)
+    model, _ = lora_model
     unweighted = PredictionPrior(weighted.tables, weighted.class_rows, 0.0)
-    plain = diffusion_loss(lora_model, batch, TrainParams(), torch.Generator().manual_seed(7), "cpu")
-    assert float(prediction_loss(lora_model, unweighted, batch, samples).detach()) == pytest.approx(float(plain), rel=1e-5)
-    assert float(prediction_loss(lora_model, weighted, batch, samples)) == pytest.approx(float(plain), rel=1e-5), \
+    plain = diffusion_loss(model, batch, TrainParams(), torch.Generator().manual_seed(7), "cpu")
+    assert prediction_loss(model, unweighted, batch, samples).item() == pytest.approx(plain.item(), rel=1e-5)
+    assert prediction_loss(model, weighted, batch, samples).item() == pytest.approx(plain.item(), rel=1e-5), \
         "LoRA B starts at zero: the LoRA model is the base, and the prior term is 0"
 
-    lora_b = [parameter for name, parameter in lora_model.denoiser.named_parameters() if "lora_B" in name]
+    lora_b = [parameter for name, parameter in model.denoiser.named_parameters() if "lora_B" in name]
     with torch.no_grad():
         for parameter in lora_b:
             parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
     try:
-        for parameter in lora_model.denoiser.parameters():
+        for parameter in model.denoiser.parameters():
             parameter.grad = None
         for parameter in lora_b:
             parameter.requires_grad_(True)
-        plain = diffusion_loss(lora_model, batch, TrainParams(), torch.Generator().manual_seed(7), "cpu")
+        plain = diffusion_loss(model, batch, TrainParams(), torch.Generator().manual_seed(7), "cpu")
         plain.backward()
         plain_grads = [parameter.grad.clone() for parameter in lora_b]
         for parameter in lora_b:
             parameter.grad = None
-        zero = prediction_loss(lora_model, unweighted, batch, samples)
+        zero = prediction_loss(model, unweighted, batch, samples)
         zero.backward()
-        assert float(zero) == pytest.approx(float(plain), rel=1e-5)
+        assert zero.item() == pytest.approx(plain.item(), rel=1e-5)
         assert all(torch.allclose(a, b.grad, rtol=1e-4, atol=1e-7) for a, b in zip(plain_grads, lora_b, strict=True)), \
             "weight 0: the same gradients as a run without the prior"
-        assert float(prediction_loss(lora_model, weighted, batch, samples)) > float(plain) + 1e-4, \
+        assert prediction_loss(model, weighted, batch, samples).item() > plain.item() + 1e-4, \
             "a trained LoRA drifts from the base on the class prompt: the prior term is positive"
     finally:
         with torch.no_grad():
