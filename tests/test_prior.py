@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageStat
+from safetensors.torch import load_file
 
 from pipeline.contracts.paths import Paths
 from pipeline.core.config import ConfigError, LoraParams, ModelParams, TrainParams
@@ -236,7 +237,12 @@ def test_class_images_render_once_and_a_changed_count_renders_only_the_new_ones(
 @pytest.mark.e2e
 def test_dvc_repro_of_a_subject_run_with_the_image_prior(tmp_path):
     """`dvc repro train` of a LoRA fine-tune on a subject folder with the image prior: class_images renders the
-    class subset, ingest reads it beside the subject, train weights it; a second repro runs only `inputs`."""
+    class subset, ingest reads it beside the subject, train weights it; a second repro runs only `inputs`. Then
+    the prediction prior on the same data: encode caches the class prompts, and train trains with them."""
+    from pipeline.contracts.latents import latent_file_keys, load_latents
+    from pipeline.stages.encode import encode
+    from pipeline.stages.train import train
+
     from .test_pipeline_e2e import _run, copy_repository, stages_run
 
     params = merge(tiny_params_dict(), {
@@ -258,3 +264,18 @@ def test_dvc_repro_of_a_subject_run_with_the_image_prior(tmp_path):
     assert (root / "models" / "sd" / "pytorch_lora_weights.safetensors").is_file()
     again = _run(["dvc", "repro", "train"], root).stdout
     assert stages_run(again) == {"inputs"}, again
+
+    # the prediction prior on the same data, in process: encode adds the class prompts, train targets the base's
+    prediction = parse_params(merge(params, {"train": {"prior": {"kind": "prediction", "class_word": ""}}}))
+    paths = Paths(root)
+    encode(paths, encode=prediction.encode, model=prediction.model, train=prediction.train, ingest=prediction.ingest)
+    cache = load_latents(paths.latents, "train")
+    rows = pd.read_parquet(paths.latents / "train.parquet")
+    for sample in range(len(rows)):
+        file, class_row = paths.latents / rows["text"].iat[sample], int(rows["class_text_row"].iat[sample])
+        expected = "a photo of bag" if rows["subset"].iat[sample] == "subject" else "a photo of a bag"
+        assert latent_file_keys(file)[class_row] == expected, "the trigger dropped; a class caption as it is"
+        assert torch.equal(cache.text_states["prompt_embeds"][cache.class_text_rows[sample]],
+                           load_file(file)["prompt_embeds"][class_row]), "train reads the class prompt's states"
+    metrics = train(prediction, paths, tracked=False)
+    assert torch.isfinite(torch.tensor(metrics["final_loss"]))

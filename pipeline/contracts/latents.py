@@ -246,6 +246,6 @@ def load_latents(directory: Path, split: str) -> CachedLatents:
     text_states, text_rows = mapped_text_states(directory, rows) if rows[TEXT].notna().all() else (None, None)
     class_rows = None
     if text_rows is not None and CLASS_TEXT_ROW in rows:  # the same file's rows: the caption's offset moved
-        class_rows = text_rows + torch.from_numpy((rows[CLASS_TEXT_ROW] - rows["text_row"]).to_numpy())
+        class_rows = text_rows + torch.tensor((rows[CLASS_TEXT_ROW] - rows["text_row"]).to_numpy())
     return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), image_sizes_of(rows), text_states,
                          text_rows, rows["subset"].tolist(), class_rows)

@@ -25,7 +25,9 @@ class Paths:
     def input(self, path: str | Path) -> Path:
         """A path from params.yaml naming an input outside the pipeline's files (pipeline/contracts/inputs.py),
         resolved against the project DVC runs for: in an experiment's copy that is the project itself, since
-        DVC does not copy such inputs."""
+        DVC does not copy such inputs. The class_images stage's output is this copy's own."""
+        if Path(path) == Path(CLASS_IMAGES):
+            return self.class_images
         return (project_root(self.root) / Path(path).expanduser()).resolve()
 
     @property
