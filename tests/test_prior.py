@@ -279,3 +279,19 @@ def test_dvc_repro_of_a_subject_run_with_the_image_prior(tmp_path):
                            load_file(file)["prompt_embeds"][class_row]), "train reads the class prompt's states"
     metrics = train(prediction, paths, tracked=False)
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
+
+
+def test_in_an_experiments_copy_the_class_images_are_the_copys_own(tmp_path, monkeypatch):
+    """An experiment's copy renders its own class images (a stage output), so ingest reads them there, not in the
+    project, and the inputs stage leaves them to DVC (fingerprinted, they could be read before they are rendered)."""
+    from pipeline.core.project import DVC_ROOT_ENV
+    from pipeline.stages.inputs import source_fingerprint
+
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "run"
+    monkeypatch.setenv(DVC_ROOT_ENV, str(tmp_path))
+    assert Paths(copy).input(CLASS_IMAGES) == copy / CLASS_IMAGES
+    assert Paths(copy).input("data/bag") == tmp_path / "data" / "bag"
+    write_pattern(copy / CLASS_IMAGES / "0.png", 0)
+    write_pattern(tmp_path / "data" / "bag" / "0.png", 1)
+    fingerprint = source_fingerprint(parse_params({"ingest": CLASS_SUBSET}).ingest, Paths(copy))
+    assert fingerprint["subsets"]["class"] == {"input": CLASS_IMAGES, "watched": "as the class_images stage's output"}
