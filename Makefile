@@ -48,9 +48,10 @@ run: setup
 	print(f\"registry:     models:/{r['model_name']}/{r['version']} (champion: version {r['champion_version']})\")"
 	@$(BIN)/python -c "import json; print('mlflow run:  ', json.load(open('models/mlflow_run.json'))['run_id'], ' (make ui-mlflow, then open http://127.0.0.1:5000)')"
 
-# Two pytest-xdist workers, a test file each at a time (a file's module fixtures stay in one process), the
-# files in tests/conftest.py's order (slowest first; xdist would reorder them by their number of tests): on two
-# cores the suite takes about 0.7 of its serial time (docs/explanation/results.md). TEST_WORKERS=0 runs it serially.
+# Two pytest-xdist workers, a test file each at a time (a file's module fixtures stay in one process; the family
+# training file one family at a time: tests/conftest.py's FileOrFamilyScheduling), in tests/conftest.py's order
+# (slowest first; xdist would reorder them by their number of tests): on two cores the suite takes about 0.7 of
+# its serial time (docs/explanation/results.md). TEST_WORKERS=0 runs it serially.
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(TEST_STAMP)

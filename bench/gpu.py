@@ -6,9 +6,10 @@ by side on one random SD 1.5-sized pipeline and the same 512 px images.
     python bench/gpu.py --only "train full"   # one measurement again (results accumulate in --out)
     python bench/gpu.py --family flux         # another family's real-size architecture (docs/guides/model-families.md)
 
-`--family` (sd, sdxl, sd3, flux, chroma) measures that family's real-size preset instead (sdxl; sd35_medium;
-flux_dev; chroma1), randomly initialised the same way, with encode, train full and train LoRA (the diffusers
-loop is SD 1.x's script, so it runs for sd only). Not yet measured on a GPU: no machine was lent when it was added.
+`--family` (sd, sdxl, sd3, flux, chroma, zimage) measures that family's real-size preset instead (sdxl;
+sd35_medium; flux_dev; chroma1; z_image_6b), randomly initialised the same way, with encode, train full and
+train LoRA (the diffusers loop is SD 1.x's script, so it runs for sd only). Not yet measured on a GPU: no machine
+was lent when it was added.
 
 The pipeline is the repo's `sd15` UNet and text encoder with Stable Diffusion's VAE configuration, randomly
 initialised and saved as a diffusers folder (the stand-in for real SD 1.5 weights: the same shapes, files and
@@ -74,7 +75,8 @@ LIMITS = {"encode": 120, "train full": 150, "train LoRA": 150, "diffusers loop":
           "train full, compile": 330, "train full, batch 32": 150}
 TINY_LIMIT = 300  # a loaded 2-core CI machine
 # --family's real sizes
-GPU_PRESETS = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd35_medium", "flux": "flux_dev", "chroma": "chroma1"}
+GPU_PRESETS = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd35_medium", "flux": "flux_dev", "chroma": "chroma1",
+               "zimage": "z_image_6b"}
 
 
 def setup_for(tiny: bool, family: str) -> Setup:

@@ -70,7 +70,8 @@ def _vae(params: Params, paths: Paths, _):
 def _encode(params: Params, paths: Paths, _):
     from pipeline.stages.encode import encode
 
-    encode(paths, encode=params.encode, model=params.model, ray=params.ray, train=params.train, ingest=params.ingest)
+    encode(paths, encode=params.encode, model=params.model, ray=params.ray, train=params.train,
+           ingest=params.ingest)
 
 
 def _train(params: Params, paths: Paths, _):

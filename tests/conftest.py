@@ -31,6 +31,7 @@ import copy  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from xdist.scheduler import LoadFileScheduling  # noqa: E402
 
 from pipeline.contracts.paths import Paths  # noqa: E402
 from pipeline.core.config import Params  # noqa: E402
@@ -39,15 +40,36 @@ from pipeline.core.params_file import parse_params, read_params_file  # noqa: E4
 REPO = Path(__file__).resolve().parent.parent
 
 # The files that take longest (busy seconds, docs/explanation/results.md), longest first. `make test` hands each
-# pytest-xdist worker the next file in collection order as it finishes one: with these first, the long files
-# run side by side from the start and the many short ones fill in, instead of a long file starting last.
-SLOWEST_FILES = ("test_pipeline_e2e.py", "test_team.py", "test_family_training.py", "test_resume.py",
-                 "test_docs.py", "test_ray_cluster.py", "test_bench_gpu.py", "test_subsets.py")
+# pytest-xdist worker the next group of tests in collection order as it finishes one: with these first, the long
+# files run side by side from the start and the many short ones fill in, instead of a long file starting last.
+SLOWEST_FILES = ("test_family_training.py", "test_pipeline_e2e.py", "test_team.py", "test_resume.py",
+                 "test_docs.py", "test_validation.py", "test_ray_cluster.py", "test_bench_gpu.py", "test_subsets.py")
+# A group is a file (its module fixtures stay in one process), except in these files, whose tests are parametrised
+# by family and grouped by it: a family's project is built and used by one worker while the other families' run on
+# the other, so no one file holds a worker for most of the run.
+SPLIT_BY_FAMILY = ("test_family_training.py",)
+
+
+class FileOrFamilyScheduling(LoadFileScheduling):
+    """`--dist loadfile`, with SPLIT_BY_FAMILY's files split by their tests' parameter (the node id's [...])."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        file, _, test = nodeid.partition("::")
+        if Path(file).name in SPLIT_BY_FAMILY and test.endswith("]"):
+            return f"{file}[{test.rpartition('[')[2]}"
+        return file
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown to pytest -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadFileScheduling | None:
+    return FileOrFamilyScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: position for position, name in enumerate(SLOWEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))  # stable: a file's order stays
+    # stable: a file's order stays, except that a split file's family groups go before its other tests
+    items.sort(key=lambda item: (rank.get(item.path.name, len(SLOWEST_FILES)),
+                                 item.path.name in SPLIT_BY_FAMILY and not hasattr(item, "callspec")))
 
 
 TINY_OVERRIDES = {

@@ -86,9 +86,11 @@ def _not_run_reason(block: dict) -> str | None:
 # --- stand-ins for what a reader brings -------------------------------------------------------------------------
 
 def _your_pictures_and_a_base_model(project: Path) -> None:
-    """24 JPEGs (no captions: the tutorial writes them) and a tiny random SD pipeline where the reader's go."""
-    for seed in range(24):
-        write_pattern(project / "data" / "my-images" / f"{seed:02d}.jpg", seed, (48, 40), fmt="JPEG")
+    """20 JPEGs of the product, 20 of its class (no captions: the tutorial's instance prompts caption them) and a
+    tiny random SD pipeline where the reader's go."""
+    for seed in range(20):
+        write_pattern(project / "data" / "my-product" / f"{seed:02d}.jpg", seed, (48, 40), fmt="JPEG")
+        write_pattern(project / "data" / "bags" / f"{seed:02d}.jpg", 100 + seed, (48, 40), fmt="JPEG")
     save_random_base_model(project / "data" / "base-model")
 
 

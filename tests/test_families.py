@@ -16,7 +16,8 @@ from pipeline.tracking.mlflow_model import sampling_arguments as served_sampling
 from .conftest import merge, save_random_base_model, tiny_params_dict
 
 PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "chroma": "ChromaPipeline"}
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "chroma": "ChromaPipeline",
+                    "zimage": "ZImagePipeline"}
 
 
 def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -30,6 +31,14 @@ def pipeline_encoding(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
         encoded = pipeline.encode_prompt(captions, **common, do_classifier_free_guidance=False,
                                          max_sequence_length=pipeline.tokenizer.model_max_length)
         return {"prompt_embeds": encoded[0], "prompt_attention_mask": encoded[2]}
+    if name == "ZImagePipeline":  # (each caption's unpadded states, the negatives'): padded back, with their mask
+        length = pipeline.tokenizer.model_max_length
+        encoded, _ = pipeline.encode_prompt(list(captions), device=torch.device("cpu"),
+                                            do_classifier_free_guidance=False, max_sequence_length=length)
+        padded = torch.stack([torch.cat([states, states.new_zeros(length - len(states), states.shape[1])])
+                              for states in encoded])
+        mask = torch.stack([(torch.arange(length) < len(states)).to(states.dtype) for states in encoded])
+        return {"prompt_embeds": padded, "prompt_attention_mask": mask}
     if name == "StableDiffusion3Pipeline":  # the other encoders' prompts default to the first's
         common.update(prompt_2=None, prompt_3=None, max_sequence_length=pipeline.tokenizer_3.model_max_length)
     encoded = pipeline.encode_prompt(captions, **common, do_classifier_free_guidance=False)
@@ -112,7 +121,7 @@ def test_no_module_but_the_familys_own_names_it():
     assert not found, found
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "chroma"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "zimage"])
 def test_ddpm_settings_are_refused_for_the_flow_families_with_a_sentence(family):
     with pytest.raises(ConfigError, match=f"train.snr_gamma: min-SNR weighting is DDPM's .* {family} trains by flow"):
         parse_params(merge(tiny_params_dict(), {"model": {"family": family}, "train": {"snr_gamma": 5.0}}))
@@ -145,6 +154,78 @@ def test_the_chroma1_preset_has_chroma1s_sizes():
     with torch.device("meta"):  # shapes only: 8.9 B parameters would take 36 GB in fp32
         transformer = build_transformer(PRESETS["chroma1"], latent_channels=16, latent_size=128)
     assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 1) == 8.9  # lodestones/Chroma1-HD's card
+
+
+@torch.no_grad()
+def test_zimage_predicts_the_velocity_zimagepipelines_euler_step_takes(tmp_path):
+    """The transformer takes 1 - σ and its output negated is the velocity: one Euler step of ZImagePipeline from
+    σ = 1 to 0 without guidance (guidance_scale 0) lands on the latents minus the family's prediction at t = 1000,
+    conditioned on each caption's own states, whatever the other caption's length."""
+    family, pipeline = family_named("zimage"), load_pipeline(save_random_base_model(tmp_path / "zimage", "zimage"))
+    captions = ["a red circle", "a big purple triangle on a green square"]
+    latents = torch.randn(2, pipeline.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    # a copy of the captions: the pipeline writes the templated prompts into the list
+    stepped = pipeline(prompt=list(captions), latents=latents, num_inference_steps=1, guidance_scale=0.0,
+                       max_sequence_length=pipeline.tokenizer.model_max_length, height=32, width=32,
+                       output_type="latent").images
+    conditioning = family.encode_text(pipeline.components, family.token_ids(pipeline.components, captions))
+    prediction = family.predict(pipeline.transformer, latents, torch.tensor([1000.0, 1000.0]), conditioning,
+                                square_image_sizes(2, 32))
+    torch.testing.assert_close(stepped, latents - prediction, atol=1e-5, rtol=1e-5)
+    alone = family.encode_text(pipeline.components, family.token_ids(pipeline.components, captions[:1]))
+    torch.testing.assert_close(family.predict(pipeline.transformer, latents[:1], torch.tensor([1000.0]), alone,
+                                              square_image_sizes(1, 32)), prediction[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_zimage_samples_with_classifier_free_guidance_as_the_other_families_count_it(tmp_path):
+    """ZImagePipeline mixes pos + g·(pos - neg): sdpipe's scale w goes in as g = w - 1, so w = 1 is no guidance
+    (the pipeline then runs no unconditional branch) and the card names the trained size and Qwen3's length."""
+    family, pipeline = family_named("zimage"), load_pipeline(save_random_base_model(tmp_path / "zimage", "zimage"))
+    arguments = family.sampling_arguments(pipeline, ["a red circle"], 4.0, "a blue square")
+    assert arguments == {"prompt": ["a red circle"], "guidance_scale": 3.0, "negative_prompt": ["a blue square"],
+                         "max_sequence_length": pipeline.tokenizer.model_max_length, "height": 32, "width": 32}
+    assert family.sampling_arguments(pipeline, ["a red circle"], 1.0)["guidance_scale"] == 0.0
+    assert family.default_size(pipeline) == {"height": 1024, "width": 1024}, "ZImagePipeline's own default"
+
+    # sample grids of a fine-tune sample from the cached states (the caption's and the empty prompt's)
+    cached = family.encode_text(pipeline.components, family.token_ids(pipeline.components, ["a red circle", ""]))
+    from_cache = family.with_cached_states({
+        **{key: value for key, value in arguments.items() if key not in ("prompt", "negative_prompt")},
+        **{name: tensor[:1] for name, tensor in cached.items()},
+        **{f"negative_{name}": tensor[1:] for name, tensor in cached.items()}})
+    draw = dict(num_inference_steps=2, output_type="np")
+    with torch.no_grad():
+        expected = pipeline(**{**arguments, "negative_prompt": None}, **draw,
+                            generator=torch.Generator().manual_seed(0)).images
+        drawn = pipeline(**from_cache, **draw, generator=torch.Generator().manual_seed(0)).images
+    assert abs(drawn - expected).max() < 1e-5
+
+
+@torch.no_grad()
+def test_zimage_latents_are_normalised_as_its_pipelines_encode_images(tmp_path):
+    """The latents training sees are those ZImageImg2ImgPipeline makes of an image before noising it: shifted by
+    the VAE's shift_factor and scaled by its scaling_factor (ZImagePipeline decodes by the inverse)."""
+    from diffusers import ZImageImg2ImgPipeline
+
+    from pipeline.diffusion.vae_io import denoiser_latents
+
+    pipeline = load_pipeline(save_random_base_model(tmp_path / "zimage", "zimage"))
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    img2img = ZImageImg2ImgPipeline(**pipeline.components)
+    img2img.scheduler.scale_noise = lambda sample, timestep, noise: sample  # the clean latents, before the noise
+    theirs = img2img.prepare_latents(image, torch.tensor([1000.0]), 1, 16, 32, 32, torch.float32, torch.device("cpu"),
+                                     torch.Generator().manual_seed(1))
+    sample = pipeline.vae.encode(image).latent_dist.sample(torch.Generator().manual_seed(1))
+    assert pipeline.vae.config.shift_factor not in (None, 0.0)
+    torch.testing.assert_close(denoiser_latents(sample, pipeline.vae.config), theirs)
+
+
+def test_the_z_image_6b_preset_has_z_images_sizes():
+    from pipeline.diffusion.families.zimage import PRESETS, build_transformer
+
+    with torch.device("meta"):  # shapes only: 6 B parameters would take 25 GB in fp32
+        transformer = build_transformer(PRESETS["z_image_6b"], latent_channels=16, latent_size=128)
+    assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 2) == 6.15  # Tongyi-MAI/Z-Image's 12.3 GB bf16
 
 
 def test_a_preset_of_another_family_is_named():

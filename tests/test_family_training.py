@@ -32,7 +32,7 @@ from .test_finetune import finetune_params, project
 from .test_model_card import LORA_PIXEL_TOLERANCE, assert_card_draws_as_sdpipe
 from .test_pipeline_e2e import _run, copy_repository, stages_run
 
-FINETUNED = ("sdxl", "sd3", "flux", "chroma")
+FINETUNED = ("sdxl", "sd3", "flux", "chroma", "zimage")
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +111,16 @@ E2E_OVERRIDES = {
 }
 
 
+# Z-Image's chat template spends 8 of Qwen3's tokens on every prompt
+FAMILY_OVERRIDES = {"zimage": {"model": {"max_sequence_length": 24}}}
+
+
 @pytest.fixture(scope="module", params=FINETUNED)
 def scratch_project(request, tmp_path_factory) -> tuple[str, Path]:
     """Per family, a committed copy of the repository on the tiniest params in which `dvc repro` ran."""
     family = request.param
     params = merge(tiny_params_dict(), merge(E2E_OVERRIDES, {"model": {"family": family}}))
+    params = merge(params, FAMILY_OVERRIDES.get(family, {}))
     root = copy_repository(tmp_path_factory.mktemp(f"{family}-clone"), params)
     _run(["dvc", "repro"], root)
     return family, root
@@ -161,7 +166,7 @@ def test_the_model_cards_call_draws_what_sdpipe_generate_draws(scratch_project, 
         for argument in ("height=32,", "width=32,", "guidance_scale=1.0,", "negative_prompt='',",
                          f"true_cfg_scale={EvaluateParams().guidance_scale},"):
             assert argument in code, argument
-    elif family == "chroma":  # ChromaPipeline samples 1024 px unless told too
+    elif family in ("chroma", "zimage"):  # ChromaPipeline and ZImagePipeline sample 1024 px unless told too
         assert "height=32," in code and "width=32," in code
     else:  # the pipeline reads the trained size from the denoiser's config
         assert "height=" not in code

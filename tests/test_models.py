@@ -9,7 +9,7 @@ from pipeline.core.config import VaeParams
 from pipeline.diffusion.components import build_vae
 from pipeline.diffusion.families.base import Scratch
 from pipeline.diffusion.families.sd import FAMILY, PRESETS, build_unet
-from pipeline.diffusion.tokenizer import build_t5_tokenizer, build_tokenizer, tokenize
+from pipeline.diffusion.tokenizer import build_qwen2_tokenizer, build_t5_tokenizer, build_tokenizer, tokenize
 
 CAPTIONS = ["a red circle", "a blue square on a light background", "a picture of a green triangle"] * 20
 
@@ -44,6 +44,36 @@ def test_t5_tokenizer_learns_whole_words_the_same_in_every_process(tmp_path):
     assert json.loads(other.stdout) == tokenizer.get_vocab()
     tokenizer.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path).tokenize("a red circle") == ["▁a", "▁red", "▁circle"]
+
+
+def test_qwen2_tokenizer_learns_whole_words_and_templates_prompts_as_the_qwen_pipelines_call_it(tmp_path):
+    """ZImagePipeline applies the chat template with enable_thinking=True, Flux2KleinPipeline with False (an empty
+    thinking block); the padded, truncated ids then go to the Qwen3 encoder with their attention mask."""
+    from transformers import AutoTokenizer
+
+    tokenizer = build_qwen2_tokenizer(CAPTIONS, vocab_size=1000, max_tokens=24)
+    assert tokenizer.tokenize("a red circle") == ["a", "Ġred", "Ġcircle"]
+    assert len(tokenizer.tokenize("a purple hexagon")) > 3, "unseen words are spelled in bytes"
+    again = build_qwen2_tokenizer(list(reversed(CAPTIONS)), vocab_size=1000, max_tokens=24)
+    assert again.get_vocab() == tokenizer.get_vocab(), "the same captions must give the same token ids"
+    messages = [{"role": "user", "content": "a red circle"}]
+    thinking = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    assert thinking == "<|im_start|>user\na red circle<|im_end|>\n<|im_start|>assistant\n"
+    not_thinking = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 enable_thinking=False)
+    assert not_thinking == thinking + "<think>\n\n</think>\n\n"
+    assert tokenizer.tokenize(thinking) == ["<|im_start|>", "user", "Ċ", "a", "Ġred", "Ġcircle", "<|im_end|>", "Ċ",
+                                            "<|im_start|>", "assistant", "Ċ"]
+    encoded = tokenizer([thinking], padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    assert encoded.attention_mask.tolist() == [[1] * 11 + [0] * 5]
+    assert encoded.input_ids[0, 11:].tolist() == [tokenizer.convert_tokens_to_ids("<|endoftext|>")] * 5, "pads"
+    assert tokenizer.decode(encoded.input_ids[0], skip_special_tokens=True) == "user\na red circle\nassistant\n"
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "Qwen2Tokenizer"
+    assert loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                      enable_thinking=False) == not_thinking
+    assert loaded(not_thinking).input_ids == tokenizer(not_thinking).input_ids
 
 
 def test_components_fit_together():

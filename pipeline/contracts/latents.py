@@ -13,6 +13,9 @@ the captions), written once and never rewritten:
   name the model family conditions on (`prompt_embeds`, and `pooled_prompt_embeds` for SDXL), row 0 the
   empty prompt.
 
+In finetune mode `validation_prompts.json` names one more text file: the states of `train.validation_prompts`
+(row 0 the empty prompt, then each prompt), which train's sample grid conditions on.
+
 Each file's metadata lists what it holds (`keys`: the image ids, or a text file's captions). {split}.parquet has one row per sample
 (LATENT_COLUMNS): its files, its size, its `row` in the tensors of that size, its `text_row`, its size
 before preprocess with the crop's corner (IMAGE_SIZE_COLUMNS), and its `subset` (`ingest.subsets`); with the
@@ -37,7 +40,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.core.atomic import atomic_file
+from pipeline.core.atomic import atomic_file, read_json, write_json
+from pipeline.core.errors import UserError
 
 POSTERIOR, FLIPPED, TEXT = "posterior", "flipped", "text"  # the kinds of latent file, and their manifest columns
 POSTERIOR_TENSORS = ("mean", "std")
@@ -51,6 +55,7 @@ LATENT_COLUMNS = ("id", "caption", "height", "width", "row", POSTERIOR, FLIPPED,
                   "original_height", "original_width", "crop_top", "crop_left", "subset")
 CLASS_TEXT_ROW = "class_text_row"  # train.prior.kind prediction only: the row of each sample's class prompt
 LATENT_SUFFIX = ".safetensors"
+PROMPT_INDEX = "validation_prompts.json"  # {file: the text file of train.validation_prompts, prompts: its rows}
 
 # safetensors dtype -> (numpy type of the same width, torch dtype); bfloat16 travels as int16
 MAPPED_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
@@ -249,3 +254,36 @@ def load_latents(directory: Path, split: str) -> CachedLatents:
         class_rows = text_rows + torch.tensor((rows[CLASS_TEXT_ROW] - rows["text_row"]).to_numpy())
     return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), image_sizes_of(rows), text_states,
                          text_rows, rows["subset"].tolist(), class_rows)
+
+
+class StalePromptStates(UserError, ValueError):
+    """data/latents holds no states of the validation prompts train samples."""
+
+
+def prompt_rows(prompts: list[str]) -> list[str]:
+    """The rows of the validation prompts' text file: the empty prompt, then each prompt once."""
+    return ["", *dict.fromkeys(prompts)]
+
+
+def write_prompt_index(directory: Path, file: str, prompts: list[str]) -> None:
+    write_json(Path(directory) / PROMPT_INDEX, {"file": file, "prompts": prompt_rows(prompts)})
+
+
+def remove_prompt_index(directory: Path) -> None:
+    Path(directory, PROMPT_INDEX).unlink(missing_ok=True)
+
+
+def prompt_states(directory: Path, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The cached text states of the prompts by name, one row per prompt in order, and the empty prompt's."""
+    from safetensors.torch import load_file
+
+    index = Path(directory) / PROMPT_INDEX
+    recorded = read_json(index) if index.is_file() else {"file": "", "prompts": []}
+    file = Path(directory) / recorded["file"]
+    if set(prompts) - set(recorded["prompts"]) or latent_file_keys(file) != recorded["prompts"]:
+        raise StalePromptStates(f"train: data/latents holds no text states of train.validation_prompts {prompts} "
+                                f"({index.name}); run encode again (dvc repro encode)")
+    tensors, rows = load_file(file), recorded["prompts"]
+    chosen = [rows.index(prompt) for prompt in prompts]
+    return ({name: values[chosen] for name, values in tensors.items()},
+            {name: values[EMPTY_PROMPT_ROW] for name, values in tensors.items()})

@@ -18,7 +18,7 @@ from pipeline.core.family_declarations import declared_families
 from pipeline.core.cron import cron_problem
 from pipeline.core.prior_params import PriorParams, check_prior_fits
 from pipeline.core.section import Section
-from pipeline.core.source_params import IngestParams
+from pipeline.core.source_params import TRIGGER, IngestParams
 from pipeline.core.validate_params import ValidateParams
 
 
@@ -152,8 +152,9 @@ class ModelParams(Section):
     preset: str = Field("tiny", description="scratch mode: the model sizes, one of the family's presets")
     pretrained: str | None = Field(None, description="finetune mode: a diffusers folder or a hub id")
     finetune: Literal["lora", "full"] = Field("lora", description="finetune mode: LoRA layers or the whole denoiser")
-    max_sequence_length: int = Field(77, ge=1, le=512, description="sd3, flux, chroma: T5 tokens per caption (truncated or padded to "
-                                                          "it) in training, the encode cache and sampling")
+    max_sequence_length: int = Field(77, ge=1, le=512, description="sd3, flux, chroma: T5 tokens per caption "
+                                                          "(zimage: Qwen3's, chat template included; truncated or "
+                                                          "padded to it) in training, the encode cache and sampling")
     lora: LoraParams = Field(LoraParams(), description="the LoRA layers (model.finetune: lora)")
 
     @model_validator(mode="after")
@@ -175,7 +176,8 @@ class ModelParams(Section):
 
 
 class FlowParams(Section):
-    """Flow matching (sd3, flux, chroma; pipeline/diffusion/flow_matching.py): how σ is drawn, shifted and weighted."""
+    """Flow matching (sd3, flux, chroma, zimage; pipeline/diffusion/flow_matching.py): how σ is drawn, shifted and
+    weighted."""
 
     sampling: Literal["uniform", "logit_normal", "mode"] = Field(
         "logit_normal", description="how u (σ before the shift) is drawn: uniform, logit_normal (sigmoid of "
@@ -195,6 +197,21 @@ class FlowParams(Section):
         if isinstance(value, float) and value <= 0:
             raise ValueError("must be above 0 (1.0 is no shift), resolution or null")
         return value
+
+
+SAMPLE_METRIC_NAMES = {  # train.sample_metric: the numbers each one logs, any of which train.keep_best can follow
+    "adherence": ("adherence", "colour_accuracy", "shape_accuracy"),
+    "label_adherence": ("label_adherence",),
+    "clip_score": ("clip_score",),
+}
+
+
+class KeepBestParams(Section):
+    """Which sample step's model train exports (pipeline/training/best.py)."""
+
+    metric: str = Field(description="a number train.sample_metric logs (e.g. adherence, clip_score); never the "
+                                    "training loss")
+    mode: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better")
 
 
 class TrainParams(Section):
@@ -218,7 +235,7 @@ class TrainParams(Section):
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "epsilon", description="DDPM's target (sd, sdxl): the noise or v; flow families predict the velocity")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting (sd, sdxl); null: off")
-    flow: FlowParams = Field(FlowParams(), description="flow matching (sd3, flux, chroma)")
+    flow: FlowParams = Field(FlowParams(), description="flow matching (sd3, flux, chroma, zimage)")
     noise_offset: float = Field(0.0, ge=0, description="std of a per-channel constant added to the noise; e.g. 0.05 "
                                                        "for very dark or bright images")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the denoiser weights; null: off")
@@ -239,10 +256,43 @@ class TrainParams(Section):
     validation_samples: int = Field(1024, ge=1, description="the held-out loss's samples: the validation split's "
                                     "first this many, the same every time (evaluate uses them all)")
     sample_every: int = Field(500, ge=0, description="sample grid to MLflow every this many steps; 0: off")
+    validation_prompts: list[str] = Field([], description="prompts of the sample grid, {trigger} replaced by "
+                                          "ingest.trigger, beside the base model's column; []: the first "
+                                          "validation captions, no base column")
+    validation_seeds: list[int] = Field([0], min_length=1, description="each validation prompt is sampled once per "
+                                                                      "seed")
+    sample_metric: Literal["adherence", "label_adherence", "clip_score"] | None = Field(
+        None, description="scored on the sample grid's images at each sample step and logged: adherence (synthetic "
+                          "shapes), label_adherence, clip_score (evaluate.clip_model); null: none")
+    keep_best: KeepBestParams | None = Field(None, description="export the model of the best sample step by this "
+                                                               "metric, not the last step's; null: the last step's")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many sample steps with no "
+                                                "improvement of keep_best's metric; null: never")
     checkpoint_every: int = Field(250, ge=1, description="steps between resumable checkpoints (models/checkpoints/)")
     checkpoints_kept: int = Field(2, ge=1, description="the newest checkpoints kept; older ones are deleted")
     seed: int = Field(0, description="seeds the initial weights, batches, noise and caption dropout")
     prior: PriorParams = Field(PriorParams(), description="prior preservation (docs/guides/training.md)")
+
+    @model_validator(mode="after")
+    def _keep_best_follows_a_sample_metric(self) -> TrainParams:
+        if self.early_stopping_patience is not None and self.keep_best is None:
+            raise PydanticCustomError("missing_setting", "train.early_stopping_patience: needs train.keep_best "
+                                      "(the metric whose improvement it waits for)")
+        if self.keep_best is None:
+            return self
+        if self.keep_best.metric in ("train_loss", "loss", "final_loss"):
+            raise PydanticCustomError("conflicting_setting", "train.keep_best.metric: the training loss is too noisy to "
+                                      "choose a model by; name a number train.sample_metric logs")
+        if self.sample_metric is None or self.sample_every == 0:
+            raise PydanticCustomError("missing_setting", "train.keep_best: needs train.sample_metric and "
+                                      "train.sample_every > 0 (the steps whose samples it compares)")
+        names = SAMPLE_METRIC_NAMES[self.sample_metric]
+        if self.keep_best.metric not in names:
+            raise PydanticCustomError("conflicting_setting", "train.keep_best.metric: '{metric}' is not logged by "
+                                      "train.sample_metric {sample_metric}, which logs {names}",
+                                      dict(metric=self.keep_best.metric, sample_metric=self.sample_metric,
+                                           names=", ".join(names)))
+        return self
 
 
 class EvaluateParams(Section):
@@ -350,6 +400,13 @@ class Params(Section):
             raise PydanticCustomError(
                 "conflicting_setting", "train.random_flip: needs the mirror images' latents; set encode.mirrored: "
                 "true (encode caches them) or train.random_flip: false", {})
+        return self
+
+    @model_validator(mode="after")
+    def _validation_prompts_have_their_trigger(self) -> Params:
+        if self.ingest.trigger is None and any(TRIGGER in prompt for prompt in self.train.validation_prompts):
+            raise PydanticCustomError("missing_setting", "train.validation_prompts: names {trigger}, which needs "
+                                      "ingest.trigger (the word that names the subject)", {"trigger": TRIGGER})
         return self
 
     @model_validator(mode="after")

@@ -90,6 +90,11 @@ SUBSET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a manifest value and a 
 TRIGGER = "{trigger}"  # replaced by ingest.trigger in a subset's captions
 
 
+def with_trigger(prompts: list[str], trigger: str | None) -> list[str]:
+    """Prompts with `{trigger}` replaced by ingest.trigger (config refuses {trigger} without one)."""
+    return [prompt.replace(TRIGGER, trigger) if trigger is not None else prompt for prompt in prompts]
+
+
 class SourceSections(Section):
     """The source read and one section per kind of source; the chosen one must be set (synthetic has defaults)."""
 

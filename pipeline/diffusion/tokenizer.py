@@ -9,6 +9,11 @@ one piece and an unseen one is spelled out). It is built from the word counts ra
 library's Unigram trainer: on a few thousand short captions the trainer splits common words into characters,
 and its vocabulary changes from process to process (hash order), which would change cache keys and break
 exact resume. `save_pretrained` writes a folder T5Tokenizer loads.
+
+Qwen2 (zimage, flux2): Qwen's byte-level BPE (GPT-2's byte alphabet, Qwen's pre-tokenizer regex) whose merges
+build the captions' most frequent words whole (`Ġred`: a word after a space), with Qwen's chat tokens and a
+ChatML chat template, as the Qwen3 text encoders read prompts. `save_pretrained` writes a folder
+Qwen2Tokenizer loads.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTokenizerFast, T5TokenizerFast
+from transformers import CLIPTokenizerFast, Qwen2Tokenizer, T5TokenizerFast
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WORD_END = "</w>"  # CLIP's BPE marks a word's last symbol
@@ -59,8 +64,8 @@ def _clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], max_to
     return tokenizer
 
 
-def _word_counts(tokenizer: CLIPTokenizerFast, captions: Iterable[str]) -> Counter:
-    """Words as CLIP's own normaliser and pre-tokeniser cut them (byte-level characters)."""
+def _word_counts(tokenizer, captions: Iterable[str]) -> Counter:
+    """Words as the tokenizer's own normaliser and pre-tokeniser cut them (byte-level characters)."""
     backend = tokenizer.backend_tokenizer
     return Counter(
         word
@@ -69,13 +74,13 @@ def _word_counts(tokenizer: CLIPTokenizerFast, captions: Iterable[str]) -> Count
     )
 
 
-def _whole_word_merges(counts: Counter, budget: int) -> list[tuple[str, str]]:
+def _whole_word_merges(counts: Counter, budget: int, word_end: str = WORD_END) -> list[tuple[str, str]]:
     """Left-to-right merge chains that assemble whole words, most frequent words first (ties by the
-    word itself), until `budget` new tokens are used."""
+    word itself), until `budget` new tokens are used. `word_end` marks a word's last symbol (CLIP's)."""
     merges: list[tuple[str, str]] = []
     known: set[str] = set()
     for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-        pieces = list(word[:-1]) + [word[-1] + WORD_END]
+        pieces = list(word[:-1]) + [word[-1] + word_end]
         chain = []
         for piece in pieces[1:]:
             chain.append((pieces[0] if not chain else "".join(chain[-1]), piece))
@@ -114,6 +119,39 @@ def build_t5_tokenizer(captions: Iterable[str], *, vocab_size: int, max_tokens: 
                                                            special_tokens=[(T5_EOS, 1)])
     tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token=T5_PAD, eos_token=T5_EOS, unk_token=T5_UNK,
                                 extra_ids=0)
+    tokenizer.model_max_length = max_tokens
+    return tokenizer
+
+
+QWEN_PAD, QWEN_IM_START, QWEN_IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+QWEN_THINK, QWEN_THINK_END = "<think>", "</think>"  # plain added tokens in Qwen3, as here
+QWEN_ROLES = ("user", "assistant")  # words of every templated prompt: learned whole
+# Qwen3's template reduced to what a text-to-image prompt uses: ChatML turns, and the generation prompt with an
+# empty thinking block when `enable_thinking=False` (Flux.2 klein), none when True or unset (Z-Image)
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def build_qwen2_tokenizer(captions: Iterable[str], *, vocab_size: int, max_tokens: int) -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer whose merges build the captions' most frequent words (and the chat roles) whole;
+    unseen words fall back to byte-level characters. `<|endoftext|>` pads, as in Qwen's own. Deterministic."""
+    alphabet = sorted(_byte_alphabet())
+    base = Qwen2Tokenizer(vocab={symbol: index for index, symbol in enumerate(alphabet)}, merges=[])
+    counts = _word_counts(base, captions) + Counter({role: 1 for role in QWEN_ROLES})
+    merges = _whole_word_merges(counts, budget=vocab_size - len(alphabet) - 5, word_end="")
+    vocab = {symbol: index for index, symbol in enumerate(alphabet + ["".join(pair) for pair in merges])}
+    specials = {token: len(vocab) + offset for offset, token in enumerate((QWEN_PAD, QWEN_IM_START, QWEN_IM_END))}
+    tokenizer = Qwen2Tokenizer(vocab={**vocab, **specials}, merges=merges,
+                               additional_special_tokens=[QWEN_IM_START, QWEN_IM_END])
+    tokenizer.add_tokens([QWEN_THINK, QWEN_THINK_END])
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     tokenizer.model_max_length = max_tokens
     return tokenizer
 

@@ -4,7 +4,8 @@
   `encode.mirrored` is on (a latent of a mirrored image is not the mirrored latent; `train.random_flip` needs them);
 - in finetune mode, the frozen text encoders' outputs of each distinct caption, as the model family
   (`model.family`) conditions on them: one named tensor each (row 0 of every text file: the empty prompt,
-  which caption dropout uses).
+  which caption dropout uses), and those of `train.validation_prompts` ({trigger}: ingest.trigger), which train's
+  sample grid conditions on (data/latents/validation_prompts.json names their file).
 
 Writes data/latents as pipeline.contracts.latents lays it out: per processed shard, one file per kind, named
 by a hash of everything its values depend on (the processed shard, itself named by its images' recipes; the
@@ -44,15 +45,18 @@ from pipeline.contracts.latents import (
     POSTERIOR_TENSORS,
     TEXT,
     latent_file_keys,
+    prompt_rows,
+    remove_prompt_index,
     size_name,
     write_latent_file,
+    write_prompt_index,
 )
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import IMAGE, read_members, shard_name, unreferenced_shards
 from pipeline.core.atomic import atomic_file
-from pipeline.core.config import EncodeParams, ModelParams, RayParams, TrainParams
+from pipeline.core.config import EncodeParams, IngestParams, ModelParams, RayParams, TrainParams
 from pipeline.core.prior_params import PREDICTION_PRIOR
-from pipeline.core.source_params import IngestParams
+from pipeline.core.source_params import with_trigger
 from pipeline.core.hashing import folder_hash
 from pipeline.diffusion.components import component_folder
 from pipeline.diffusion.families import family_named
@@ -227,6 +231,16 @@ def counted(tasks: list[LatentTask], kinds: tuple[str, ...]) -> int:
     return sum(len(task.keys) for task in tasks if task.kind in kinds)
 
 
+def validation_prompt_task(prompts: list[str], text: Encoder | None, settings: EncodeParams,
+                           paths: Paths) -> LatentTask | None:
+    """The text file of train.validation_prompts' states (finetune), named by them and the text encoders."""
+    if text is None or not prompts:
+        return None
+    rows = prompt_rows(prompts)
+    target = paths.latents / shard_name(TEXT, [text.key, text.dtype, *rows], LATENT_SUFFIX)
+    return LatentTask(TEXT, paths.processed, target, tuple(rows), text, settings.batch_size)
+
+
 def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, ray: RayParams = RayParams(),
            train: TrainParams = TrainParams(), ingest: IngestParams = IngestParams()) -> dict[str, int]:
     """Returns the samples per split, how many latents (images, mirrored ones counted apart) were encoded and
@@ -238,13 +252,20 @@ def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, ray: RayPa
     plans = {split: split_plan(pd.read_parquet(paths.processed / split / MANIFEST), vae, text, encode.mirrored,
                                class_caption) for split in SPLITS}
     tasks = [task for plan in plans.values() for task in tasks_of(plan, vae, text, encode, paths, class_caption)]
-    todo = [task for task in tasks if latent_file_keys(task.target) != list(task.keys)]
+    prompts = with_trigger(train.validation_prompts, ingest.trigger)
+    prompt_task = validation_prompt_task(prompts, text, encode, paths)
+    todo = [task for task in [*tasks, *filter(None, [prompt_task])] if latent_file_keys(task.target) != list(task.keys)]
     run_tasks(encode_file, todo, ray, "encode", gpu=not cpu_forced())
     for split, plan in plans.items():
         with atomic_file(paths.latents / f"{split}.parquet") as staging:
             columns = [*LATENT_COLUMNS, *([CLASS_TEXT_ROW] if class_caption is not None else [])]
             plan[columns].to_parquet(staging, index=False)
     referenced = pd.concat([plan[kind] for plan in plans.values() for kind in (POSTERIOR, FLIPPED, TEXT)]).dropna()
+    if prompt_task is None:
+        remove_prompt_index(paths.latents)
+    else:
+        write_prompt_index(paths.latents, prompt_task.target.relative_to(paths.latents).as_posix(), prompts)
+        referenced = pd.concat([referenced, pd.Series([prompt_task.target.relative_to(paths.latents).as_posix()])])
     # and the one-file-per-split cache of earlier versions, which nothing reads any more
     for stale in [*unreferenced_shards(paths.latents, referenced), *paths.latents.glob("*.safetensors")]:
         stale.unlink()

@@ -41,22 +41,24 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, MappedRows, load_latents
+from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, MappedRows, load_latents, prompt_states
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
 from pipeline.core.atomic import write_json
 from pipeline.core.config import Params, TrainParams
 from pipeline.core.errors import UserError
+from pipeline.core.source_params import with_trigger
 from pipeline.data.images import image_grid
 from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS, weighted_mse
 from pipeline.diffusion.vae_io import denoiser_latents
 from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.tracking.runs import training_run
+from pipeline.training.best import BestKeeper
 from pipeline.training.checkpoints import (
     Progress,
     checkpoint_folders,
@@ -87,6 +89,7 @@ from pipeline.training.throughput import (
     peak_memory_mb,
     utilisation,
 )
+from pipeline.training.validation import ValidationGrid, embedded_prompt_arguments
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +194,8 @@ class Run:
     log_image: Callable[[object, str], None]
     sampler: SubsetSampler | None = None  # named subsets' batches; None: epochs of the whole split
     prior: ImagePrior | PredictionPrior | None = None  # train.prior's loss; None: the plain diffusion loss
+    validation: ValidationGrid | None = None  # validation prompts beside the base column; None: sample_grid
+    best: BestKeeper | None = None  # train.keep_best
 
     def optimizer_step(self) -> None:
         """A no-op on micro-batches that only accumulate gradients (accelerate's wrappers know)."""
@@ -225,16 +230,14 @@ class Run:
     @torch.no_grad()
     def sample_grid(self):
         """Samples of the first distinct validation captions (finetune: from their cached text states)."""
-        firsts = {}
-        for position, caption in enumerate(self.val.captions):
-            firsts.setdefault(caption, position)
-        prompts = list(firsts)[:SAMPLE_PROMPTS]
+        firsts = first_captions(self.val)
+        prompts = list(firsts)
         with self.evaluation_weights(), self.accelerator.autocast():
             pipeline = self.model.pipeline(self.accelerator)
             arguments = self.model.family.sampling_arguments(pipeline, prompts, SAMPLE_GUIDANCE)
             if not self.model.trains_text_encoder:
-                arguments = cached_prompt_arguments(arguments, self.val, [firsts[prompt] for prompt in prompts],
-                                                    self.accelerator.device)
+                arguments = self.model.family.with_cached_states(cached_prompt_arguments(
+                    arguments, self.val, [firsts[prompt] for prompt in prompts], self.accelerator.device))
             images = pipeline(
                 **arguments,
                 num_inference_steps=SAMPLE_STEPS,
@@ -242,18 +245,73 @@ class Run:
             ).images
         return image_grid([images])
 
+    @torch.no_grad()
+    def validation_step(self, step: int) -> None:
+        """The validation prompts' grid beside the base column, its metric, and the best step so far."""
+        with self.evaluation_weights(), self.accelerator.autocast():
+            images = self.validation.sample(self.model.pipeline(self.accelerator), self.model.family,
+                                            self.accelerator.device)
+            metrics = self.validation.score(images)
+            if self.best is not None:
+                self.best.offer(step, metrics, [self.accelerator.unwrap_model(module)
+                                                for module in self.model.trained_modules()])
+        self.log_image(self.validation.grid(images), f"samples/step-{step:07d}.png")
+        self.log_metrics(metrics, step)
+
+    def save_validation_state(self, checkpoint: Path) -> None:
+        """What a resumed run needs of the validation: the base column and the best so far."""
+        if self.validation is not None:
+            self.validation.save_base(checkpoint)
+        if self.best is not None:
+            self.best.save_into(checkpoint)
+
+
+def first_captions(val: CachedLatents) -> dict[str, int]:
+    """The first SAMPLE_PROMPTS distinct validation captions, each with its first sample's position."""
+    firsts = {}
+    for position, caption in enumerate(val.captions):
+        firsts.setdefault(caption, position)
+    return dict(list(firsts.items())[:SAMPLE_PROMPTS])
+
 
 def cached_prompt_arguments(arguments: dict, val: CachedLatents, samples: list[int], device) -> dict:
-    """A sampler call's prompts replaced by their cached text states: each conditioning tensor goes in as the
-    pipeline argument of its name, and the empty prompt's as its `negative_` one (the unconditional branch)."""
-    states = val.text_states_of(torch.tensor(samples))
+    """A sampler call's prompts replaced by the validation samples' cached text states."""
     empty = {name: table[EMPTY_PROMPT_ROW] for name, table in val.text_states.items()}
-    embedded = {}
-    for name, values in states.items():
-        embedded[name] = values.to(device, torch.float32)
-        embedded[f"negative_{name}"] = empty[name].to(device, torch.float32).expand_as(values)
-    return {**{key: value for key, value in arguments.items() if key not in ("prompt", "negative_prompt")},
-            **embedded}
+    return embedded_prompt_arguments(arguments, val.text_states_of(torch.tensor(samples)), empty, device)
+
+
+def validation_grid(params: Params, paths: Paths, model: Model, val: CachedLatents) -> ValidationGrid | None:
+    """The validation prompts' grid (or, with only train.sample_metric set, the first validation captions'), with
+    their cached text states in finetune mode and the sample metric's judge; None: today's sample grid alone."""
+    settings = params.train
+    if not settings.sample_every or (not settings.validation_prompts and settings.sample_metric is None):
+        return None
+    from pipeline.evaluation.sample_metric import sample_judge  # scikit-learn and CLIP's code, only when asked for
+
+    prompts = with_trigger(settings.validation_prompts, params.ingest.trigger) or list(first_captions(val))
+    judge = sample_judge(settings.sample_metric, params.evaluate, paths, prompts)
+    states = None
+    if not model.trains_text_encoder and settings.validation_prompts:
+        states = prompt_states(paths.latents, prompts)
+    elif not model.trains_text_encoder:
+        states = (val.text_states_of(torch.tensor(list(first_captions(val).values()))),
+                  {name: table[EMPTY_PROMPT_ROW] for name, table in val.text_states.items()})
+    return ValidationGrid(prompts, list(settings.validation_seeds), states, judge)
+
+
+def start_validation(run: Run, checkpoint: Path | None) -> None:
+    """The base column (and its metric, at step 0): rendered before the first update, under LoRA with the adapters
+    off; a resumed full or scratch run takes it from its checkpoint."""
+    model = run.model
+    if checkpoint is not None and not model.lora:
+        if not run.validation.load_base(checkpoint):
+            raise RuntimeError(f"train: checkpoint {checkpoint} holds no validation base column to resume with")
+        return
+    with run.accelerator.autocast():
+        run.validation.render_base(model.pipeline(run.accelerator), model.family, run.accelerator.device,
+                                   run.accelerator.unwrap_model(model.denoiser) if model.lora else None)
+    if checkpoint is None:
+        run.log_metrics(run.validation.base_metrics, 0)
 
 
 def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughput:
@@ -318,11 +376,24 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughpu
                 run.log_metrics({"val_loss": run.validation_loss()}, step)
         if settings.sample_every and step % settings.sample_every == 0 and accelerator.is_main_process:
             with speed.excluded("sampling"):
-                run.log_image(run.sample_grid(), f"samples/step-{step:07d}.png")
+                if run.validation is None:
+                    run.log_image(run.sample_grid(), f"samples/step-{step:07d}.png")
+                else:
+                    run.validation_step(step)
         if step % settings.checkpoint_every == 0 and step < settings.steps:
             with speed.excluded("checkpoint"):
-                save_checkpoint(accelerator, paths, step, fingerprint, settings.checkpoints_kept)
+                save_checkpoint(accelerator, paths, step, fingerprint, settings.checkpoints_kept,
+                                extra=run.save_validation_state)
+        if run.best is not None and settings.early_stopping_patience and stops_early(run, step):
+            break
     return speed
+
+
+def stops_early(run: Run, step: int) -> bool:
+    """Early stopping's decision at a sample step, made on the main process (which alone samples) for all."""
+    if step % run.settings.sample_every:
+        return False
+    return broadcast_object_list([run.accelerator.is_main_process and run.best.should_stop(step)])[0]
 
 
 def conditioning_of(model: Model, cache: CachedLatents) -> Conditioning:
@@ -416,6 +487,12 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         log.info("train: resuming from %s (step %d of %d)", checkpoint, progress.step, settings.steps)
+    best = BestKeeper(settings.keep_best, settings.early_stopping_patience, settings.sample_every,
+                      paths.checkpoints) if settings.keep_best else None
+    if best is not None and accelerator.is_main_process and checkpoint is not None:
+        best.restore_from(checkpoint)
+    elif best is not None and accelerator.is_main_process:
+        best.remove()
     start_step = progress.step
     compile_unet(model.denoiser, settings)
     peak = measured_matmul_flops_per_second(device)
@@ -430,8 +507,11 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
             optimizer=optimizer, lr_schedule=lr_schedule, progress=progress, ema=ema,
             log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step) if logged else None,
             log_image=lambda image, name: mlflow.log_image(image, name) if logged else None, sampler=sampler,
+            validation=validation_grid(params, paths, model, val) if main else None, best=best,
             prior=prior_loss_of(settings.prior, cache),
         )
+        if run.validation is not None:
+            start_validation(run, checkpoint)
         started = time.perf_counter()
         speed = fit(run, paths, fingerprint, start_step)
         seconds = time.perf_counter() - started
@@ -444,8 +524,14 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
             trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
             denoiser_weights_mb=denoiser_weights_mb(accelerator.unwrap_model(model.denoiser)),
         )
+        if progress.step < settings.steps:
+            metrics["stopped_early_at_step"] = progress.step
         accelerator.wait_for_everyone()
         if main:
+            if best is not None and best.step is not None:
+                metrics.update(best.metrics())
+                best.load_best_into([accelerator.unwrap_model(module) for module in model.trained_modules()])
+                run.ema = None  # the kept weights are the evaluation weights the samples were drawn with
             prompt = next((caption for caption in cache.captions if caption), "")
             export(accelerator, run, params, paths,
                    lambda folder: model_card(folder, model.family, params.model, params.train, paths, metrics,
@@ -453,6 +539,8 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
             write_json(paths.metrics / TRAIN_METRICS, {**metrics, "data_digest": progress.data_digest})
             write_loss_curve(paths.metrics / LOSS_PLOT, progress.curve)
             remove_checkpoints(paths, fingerprint)
+            if best is not None:
+                best.remove()
             run.log_metrics({"train_seconds": seconds, **{f"train_{name}": value for name, value in metrics.items()
                                                           if name != "final_loss"}}, settings.steps)
             log.info("train: steps %d-%d in %.0f s, final loss %.4f, %.1f images/s in the steady state%s",

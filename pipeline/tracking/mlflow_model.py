@@ -24,8 +24,8 @@ def sampling_arguments(pipeline, prompt: str, negative_prompt: str | None, guida
     """The prompt, guidance and size arguments of a pipeline call as sdpipe's families sample (restated from
     pipeline/diffusion/families, which this file cannot import; tests/test_families.py checks they agree): Flux
     with its guidance embedding at the trained 1.0 and true classifier-free guidance against the empty prompt;
-    SD3 and Flux with T5's trained sequence length (their tokenizer's); every family at the size its denoiser
-    records."""
+    SD3 and Flux with T5's trained sequence length (their tokenizer's); Z-Image with its guidance as the pipeline
+    counts it and Qwen3's trained length; every family at the size its denoiser records."""
     name = type(pipeline).__name__
     if name == "FluxPipeline":
         arguments = {"prompt": prompt, "true_cfg_scale": guidance, "negative_prompt": negative_prompt or "",
@@ -37,6 +37,8 @@ def sampling_arguments(pipeline, prompt: str, negative_prompt: str | None, guida
         arguments["max_sequence_length"] = pipeline.tokenizer_3.model_max_length
     if name == "ChromaPipeline":
         arguments["max_sequence_length"] = pipeline.tokenizer.model_max_length
+    if name == "ZImagePipeline":  # its guidance g mixes pos + g·(pos - neg): classifier-free w is g = w - 1
+        arguments.update(guidance_scale=guidance - 1, max_sequence_length=pipeline.tokenizer.model_max_length)
     return {**arguments, **trained_size(pipeline)}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,8 +77,10 @@ def resumable_checkpoint(paths: Paths, fingerprint: dict, steps: int) -> Path | 
     return None
 
 
-def save_checkpoint(accelerator: Accelerator, paths: Paths, step: int, fingerprint: dict, kept: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, paths: Paths, step: int, fingerprint: dict, kept: int,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """save_state into a hidden folder, then renamed: a kill mid-write never leaves a broken checkpoint.
+    `extra` writes more of the run's state into the folder before the rename (on the main process).
     Checkpoints of another configuration, which could never be resumed, are removed."""
     target = paths.checkpoints / f"{CHECKPOINT_PREFIX}{step:07d}"
     staging = paths.checkpoints / f".{target.name}.partial"
@@ -87,6 +90,8 @@ def save_checkpoint(accelerator: Accelerator, paths: Paths, step: int, fingerpri
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra is not None:
+            extra(staging)
         write_json(staging / FINGERPRINT, fingerprint)
         if target.exists():
             shutil.rmtree(target)

@@ -15,8 +15,6 @@ A run without a prior never comes here: train's own loss is unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +25,7 @@ from pipeline.contracts.latents import CachedLatents, MappedRows
 from pipeline.core.config import TrainParams
 from pipeline.core.prior_params import IMAGE_PRIOR, PREDICTION_PRIOR, PriorParams
 from pipeline.diffusion.schedule import weighted_mse
+from pipeline.training.validation import adapters_disabled
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -41,17 +40,6 @@ def dreambooth_loss(per_sample: torch.Tensor, is_class: torch.Tensor, prior_loss
     subject, reference = per_sample[~is_class], per_sample[is_class]
     loss = subject.mean() if len(subject) else per_sample.new_zeros(())
     return loss + prior_loss_weight * reference.mean() if len(reference) else loss
-
-
-@contextmanager
-def adapters_disabled(denoiser: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The base denoiser: the LoRA layers switched off (peft's disable_adapters) for the block, then on again."""
-    base = extract_model_from_parallel(denoiser)
-    base.disable_adapters()
-    try:
-        yield base
-    finally:
-        base.enable_adapters()
 
 
 @dataclass(frozen=True)
@@ -94,7 +82,8 @@ class PredictionPrior:
         prediction, class_prediction = model.family.predict(
             model.denoiser, noisy.noisy.repeat(2, *[1] * (noisy.noisy.dim() - 1)), noisy.timesteps.repeat(2),
             both, batch.image_sizes.repeat(2, 1)).chunk(2)
-        with torch.no_grad(), adapters_disabled(model.denoiser) as base:
+        base = extract_model_from_parallel(model.denoiser)  # around DDP: a forward that no backward follows
+        with torch.no_grad(), adapters_disabled(base):
             target = model.family.predict(base, noisy.noisy, noisy.timesteps, reference, batch.image_sizes)
         return (weighted_mse(prediction, noisy.target, noisy.weights)
                 + self.prior_loss_weight * weighted_mse(class_prediction, target, noisy.weights))

@@ -14,11 +14,11 @@ from diffusers import DiffusionPipeline
 
 from pipeline.core.config import ConfigError, TrainParams, VaeParams, latent_channels_of
 from pipeline.diffusion.components import PIPELINE_INDEX, build_vae, pretrained_location
-from pipeline.diffusion.families import chroma, flux, sd, sd3, sdxl
+from pipeline.diffusion.families import chroma, flux, sd, sd3, sdxl, zimage
 from pipeline.diffusion.families.base import Family, Scratch
 from pipeline.runtime.device import compute_device
 
-FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl, sd3, flux, chroma)}
+FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sdxl, sd3, flux, chroma, zimage)}
 # the random stand-ins' VAE shift and scale for the families whose latents are shifted: like the released ones
 # (Flux.1's), nonzero and not 1
 STAND_IN_LATENT_SHIFT, STAND_IN_LATENT_SCALE = 0.1159, 0.3611

@@ -143,6 +143,11 @@ class Family:
         negative = {"negative_prompt": [negative_prompt] * len(prompts)} if negative_prompt else {}
         return {"prompt": prompts, "guidance_scale": guidance_scale, **negative, **self.trained_size(pipeline)}
 
+    def with_cached_states(self, arguments: dict) -> dict:
+        """A sampler call whose prompts are cached conditioning tensors (each as the argument of its name, the
+        empty prompt's as `negative_<name>`), as the pipeline takes them."""
+        return arguments
+
     def trained_size(self, pipeline: DiffusionPipeline) -> dict[str, int]:
         """height and width in pixels of the latent side the denoiser's config records (training registers the
         side it trained at); none where it records no size."""
