@@ -1,6 +1,6 @@
 """The `sdpipe` command: one sub-command per pipeline stage, plus generation and the registry.
 
-    sdpipe ingest | validate | preprocess | vae | encode | train | evaluate | register
+    sdpipe class_images | ingest | validate | preprocess | vae | encode | train | evaluate | register
     sdpipe generate --model models:/sdpipe@champion --prompt "a red circle" -n 4 --out samples/
     sdpipe models | sdpipe promote VERSION [--reason ...] | sdpipe rollback [--reason ...]
     sdpipe services start | stop | status | connect   # the team's servers on this machine (team.env)
@@ -35,6 +35,12 @@ def _inputs(params: Params, paths: Paths, _):
     from pipeline.stages.inputs import inputs
 
     inputs(params, paths)
+
+
+def _class_images(params: Params, paths: Paths, _):
+    from pipeline.stages.class_images import class_images
+
+    class_images(paths, train=params.train, model=params.model)
 
 
 def _ingest(params: Params, paths: Paths, _):
@@ -207,6 +213,7 @@ def _merge_batches(params: Params, paths: Paths, args):
 
 STAGES: dict[str, Callable] = {
     "inputs": _inputs,
+    "class_images": _class_images,
     "ingest": _ingest,
     "validate": _validate,
     "preprocess": _preprocess,

@@ -48,6 +48,7 @@ NOT_DEPENDENCIES = {
                                             "constants were); a stage building a model lists the families",
     "pipeline/core/source_params.py": "the ingest section's types; their values are deps through `params`",
     "pipeline/core/section.py": "the base type of every params section",
+    "pipeline/core/prior_params.py": "the train.prior section's types; their values are deps through `params`",
     "pipeline/core/validate_params.py": "the validate section's types; their values are deps through `params`",
     "pipeline/core/cron.py": "checks monitor.retrain_cron when params are read; changes no value",
     "pipeline/core/params_file.py": "reads params.yaml; the values it reads are deps through `params`",

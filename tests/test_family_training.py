@@ -193,7 +193,7 @@ def test_dvc_repro_finetunes_a_family_with_lora_then_in_full(scratch_project, ba
     params["train"].update(learning_rate=0.01, warmup_steps=0)  # a few steps must visibly move the weights
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro", "train"], root).stdout
-    assert stages_run(out) == {"inputs", "vae", "encode", "train"}, out
+    assert stages_run(out) == {"inputs", "class_images", "vae", "encode", "train"}, out
     trained = json.loads((root / "metrics" / "train.json").read_text())
     assert_finetuned(family, "lora", root / "models" / "sd", bases[family], trained["trainable_parameters"])
     code = assert_card_draws_as_sdpipe(parse_params(params), Paths(root), tmp_path, block=1,

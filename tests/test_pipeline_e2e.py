@@ -20,7 +20,7 @@ from pipeline.core.params_file import read_params_file
 
 from .conftest import REPO, free_port, merge, only_inputs_changed, save_random_base_model, tiny_params_dict, tree_hashes
 
-STAGES = ["inputs", "ingest", "validate", "preprocess", "vae", "encode", "train", "evaluate", "register"]
+STAGES = ["inputs", "class_images", "ingest", "validate", "preprocess", "vae", "encode", "train", "evaluate", "register"]
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:

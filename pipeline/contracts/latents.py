@@ -18,7 +18,9 @@ In finetune mode `validation_prompts.json` names one more text file: the states 
 
 Each file's metadata lists what it holds (`keys`: the image ids, or a text file's captions). {split}.parquet has one row per sample
 (LATENT_COLUMNS): its files, its size, its `row` in the tensors of that size, its `text_row`, its size
-before preprocess with the crop's corner (IMAGE_SIZE_COLUMNS), and its `subset` (`ingest.subsets`).
+before preprocess with the crop's corner (IMAGE_SIZE_COLUMNS), and its `subset` (`ingest.subsets`); with the
+prediction prior (`train.prior.kind: prediction`) also its `class_text_row`, the row of its class prompt in the same
+text file (which then holds the class prompts too).
 
 Readers map the files rather than load them: a batch reads its samples' rows by index (the order training's
 exact resume replays), so a split larger than memory trains from the page cache.
@@ -51,6 +53,7 @@ EMPTY_PROMPT_ROW = 0  # the text tensors' row of the empty prompt, in every text
 IMAGE_SIZE_COLUMNS = ("original_height", "original_width", "crop_top", "crop_left", "height", "width")
 LATENT_COLUMNS = ("id", "caption", "height", "width", "row", POSTERIOR, FLIPPED, TEXT, "text_row",
                   "original_height", "original_width", "crop_top", "crop_left", "subset")
+CLASS_TEXT_ROW = "class_text_row"  # train.prior.kind prediction only: the row of each sample's class prompt
 LATENT_SUFFIX = ".safetensors"
 PROMPT_INDEX = "validation_prompts.json"  # {file: the text file of train.validation_prompts, prompts: its rows}
 
@@ -179,6 +182,7 @@ class CachedLatents:
     text_states: dict[str, MappedRows] | None = None  # finetune: per name, the states of every text file's captions
     text_rows: torch.Tensor | None = None  # each sample's row in text_states
     subsets: list[str] | None = None  # each sample's subset (ingest.subsets; `default` without subsets)
+    class_text_rows: torch.Tensor | None = None  # the prediction prior's: each sample's class prompt's row
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -245,8 +249,11 @@ def load_latents(directory: Path, split: str) -> CachedLatents:
                  for tensor in tensors}
         groups.append(LatentGroup(torch.tensor(members.index.to_numpy()), **named))
     text_states, text_rows = mapped_text_states(directory, rows) if rows[TEXT].notna().all() else (None, None)
+    class_rows = None
+    if text_rows is not None and CLASS_TEXT_ROW in rows:  # the same file's rows: the caption's offset moved
+        class_rows = text_rows + torch.tensor((rows[CLASS_TEXT_ROW] - rows["text_row"]).to_numpy())
     return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), image_sizes_of(rows), text_states,
-                         text_rows, rows["subset"].tolist())
+                         text_rows, rows["subset"].tolist(), class_rows)
 
 
 class StalePromptStates(UserError, ValueError):

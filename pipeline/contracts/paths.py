@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.prior_params import CLASS_IMAGES
 from pipeline.core.project import project_root
 
 
@@ -24,13 +25,20 @@ class Paths:
     def input(self, path: str | Path) -> Path:
         """A path from params.yaml naming an input outside the pipeline's files (pipeline/contracts/inputs.py),
         resolved against the project DVC runs for: in an experiment's copy that is the project itself, since
-        DVC does not copy such inputs."""
+        DVC does not copy such inputs. The class_images stage's output is this copy's own."""
+        if Path(path) == Path(CLASS_IMAGES):
+            return self.class_images
         return (project_root(self.root) / Path(path).expanduser()).resolve()
 
     @property
     def inputs(self) -> Path:
         """The fingerprints of the inputs params.yaml names outside the pipeline's files (stage `inputs`)."""
         return self.root / "data" / "inputs"
+
+    @property
+    def class_images(self) -> Path:
+        """The image prior's class images (stage `class_images`), which ingest reads as the class subset."""
+        return self.root / CLASS_IMAGES
 
     @property
     def raw(self) -> Path:

@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 from pipeline.core.errors import UserError
 from pipeline.core.family_declarations import declared_families
 from pipeline.core.cron import cron_problem
+from pipeline.core.prior_params import PriorParams, check_prior_fits
 from pipeline.core.section import Section
 from pipeline.core.source_params import TRIGGER, IngestParams
 from pipeline.core.validate_params import ValidateParams
@@ -270,6 +271,7 @@ class TrainParams(Section):
     checkpoint_every: int = Field(250, ge=1, description="steps between resumable checkpoints (models/checkpoints/)")
     checkpoints_kept: int = Field(2, ge=1, description="the newest checkpoints kept; older ones are deleted")
     seed: int = Field(0, description="seeds the initial weights, batches, noise and caption dropout")
+    prior: PriorParams = Field(PriorParams(), description="prior preservation (docs/guides/training.md)")
 
     @model_validator(mode="after")
     def _keep_best_follows_a_sample_metric(self) -> TrainParams:
@@ -441,6 +443,11 @@ class Params(Section):
             raise PydanticCustomError(
                 "conflicting_setting", "model.lora.export: kohya with model.lora.use_dora: diffusers drops a kohya "
                 "file's DoRA magnitudes (dora_scale) when loading it; export only diffusers for a DoRA run", {})
+        return self
+
+    @model_validator(mode="after")
+    def _prior_has_what_it_needs(self) -> Params:
+        check_prior_fits(self.train.prior, self.ingest, self.model.mode, self.model.finetune)
         return self
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +34,7 @@ import pandas as pd
 import torch
 from pipeline.contracts.data import MANIFEST, SPLITS, decode_png
 from pipeline.contracts.latents import (
+    CLASS_TEXT_ROW,
     FLIPPED,
     FLIPPED_TENSORS,
     LATENT_COLUMNS,
@@ -51,6 +53,7 @@ from pipeline.contracts.paths import Paths
 from pipeline.contracts.shards import IMAGE, read_members, shard_name, unreferenced_shards
 from pipeline.core.atomic import atomic_file
 from pipeline.core.config import EncodeParams, IngestParams, ModelParams, RayParams, TrainParams
+from pipeline.core.prior_params import PREDICTION_PRIOR
 from pipeline.core.source_params import with_trigger
 from pipeline.core.hashing import folder_hash
 from pipeline.diffusion.components import component_folder
@@ -164,30 +167,50 @@ def text_encoder_of(model: ModelParams, paths: Paths, dtype: str) -> Encoder | N
     return Encoder(model.pretrained, paths.root, digest.hexdigest(), dtype, family.name, model.max_sequence_length)
 
 
-def split_plan(manifest: pd.DataFrame, vae: Encoder, text: Encoder | None, mirrored: bool) -> pd.DataFrame:
+ClassCaption = Callable[[str], str]  # the prediction prior's class prompt of a caption
+
+
+def split_plan(manifest: pd.DataFrame, vae: Encoder, text: Encoder | None, mirrored: bool,
+               class_caption: ClassCaption | None = None) -> pd.DataFrame:
     """The split's latent manifest: each sample's files (named by their keys), its row among the shard's
-    images of its size and its row in the shard's text states."""
+    images of its size and its row in the shard's text states (and that of its class prompt, with
+    `class_caption`)."""
     plan = manifest.assign(row=manifest.groupby(["shard", "height", "width"], sort=False).cumcount(),
-                           **{POSTERIOR: None, FLIPPED: None, TEXT: None, "text_row": -1})
+                           **{POSTERIOR: None, FLIPPED: None, TEXT: None, "text_row": -1},
+                           **({CLASS_TEXT_ROW: -1} if class_caption is not None else {}))
     for shard, members in manifest.groupby("shard", sort=False):
         at = members.index
         plan.loc[at, POSTERIOR] = shard_name(POSTERIOR, [shard, vae.key, vae.dtype], LATENT_SUFFIX)
         if mirrored:
             plan.loc[at, FLIPPED] = shard_name(FLIPPED, [shard, vae.key, vae.dtype], LATENT_SUFFIX)
         if text is not None:
-            captions = shard_captions(members["caption"])
+            captions = shard_captions(members["caption"], class_caption)
+            rows = {caption: row for row, caption in enumerate(captions)}
             plan.loc[at, TEXT] = shard_name(TEXT, [text.key, text.dtype, *captions], LATENT_SUFFIX)
-            plan.loc[at, "text_row"] = members["caption"].map({caption: row for row, caption in enumerate(captions)})
+            plan.loc[at, "text_row"] = members["caption"].map(rows)
+            if class_caption is not None:
+                plan.loc[at, CLASS_TEXT_ROW] = members["caption"].map(class_caption).map(rows)
     return plan
 
 
-def shard_captions(captions: pd.Series) -> list[str]:
-    """The rows of a text file: the empty prompt, then each distinct caption once."""
-    return ["", *dict.fromkeys(caption for caption in captions if caption)]
+def shard_captions(captions: pd.Series, class_caption: ClassCaption | None = None) -> list[str]:
+    """The rows of a text file: the empty prompt, then each distinct caption once (then the class prompts that are
+    not captions already)."""
+    classes = [class_caption(caption) for caption in captions] if class_caption is not None else []
+    return ["", *dict.fromkeys(caption for caption in [*captions, *classes] if caption)]
+
+
+def class_caption_of(train: TrainParams, ingest: IngestParams) -> ClassCaption | None:
+    """The prediction prior's class prompt of a caption (train.prior); None for other runs, whose text files hold
+    their captions alone."""
+    prior = train.prior
+    if prior.kind != PREDICTION_PRIOR:
+        return None
+    return lambda caption: prior.class_caption(caption, ingest.trigger)
 
 
 def tasks_of(plan: pd.DataFrame, vae: Encoder, text: Encoder | None, settings: EncodeParams,
-             paths: Paths) -> list[LatentTask]:
+             paths: Paths, class_caption: ClassCaption | None = None) -> list[LatentTask]:
     """One task per file the plan names, in plan order (each file once)."""
     tasks = {}
     for shard, members in plan.groupby("shard", sort=False):
@@ -196,7 +219,8 @@ def tasks_of(plan: pd.DataFrame, vae: Encoder, text: Encoder | None, settings: E
             file = members[kind].iat[0]
             if pd.isna(file) or file in tasks:
                 continue
-            keys, encoder = (tuple(shard_captions(members["caption"])), text) if kind == TEXT else (ids, vae)
+            keys, encoder = (tuple(shard_captions(members["caption"], class_caption)), text) if kind == TEXT \
+                else (ids, vae)
             tasks[file] = LatentTask(kind, paths.processed / shard, paths.latents / file, keys, encoder,
                                      settings.batch_size)
     return list(tasks.values())
@@ -219,19 +243,22 @@ def validation_prompt_task(prompts: list[str], text: Encoder | None, settings: E
 def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, ray: RayParams = RayParams(),
            train: TrainParams = TrainParams(), ingest: IngestParams = IngestParams()) -> dict[str, int]:
     """Returns the samples per split, how many latents (images, mirrored ones counted apart) were encoded and
-    reused, and the cache's size in bytes: image latents and caption states."""
+    reused, and the cache's size in bytes: image latents and caption states. `train` and `ingest`: the
+    prediction prior's class prompts (train.prior, ingest.trigger) are cached beside the captions."""
     vae = Encoder(str(paths.vae_model), paths.root, folder_hash(paths.vae_model), encode.dtype)
     text = text_encoder_of(model, paths, encode.dtype)
-    plans = {split: split_plan(pd.read_parquet(paths.processed / split / MANIFEST), vae, text, encode.mirrored)
-             for split in SPLITS}
-    tasks = [task for plan in plans.values() for task in tasks_of(plan, vae, text, encode, paths)]
+    class_caption = class_caption_of(train, ingest)
+    plans = {split: split_plan(pd.read_parquet(paths.processed / split / MANIFEST), vae, text, encode.mirrored,
+                               class_caption) for split in SPLITS}
+    tasks = [task for plan in plans.values() for task in tasks_of(plan, vae, text, encode, paths, class_caption)]
     prompts = with_trigger(train.validation_prompts, ingest.trigger)
     prompt_task = validation_prompt_task(prompts, text, encode, paths)
     todo = [task for task in [*tasks, *filter(None, [prompt_task])] if latent_file_keys(task.target) != list(task.keys)]
     run_tasks(encode_file, todo, ray, "encode", gpu=not cpu_forced())
     for split, plan in plans.items():
         with atomic_file(paths.latents / f"{split}.parquet") as staging:
-            plan[list(LATENT_COLUMNS)].to_parquet(staging, index=False)
+            columns = [*LATENT_COLUMNS, *([CLASS_TEXT_ROW] if class_caption is not None else [])]
+            plan[columns].to_parquet(staging, index=False)
     referenced = pd.concat([plan[kind] for plan in plans.values() for kind in (POSTERIOR, FLIPPED, TEXT)]).dropna()
     if prompt_task is None:
         remove_prompt_index(paths.latents)

@@ -13,7 +13,8 @@ What a fingerprint covers:
   modification time (one stat per file, not a read of 24 GB of weights);
 - webdataset shards, local or remote: each shard's size and ETag or modification time;
 - the prompts file: its content;
-- named subsets (`ingest.source: subsets`): each subset's source as above, by subset name;
+- named subsets (`ingest.source: subsets`): each subset's source as above, by subset name, except the rendered
+  class images (data/class_images, the class_images stage's output, which ingest lists itself);
 - a hub id (and a remote URL for the other inputs): its name alone. A new revision upstream is not seen;
   `dvc repro -f -s STAGE` re-runs the stage that reads it.
 A copied or freshly cloned folder has new modification times: ingest re-reads its images once and, their
@@ -30,6 +31,7 @@ from pipeline.contracts.inputs import CLIP_MODEL, PRETRAINED, PROMPTS, SOURCE, i
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import write_json
 from pipeline.core.config import Params
+from pipeline.core.prior_params import CLASS_IMAGES
 from pipeline.core.source_params import SUBSETS, IngestParams, SourceSections
 from pipeline.data.sources import Rejected, configured, webdataset
 
@@ -58,6 +60,9 @@ def source_fingerprint(params: IngestParams, paths: Paths) -> dict:
 def sections_fingerprint(params: SourceSections, paths: Paths) -> dict:
     """One source's fingerprint, from its kind and its section."""
     location = params.location()
+    if params.source == "folder" and location.rstrip("/") == CLASS_IMAGES:
+        # a stage's output, which ingest lists itself: fingerprinted here it could be read before the stage renders
+        return {"input": location, "watched": "as the class_images stage's output"}
     if params.source in ("folder", "manifest"):
         _, items = configured.open_sections(params, paths)
         return {"input": location, **digest_of(item_lines(items))}

@@ -78,6 +78,7 @@ from pipeline.training.modules import (
     place_modules,
     trained_denoiser_parameters,
 )
+from pipeline.training.prior import ImagePrior, PredictionPrior, prior_loss_of
 from pipeline.training.sampling import SubsetSampler, derived_seed, subset_sampler
 from pipeline.training.speedups import apply_speed_settings, compile_unet
 from pipeline.training.throughput import (
@@ -191,6 +192,7 @@ class Run:
     log_metrics: Callable[[dict, int], None]
     log_image: Callable[[object, str], None]
     sampler: SubsetSampler | None = None  # named subsets' batches; None: epochs of the whole split
+    prior: ImagePrior | PredictionPrior | None = None  # train.prior's loss; None: the plain diffusion loss
     validation: ValidationGrid | None = None  # validation prompts beside the base column; None: sample_grid
     best: BestKeeper | None = None  # train.keep_best
 
@@ -339,7 +341,11 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughpu
                                generator=generator)
             images += len(positions) * accelerator.num_processes
             with accelerator.accumulate(*model.trained_modules()), accelerator.autocast():
-                loss = diffusion_loss(model, batch, settings, generator, accelerator.device)
+                if run.prior is None:
+                    loss = diffusion_loss(model, batch, settings, generator, accelerator.device)
+                else:
+                    loss = run.prior.loss(model, batch, run.cache.groups[group].rows[positions], settings, generator,
+                                          accelerator.device)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
@@ -501,6 +507,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
             log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step) if logged else None,
             log_image=lambda image, name: mlflow.log_image(image, name) if logged else None, sampler=sampler,
             validation=validation_grid(params, paths, model, val) if main else None, best=best,
+            prior=prior_loss_of(settings.prior, cache),
         )
         if run.validation is not None:
             start_validation(run, checkpoint)
