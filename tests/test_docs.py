@@ -41,7 +41,7 @@ RUNNABLE = ("bash", "python")
 # The sizes every run of a page is cut down to, applied again after each params.yaml block of the page.
 TINY = merge(TEAM_OVERRIDES, {
     "preprocess": {"resolution": 32},
-    "train": {"warmup_steps": 2, "batch_size": 16},
+    "train": {"warmup_steps": 2, "batch_size": 16, "prior": {"num_class_images": 16, "num_inference_steps": 2}},
     "evaluate": {"samples_per_prompt": 1, "stability_repeats": 2, "timesteps": [100, 900]},
 })
 # The pages run in one project, in this order; each tuple gets its own fresh copy of the repository.
@@ -86,11 +86,10 @@ def _not_run_reason(block: dict) -> str | None:
 # --- stand-ins for what a reader brings -------------------------------------------------------------------------
 
 def _your_pictures_and_a_base_model(project: Path) -> None:
-    """20 JPEGs of the product, 20 of its class (no captions: the tutorial's instance prompts caption them) and a
-    tiny random SD pipeline where the reader's go."""
+    """20 JPEGs of the product (no captions: the tutorial's instance prompt captions them) and a tiny random SD
+    pipeline where the reader's go."""
     for seed in range(20):
         write_pattern(project / "data" / "my-product" / f"{seed:02d}.jpg", seed, (48, 40), fmt="JPEG")
-        write_pattern(project / "data" / "bags" / f"{seed:02d}.jpg", 100 + seed, (48, 40), fmt="JPEG")
     save_random_base_model(project / "data" / "base-model")
 
 
