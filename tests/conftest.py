@@ -228,6 +228,28 @@ def add_patterns(source: Path, sizes: list[tuple[int, int]], first_seed: int = 0
         (source / f"{seed}.txt").write_text(f"pattern {seed}", encoding="utf-8")
 
 
+def save_random_clip(tokenizer_folder: Path, folder: Path) -> Path:
+    """A tiny random CLIP (seed 0) with a tokenizer of ours, saved as a transformers folder: a deterministic
+    clip_score that needs no downloaded weights."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
+
+    tokenizer = CLIPTokenizerFast.from_pretrained(tokenizer_folder)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 def save_random_base_model(folder: Path, family: str = "sd") -> Path:
     """A randomly initialised pipeline of a model family at its tiny preset, saved in diffusers format: the
     stand-in for real pretrained weights (same files, same loading code)."""

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
 
 from pipeline.contracts.data import load_split
 from pipeline.contracts.paths import Paths
@@ -16,7 +15,7 @@ from pipeline.core.params_file import parse_params
 from pipeline.evaluation.external_metrics import ExternalMetrics, InceptionFeatures, external_metrics
 from pipeline.stages.evaluate import evaluate
 
-from .conftest import merge, tiny_params_dict
+from .conftest import merge, save_random_clip, tiny_params_dict
 
 
 class StandInInception(torch.nn.Module):
@@ -43,21 +42,7 @@ def inception_file(tmp_path_factory):
 def clip_folder(trained_project, tmp_path_factory):
     """A tiny random CLIP saved as a transformers folder, with the project's own tokenizer."""
     _, paths = trained_project
-    tokenizer = CLIPTokenizerFast.from_pretrained(paths.sd_model / "tokenizer")
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2),
-        projection_dim=16,
-    )
-    folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+    return save_random_clip(paths.sd_model / "tokenizer", tmp_path_factory.mktemp("clip"))
 
 
 def test_without_weights_the_report_says_so_and_has_no_number(trained_project):

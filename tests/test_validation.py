@@ -5,6 +5,7 @@ A LoRA fine-tune of a tiny random Stable Diffusion pipeline (the layout real wei
 shapes, with real MLflow (SQLite under the project)."""
 
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -13,7 +14,6 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
 
 from pipeline.contracts.latents import StalePromptStates, prompt_states
 from pipeline.contracts.paths import Paths
@@ -28,7 +28,7 @@ from pipeline.stages.train import train
 from pipeline.stages.vae import vae_stage
 from pipeline.training.export import LORA_WEIGHTS
 
-from .conftest import merge, save_random_base_model, tiny_params_dict
+from .conftest import merge, save_random_base_model, save_random_clip, tiny_params_dict
 
 PROMPTS = ["a {trigger} circle", "a red square"]
 SEEDS = [0, 1]
@@ -42,21 +42,7 @@ def base_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def clip_folder(base_model, tmp_path_factory):
     """A tiny random CLIP with the base model's tokenizer: a deterministic clip_score nobody tuned."""
-    tokenizer = CLIPTokenizerFast.from_pretrained(f"{base_model}/tokenizer")
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2),
-        projection_dim=16,
-    )
-    folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
-    return str(folder)
+    return str(save_random_clip(Path(base_model) / "tokenizer", tmp_path_factory.mktemp("clip")))
 
 
 def run_params(base_model: str, **train):
