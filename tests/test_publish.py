@@ -66,7 +66,7 @@ def test_a_clone_of_the_published_commit_pulls_the_merged_batches_and_ingest_sta
     _git(tmp_path, "clone", "-q", str(root), str(clone))
     _git(clone, "checkout", "-q", commit)
     _dvc(clone, "remote", "add", "--local", "-d", "team", str(tmp_path / "remote"))
-    _dvc(clone, "pull", "-q", "inputs", "ingest", "data/batches.dvc")  # only they ran: dvc.lock names no other
+    _dvc(clone, "pull", "-q", "inputs", "class_images", "ingest", "data/batches.dvc")  # only they ran: dvc.lock names no other
     assert tree_hashes(clone / "data" / "batches") == merged
     for where in (root, clone):
         assert "up to date" in _dvc(where, "status", "ingest"), f"ingest is stale in {where.name}"
