@@ -18,15 +18,11 @@ import hashlib
 import logging
 from pathlib import Path
 
-import torch
-
 from pipeline.contracts.paths import Paths
 from pipeline.core.atomic import atomic_file, write_json
 from pipeline.core.config import ModelParams, TrainParams
 from pipeline.core.hashing import folder_hash
 from pipeline.core.prior_params import IMAGE_PRIOR, PriorParams
-from pipeline.diffusion.components import pretrained_folder
-from pipeline.diffusion.families import family_of_pipeline, load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +40,8 @@ def wanted_images(prior: PriorParams, model: ModelParams, paths: Paths) -> dict[
     """The images the settings name, by file name, with their seeds; none unless the prior is the image prior."""
     if prior.kind != IMAGE_PRIOR:
         return {}
+    from pipeline.diffusion.components import pretrained_folder
+
     base = folder_hash(pretrained_folder(model.pretrained, paths.root))
     seeds = range(prior.seed, prior.seed + prior.num_class_images)
     return {class_image_name(base, prior, seed): seed for seed in seeds}
@@ -59,20 +57,26 @@ def remove_unwanted(folder: Path, wanted: dict[str, int]) -> int:
     return removed
 
 
-@torch.no_grad()
 def render(missing: dict[str, int], prior: PriorParams, model: ModelParams, folder: Path, paths: Paths) -> None:
     """Each missing image from its own seed, one pipeline call each (so an image never depends on which others
     are rendered with it); its caption first, so an image is never there without it."""
-    pipeline = load_pipeline(pretrained_folder(model.pretrained, paths.root))
-    family = family_of_pipeline(pipeline)
-    for name, seed in missing.items():
-        image = pipeline(**family.sampling_arguments(pipeline, [prior.class_prompt], prior.guidance_scale),
-                         num_inference_steps=prior.num_inference_steps,
-                         generator=torch.Generator().manual_seed(seed)).images[0]
-        with atomic_file(folder / Path(name).with_suffix(CAPTION_SUFFIX)) as staging:
-            Path(staging).write_text(prior.class_prompt + "\n", encoding="utf-8")
-        with atomic_file(folder / name) as staging:
-            image.save(staging, format="PNG")
+    # here, not at the top: with another prior kind the stage runs in every `dvc repro` and loads no model
+    import torch
+
+    from pipeline.diffusion.components import pretrained_folder
+    from pipeline.diffusion.families import family_of_pipeline, load_pipeline
+
+    with torch.no_grad():
+        pipeline = load_pipeline(pretrained_folder(model.pretrained, paths.root))
+        family = family_of_pipeline(pipeline)
+        for name, seed in missing.items():
+            image = pipeline(**family.sampling_arguments(pipeline, [prior.class_prompt], prior.guidance_scale),
+                             num_inference_steps=prior.num_inference_steps,
+                             generator=torch.Generator().manual_seed(seed)).images[0]
+            with atomic_file(folder / Path(name).with_suffix(CAPTION_SUFFIX)) as staging:
+                Path(staging).write_text(prior.class_prompt + "\n", encoding="utf-8")
+            with atomic_file(folder / name) as staging:
+                image.save(staging, format="PNG")
 
 
 def class_images(paths: Paths, *, train: TrainParams, model: ModelParams) -> dict[str, int]:
