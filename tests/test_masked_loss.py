@@ -249,9 +249,14 @@ def test_changing_one_mask_re_encodes_only_its_shard(tmp_path, bases):
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
-def test_a_masked_run_trains_from_a_tiny_pretrained_model(tmp_path, bases, family):
+def test_a_masked_run_trains_from_a_tiny_pretrained_model(tmp_path, bases, family, caplog):
     params, paths, _, _ = encoded_project(tmp_path, bases[family], family, opaque=(3,))
-    metrics = train(params, paths, tracked=False)
+    train_rows = pd.read_parquet(paths.latents / "train.parquet")
+    with caplog.at_level("INFO", logger="pipeline.stages.train"):
+        metrics = train(params, paths, tracked=False)
+    masked = int(train_rows[MASK_SHA256].notna().sum())
+    assert 0 < masked < len(train_rows) or "a sks bag 3" not in set(train_rows["caption"])
+    assert f"masked loss on {masked} of {len(train_rows)} training images" in caplog.text
     assert np.isfinite(metrics["final_loss"]) and metrics["steps"] == 3
     assert (paths.sd_model / "model_index.json").is_file()
 

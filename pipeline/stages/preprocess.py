@@ -174,7 +174,8 @@ def convert_shard(task: ShardConversion) -> list[dict]:
     converted = []
     for sample_id, centering in zip(task.ids, task.centerings, strict=True):
         try:
-            converted.append(convert_image(originals[sample_id], task.sizes, task.resolution, centering, task.masks))
+            converted.append(convert_image(originals[sample_id], task.sizes, task.resolution, centering,
+                                           task.masks))
         except Exception as error:  # any decoder or writer failure: the message must name the image
             problem = f"{type(error).__name__}: {error}"
             raise ValueError(f"preprocess: image {sample_id} of {task.source}: {problem}") from error
