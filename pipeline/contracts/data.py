@@ -27,9 +27,16 @@ REJECTED_COLUMNS = ("origin", "reason")
 SPLITS = ("train", "val")
 PROCESSED_MANIFEST_COLUMNS = ("id", "shard", "caption", "width", "height", "crop", "recipe", "sha256",
                               "original_width", "original_height", "crop_left", "crop_top", "subset")
+# preprocess.masks: one more column, the hash of the image's mask PNG (null where the image has no mask)
+MASK_SHA256 = "mask_sha256"
 STATS = "stats.json"
 REFERENCE_FEATURES = "reference_features.parquet"
 IMAGES_PER_CHUNK = 1024  # images decoded at a time by `split_chunks`
+
+
+def processed_columns(masked: bool) -> tuple[str, ...]:
+    """The processed manifests' columns: MASK_SHA256 too where preprocess kept masks."""
+    return (*PROCESSED_MANIFEST_COLUMNS, MASK_SHA256) if masked else PROCESSED_MANIFEST_COLUMNS
 
 
 def decode_png(data: bytes) -> np.ndarray:

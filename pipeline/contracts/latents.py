@@ -9,6 +9,10 @@ the captions), written once and never rewritten:
   each size;
 - `flipped-<hash>`: `flip_mean.<h>x<w>` and `flip_std.<h>x<w>`, those of the mirror images
   (`encode.mirrored`, which `train.random_flip` needs);
+- with `preprocess.masks`, the posterior file also holds `mask.<h>x<w>` and the flipped one `flip_mask.<h>x<w>`:
+  each image's mask (of the mirror image in the flipped file) area-averaged to the latent grid, [n, 1, h', w']
+  float32 in [0, 1] (1 everywhere for an image without a mask); both files' names then hash the shard's mask
+  hashes too;
 - `text-<hash>` (finetune): the frozen text encoders' outputs of the shard's distinct captions, one tensor per
   name the model family conditions on (`prompt_embeds`, and `pooled_prompt_embeds` for SDXL), row 0 the
   empty prompt.
@@ -20,7 +24,7 @@ Each file's metadata lists what it holds (`keys`: the image ids, or a text file'
 (LATENT_COLUMNS): its files, its size, its `row` in the tensors of that size, its `text_row`, its size
 before preprocess with the crop's corner (IMAGE_SIZE_COLUMNS), and its `subset` (`ingest.subsets`); with the
 prediction prior (`train.prior.kind: prediction`) also its `class_text_row`, the row of its class prompt in the same
-text file (which then holds the class prompts too).
+text file (which then holds the class prompts too); with `preprocess.masks` also its `mask_sha256` (null: no mask).
 
 Readers map the files rather than load them: a batch reads its samples' rows by index (the order training's
 exact resume replays), so a split larger than memory trains from the page cache.
@@ -40,12 +44,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from pipeline.contracts.data import MASK_SHA256
 from pipeline.core.atomic import atomic_file, read_json, write_json
 from pipeline.core.errors import UserError
 
 POSTERIOR, FLIPPED, TEXT = "posterior", "flipped", "text"  # the kinds of latent file, and their manifest columns
 POSTERIOR_TENSORS = ("mean", "std")
 FLIPPED_TENSORS = ("flip_mean", "flip_std")
+MASK_TENSOR, FLIPPED_MASK_TENSOR = "mask", "flip_mask"  # preprocess.masks: in the posterior and flipped files
 KEYS = "keys"  # file metadata, as JSON: what a file holds, row by row (image ids; a text file's captions)
 EMPTY_PROMPT_ROW = 0  # the text tensors' row of the empty prompt, in every text file
 # a sample's size conditions, in the order of SDXL's time ids: its size before preprocess, the crop's top-left
@@ -168,6 +174,8 @@ class LatentGroup:
     std: MappedRows
     flip_mean: MappedRows | None = None
     flip_std: MappedRows | None = None
+    mask: MappedRows | None = None  # preprocess.masks: each sample's mask at latent resolution
+    flip_mask: MappedRows | None = None  # and its mirror image's
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -183,6 +191,7 @@ class CachedLatents:
     text_rows: torch.Tensor | None = None  # each sample's row in text_states
     subsets: list[str] | None = None  # each sample's subset (ingest.subsets; `default` without subsets)
     class_text_rows: torch.Tensor | None = None  # the prediction prior's: each sample's class prompt's row
+    masked_samples: int = 0  # preprocess.masks: how many samples have a mask of their own
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -244,16 +253,19 @@ def load_latents(directory: Path, split: str) -> CachedLatents:
     groups = []
     for (height, width), members in rows.groupby(["height", "width"], sort=True):
         size = size_name(height, width)
+        kinds = ((POSTERIOR, POSTERIOR_TENSORS), (FLIPPED, FLIPPED_TENSORS))
+        if MASK_SHA256 in rows:
+            kinds += ((POSTERIOR, (MASK_TENSOR,)), (FLIPPED, (FLIPPED_MASK_TENSOR,)))
         named = {tensor: mapped_column(directory, members, column, f"{tensor}.{size}")
-                 for column, tensors in ((POSTERIOR, POSTERIOR_TENSORS), (FLIPPED, FLIPPED_TENSORS))
-                 for tensor in tensors}
+                 for column, tensors in kinds for tensor in tensors}
         groups.append(LatentGroup(torch.tensor(members.index.to_numpy()), **named))
     text_states, text_rows = mapped_text_states(directory, rows) if rows[TEXT].notna().all() else (None, None)
     class_rows = None
     if text_rows is not None and CLASS_TEXT_ROW in rows:  # the same file's rows: the caption's offset moved
         class_rows = text_rows + torch.tensor((rows[CLASS_TEXT_ROW] - rows["text_row"]).to_numpy())
+    masked = int(rows[MASK_SHA256].notna().sum()) if MASK_SHA256 in rows else 0
     return CachedLatents(groups, rows["caption"].tolist(), rows["id"].tolist(), image_sizes_of(rows), text_states,
-                         text_rows, rows["subset"].tolist(), class_rows)
+                         text_rows, rows["subset"].tolist(), class_rows, masked)
 
 
 class StalePromptStates(UserError, ValueError):

@@ -22,6 +22,7 @@ from pipeline.core.atomic import atomic_file
 
 SHARDS_DIR = "shards"
 IMAGE = "image"
+MASK = "mask"  # data/processed with preprocess.masks: the image's mask as PNG ("L") bytes, null where it has none
 ROW_GROUP_SIZE = 100  # images a reader decodes at a time
 
 

@@ -39,6 +39,8 @@ class PreprocessParams(Section):
     bucketing: bool = Field(False, description="train images keep their aspect ratio in buckets; val stays square")
     bucket_step: int = Field(8, ge=8, description="bucket sides are multiples of this; 64 for Stable Diffusion UNets")
     max_bucket_ratio: float = Field(2.0, ge=1, description="the most elongated bucket, long side / short side")
+    masks: bool = Field(False, description="keep each image's alpha channel as its mask, cropped like the image "
+                                           "(train.masked_loss); off: transparency is composited onto white only")
 
     @field_validator("resolution")
     @classmethod
@@ -214,6 +216,17 @@ class KeepBestParams(Section):
     mode: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better")
 
 
+class MaskedLossParams(Section):
+    """The loss weighted by each image's mask (preprocess.masks), at latent resolution: weight
+    unmasked_weight + (1 - unmasked_weight) * mask per latent pixel; images without a mask weigh 1 everywhere."""
+
+    enabled: bool = Field(False, description="weight the training loss by the images' masks")
+    unmasked_weight: float = Field(0.0, ge=0, le=1, description="the weight outside the mask (0: the background is "
+                                                                "ignored; 1: the plain loss)")
+    normalize_by_area: bool = Field(False, description="each sample's loss is sum(w * error) / sum(w), so a small "
+                                                       "subject weighs as much as a large one; off: mean(w * error)")
+
+
 class TrainParams(Section):
     """Training the denoiser (pipeline/stages/train.py)."""
 
@@ -272,6 +285,8 @@ class TrainParams(Section):
     checkpoints_kept: int = Field(2, ge=1, description="the newest checkpoints kept; older ones are deleted")
     seed: int = Field(0, description="seeds the initial weights, batches, noise and caption dropout")
     prior: PriorParams = Field(PriorParams(), description="prior preservation (docs/guides/training.md)")
+    masked_loss: MaskedLossParams = Field(MaskedLossParams(), description="the loss weighted by the images' masks "
+                                                                          "(docs/guides/training.md)")
 
     @model_validator(mode="after")
     def _keep_best_follows_a_sample_metric(self) -> TrainParams:
@@ -400,6 +415,14 @@ class Params(Section):
             raise PydanticCustomError(
                 "conflicting_setting", "train.random_flip: needs the mirror images' latents; set encode.mirrored: "
                 "true (encode caches them) or train.random_flip: false", {})
+        return self
+
+    @model_validator(mode="after")
+    def _masked_loss_has_masks(self) -> Params:
+        if self.train.masked_loss.enabled and not self.preprocess.masks:
+            raise PydanticCustomError(
+                "missing_setting", "train.masked_loss.enabled: needs the images' masks; set preprocess.masks: true "
+                "(preprocess keeps each image's alpha channel) or train.masked_loss.enabled: false", {})
         return self
 
     @model_validator(mode="after")

@@ -89,6 +89,19 @@ def onto_white(image: Image.Image) -> Image.Image:
     return canvas
 
 
+def has_transparency(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
+def alpha_mask(image: Image.Image) -> Image.Image | None:
+    """The upright image's alpha channel as an 8-bit grey mask (255: the subject), or None where it has no
+    transparency (integer images have none). preprocess crops it exactly as to_rgb's image."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in INTEGER_MODES or not has_transparency(image):
+        return None
+    return image.convert("RGBA").getchannel("A")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Respect EXIF orientation, composite transparency onto white, and return 8-bit RGB.
 
@@ -97,7 +110,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in INTEGER_MODES:
         image = integer_to_grey(image)
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+    if has_transparency(image):
         return onto_white(image)
     return image.convert("RGB")
 

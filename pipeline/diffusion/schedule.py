@@ -111,12 +111,42 @@ class NoisyBatch:
     weights: torch.Tensor | None  # per-sample loss weights; None: the plain mean
 
 
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """The loss: the plain mean squared error, or each sample's mean squared error weighted."""
-    if weights is None:
+@dataclass(frozen=True)
+class PixelWeights:
+    """The masked loss's weight of every latent pixel (train.masked_loss): [n, 1, h, w], shared by the channels."""
+
+    values: torch.Tensor
+    normalize_by_area: bool  # each sample's loss sum(w * error) / sum(w) rather than mean(w * error)
+
+
+def mask_weights(masks: torch.Tensor, unmasked_weight: float, normalize_by_area: bool) -> PixelWeights:
+    """w = unmasked_weight + (1 - unmasked_weight) * mask: 1 on the subject (mask 1), the floor outside it."""
+    return PixelWeights(unmasked_weight + (1 - unmasked_weight) * masks.float(), normalize_by_area)
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+                   pixels: PixelWeights | None = None) -> torch.Tensor:
+    """Each sample's mean squared error (masked: weighted per latent pixel), times its loss weight (min-SNR, flow
+    weighting) where there is one."""
+    error = (prediction.float() - target.float()) ** 2
+    if pixels is None:
+        per_sample = error.flatten(1).mean(dim=1)
+    else:
+        w = pixels.values.to(error.device).expand_as(error)
+        weighted = (w * error).flatten(1).sum(dim=1)
+        # the area's mean weight per element; a sample whose weights are all 0 contributes 0, not NaN
+        per_sample = weighted / (w.flatten(1).sum(dim=1).clamp(min=1e-8) if pixels.normalize_by_area
+                                 else error[0].numel())
+    return per_sample if weights is None else per_sample * weights.float()
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+                 pixels: PixelWeights | None = None) -> torch.Tensor:
+    """The loss: the plain mean squared error, or the mean of each sample's, weighted per sample and (masked loss)
+    per latent pixel."""
+    if weights is None and pixels is None:
         return F.mse_loss(prediction.float(), target.float())
-    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1)
-    return (per_sample * weights.float()).mean()
+    return per_sample_mse(prediction, target, weights, pixels).mean()
 
 
 @dataclass(frozen=True)

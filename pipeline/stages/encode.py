@@ -2,6 +2,9 @@
 
 - the VAE posterior (mean and std, unscaled) of every processed image, and of its mirror image when
   `encode.mirrored` is on (a latent of a mirrored image is not the mirrored latent; `train.random_flip` needs them);
+- where preprocess kept masks (`preprocess.masks`), each image's mask area-averaged to the latent grid beside its
+  posterior, and the mirror image's beside the mirrored posterior, so a flipped sample's mask is flipped with it
+  (`train.masked_loss`);
 - in finetune mode, the frozen text encoders' outputs of each distinct caption, as the model family
   (`model.family`) conditions on them: one named tensor each (row 0 of every text file: the empty prompt,
   which caption dropout uses), and those of `train.validation_prompts` ({trigger}: ingest.trigger), which train's
@@ -32,13 +35,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from pipeline.contracts.data import MANIFEST, SPLITS, decode_png
+import torch.nn.functional as F
+from pipeline.contracts.data import MANIFEST, MASK_SHA256, SPLITS, decode_png
 from pipeline.contracts.latents import (
     CLASS_TEXT_ROW,
     FLIPPED,
+    FLIPPED_MASK_TENSOR,
     FLIPPED_TENSORS,
     LATENT_COLUMNS,
     LATENT_SUFFIX,
+    MASK_TENSOR,
     POSTERIOR,
     POSTERIOR_TENSORS,
     TEXT,
@@ -50,7 +56,7 @@ from pipeline.contracts.latents import (
     write_prompt_index,
 )
 from pipeline.contracts.paths import Paths
-from pipeline.contracts.shards import IMAGE, read_members, shard_name, unreferenced_shards
+from pipeline.contracts.shards import IMAGE, MASK, read_members, shard_name, unreferenced_shards
 from pipeline.core.atomic import atomic_file
 from pipeline.core.config import EncodeParams, IngestParams, ModelParams, RayParams, TrainParams
 from pipeline.core.prior_params import PREDICTION_PRIOR
@@ -90,6 +96,7 @@ class LatentTask:
     keys: tuple[str, ...]  # the shard's image ids, in manifest order; TEXT: the captions, in row order
     encoder: Encoder
     batch_size: int
+    masks: bool = False  # POSTERIOR, FLIPPED: the processed shard holds masks (preprocess.masks); cache them too
 
 
 @lru_cache(maxsize=1)  # a worker keeps the encoder for its next tasks; new weights have a new key
@@ -108,14 +115,27 @@ def loaded_text_encoders(encoder: Encoder) -> dict[str, object]:
     return text
 
 
+def masks_at_latent_size(masks: list[bytes | None], image_size: tuple[int, int], latent_size: tuple[int, int],
+                          mirrored: bool) -> torch.Tensor:
+    """Masks (PNG bytes of "L" images of `image_size` (height, width); None: no mask, 1 everywhere) as [n, 1, h, w]
+    float32 in [0, 1] on the latent grid: each latent pixel the mean of the image pixels it covers (area
+    averaging), of the mirror image's mask when `mirrored`."""
+    pixels = np.stack([np.full(image_size, 255, np.uint8) if mask is None else decode_png(mask) for mask in masks])
+    if mirrored:
+        pixels = pixels[:, :, ::-1]
+    full = torch.from_numpy(np.ascontiguousarray(pixels)).float().div(255).unsqueeze(1)
+    return F.interpolate(full, size=latent_size, mode="area")
+
+
 @torch.no_grad()
 def encode_posteriors(task: LatentTask) -> dict[str, torch.Tensor]:
     """Mean and std of each image (mirrored for FLIPPED) by size: {`mean.<h>x<w>`: [n, ...], ...}, rows in
-    the order of the task's ids; decoded a batch at a time."""
+    the order of the task's ids; decoded a batch at a time. With task.masks, the masks on the latent grid too
+    (`mask.<h>x<w>`, or `flip_mask.<h>x<w>`)."""
     vae, mirrored = loaded_vae(task.encoder), task.kind == FLIPPED
     names = FLIPPED_TENSORS if mirrored else POSTERIOR_TENSORS
     tensors = {}
-    images = read_members(task.source, task.keys, [IMAGE, "height", "width"])
+    images = read_members(task.source, task.keys, [IMAGE, "height", "width", *([MASK] if task.masks else [])])
     for (height, width), members in images.groupby(["height", "width"], sort=True):
         parts = []
         for start in range(0, len(members), task.batch_size):
@@ -125,6 +145,10 @@ def encode_posteriors(task: LatentTask) -> dict[str, torch.Tensor]:
             parts.append(encode_images(vae, to_model_range(np.ascontiguousarray(batch)), task.batch_size))
         for name, values in zip(names, zip(*parts, strict=True), strict=True):
             tensors[f"{name}.{size_name(height, width)}"] = torch.cat(values)
+        if task.masks:
+            latent_size = tuple(tensors[f"{names[0]}.{size_name(height, width)}"].shape[-2:])
+            tensors[f"{FLIPPED_MASK_TENSOR if mirrored else MASK_TENSOR}.{size_name(height, width)}"] = \
+                masks_at_latent_size(members[MASK].tolist(), (height, width), latent_size, mirrored)
     return tensors
 
 
@@ -172,17 +196,18 @@ ClassCaption = Callable[[str], str]  # the prediction prior's class prompt of a 
 
 def split_plan(manifest: pd.DataFrame, vae: Encoder, text: Encoder | None, mirrored: bool,
                class_caption: ClassCaption | None = None) -> pd.DataFrame:
-    """The split's latent manifest: each sample's files (named by their keys), its row among the shard's
-    images of its size and its row in the shard's text states (and that of its class prompt, with
-    `class_caption`)."""
+    """The split's latent manifest: each sample's files (named by their keys, with the shard's mask hashes where
+    preprocess kept masks), its row among the shard's images of its size and its row in the shard's text states
+    (and that of its class prompt, with `class_caption`)."""
     plan = manifest.assign(row=manifest.groupby(["shard", "height", "width"], sort=False).cumcount(),
                            **{POSTERIOR: None, FLIPPED: None, TEXT: None, "text_row": -1},
                            **({CLASS_TEXT_ROW: -1} if class_caption is not None else {}))
     for shard, members in manifest.groupby("shard", sort=False):
         at = members.index
-        plan.loc[at, POSTERIOR] = shard_name(POSTERIOR, [shard, vae.key, vae.dtype], LATENT_SUFFIX)
+        image_keys = [shard, vae.key, vae.dtype, *mask_keys(members)]
+        plan.loc[at, POSTERIOR] = shard_name(POSTERIOR, image_keys, LATENT_SUFFIX)
         if mirrored:
-            plan.loc[at, FLIPPED] = shard_name(FLIPPED, [shard, vae.key, vae.dtype], LATENT_SUFFIX)
+            plan.loc[at, FLIPPED] = shard_name(FLIPPED, image_keys, LATENT_SUFFIX)
         if text is not None:
             captions = shard_captions(members["caption"], class_caption)
             rows = {caption: row for row, caption in enumerate(captions)}
@@ -191,6 +216,14 @@ def split_plan(manifest: pd.DataFrame, vae: Encoder, text: Encoder | None, mirro
             if class_caption is not None:
                 plan.loc[at, CLASS_TEXT_ROW] = members["caption"].map(class_caption).map(rows)
     return plan
+
+
+def mask_keys(members: pd.DataFrame) -> list[str]:
+    """What the shard's masks add to its image files' names: nothing without preprocess.masks (so a run without
+    masks keeps its cache), else each sample's mask hash ("none" where it has no mask)."""
+    if MASK_SHA256 not in members:
+        return []
+    return ["masks", *members[MASK_SHA256].fillna("none").tolist()]
 
 
 def shard_captions(captions: pd.Series, class_caption: ClassCaption | None = None) -> list[str]:
@@ -222,7 +255,7 @@ def tasks_of(plan: pd.DataFrame, vae: Encoder, text: Encoder | None, settings: E
             keys, encoder = (tuple(shard_captions(members["caption"], class_caption)), text) if kind == TEXT \
                 else (ids, vae)
             tasks[file] = LatentTask(kind, paths.processed / shard, paths.latents / file, keys, encoder,
-                                     settings.batch_size)
+                                     settings.batch_size, masks=kind != TEXT and MASK_SHA256 in members)
     return list(tasks.values())
 
 
@@ -257,7 +290,8 @@ def encode(paths: Paths, *, encode: EncodeParams, model: ModelParams, ray: RayPa
     run_tasks(encode_file, todo, ray, "encode", gpu=not cpu_forced())
     for split, plan in plans.items():
         with atomic_file(paths.latents / f"{split}.parquet") as staging:
-            columns = [*LATENT_COLUMNS, *([CLASS_TEXT_ROW] if class_caption is not None else [])]
+            columns = [*LATENT_COLUMNS, *([CLASS_TEXT_ROW] if class_caption is not None else []),
+                       *([MASK_SHA256] if MASK_SHA256 in plan else [])]
             plan[columns].to_parquet(staging, index=False)
     referenced = pd.concat([plan[kind] for plan in plans.values() for kind in (POSTERIOR, FLIPPED, TEXT)]).dropna()
     if prompt_task is None:

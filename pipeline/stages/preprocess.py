@@ -7,7 +7,10 @@ Writes data/processed/{train,val}/manifest.parquet, one row per image:
   ImageOps.fit centres on ("0.123456,0.654321");
 - original_width, original_height: the decoded, upright image's size before resizing; crop_left, crop_top:
   where the crop starts in the resized image (SDXL conditions on these, as its training scripts record them);
-- recipe: a hash of everything that decides the processed image; sha256: the PNG's own hash.
+- recipe: a hash of everything that decides the processed image; sha256: the PNG's own hash;
+- mask_sha256 (only with `preprocess.masks`): the hash of the image's mask, its alpha channel cropped and resized
+  exactly as the image and kept as a greyscale PNG in the shard's `mask` column; null where the image has no
+  transparency (train.masked_loss then weighs it 1 everywhere).
 Beside them, reference_features.parquet and stats.json: the training set's drift features
 (`pipeline.quality.drift`) per sample and summarised, for the monitoring flow.
 
@@ -36,17 +39,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import PIL
 from PIL import Image
 
-from pipeline.contracts.data import MANIFEST, PROCESSED_MANIFEST_COLUMNS, REFERENCE_FEATURES, SPLITS, STATS
+from pipeline.contracts.data import MANIFEST, MASK_SHA256, REFERENCE_FEATURES, SPLITS, STATS, processed_columns
 from pipeline.contracts.paths import Paths
-from pipeline.contracts.shards import SHARDS_DIR, read_shard, shard_images, shard_name, write_shard
+from pipeline.contracts.shards import MASK, SHARDS_DIR, read_shard, shard_images, shard_name, write_shard
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.config import PreprocessParams, RayParams
 from pipeline.data.buckets import Size, beyond_widest, bucket_sizes, nearest_bucket
 from pipeline.data.captions import normalise_caption
-from pipeline.data.images import CENTRE, crop_top_left, resize_and_crop, to_rgb
+from pipeline.data.images import CENTRE, alpha_mask, crop_top_left, resize_and_crop, to_rgb
 from pipeline.quality.drift_features import (
     IMAGE_FEATURES,
     combine_features,
@@ -61,10 +65,18 @@ log = logging.getLogger(__name__)
 # Bump whenever to_rgb, integer_to_grey, resize_and_crop or the PNG writing change what an image becomes:
 # it is part of every recipe, so the next run converts everything again instead of reusing stale files.
 CONVERSION_VERSION = "2"  # 2: shards record each image's original size and crop
+# In the recipes of preprocess.masks runs only, so that turning masks on converts every shard once (with its masks)
+# and a run without them keeps its recipes, shards and latents. Bump when alpha_mask or the mask's cropping change.
+MASK_VERSION = "1"
 # What converting an image yields, kept in its shard beside the PNG; image features only matter for train.
 OUTPUT_TYPES = ({"width": "int64", "height": "int64", "sha256": "str"}
                 | dict.fromkeys(("original_width", "original_height", "crop_left", "crop_top"), "int64")
                 | dict.fromkeys(IMAGE_FEATURES, "float64"))
+
+
+def output_types(masks: bool) -> dict[str, str]:
+    """OUTPUT_TYPES, with the mask's hash where preprocess.masks keeps masks."""
+    return OUTPUT_TYPES | ({MASK_SHA256: "str"} if masks else {})
 
 
 def split_of(sample_id: str, val_fraction: float) -> str:
@@ -93,15 +105,19 @@ def target_sizes(params: PreprocessParams) -> dict[str, tuple[Size, ...]]:
     return {"train": buckets if params.bucketing else square, "val": square}
 
 
-def recipe_of(sample_id: str, resolution: int, sizes: tuple[Size, ...], centering: tuple[float, float]) -> str:
+def recipe_of(sample_id: str, resolution: int, sizes: tuple[Size, ...], centering: tuple[float, float],
+              masks: bool = False) -> str:
     """A hash of everything that decides an image's processed file.
 
     The id is the source's content hash. The output size is the square, or whichever of the buckets the
     image's own aspect ratio picks: hashing the candidate sizes pins it without decoding the image first.
-    Pillow's version is in as well: its resampling and PNG encoder write the bytes.
+    Pillow's version is in as well: its resampling and PNG encoder write the bytes. With `masks` the shard
+    holds each image's mask too (the mask is the image's alpha channel, so the id pins it).
     """
     described = dict(id=sample_id, resolution=resolution, sizes=[list(size) for size in sizes],
                      centering=list(centering), conversion=CONVERSION_VERSION, pillow=PIL.__version__)
+    if masks:
+        described["masks"] = MASK_VERSION
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
@@ -115,6 +131,7 @@ class ShardConversion:
     centerings: tuple[tuple[float, float], ...]
     sizes: tuple[Size, ...]  # the square, or the buckets each image's aspect ratio picks from
     resolution: int  # side of the square the drift features are measured on
+    masks: bool = False  # preprocess.masks: keep each image's alpha channel as its mask
 
 
 @dataclass(frozen=True)
@@ -124,22 +141,30 @@ class Converted:
     original: Size  # the upright image's size before resizing
     crop: tuple[int, int]  # the crop's left and top in the resized image
     square: np.ndarray  # the image at `resolution`, which its drift features are measured on
+    mask: bytes | None = None  # the mask as an "L" PNG of the processed image's size (preprocess.masks), if any
 
 
-def convert_image(data: bytes, sizes: tuple[Size, ...], resolution: int, centering: tuple[float, float]) -> Converted:
+def png_bytes(image: Image.Image) -> bytes:
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
+def convert_image(data: bytes, sizes: tuple[Size, ...], resolution: int, centering: tuple[float, float],
+                  masks: bool = False) -> Converted:
     """Convert, crop and encode one image as PNG; with its sizes, its crop and its square at `resolution`,
     which its drift features are measured on whatever its bucket, because monitoring measures new batches
-    that way (`load_training_image`)."""
+    that way (`load_training_image`). With `masks`, its alpha channel cropped to the same box, if it has one."""
     with Image.open(io.BytesIO(data)) as opened:
         image = to_rgb(opened)
+        mask = alpha_mask(opened) if masks else None
     size = nearest_bucket(image.size, sizes)
     processed = resize_and_crop(image, size, centering)
-    encoded = io.BytesIO()
-    processed.save(encoded, format="PNG")
     square = (resolution, resolution)
     measured = processed if size == square else resize_and_crop(image, square, centering)
-    return Converted(encoded.getvalue(), size, image.size, crop_top_left(image.size, size, centering),
-                     np.asarray(measured))
+    kept_mask = None if mask is None else png_bytes(resize_and_crop(mask, size, centering))
+    return Converted(png_bytes(processed), size, image.size, crop_top_left(image.size, size, centering),
+                     np.asarray(measured), kept_mask)
 
 
 def convert_shard(task: ShardConversion) -> list[dict]:
@@ -149,7 +174,8 @@ def convert_shard(task: ShardConversion) -> list[dict]:
     converted = []
     for sample_id, centering in zip(task.ids, task.centerings, strict=True):
         try:
-            converted.append(convert_image(originals[sample_id], task.sizes, task.resolution, centering))
+            converted.append(convert_image(originals[sample_id], task.sizes, task.resolution, centering,
+                                           task.masks))
         except Exception as error:  # any decoder or writer failure: the message must name the image
             problem = f"{type(error).__name__}: {error}"
             raise ValueError(f"preprocess: image {sample_id} of {task.source}: {problem}") from error
@@ -158,6 +184,11 @@ def convert_shard(task: ShardConversion) -> list[dict]:
                    original_width=[c.original[0] for c in converted], original_height=[c.original[1] for c in converted],
                    crop_left=[c.crop[0] for c in converted], crop_top=[c.crop[1] for c in converted])
     columns |= image_features(np.stack([c.square for c in converted])).to_dict("list")
+    if task.masks:
+        masks = [c.mask for c in converted]
+        columns |= {MASK: pa.array(masks, pa.binary()),
+                    MASK_SHA256: pa.array([None if m is None else hashlib.sha256(m).hexdigest() for m in masks],
+                                          pa.string())}
     write_shard(task.target, task.ids, [c.png for c in converted], columns)
     return []
 
@@ -209,7 +240,8 @@ def planned_manifest(params: PreprocessParams, paths: Paths) -> pd.DataFrame:
     ids = manifest["id"].tolist()
     manifest["centering"] = [crop_centering(i, params.crop, params.seed) for i in ids]
     manifest["crop"] = [crop_label(centering) for centering in manifest["centering"]]
-    manifest["recipe"] = [recipe_of(i, params.resolution, sizes[split], centering) for i, split, centering
+    manifest["recipe"] = [recipe_of(i, params.resolution, sizes[split], centering, params.masks)
+                          for i, split, centering
                           in zip(ids, manifest["split"].tolist(), manifest["centering"], strict=True)]
     return with_shards(manifest)
 
@@ -226,7 +258,7 @@ def with_shards(plan: pd.DataFrame) -> pd.DataFrame:
 def conversions(plan: pd.DataFrame, params: PreprocessParams, paths: Paths, staging: Path) -> list[ShardConversion]:
     sizes = target_sizes(params)
     return [ShardConversion(paths.raw / rows["raw_shard"].iat[0], staging / shard, tuple(rows["id"]),
-                            tuple(rows["centering"]), sizes[rows["split"].iat[0]], params.resolution)
+                            tuple(rows["centering"]), sizes[rows["split"].iat[0]], params.resolution, params.masks)
             for shard, rows in plan.groupby("shard", sort=False)]
 
 
@@ -249,7 +281,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 def write_outputs(plan: pd.DataFrame, params: PreprocessParams, ray: RayParams, paths: Paths,
                   staging: Path) -> pd.DataFrame:
     """Link the shards the previous run wrote under the same names and convert the rest into `staging`; the
-    plan with OUTPUT_TYPES' columns (read back from the shards) and `reused` (bool) added."""
+    plan with output_types' columns (read back from the shards) and `reused` (bool) added."""
     (staging / SHARDS_DIR).mkdir()
     reused = {shard for shard, rows in plan.groupby("shard", sort=False)
               if holds_exactly(paths.processed / shard, rows["id"])}
@@ -257,11 +289,12 @@ def write_outputs(plan: pd.DataFrame, params: PreprocessParams, ray: RayParams, 
         link_or_copy(paths.processed / shard, staging / shard)
     todo = plan[~plan["shard"].isin(reused)]
     run_tasks(convert_shard, conversions(todo, params, paths, staging), ray, "preprocess")
-    outputs = pd.concat([read_shard(staging / shard, list(OUTPUT_TYPES)).assign(shard=shard)
+    types = output_types(params.masks)
+    outputs = pd.concat([read_shard(staging / shard, list(types)).assign(shard=shard)
                          for shard in plan["shard"].unique()])
     columns = plan[["id", "shard"]].merge(outputs.reset_index(), on=["id", "shard"], how="left")
     columns.index = plan.index
-    return pd.concat([plan, columns[list(OUTPUT_TYPES)].astype(OUTPUT_TYPES)], axis=1).assign(
+    return pd.concat([plan, columns[list(types)].astype(types)], axis=1).assign(
         reused=plan["shard"].isin(reused))
 
 
@@ -275,7 +308,7 @@ def preprocess(params: PreprocessParams, paths: Paths, ray: RayParams = RayParam
         processed = write_outputs(plan, params, ray, paths, staging)
         for split in SPLITS:
             rows = processed[processed["split"] == split]
-            rows[list(PROCESSED_MANIFEST_COLUMNS)].to_parquet(staging / split / MANIFEST, index=False)
+            rows[list(processed_columns(params.masks))].to_parquet(staging / split / MANIFEST, index=False)
         save_reference(staging, processed[processed["split"] == "train"])
     counts = {split: int((processed["split"] == split).sum()) for split in SPLITS}
     counts.update(converted=int((~processed["reused"]).sum()), reused=int(processed["reused"].sum()),

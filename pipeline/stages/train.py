@@ -50,11 +50,11 @@ from pipeline.contracts.latents import EMPTY_PROMPT_ROW, CachedLatents, MappedRo
 from pipeline.contracts.paths import Paths
 from pipeline.contracts.records import LOSS_PLOT, TRAIN_METRICS, write_loss_curve
 from pipeline.core.atomic import write_json
-from pipeline.core.config import Params, TrainParams
+from pipeline.core.config import MaskedLossParams, Params, TrainParams
 from pipeline.core.errors import UserError
 from pipeline.core.source_params import with_trigger
 from pipeline.data.images import image_grid
-from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS, weighted_mse
+from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS, PixelWeights, mask_weights, weighted_mse
 from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.tracking.runs import training_run
 from pipeline.training.best import BestKeeper
@@ -128,6 +128,7 @@ class Batch:
     latents: torch.Tensor
     conditioning: dict[str, torch.Tensor]
     image_sizes: torch.Tensor  # per sample: original height and width, crop top and left, height and width
+    pixel_weights: PixelWeights | None = None  # train.masked_loss: each latent pixel's weight; None: unmasked
 
 
 @dataclass(frozen=True)
@@ -152,19 +153,40 @@ class Conditioning:
 
 
 def make_batch(cache: CachedLatents, conditioning: Conditioning, group_index: int, positions: torch.Tensor, *,
-               to_denoiser, caption_dropout: float, random_flip: bool, generator: torch.Generator) -> Batch:
+               to_denoiser, caption_dropout: float, random_flip: bool, generator: torch.Generator,
+               masked_loss: MaskedLossParams | None = None) -> Batch:
     """Latents sampled from the cached posteriors (in the denoiser's space, `to_denoiser`: the family's latent
-    space's normalisation; half of them mirrored when flipping), and their captions with dropout."""
+    space's normalisation; half of them mirrored when flipping), and their captions with dropout; with an enabled
+    `masked_loss`, the weights of their masks (a mirrored sample's mirrored mask)."""
     group = cache.groups[group_index]
     mean, std = group.mean[positions].float(), group.std[positions].float()
     noise = torch.randn(mean.shape, generator=generator)
+    masked = masked_loss is not None and masked_loss.enabled
+    masks = group.mask[positions] if masked else None
     if random_flip:
         mirrored = (torch.rand(len(positions), generator=generator) < 0.5)[:, None, None, None]
         mean = torch.where(mirrored, group.flip_mean[positions].float(), mean)
         std = torch.where(mirrored, group.flip_std[positions].float(), std)
+        masks = torch.where(mirrored, group.flip_mask[positions], masks) if masked else None
     latents = to_denoiser(mean + std * noise)
     samples = group.rows[positions]
-    return Batch(latents, conditioning.for_samples(samples, caption_dropout, generator), cache.image_sizes[samples])
+    pixels = mask_weights(masks, masked_loss.unmasked_weight, masked_loss.normalize_by_area) if masked else None
+    return Batch(latents, conditioning.for_samples(samples, caption_dropout, generator), cache.image_sizes[samples],
+                 pixels)
+
+
+def check_masks(masked_loss: MaskedLossParams, cache: CachedLatents) -> None:
+    """A masked loss over data without masks would silently be the plain loss: refuse it, saying why."""
+    if not masked_loss.enabled:
+        return
+    if cache.groups[0].mask is None:
+        raise ValueError("train: train.masked_loss.enabled but data/latents holds no masks; run preprocess and encode "
+                         "again with preprocess.masks: true (dvc repro does)")
+    if not cache.masked_samples:
+        raise ValueError("train: train.masked_loss.enabled but no training image has a mask (none has an alpha "
+                         "channel); give the images transparency, or set train.masked_loss.enabled: false")
+    log.info("train: masked loss on %d of %d training images (the others weigh 1 everywhere)", cache.masked_samples,
+             len(cache))
 
 
 def diffusion_loss(model: Model, batch: Batch, settings: TrainParams, generator: torch.Generator,
@@ -172,7 +194,7 @@ def diffusion_loss(model: Model, batch: Batch, settings: TrainParams, generator:
     noisy = model.objective.training_batch(batch.latents.to(device), generator, settings.noise_offset)
     conditioning = model.condition({name: value.to(device) for name, value in batch.conditioning.items()})
     prediction = model.family.predict(model.denoiser, noisy.noisy, noisy.timesteps, conditioning, batch.image_sizes)
-    return weighted_mse(prediction, noisy.target, noisy.weights)
+    return weighted_mse(prediction, noisy.target, noisy.weights, batch.pixel_weights)
 
 
 @dataclass
@@ -338,7 +360,7 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughpu
                                                                    accelerator.process_index))
             batch = make_batch(run.cache, run.conditioning, group, positions, to_denoiser=model.denoiser_latents,
                                caption_dropout=settings.caption_dropout, random_flip=settings.random_flip,
-                               generator=generator)
+                               generator=generator, masked_loss=settings.masked_loss)
             images += len(positions) * accelerator.num_processes
             with accelerator.accumulate(*model.trained_modules()), accelerator.autocast():
                 if run.prior is None:
@@ -460,6 +482,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
                               gradient_accumulation_steps=settings.gradient_accumulation_steps)
     device = accelerator.device
     cache, val = load_latents(paths.latents, "train"), load_latents(paths.latents, "val")
+    check_masks(settings.masked_loss, cache)
     if len(cache) < accelerator.num_processes:
         raise ValueError(f"train: {len(cache)} training samples cannot feed {accelerator.num_processes} processes")
     model = build_model(params.model, params.train, paths, cache, val)

@@ -10,7 +10,9 @@ the base model drew it.
   with its LoRA layers switched off, one forward without gradients), weighted by `prior_loss_weight`. At step 0
   the LoRA layers add nothing (peft initialises B to zero), so this term starts at 0.
 
-A run without a prior never comes here: train's own loss is unchanged.
+A run without a prior never comes here: train's own loss is unchanged. With `train.masked_loss` each sample's
+diffusion loss is weighted by its mask (class images by their own, or 1 everywhere); the prediction prior's term
+compares with the base model over the whole image, unmasked: the class is preserved everywhere.
 """
 
 from __future__ import annotations
@@ -24,14 +26,8 @@ from accelerate.utils import extract_model_from_parallel
 from pipeline.contracts.latents import CachedLatents, MappedRows
 from pipeline.core.config import TrainParams
 from pipeline.core.prior_params import IMAGE_PRIOR, PREDICTION_PRIOR, PriorParams
-from pipeline.diffusion.schedule import weighted_mse
+from pipeline.diffusion.schedule import per_sample_mse, weighted_mse
 from pipeline.training.validation import adapters_disabled
-
-
-def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Each sample's mean squared error, times its loss weight (min-SNR, flow weighting) where there is one."""
-    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1)
-    return per_sample if weights is None else per_sample * weights.float()
 
 
 def dreambooth_loss(per_sample: torch.Tensor, is_class: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
@@ -56,7 +52,7 @@ class ImagePrior:
         prediction = model.family.predict(model.denoiser, noisy.noisy, noisy.timesteps, conditioning,
                                           batch.image_sizes)
         is_class = torch.from_numpy(self.is_class[samples.numpy()]).to(device)
-        return dreambooth_loss(per_sample_mse(prediction, noisy.target, noisy.weights), is_class,
+        return dreambooth_loss(per_sample_mse(prediction, noisy.target, noisy.weights, batch.pixel_weights), is_class,
                                self.prior_loss_weight)
 
 
@@ -85,7 +81,7 @@ class PredictionPrior:
         base = extract_model_from_parallel(model.denoiser)  # around DDP: a forward that no backward follows
         with torch.no_grad(), adapters_disabled(base):
             target = model.family.predict(base, noisy.noisy, noisy.timesteps, reference, batch.image_sizes)
-        return (weighted_mse(prediction, noisy.target, noisy.weights)
+        return (weighted_mse(prediction, noisy.target, noisy.weights, batch.pixel_weights)
                 + self.prior_loss_weight * weighted_mse(class_prediction, target, noisy.weights))
 
 
