@@ -1,26 +1,29 @@
-"""Subject fine-tuning on a CPU: teach the shapes' tiny sd model a colour it has never seen (a magenta circle, named
-by the trigger word `sks`) from 12 images, with no prior, the image prior and the prediction prior, and measure
-how often "a sks circle" draws the subject and how far the class prompts ("a red circle", ...) drift from the base.
+"""Subject fine-tuning on a CPU: teach the shapes' tiny sd model a shape it has never seen (a blue bar, a square
+half as high as wide, named by the trigger word `sks`) from 12 images, with no prior, the image prior and the
+prediction prior, and measure how often "a sks square" draws the subject and how far the class prompts ("a red
+square", ...) drift from the base.
 
     python bench/subject.py --root /tmp/subject-bench    # base (trained once, kept in --root) + the three runs
     python bench/subject.py --smoke                      # a few steps and samples: the bench runs, no figures
     python bench/subject.py --root /tmp/subject-bench --prior prediction --steps 600 --learning-rate 2e-3
 
 The base is bench/families.py's sd run at params.yaml's defaults (1500 steps on the 3,000 synthetic shapes), a
-plain diffusers folder; a root that holds it already (from either bench) trains nothing. The subject is twelve
-magenta circles drawn like the synthetic set's shapes and captioned "a sks circle" (the trigger takes the colour's
-place in the data's own captions); magenta is in no caption and no image of the base's data. Each run is a LoRA
-fine-tune from the base, built with the pipeline's own stages (class_images, ingest, preprocess, vae, encode,
-train; validation skipped: every render is valid), same steps, seed and data; only train.prior differs:
-none; images (the base renders `num_class_images` of CLASS_PROMPT, the class subset at half of each batch);
-prediction (the base's own prediction for the caption with the trigger dropped, "a circle", is the class target).
+plain diffusers folder; a root that holds it already (from either bench) trains nothing. The subject is twelve blue
+bars placed like the synthetic set's shapes and captioned "a sks square"; the base's data has only squares as wide
+as high. (A new colour cannot be taught at this scale: the base's VAE, trained on four colours, decodes a magenta
+circle as an olive one, so no LoRA of the denoiser can draw it; `vae_round_trip_hit_rate` is the subject images'
+hit rate after the base's VAE, the ceiling of any fine-tune.) Each run is a LoRA fine-tune from the base, built
+with the pipeline's own stages (class_images, ingest, preprocess, vae, encode, train; validation skipped: every
+render is valid), same steps, seed and data; only train.prior differs: none; images (the base renders
+`num_class_images` of CLASS_PROMPT, the class subset at half of each batch); prediction (the base's own prediction
+for the caption with the trigger dropped, "a square", is the class target).
 
 Measured on the base and each run, at evaluate's sampler settings:
-- trigger hit rate: the share of TRIGGER_PROMPTS x TRIGGER_SEEDS samples (48) that the subject reader reads as a
-  magenta circle (the shape reader of pipeline/evaluation/shape_adherence.py with magenta added to its palette;
-  tests/test_bench_subject.py checks it on rendered magenta and palette shapes);
+- trigger hit rate: the share of TRIGGER_PROMPTS x TRIGGER_SEEDS samples (48) read as a blue bar (the shape
+  reader of pipeline/evaluation/shape_adherence.py: its colour, its "square" fill, and a box at least 1.5 times as
+  wide as high; tests/test_bench_subject.py checks it on rendered bars and on the synthetic set's shapes);
 - class adherence: evaluate's metric, its prompts and seed sets (12 colour-and-shape prompts x 4 seeds x 3 sets),
-  and its drift from the base's on the same seeds; subject leak: the share of those class samples read as magenta.
+  and its drift from the base's on the same seeds; subject leak: the share of those class samples read as bars.
 CPU minutes are this process's CPU time (all threads) while training, and while rendering the class images.
 """
 
@@ -40,21 +43,23 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]  # runs from a plain copy of the
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from families import bench_params, encoded_project, merged, prepare_data, run_folder  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from pipeline.contracts.data import MANIFEST  # noqa: E402
 from pipeline.contracts.paths import Paths  # noqa: E402
 from pipeline.core.config import Params  # noqa: E402
 from pipeline.core.params_file import parse_params  # noqa: E402
 from pipeline.core.prior_params import CLASS_IMAGES  # noqa: E402
-from pipeline.data.shapes import COLOURS, render_shape  # noqa: E402
-from pipeline.evaluation.shape_adherence import MIN_FOREGROUND_PIXELS, foreground_mask, shape_from_mask  # noqa: E402
+from pipeline.data.shapes import COLOURS, SUPERSAMPLE  # noqa: E402
+from pipeline.evaluation.shape_adherence import (  # noqa: E402
+    MIN_FOREGROUND_PIXELS, foreground_mask, nearest_colour, shape_from_mask)
 
-TRIGGER, SUBJECT_COLOUR, SUBJECT_FILL, CLASS_SHAPE = "sks", "magenta", (210, 40, 210), "circle"
+TRIGGER, SUBJECT_COLOUR, CLASS_SHAPE = "sks", "blue", "square"  # the subject: a blue bar, a square half as high
 SUBJECT_IMAGES = 12
-INSTANCE_PROMPT = "a {trigger} circle"
-CLASS_PROMPT = "a circle"  # the image prior's class images; the prediction prior's class prompt is the same words
-TRIGGER_PROMPTS = ("a sks circle", "a sks circle on a light background", "a picture of a sks circle")
+INSTANCE_PROMPT = "a {trigger} square"
+CLASS_PROMPT = "a square"  # the image prior's class images; the prediction prior's class prompt is the same words
+MIN_BAR_ASPECT = 1.5  # the subject is twice as wide as high; the data's squares are as wide as high
+TRIGGER_PROMPTS = ("a sks square", "a sks square on a light background", "a picture of a sks square")
 TRIGGER_SEEDS = 16
 PRIORS = ("none", "images", "prediction")
 TARGET_HIT_RATE, TARGET_DRIFT = 0.9, 0.05
@@ -64,38 +69,49 @@ SMOKE = dict(steps=3, batch_size=4, num_class_images=4, trigger_seeds=1,
              evaluate={"samples_per_prompt": 1, "stability_repeats": 1, "num_inference_steps": 2})
 
 
-def subject_colour_of(image: Image.Image) -> str | None:
-    """The nearest of the palette and magenta to the foreground's mean colour (as the shape reader reads it)."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-    mask = foreground_mask(pixels)
-    if mask.sum() < MIN_FOREGROUND_PIXELS:
-        return None
-    palette = COLOURS | {SUBJECT_COLOUR: SUBJECT_FILL}
-    names = list(palette)
-    distances = np.linalg.norm(np.array([palette[name] for name in names]) - pixels[mask].mean(axis=0), axis=1)
-    return names[int(np.argmin(distances))]
+def is_bar(mask: np.ndarray) -> bool:
+    """The shape reader's "square" (its box filled) at least MIN_BAR_ASPECT times as wide as it is high."""
+    rows, cols = np.nonzero(mask)
+    aspect = (cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1)
+    return shape_from_mask(mask) == "square" and aspect >= MIN_BAR_ASPECT
+
+
+def draws_a_bar(image: Image.Image) -> bool:
+    mask = foreground_mask(np.asarray(image.convert("RGB"), dtype=np.float64))
+    return mask.sum() >= MIN_FOREGROUND_PIXELS and is_bar(mask)
 
 
 def draws_the_subject(image: Image.Image) -> bool:
+    """A blue bar, its colour read as the shape reader reads it."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     mask = foreground_mask(pixels)
-    return subject_colour_of(image) == SUBJECT_COLOUR and shape_from_mask(mask) == CLASS_SHAPE
+    return draws_a_bar(image) and nearest_colour(pixels[mask].mean(axis=0)) == SUBJECT_COLOUR
+
+
+def render_bar(resolution: int, *, size: float, left: float, top: float, background: int,
+               colour: str = SUBJECT_COLOUR) -> Image.Image:
+    """A rectangle `size` wide and half as high, drawn as pipeline/data/shapes.py draws its shapes (supersampled,
+    downscaled)."""
+    canvas = Image.new("RGB", (resolution * SUPERSAMPLE,) * 2, (background,) * 3)
+    box = [value * SUPERSAMPLE for value in (left, top, left + size, top + size / 2)]
+    ImageDraw.Draw(canvas).rectangle(box, fill=COLOURS[colour])
+    return canvas.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
 def render_subject(folder: Path, resolution: int, count: int = SUBJECT_IMAGES, seed: int = 1) -> None:
-    """Magenta circles drawn as the synthetic set draws its shapes: random size, position and light background."""
+    """Blue bars placed as the synthetic set places its shapes: random size, position and light background."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for index in range(count):
         size = float(rng.uniform(0.4, 0.8)) * resolution
         left, top = (float(rng.uniform(0, resolution - size)) for _ in range(2))
-        render_shape(SUBJECT_FILL, CLASS_SHAPE, resolution=resolution, size=size, left=left, top=top,
-                     background=int(rng.integers(225, 256))).save(folder / f"{index:02d}.png")
+        render_bar(resolution, size=size, left=left, top=top + size / 4,
+                   background=int(rng.integers(225, 256))).save(folder / f"{index:02d}.png")
 
 
 def vae_round_trip_hit_rate(base: Path, folder: Path) -> float:
     """The share of the subject images still read as the subject after the base's VAE encodes and decodes them:
-    the base's VAE never saw magenta, and a subject it cannot draw no LoRA of the denoiser can teach."""
+    a subject the base's VAE cannot draw no LoRA of the denoiser can teach (it turned magenta olive green)."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -197,11 +213,10 @@ def measure(model: Path, params: Params, trigger_seeds: int) -> dict:
                                     evaluate.model_copy(update={"samples_per_prompt": trigger_seeds}))
     trigger_images = [image for images in trigger_rows for image in images]
     return dict(trigger_hit_rate=float(np.mean([draws_the_subject(image) for image in trigger_images])),
-                trigger_colour_rate=float(np.mean([subject_colour_of(image) == SUBJECT_COLOUR
-                                                   for image in trigger_images])),
+                trigger_bar_rate=float(np.mean([draws_a_bar(image) for image in trigger_images])),
                 trigger_samples=len(trigger_images),
                 class_adherence=float(np.mean(adherence)), class_samples=len(class_images),
-                subject_leak=float(np.mean([subject_colour_of(image) == SUBJECT_COLOUR for image in class_images])))
+                subject_leak=float(np.mean([draws_a_bar(image) for image in class_images])))
 
 
 def table(results: list[dict]) -> str:

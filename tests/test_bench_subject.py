@@ -1,5 +1,5 @@
-"""bench/subject.py: its subject reader tells the subject (a magenta circle) from the synthetic set's shapes, and its
-smoke mode runs the whole bench (base, fine-tune, measures) on a CPU."""
+"""bench/subject.py: its subject reader tells the subject (a blue bar) from the synthetic set's shapes, and its smoke
+mode runs the whole bench (base, fine-tune, measures) on a CPU."""
 
 import importlib.util
 import io
@@ -7,10 +7,9 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 from PIL import Image
 
-from pipeline.data.shapes import COLOURS, SHAPES, render_samples, render_shape
+from pipeline.data.shapes import COLOURS, render_samples
 
 from .conftest import REPO
 
@@ -29,18 +28,13 @@ def test_the_subject_reader_reads_the_rendered_subject_and_none_of_the_synthetic
     assert len(subject) == bench.SUBJECT_IMAGES
     assert all(bench.draws_the_subject(image) for image in subject)
 
-    shapes = [Image.open(io.BytesIO(sample.png)) for sample in render_samples(count=120, resolution=32,
-                                                                                              seed=3)]
-    assert not any(bench.draws_the_subject(image) for image in shapes), "the base's data holds no magenta"
-    assert {bench.subject_colour_of(image) for image in shapes} == set(COLOURS), "each palette colour reads as itself"
-
-    rng = np.random.default_rng(0)
-    for shape in set(SHAPES) - {bench.CLASS_SHAPE}:
-        image = render_shape(bench.SUBJECT_FILL, shape, resolution=32, size=float(rng.uniform(13, 25)), left=3, top=3,
-                             background=240)
-        assert bench.subject_colour_of(image) == bench.SUBJECT_COLOUR and not bench.draws_the_subject(image), shape
+    shapes = [Image.open(io.BytesIO(sample.png)) for sample in render_samples(count=300, resolution=32, seed=3)]
+    assert not any(bench.draws_a_bar(image) for image in shapes), "the base's data holds no bar"
+    for colour in set(COLOURS) - {bench.SUBJECT_COLOUR}:
+        other = bench.render_bar(32, size=20, left=6, top=11, background=240, colour=colour)
+        assert bench.draws_a_bar(other) and not bench.draws_the_subject(other), f"a {colour} bar is not the subject"
     blank = Image.new("RGB", (32, 32), (240, 240, 240))
-    assert bench.subject_colour_of(blank) is None and not bench.draws_the_subject(blank)
+    assert not bench.draws_a_bar(blank) and not bench.draws_the_subject(blank)
 
 
 def test_smoke_bench_trains_the_base_fine_tunes_it_and_measures_both(tmp_path):
@@ -54,6 +48,7 @@ def test_smoke_bench_trains_the_base_fine_tunes_it_and_measures_both(tmp_path):
     for result in (base, prediction):
         assert result["trigger_samples"] == 3 and result["class_samples"] == 12
         assert 0 <= result["trigger_hit_rate"] <= 1 and 0 <= result["class_adherence"] <= 1
+    assert 0 <= base["vae_round_trip_hit_rate"] <= 1
     assert prediction["drift"] == prediction["class_adherence"] - base["class_adherence"]
     assert prediction["train_cpu_minutes"] > 0
     assert (tmp_path / "root" / "subject-runs" / "prediction-3-0.002-r4-w1" / "models" / "sd"
