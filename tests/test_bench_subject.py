@@ -4,6 +4,7 @@ mode runs the whole bench (base, fine-tune, measures) on a CPU."""
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -41,7 +42,8 @@ def test_smoke_bench_trains_the_base_fine_tunes_it_and_measures_both(tmp_path):
     out = tmp_path / "results.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "subject.py"), "--smoke", "--prior", "prediction",
                            "--root", str(tmp_path / "root"), "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     base, prediction = json.loads(out.read_text())
     assert base["prior"] == "base" and prediction["prior"] == "prediction"
