@@ -56,10 +56,12 @@ from pipeline.evaluation.shape_adherence import (  # noqa: E402
 
 TRIGGER, SUBJECT_COLOUR, CLASS_SHAPE = "sks", "blue", "square"  # the subject: a blue bar, a square half as high
 SUBJECT_IMAGES = 12
-INSTANCE_PROMPT = "a {trigger} square"
-CLASS_PROMPT = "a square"  # the image prior's class images; the prediction prior's class prompt is the same words
+INSTANCE_PROMPT = "a blue {trigger} square"
+# the image prior's class images, and the prediction prior's class prompt (the caption, trigger dropped): a caption
+# of the base's data ("a square", which it never saw, made the class images no class)
+CLASS_PROMPT = "a blue square"
 MIN_BAR_ASPECT = 1.5  # the subject is twice as wide as high; the data's squares are as wide as high
-TRIGGER_PROMPTS = ("a sks square", "a sks square on a light background", "a picture of a sks square")
+TRIGGER_PROMPTS = ("a blue sks square", "a blue sks square on a light background", "a picture of a blue sks square")
 TRIGGER_SEEDS = 16
 PRIORS = ("none", "images", "prediction")
 TARGET_HIT_RATE, TARGET_DRIFT = 0.9, 0.05
