@@ -1,6 +1,6 @@
 """Subject fine-tuning on a CPU: teach the shapes' tiny sd model a shape it has never seen (a blue bar, a square
 half as high as wide, named by the trigger word `sks`) from 12 images, with no prior, the image prior and the
-prediction prior, and measure how often "a sks square" draws the subject and how far the class prompts ("a red
+prediction prior, and measure how often "a blue sks square" draws the subject and how far the class prompts ("a red
 square", ...) drift from the base.
 
     python bench/subject.py --root /tmp/subject-bench    # base (trained once, kept in --root) + the three runs
@@ -9,14 +9,14 @@ square", ...) drift from the base.
 
 The base is bench/families.py's sd run at params.yaml's defaults (1500 steps on the 3,000 synthetic shapes), a
 plain diffusers folder; a root that holds it already (from either bench) trains nothing. The subject is twelve blue
-bars placed like the synthetic set's shapes and captioned "a sks square"; the base's data has only squares as wide
+bars placed like the synthetic set's shapes and captioned "a blue sks square"; the base's data has only squares as wide
 as high. (A new colour cannot be taught at this scale: the base's VAE, trained on four colours, decodes a magenta
 circle as an olive one, so no LoRA of the denoiser can draw it; `vae_round_trip_hit_rate` is the subject images'
 hit rate after the base's VAE, the ceiling of any fine-tune.) Each run is a LoRA fine-tune from the base, built
 with the pipeline's own stages (class_images, ingest, preprocess, vae, encode, train; validation skipped: every
 render is valid), same steps, seed and data; only train.prior differs: none; images (the base renders
 `num_class_images` of CLASS_PROMPT, the class subset at half of each batch); prediction (the base's own prediction
-for the caption with the trigger dropped, "a square", is the class target).
+for the caption with the trigger dropped, "a blue square", is the class target).
 
 Measured on the base and each run, at evaluate's sampler settings:
 - trigger hit rate: the share of TRIGGER_PROMPTS x TRIGGER_SEEDS samples (48) read as a blue bar (the shape
