@@ -264,6 +264,17 @@ def save_random_base_model(folder: Path, family: str = "sd") -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, str]:
+    """A tiny pretrained folder per family, saved when a test first asks for it."""
+    class Bases(dict):
+        def __missing__(self, family: str) -> str:
+            self[family] = str(save_random_base_model(tmp_path_factory.mktemp(family) / f"tiny-{family}", family))
+            return self[family]
+
+    return Bases()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The address of a real two-node Ray cluster on this machine (tests/ray_cluster.py), for the session."""

@@ -27,23 +27,12 @@ from pipeline.stages.train import train
 from pipeline.training.export import LORA_WEIGHTS
 from pipeline.training.modules import denoiser_weights_mb
 
-from .conftest import merge, save_random_base_model, tiny_params_dict
+from .conftest import merge, tiny_params_dict
 from .test_finetune import finetune_params, project
 from .test_model_card import LORA_PIXEL_TOLERANCE, assert_card_draws_as_sdpipe
 from .test_pipeline_e2e import _run, copy_repository, stages_run
 
 FINETUNED = ("sdxl", "sd3", "flux", "chroma", "zimage", "flux2", "qwenimage")
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory) -> dict[str, str]:
-    """A tiny pretrained folder per family, saved when a test first asks for it."""
-    class Bases(dict):
-        def __missing__(self, family: str) -> str:
-            self[family] = str(save_random_base_model(tmp_path_factory.mktemp(family) / f"tiny-{family}", family))
-            return self[family]
-
-    return Bases()
 
 
 @torch.no_grad()

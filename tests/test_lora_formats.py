@@ -10,14 +10,6 @@ from pipeline.diffusion.families import family_named
 from pipeline.training.lora_formats import KOHYA_LORA_WEIGHTS, kohya_layers, save_kohya_lora
 from pipeline.training.modules import lora_config
 
-from .conftest import save_random_base_model
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("bases")
-    return {family: save_random_base_model(folder / family, family) for family in ("sd", "sdxl", "flux")}
-
 
 def pipeline_with_trained_lora(family, base, settings: LoraParams):
     """The base pipeline with the LoRA layers sdpipe trains, their up weights (and DoRA magnitudes) moved away

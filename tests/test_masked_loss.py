@@ -24,7 +24,7 @@ from pipeline.stages.train import Conditioning, make_batch, train
 from pipeline.stages.validate import validate
 from pipeline.stages.vae import vae_stage
 
-from .conftest import merge, save_random_base_model, tiny_params_dict
+from .conftest import merge, tiny_params_dict
 
 
 def write_cutout(path, seed: int, size: tuple[int, int], alpha: bool = True) -> None:
@@ -168,16 +168,6 @@ def test_the_masked_loss_on_fixed_tensors():
         "composes with the per-sample weights (min-SNR, flow weighting)"
     empty = per_sample_mse(prediction, target, None, mask_weights(torch.zeros(2, 1, 4, 4), 0.0, True))
     assert torch.equal(empty, torch.zeros(2)), "an empty mask with no floor: 0, not NaN"
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory) -> dict[str, str]:
-    class Bases(dict):
-        def __missing__(self, family: str) -> str:
-            self[family] = str(save_random_base_model(tmp_path_factory.mktemp(family) / f"tiny-{family}", family))
-            return self[family]
-
-    return Bases()
 
 
 SIZES = [(40, 32), (32, 48), (48, 32), (32, 32), (36, 32), (32, 40), (44, 36), (40, 40), (32, 44), (48, 40)]
