@@ -22,7 +22,9 @@ from pipeline.core.atomic import atomic_file
 
 SHARDS_DIR = "shards"
 IMAGE = "image"
-MASK = "mask"  # data/processed with preprocess.masks: the image's mask as PNG ("L") bytes, null where it has none
+# data/raw: the bytes of the mask file a source paired with the image (a shard without any has no such column);
+# data/processed with preprocess.masks: the image's mask as PNG ("L") bytes. Null where an image has none.
+MASK = "mask"
 ROW_GROUP_SIZE = 100  # images a reader decodes at a time
 
 
@@ -51,6 +53,15 @@ def read_shard(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame
 def shard_images(path: Path) -> pd.Series:
     """A shard's image bytes, indexed by id."""
     return read_shard(path, [IMAGE])[IMAGE]
+
+
+def shard_masks(path: Path) -> pd.Series:
+    """A data/raw shard's mask files' bytes, indexed by id (None for an image without); empty where it has none."""
+    try:
+        has_masks = MASK in pq.read_schema(path).names
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(f"{path}: not a readable image shard ({error})") from error
+    return read_shard(path, [MASK])[MASK] if has_masks else pd.Series(dtype=object)
 
 
 def image_bytes(root: Path, rows: pd.DataFrame) -> list[bytes]:

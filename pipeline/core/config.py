@@ -39,8 +39,8 @@ class PreprocessParams(Section):
     bucketing: bool = Field(False, description="train images keep their aspect ratio in buckets; val stays square")
     bucket_step: int = Field(8, ge=8, description="bucket sides are multiples of this; 64 for Stable Diffusion UNets")
     max_bucket_ratio: float = Field(2.0, ge=1, description="the most elongated bucket, long side / short side")
-    masks: bool = Field(False, description="keep each image's alpha channel as its mask, cropped like the image "
-                                           "(train.masked_loss); off: transparency is composited onto white only")
+    masks: bool = Field(False, description="keep each image's mask (its mask file, else its alpha channel), cropped "
+                                           "like the image (train.masked_loss); off: masks are not used")
 
     @field_validator("resolution")
     @classmethod

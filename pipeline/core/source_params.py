@@ -24,6 +24,7 @@ class SyntheticSource(Section):
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MASK_SUFFIX = "-masklabel.png"
 
 
 class FolderSource(Section):
@@ -34,6 +35,8 @@ class FolderSource(Section):
     caption_extension: str = Field(".txt", description="sidecar caption file: photo.jpg + photo.txt")
     label_template: str | None = Field("a photo of a {label}", description="caption for class sub-folders")
     extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="image files read, by extension (any case)")
+    mask_suffix: str = Field(MASK_SUFFIX, description="mask file beside an image: photo.jpg + photo-masklabel.png "
+                                                     "(OneTrainer's name; white trains, black is ignored)")
 
     @field_validator("caption_extension")
     @classmethod
@@ -49,6 +52,13 @@ class FolderSource(Section):
             raise ValueError("must list at least one extension, each starting with a dot, like .png")
         return tuple(extension.lower() for extension in value)
 
+    @field_validator("mask_suffix")
+    @classmethod
+    def _is_a_file_ending(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty (every file would be a mask), like -masklabel.png")
+        return value
+
     @field_validator("label_template")
     @classmethod
     def _names_the_label(cls, value: str | None) -> str | None:
@@ -63,6 +73,8 @@ class ManifestSource(Section):
     path: str = Field(description="the manifest file, relative to the project root unless absolute")
     path_column: str = Field("path", description="column of image paths, relative to the manifest file")
     caption_column: str = Field("text", description="column of captions")
+    mask_column: str | None = Field(None, description="column of mask files (relative to the manifest; empty: no "
+                                                      "mask), white trains and black is ignored")
 
 
 class HfSource(Section):

@@ -19,6 +19,7 @@ WHITE = (255, 255, 255)
 CENTRE = (0.5, 0.5)
 GRID_ZOOM = 4  # sample grids of 32 px images are looked at by people: nearest-neighbour x4
 INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16- and 32-bit integer pixels
+ORIENTATION, TURNED_ORIENTATIONS = 0x0112, (5, 6, 7, 8)  # the EXIF tag, and its values that swap width and height
 ImageSource = Path | bytes | None  # a file, an image's bytes (from a shard), or nothing found
 
 
@@ -68,8 +69,33 @@ def opened(source: ImageSource) -> Path | io.BytesIO:
     return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
-def content_id(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def content_id(data: bytes, mask: bytes | None = None) -> str:
+    """A sample's id: the hash of its bytes, and of its mask file's where it has one (a new mask, a new sample)."""
+    digest = hashlib.sha256(data)
+    if mask is not None:
+        digest.update(b"\0mask\0" + mask)
+    return digest.hexdigest()
+
+
+def upright_size(data: bytes) -> tuple[int, int]:
+    """(width, height) as the image is shown, after its EXIF orientation; from the header only."""
+    with pixel_limit(None), Image.open(io.BytesIO(data)) as image:
+        turned = image.getexif().get(ORIENTATION) in TURNED_ORIENTATIONS
+        return (image.height, image.width) if turned else (image.width, image.height)
+
+
+def mask_problem(image: bytes, mask: bytes, mask_name: str) -> str:
+    """Why a mask file cannot be its image's mask, or '' when it can: it opens, and is as large as the image
+    (both as shown, after their EXIF orientation)."""
+    try:
+        mask_size = upright_size(mask)
+    except (OSError, ValueError) as exc:
+        return f"its mask file {mask_name} is not an image Pillow can open ({type(exc).__name__})"
+    image_size = upright_size(image)
+    if mask_size != image_size:
+        return (f"its mask file {mask_name} is {mask_size[0]}x{mask_size[1]} pixels but the image is "
+                f"{image_size[0]}x{image_size[1]}")
+    return ""
 
 
 def describe_image(data: bytes) -> tuple[int, int, str]:
@@ -100,6 +126,18 @@ def alpha_mask(image: Image.Image) -> Image.Image | None:
     if image.mode in INTEGER_MODES or not has_transparency(image):
         return None
     return image.convert("RGBA").getchannel("A")
+
+
+def file_mask(data: bytes) -> Image.Image:
+    """A mask file as an 8-bit grey mask (255: the subject), upright: a colour mask counts by its brightness and
+    one with transparency by its alpha times its brightness (a transparent pixel is ignored)."""
+    with Image.open(io.BytesIO(data)) as opened:
+        image = ImageOps.exif_transpose(opened)
+        grey = integer_to_grey(image) if image.mode in INTEGER_MODES else image.convert("L")
+        if image.mode in INTEGER_MODES or not has_transparency(image):
+            return grey
+        alpha = np.asarray(image.convert("RGBA").getchannel("A"), dtype=np.uint16)
+        return Image.fromarray((np.asarray(grey, dtype=np.uint16) * alpha // 255).astype(np.uint8))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -2,7 +2,8 @@
 
 Writes into data/raw:
 - shards/raw-<hash>.parquet: the images' bytes (`pipeline.contracts.shards`), each distinct content once,
-  under its sample id (the sha256 of its bytes); each run's new images go into new shards of at most
+  under its sample id (the sha256 of its bytes, and of its mask file's where the source pairs one with it: the
+  shard's `mask` column, null for images without); each run's new images go into new shards of at most
   `ingest.shard_size`, and shards no manifest row names any more are deleted;
 - manifest.parquet: one row per sample: id, shard (relative to data/raw), caption ("" for an
   unconditional sample), width, height, format, bytes, source (its kind), origin (its name in the source),
@@ -32,14 +33,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from pipeline.contracts.data import MANIFEST, RAW_MANIFEST_COLUMNS, REJECTED, REJECTED_COLUMNS
 from pipeline.contracts.paths import Paths
-from pipeline.contracts.shards import shard_name, unreferenced_shards, write_shard
+from pipeline.contracts.shards import MASK, shard_name, unreferenced_shards, write_shard
 from pipeline.core.atomic import atomic_file, read_json, write_json
 from pipeline.core.config import RayParams
 from pipeline.core.source_params import IMPLICIT_SUBSET, SUBSETS, FolderSource, IngestParams
-from pipeline.data.images import content_id, describe_image
+from pipeline.data.images import content_id, describe_image, mask_problem
 from pipeline.data.sources import Rejected, SourceError, SourceItem, folder
 from pipeline.data.sources.configured import open_source
 from pipeline.runtime.ray_tasks import iter_tasks
@@ -71,6 +73,7 @@ def read_items(items: list[SourceItem]) -> list[dict]:
 def read_item(item: SourceItem) -> dict:
     try:
         data = item.read()
+        mask = item.mask.read_bytes() if item.mask else None
     except OSError as exc:
         return dict(name=item.name, rejected=f"cannot be read: {exc.strerror or exc}", read=False)
     if not data:
@@ -79,7 +82,11 @@ def read_item(item: SourceItem) -> dict:
         width, height, fmt = describe_image(data)
     except (OSError, ValueError) as exc:
         return dict(name=item.name, rejected=f"not an image Pillow can open ({type(exc).__name__})", read=True)
-    return dict(name=item.name, id=content_id(data), data=data, width=width, height=height, format=fmt, read=True)
+    problem = mask_problem(data, mask, item.mask.name) if item.mask else ""
+    if problem:
+        return dict(name=item.name, rejected=problem, read=True)
+    return dict(name=item.name, id=content_id(data, mask), data=data, mask=mask, width=width, height=height,
+                format=fmt, read=True)
 
 
 @dataclass
@@ -112,16 +119,19 @@ class Ingestion:
     def store_shard(self, items: list[SourceItem], results: list[dict]) -> None:
         """Take one task's results, in item order, and write the new contents as one shard."""
         contents: dict[str, bytes] = {}
+        masks: dict[str, bytes | None] = {}
         for item, result in zip(items, results, strict=True):
             self.read += result["read"]
             if "rejected" in result:
                 self.reject(Rejected(item.name, result["rejected"]))
                 continue
             if self.take_content(item, result):
-                contents[result["id"]] = result["data"]
+                contents[result["id"]], masks[result["id"]] = result["data"], result["mask"]
         if contents:
             shard = shard_name(SHARD_PREFIX, contents)
-            write_shard(self.raw / shard, list(contents), list(contents.values()))
+            has_masks = any(mask is not None for mask in masks.values())
+            write_shard(self.raw / shard, list(contents), list(contents.values()),
+                        {MASK: pa.array(list(masks.values()), pa.binary())} if has_masks else None)
             for sample_id in contents:
                 self.rows[sample_id]["shard"] = shard
 

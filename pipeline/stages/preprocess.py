@@ -8,9 +8,9 @@ Writes data/processed/{train,val}/manifest.parquet, one row per image:
 - original_width, original_height: the decoded, upright image's size before resizing; crop_left, crop_top:
   where the crop starts in the resized image (SDXL conditions on these, as its training scripts record them);
 - recipe: a hash of everything that decides the processed image; sha256: the PNG's own hash;
-- mask_sha256 (only with `preprocess.masks`): the hash of the image's mask, its alpha channel cropped and resized
-  exactly as the image and kept as a greyscale PNG in the shard's `mask` column; null where the image has no
-  transparency (train.masked_loss then weighs it 1 everywhere).
+- mask_sha256 (only with `preprocess.masks`): the hash of the image's mask (its mask file, which ingest keeps
+  beside it, else its alpha channel) cropped and resized exactly as the image and kept as a greyscale PNG in the
+  shard's `mask` column; null where the image has neither (train.masked_loss then weighs it 1 everywhere).
 Beside them, reference_features.parquet and stats.json: the training set's drift features
 (`pipeline.quality.drift`) per sample and summarised, for the monitoring flow.
 
@@ -45,12 +45,12 @@ from PIL import Image
 
 from pipeline.contracts.data import MANIFEST, MASK_SHA256, REFERENCE_FEATURES, SPLITS, STATS, processed_columns
 from pipeline.contracts.paths import Paths
-from pipeline.contracts.shards import MASK, SHARDS_DIR, read_shard, shard_images, shard_name, write_shard
+from pipeline.contracts.shards import MASK, SHARDS_DIR, read_shard, shard_images, shard_masks, shard_name, write_shard
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.config import PreprocessParams, RayParams
 from pipeline.data.buckets import Size, beyond_widest, bucket_sizes, nearest_bucket
 from pipeline.data.captions import normalise_caption
-from pipeline.data.images import CENTRE, alpha_mask, crop_top_left, resize_and_crop, to_rgb
+from pipeline.data.images import CENTRE, alpha_mask, crop_top_left, file_mask, resize_and_crop, to_rgb
 from pipeline.quality.drift_features import (
     IMAGE_FEATURES,
     combine_features,
@@ -112,7 +112,7 @@ def recipe_of(sample_id: str, resolution: int, sizes: tuple[Size, ...], centerin
     The id is the source's content hash. The output size is the square, or whichever of the buckets the
     image's own aspect ratio picks: hashing the candidate sizes pins it without decoding the image first.
     Pillow's version is in as well: its resampling and PNG encoder write the bytes. With `masks` the shard
-    holds each image's mask too (the mask is the image's alpha channel, so the id pins it).
+    holds each image's mask too (its alpha channel, or its mask file, which the id hashes: the id pins it).
     """
     described = dict(id=sample_id, resolution=resolution, sizes=[list(size) for size in sizes],
                      centering=list(centering), conversion=CONVERSION_VERSION, pillow=PIL.__version__)
@@ -151,13 +151,14 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def convert_image(data: bytes, sizes: tuple[Size, ...], resolution: int, centering: tuple[float, float],
-                  masks: bool = False) -> Converted:
+                  masks: bool = False, mask_file: bytes | None = None) -> Converted:
     """Convert, crop and encode one image as PNG; with its sizes, its crop and its square at `resolution`,
     which its drift features are measured on whatever its bucket, because monitoring measures new batches
-    that way (`load_training_image`). With `masks`, its alpha channel cropped to the same box, if it has one."""
+    that way (`load_training_image`). With `masks`, its mask cropped to the same box: its mask file (ingest
+    checked the size) if the source paired one with it, else its alpha channel, if it has one."""
     with Image.open(io.BytesIO(data)) as opened:
         image = to_rgb(opened)
-        mask = alpha_mask(opened) if masks else None
+        mask = (file_mask(mask_file) if mask_file is not None else alpha_mask(opened)) if masks else None
     size = nearest_bucket(image.size, sizes)
     processed = resize_and_crop(image, size, centering)
     square = (resolution, resolution)
@@ -171,11 +172,12 @@ def convert_shard(task: ShardConversion) -> list[dict]:
     """Convert one shard's images and write them as a processed shard, each with its size, sha256 and drift
     features; nothing to return (the shard holds the results)."""
     originals = shard_images(task.source)
+    mask_files = shard_masks(task.source) if task.masks else pd.Series(dtype=object)
     converted = []
     for sample_id, centering in zip(task.ids, task.centerings, strict=True):
         try:
             converted.append(convert_image(originals[sample_id], task.sizes, task.resolution, centering,
-                                           task.masks))
+                                           task.masks, mask_files.get(sample_id)))
         except Exception as error:  # any decoder or writer failure: the message must name the image
             problem = f"{type(error).__name__}: {error}"
             raise ValueError(f"preprocess: image {sample_id} of {task.source}: {problem}") from error

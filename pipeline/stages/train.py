@@ -183,8 +183,8 @@ def check_masks(masked_loss: MaskedLossParams, cache: CachedLatents) -> None:
         raise ValueError("train: train.masked_loss.enabled but data/latents holds no masks; run preprocess and encode "
                          "again with preprocess.masks: true (dvc repro does)")
     if not cache.masked_samples:
-        raise ValueError("train: train.masked_loss.enabled but no training image has a mask (none has an alpha "
-                         "channel); give the images transparency, or set train.masked_loss.enabled: false")
+        raise ValueError("train: train.masked_loss.enabled but no training image has a mask (no mask file, no "
+                         "alpha channel); give the images masks, or set train.masked_loss.enabled: false")
     log.info("train: masked loss on %d of %d training images (the others weigh 1 everywhere)", cache.masked_samples,
              len(cache))
 

@@ -27,6 +27,7 @@ class SourceItem:
     read: Callable[[], bytes]
     stamp: str | None = None  # changes whenever the bytes may have; None means "always read"
     subset: str = IMPLICIT_SUBSET  # the named subset (ingest.subsets) the item belongs to
+    mask: Path | None = None  # the image's mask file, where the source pairs one with it
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,16 @@ class Rejected:
     reason: str
 
 
-def file_item(name: str, path: Path, caption: str) -> SourceItem:
-    """An item backed by a file; size and modification time stand in for its content until it changes."""
+def file_item(name: str, path: Path, caption: str, mask: Path | None = None) -> SourceItem:
+    """An item backed by a file, and by its mask file if it has one; size and modification time stand in for
+    their content until either changes."""
+    stamp = file_stamp(path) + (f"|mask {file_stamp(mask)}" if mask else "")
+    return SourceItem(name, caption, path.read_bytes, stamp, mask=mask)
+
+
+def file_stamp(path: Path) -> str:
     stat = path.stat()
-    return SourceItem(name, caption, path.read_bytes, f"{stat.st_size}:{stat.st_mtime_ns}")
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def path_inside(root: Path, path: Path) -> Path | None:

@@ -6,6 +6,8 @@ For each image the first of these that applies gives the caption:
 2. a sidecar caption file beside the image: `photo.jpg` + `photo.txt` (kohya style, `caption_extension`);
 3. the class sub-folder: `cats/1.jpg` gets `label_template` with `{label}` = `cats`;
 4. nothing: the caption is "" and the image trains the unconditional branch.
+An image's mask file is beside it, named by `mask_suffix` (`photo.jpg` + `photo-masklabel.png`); mask files are
+never images themselves.
 Files are only listed and stat'ed here; their bytes are read by the ingest stage when new or changed.
 An image that is a link leading outside the folder, or whose caption file is not UTF-8, is rejected
 with its reason; the others go on.
@@ -35,7 +37,8 @@ def items(settings: FolderSource, root: Path) -> Iterator[SourceItem | Rejected]
     captions, rejected = metadata_captions(root, settings.caption_column)
     yield from rejected
     listed = {name: root / name for name in captions}
-    found = {path.relative_to(root).as_posix(): path for path in image_files(root, settings.extensions)}
+    found = {path.relative_to(root).as_posix(): path
+             for path in image_files(root, settings.extensions, settings.mask_suffix)}
     for name in sorted(listed.keys() | found.keys()):
         path = listed.get(name) or found[name]
         if path_inside(root, path) is None:
@@ -46,14 +49,26 @@ def items(settings: FolderSource, root: Path) -> Iterator[SourceItem | Rejected]
         except CaptionError as error:
             yield Rejected(name, str(error))
             continue
-        yield file_item(name, path, caption)
+        mask = mask_file(path, settings.mask_suffix)
+        if mask and path_inside(root, mask) is None:
+            yield Rejected(name, f"its mask file {mask.name} is a link that leads outside the data folder")
+            continue
+        yield file_item(name, path, caption, mask)
 
 
-def image_files(root: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
-    """Image files under root by extension, skipping hidden files and folders (.git, .ipynb_checkpoints)."""
+def image_files(root: Path, extensions: tuple[str, ...], mask_suffix: str) -> Iterator[Path]:
+    """Image files under root by extension, skipping hidden files and folders (.git, .ipynb_checkpoints) and
+    mask files."""
     for path in root.rglob("*"):
-        if not is_hidden(path, root) and path.suffix.lower() in extensions and path.is_file():
+        if (not is_hidden(path, root) and path.suffix.lower() in extensions and not path.name.endswith(mask_suffix)
+                and path.is_file()):
             yield path
+
+
+def mask_file(image: Path, mask_suffix: str) -> Path | None:
+    """The image's mask file, if there is one beside it."""
+    mask = image.with_name(image.stem + mask_suffix)
+    return mask if mask.is_file() else None
 
 
 def is_hidden(path: Path, root: Path) -> bool:
