@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.data.images import eight_bit, to_rgb
+from pipeline.data.images import to_rgb
 from pipeline.quality.image_checks import measure
 from pipeline.quality.near_duplicates import near_duplicate_of, near_duplicate_pairs
 
@@ -36,10 +36,18 @@ def test_a_16_bit_image_is_measured_on_its_full_range(tmp_path):
 def test_validate_measures_integer_images_as_preprocess_converts_them():
     sixteen = Image.fromarray(np.array([[0, 33024, 33025, 65535]], dtype=np.uint16))  # 257 x 128.498, 128.502
     wide = Image.fromarray(np.array([[-100_000, 0, 100_000]], dtype=np.int32))  # mode I beyond 16 bits: stretched
-    assert np.asarray(eight_bit(sixteen)).tolist() == [[0, 128, 129, 255]]
-    assert np.asarray(eight_bit(wide)).tolist() == [[0, 128, 255]]
-    for image in (sixteen, wide):
-        assert np.array_equal(np.asarray(eight_bit(image).convert("RGB")), np.asarray(to_rgb(image)))
+    assert np.asarray(to_rgb(sixteen))[..., 0].tolist() == [[0, 128, 129, 255]]
+    assert np.asarray(to_rgb(wide))[..., 0].tolist() == [[0, 128, 255]]
+
+
+def test_a_cut_out_is_measured_on_white_as_preprocess_trains_it(tmp_path):
+    """Transparent pixels are often black underneath: measured as they are stored, a red cut-out on a large
+    transparent background would look dark; trained on, its background is white."""
+    pixels = np.zeros((32, 32, 4), np.uint8)
+    pixels[8:24, 8:24] = (220, 30, 30, 255)
+    properties = measure(saved(tmp_path, Image.fromarray(pixels, "RGBA")), LIMIT, HASH_FROM)
+    trained = np.asarray(to_rgb(Image.fromarray(pixels, "RGBA")).convert("L"), dtype=np.float64)
+    assert properties.brightness == pytest.approx(trained.mean()) and properties.brightness > 180
 
 
 def test_a_header_above_the_limit_is_not_decoded(tmp_path):

@@ -37,7 +37,7 @@ def write_cutout(path, seed: int, size: tuple[int, int], alpha: bool = True) -> 
     if alpha:
         pixels = np.zeros((height, width, 4), np.uint8)
         pixels[..., 3] = np.asarray(Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST))
-        # red under the subject, white under the background (validation reads the colours without the alpha)
+        # red under the subject, white under the background
         pixels[..., 0], pixels[..., 1], pixels[..., 2] = 255, 255 - pixels[..., 3], 255 - pixels[..., 3]
         Image.fromarray(pixels, "RGBA").save(path)
     else:
@@ -219,9 +219,10 @@ def test_changing_one_mask_re_encodes_only_its_shard(tmp_path, bases):
         write_cutout(extra / f"{index}.png", index, (40, 32))
         (extra / f"{index}.txt").write_text(f"a sks bag {index}", encoding="utf-8")
     for step in ("add", "change"):
-        if step == "change":  # the subject's outline changes: the alpha only (same colour under the mask)
+        if step == "change":  # the subject's outline changes (red under the new outline: not a blank image)
             pixels = np.asarray(Image.open(extra / "21.png")).copy()
             pixels[..., 3] = 255 - pixels[..., 3]
+            pixels[..., 1] = pixels[..., 2] = 255 - pixels[..., 3]
             Image.fromarray(pixels, "RGBA").save(extra / "21.png")
             before = {path.name: path.stat().st_mtime_ns for path in (paths.latents / "shards").iterdir()}
         ingest(params.ingest, paths)

@@ -1,6 +1,6 @@
 """Images as the data stages see them: decoding under a pixel limit, a sample's id and header facts
 (ingest, monitoring), and the conversion to 8-bit RGB at a size that preprocess applies and monitoring
-repeats on new batches. Validation measures through the same decoding primitives, so what it checks is
+repeats on new batches. Validation measures through the same conversion (`to_rgb`), so what it checks is
 what gets trained on."""
 
 from __future__ import annotations
@@ -55,13 +55,6 @@ def integer_to_grey(image: Image.Image) -> Image.Image:
         low, high = 0.0, float(0xFFFF)
     scaled = (values - low) * 255.0 / max(high - low, 1.0)
     return Image.fromarray(np.rint(scaled).astype(np.uint8))
-
-
-def eight_bit(image: Image.Image) -> Image.Image:
-    """8-bit RGB, or grey for integer images, scaled down where Pillow's `convert` would clip them to white."""
-    if image.mode in INTEGER_MODES:
-        return integer_to_grey(image)
-    return image.convert("RGB")
 
 
 def opened(source: ImageSource) -> Path | io.BytesIO:

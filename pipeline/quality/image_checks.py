@@ -4,7 +4,8 @@ Each image is read once: its header first, and its pixels only when the header's
 `validate.max_pixels`, so a decompression bomb (a small file declaring 40000×40000) is never decoded.
 The decoded pixels give a 64-bit difference hash (dHash: near-duplicates are a few bits apart, and
 pipeline.quality.near_duplicates finds them), the grey-level mean that finds extreme exposures and the
-colour spread that finds blank images. Decoding goes through pipeline.data.images, as preprocess's does.
+colour spread that finds blank images. Decoding is preprocess's own (`to_rgb`: upright, transparency onto white),
+so a cut-out is measured as it is trained on, not by the colours under its transparent pixels.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data.images import ImageSource, eight_bit, opened, pixel_limit, read_header
+from pipeline.data.images import ImageSource, opened, pixel_limit, read_header, to_rgb
 
 HASH_SIDE = 8  # 8×8 comparisons: a 64-bit hash
 STATS_SIDE = 64  # brightness statistics on at most 64×64 px: enough to tell blank from not, and cheap
@@ -61,7 +62,7 @@ def measure(source: ImageSource, max_pixels: int, hash_min_side: int) -> ImagePr
                                **header)
     try:
         with pixel_limit(max_pixels), Image.open(opened(source)) as image:
-            small = eight_bit(image)  # decodes every pixel: truncated and corrupt data fail here
+            small = to_rgb(image)  # decodes every pixel: truncated and corrupt data fail here
     except Exception as error:  # any decoder error means the file cannot be trained on
         return ImageProperties(decodable=False, problem=decode_problem(error), dhash=None, brightness=None,
                                contrast=None, **header)

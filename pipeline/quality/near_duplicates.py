@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from pipeline.data.images import ImageSource, eight_bit, opened, pixel_limit
+from pipeline.data.images import ImageSource, opened, pixel_limit, to_rgb
 from pipeline.quality.image_checks import STATS_SIDE
 
 COMPARE_SIDE = 24  # the colour grid near-duplicate candidates are confirmed on
@@ -96,7 +96,7 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
 def colour_thumbnail(source: ImageSource, max_pixels: int) -> Image.Image:
     """The image as 8-bit RGB of at most 64×64 px, read again (only candidates are)."""
     with pixel_limit(max_pixels), Image.open(opened(source)) as image:
-        small = eight_bit(image).convert("RGB")
+        small = to_rgb(image)
     small.thumbnail((STATS_SIDE, STATS_SIDE), Image.Resampling.BOX)
     return small
 
