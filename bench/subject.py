@@ -63,7 +63,8 @@ CLASS_PROMPT = "a blue square"
 MIN_BAR_ASPECT = 1.5  # the subject is twice as wide as high; the data's squares are as wide as high
 TRIGGER_PROMPTS = ("a blue sks square", "a blue sks square on a light background", "a picture of a blue sks square")
 TRIGGER_SEEDS = 16
-PRIORS = ("none", "images", "prediction")
+PRIORS = ("none", "images", "prediction", "data")
+REGULARISATION = "data"  # not a train.prior kind: a second subset, the base's own kind of data (kohya's reg images)
 TARGET_HIT_RATE, TARGET_DRIFT = 0.9, 0.05
 # one LoRA fine-tune's settings (the sweep in docs/explanation/results.md chose them); --steps etc. override
 FINETUNE = dict(steps=400, batch_size=16, learning_rate=2e-3, rank=4, prior_loss_weight=1.0, num_class_images=100)
@@ -146,6 +147,9 @@ def finetune_params(prior: str, settings: dict, smoke: bool) -> Params:
                            "caption": {"instance_prompt": INSTANCE_PROMPT}, "weight": 1.0}}
     if prior == "images":
         subsets["class"] = {"source": "folder", "folder": {"path": CLASS_IMAGES}, "weight": 1.0}
+    if prior == REGULARISATION:  # shapes of every prompt, freshly rendered (another seed than the base's data)
+        subsets["regularisation"] = {"source": "synthetic", "weight": 1.0,
+                                     "synthetic": {"count": settings["num_class_images"], "seed": 1}}
     raw["ingest"].update(source="subsets", trigger=TRIGGER, subsets=subsets)
     steps = settings["steps"]
     overrides = {
@@ -155,7 +159,8 @@ def finetune_params(prior: str, settings: dict, smoke: bool) -> Params:
         "train": {"steps": steps, "batch_size": settings["batch_size"], "learning_rate": settings["learning_rate"],
                   "warmup_steps": min(20, steps), "caption_dropout": 0.0, "sample_every": 0, "validate_every": steps,
                   "checkpoint_every": steps, "validation_samples": 64,
-                  "prior": {"kind": prior, "prior_loss_weight": settings["prior_loss_weight"],
+                  "prior": {"kind": "none" if prior == REGULARISATION else prior,
+                            "prior_loss_weight": settings["prior_loss_weight"],
                             **({"class_prompt": CLASS_PROMPT, "num_class_images": settings["num_class_images"]}
                                if prior == "images" else {}),
                             **({"class_word": ""} if prior == "prediction" else {}),

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 from PIL import Image
 
 from pipeline.data.shapes import COLOURS, render_samples
@@ -40,14 +41,14 @@ def test_the_subject_reader_reads_the_rendered_subject_and_none_of_the_synthetic
 
 def test_smoke_bench_trains_the_base_fine_tunes_it_and_measures_both(tmp_path):
     out = tmp_path / "results.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "subject.py"), "--smoke", "--prior", "prediction",
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "subject.py"), "--smoke", "--prior", "prediction", "--prior", "data",
                            "--root", str(tmp_path / "root"), "--out", str(out)],
                           cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    base, prediction = json.loads(out.read_text())
-    assert base["prior"] == "base" and prediction["prior"] == "prediction"
-    for result in (base, prediction):
+    base, prediction, regularised = json.loads(out.read_text())
+    assert (base["prior"], prediction["prior"], regularised["prior"]) == ("base", "prediction", "data")
+    for result in (base, prediction, regularised):
         assert result["trigger_samples"] == 3 and result["class_samples"] == 12
         assert 0 <= result["trigger_hit_rate"] <= 1 and 0 <= result["class_adherence"] <= 1
     assert 0 <= base["vae_round_trip_hit_rate"] <= 1
@@ -55,4 +56,7 @@ def test_smoke_bench_trains_the_base_fine_tunes_it_and_measures_both(tmp_path):
     assert prediction["train_cpu_minutes"] > 0
     assert (tmp_path / "root" / "subject-runs" / "prediction-3-0.002-r4-w1" / "models" / "sd"
             / "pytorch_lora_weights.safetensors").is_file()
-    assert "| prediction | 3 |" in done.stdout
+    assert "| prediction | 3 |" in done.stdout and "| data | 3 |" in done.stdout
+    regularisation = pd.read_parquet(tmp_path / "root" / "subject-runs" / "data-3-0.002-r4-w1" / "data" / "raw"
+                                     / "manifest.parquet")
+    assert set(regularisation["subset"]) == {"subject", "regularisation"}
