@@ -6,6 +6,7 @@
     python bench/families.py --family flux        # one family (repeatable)
     python bench/families.py --smoke              # a few steps and samples per family: the bench runs, no figures
     python bench/families.py --family sd3 --steps 3000   # one point instead of the sweep (--learning-rate too)
+    python bench/families.py --family zimage --set train.flow.shift=1.0   # any params.yaml key, for every run
 
 A family's runs try the sweep in order (params.yaml's steps and learning rate first) and stop at the first that
 reaches adherence 0.9. The data (ingest, preprocess) is made once; the VAE is trained once per latent layout
@@ -17,6 +18,7 @@ logged to MLflow (`tracked=False`). CPU minutes are this process's CPU time whil
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -49,8 +51,9 @@ def merged(base: dict, overrides: dict) -> dict:
     return out
 
 
-def bench_params(family: str, smoke: bool, steps: int | None = None, learning_rate: float | None = None) -> Params:
-    raw = merged(yaml.safe_load((REPO / "params.yaml").read_text()), SMOKE if smoke else {})
+def bench_params(family: str, smoke: bool, steps: int | None = None, learning_rate: float | None = None,
+                 overrides: dict | None = None) -> Params:
+    raw = merged(merged(yaml.safe_load((REPO / "params.yaml").read_text()), SMOKE if smoke else {}), overrides or {})
     raw["model"]["family"] = family
     raw["train"].update(sample_every=0, **({"steps": steps} if steps else {}),
                         **({"learning_rate": learning_rate} if learning_rate else {}))
@@ -113,19 +116,33 @@ def adherence(params: Params, paths: Paths, data: Paths) -> dict:
                 adherence_samples=sum(run["adherence_samples"] for run in runs))
 
 
-def measure_family(family: str, root: Path, smoke: bool, sweep: Sweep) -> list[dict]:
+def override(setting: str) -> dict:
+    """`train.flow.shift=1.0` as {"train": {"flow": {"shift": 1.0}}} (the value read as YAML)."""
+    key, separator, value = setting.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"{setting!r}: expected KEY=VALUE, like train.flow.shift=1.0")
+    nested = yaml.safe_load(value)
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def measure_family(family: str, root: Path, smoke: bool, sweep: Sweep, overrides: dict | None = None) -> list[dict]:
     from pipeline.stages.train import train
 
     results = []
+    settings = json.dumps(overrides, sort_keys=True) if overrides else ""
+    label = f"-{hashlib.sha256(settings.encode()).hexdigest()[:8]}" if overrides else ""  # runs of other settings
     for steps, learning_rate in (sweep[:1] if smoke else sweep):
-        params = bench_params(family, smoke, steps, learning_rate)
+        params = bench_params(family, smoke, steps, learning_rate, overrides)
         data = prepare_data(params, root)
         shared = encoded_project(params, root, data)
-        paths = run_folder(shared, f"{family}-{params.train.steps}-{params.train.learning_rate:g}")
+        paths = run_folder(shared, f"{family}-{params.train.steps}-{params.train.learning_rate:g}{label}")
         cpu, wall = time.process_time(), time.perf_counter()
         metrics = train(params, paths, tracked=False)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         result = dict(family=family, steps=params.train.steps, learning_rate=params.train.learning_rate,
+                      settings=settings,
                       parameters=metrics["trainable_parameters"], images_per_second=metrics["images_per_second"],
                       cpu_minutes=cpu / 60, wall_minutes=wall / 60, **adherence(params, paths, data))
         print(json.dumps(result), flush=True)
@@ -136,12 +153,12 @@ def measure_family(family: str, root: Path, smoke: bool, sweep: Sweep) -> list[d
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| family | parameters | steps | learning rate | images/s | CPU minutes | adherence (samples) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| family | parameters | steps | learning rate | images/s | CPU minutes | adherence (samples) | --set |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for result in results:
         lines.append(f"| {result['family']} | {result['parameters'] / 1e6:.1f} M | {result['steps']} | "
                      f"{result['learning_rate']:g} | {result['images_per_second']:.0f} | {result['cpu_minutes']:.1f} | "
-                     f"{result['adherence']:.3f} ({result['adherence_samples']}) |")
+                     f"{result['adherence']:.3f} ({result['adherence_samples']}) | {result['settings']} |")
     return "\n".join(lines)
 
 
@@ -153,12 +170,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("families-bench.json"), help="results, written as they come")
     parser.add_argument("--steps", type=int, help="one run at these train.steps instead of the sweep")
     parser.add_argument("--learning-rate", type=float, help="one run at this train.learning_rate instead of the sweep")
+    parser.add_argument("--set", type=override, action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml setting for every run, e.g. train.flow.shift=1.0 (repeatable)")
     args = parser.parse_args()
+    overrides = {}
+    for setting in args.set:
+        overrides = merged(overrides, setting)
     root = args.root or Path(tempfile.mkdtemp(prefix="sdpipe-families-bench-"))
     sweep = ((args.steps, args.learning_rate),) if args.steps or args.learning_rate else SWEEP
     results = []
     for family in args.family or FAMILIES:
-        results += measure_family(family, root, args.smoke, sweep)
+        results += measure_family(family, root, args.smoke, sweep, overrides)
         args.out.write_text(json.dumps(results, indent=2))
     print("\n" + table(results))
 
