@@ -277,8 +277,11 @@ def test_dvc_repro_of_a_subject_run_with_the_image_prior(tmp_path):
         assert latent_file_keys(file)[class_row] == expected, "the trigger dropped; a class caption as it is"
         assert torch.equal(cache.text_states["prompt_embeds"][cache.class_text_rows[sample]],
                            load_file(file)["prompt_embeds"][class_row]), "train reads the class prompt's states"
+    image_prior = json.loads((paths.metrics / "train.json").read_text())
     metrics = train(prediction, paths, tracked=False)
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
+    # two samples forward and backward (caption, class prompt) and the base's forward: more than twice an image's
+    assert metrics["flops_per_image"] > 2 * image_prior["flops_per_image"]
 
 
 def test_in_an_experiments_copy_the_class_images_are_the_copys_own(tmp_path, monkeypatch):

@@ -363,11 +363,8 @@ def fit(run: Run, paths: Paths, fingerprint: dict, start_step: int) -> Throughpu
                                generator=generator, masked_loss=settings.masked_loss)
             images += len(positions) * accelerator.num_processes
             with accelerator.accumulate(*model.trained_modules()), accelerator.autocast():
-                if run.prior is None:
-                    loss = diffusion_loss(model, batch, settings, generator, accelerator.device)
-                else:
-                    loss = run.prior.loss(model, batch, run.cache.groups[group].rows[positions], settings, generator,
-                                          accelerator.device)
+                loss = training_loss(run.prior, model, batch, run.cache.groups[group].rows[positions], settings,
+                                     generator, accelerator.device)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
@@ -426,16 +423,28 @@ def conditioning_of(model: Model, cache: CachedLatents) -> Conditioning:
                         {name: states[EMPTY_PROMPT_ROW] for name, states in cache.text_states.items()})
 
 
+def training_loss(prior: ImagePrior | PredictionPrior | None, model: Model, batch, samples: torch.Tensor,
+                  settings: TrainParams, generator: torch.Generator, device) -> torch.Tensor:
+    """The loss a step trains on: the diffusion loss, or the prior's (which holds it) for `samples`, the batch's
+    training samples."""
+    if prior is None:
+        return diffusion_loss(model, batch, settings, generator, device)
+    return prior.loss(model, batch, samples, settings, generator, device)
+
+
 def flops_per_image(model: Model, cache: CachedLatents, conditioning: Conditioning, settings: TrainParams,
-                    accelerator: Accelerator) -> int:
-    """The FLOPs of training on one image (the loss's forward and backward passes), counted once, before training."""
+                    accelerator: Accelerator, prior: ImagePrior | PredictionPrior | None) -> int:
+    """The FLOPs of training on one image (the loss's forward and backward passes, the prediction prior's extra
+    forwards too), counted once, before training."""
     generator = torch.Generator().manual_seed(derived_seed(settings.seed, "flops"))
-    batch = make_batch(cache, conditioning, 0, torch.tensor([0]), to_denoiser=model.denoiser_latents,
+    positions = torch.tensor([0])
+    batch = make_batch(cache, conditioning, 0, positions, to_denoiser=model.denoiser_latents,
                        caption_dropout=0.0, random_flip=False, generator=generator)
 
     def one_image() -> None:
         with accelerator.autocast():
-            loss = diffusion_loss(model, batch, settings, generator, accelerator.device)
+            loss = training_loss(prior, model, batch, cache.groups[0].rows[positions], settings, generator,
+                                 accelerator.device)
         loss.backward()
 
     flops = flops_of(one_image)
@@ -489,7 +498,8 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
     place_modules(model, device, WEIGHT_DTYPES[settings.mixed_precision], params.model)
     apply_speed_settings(model.denoiser, settings, device)
     conditioning = conditioning_of(model, cache)
-    flops = flops_per_image(model, cache, conditioning, settings, accelerator)
+    prior = prior_loss_of(settings.prior, cache)
+    flops = flops_per_image(model, cache, conditioning, settings, accelerator, prior)
     optimizer, lr_schedule = prepared_optimisation(accelerator, model, settings)
     if model.lora:
         save_lora_checkpoints_only(accelerator)
@@ -530,7 +540,7 @@ def train(params: Params, paths: Paths, *, tracked: bool = True) -> dict:
             log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step) if logged else None,
             log_image=lambda image, name: mlflow.log_image(image, name) if logged else None, sampler=sampler,
             validation=validation_grid(params, paths, model, val) if main else None, best=best,
-            prior=prior_loss_of(settings.prior, cache),
+            prior=prior,
         )
         if run.validation is not None:
             start_validation(run, checkpoint)
