@@ -7,8 +7,8 @@ changed, so an unchanged input costs this stage's listing and nothing else.
 
 What a fingerprint covers:
 - a folder or manifest source: every item the source lists, by name, caption and change stamp (size and
-  modification time, which ingest's incremental index uses too), so an added, removed, edited or re-captioned
-  image re-runs ingest, and nothing is read but the captions;
+  modification time, its mask file's too, which ingest's incremental index uses too), so an added, removed,
+  edited, re-captioned or re-masked image re-runs ingest, and nothing is read but the captions;
 - a saved Hugging Face dataset, a pretrained model folder, a CLIP folder: every file's relative path, size and
   modification time (one stat per file, not a read of 24 GB of weights);
 - webdataset shards, local or remote: each shard's size and ETag or modification time;
