@@ -67,7 +67,8 @@ PRIORS = ("none", "images", "prediction", "data")
 REGULARISATION = "data"  # not a train.prior kind: a second subset, the base's own kind of data (kohya's reg images)
 TARGET_HIT_RATE, TARGET_DRIFT = 0.9, 0.05
 # one LoRA fine-tune's settings (the sweep in docs/explanation/results.md chose them); --steps etc. override
-FINETUNE = dict(steps=400, batch_size=16, learning_rate=2e-3, rank=4, prior_loss_weight=1.0, num_class_images=100)
+FINETUNE = dict(steps=400, batch_size=16, learning_rate=2e-3, rank=4, prior_loss_weight=1.0, num_class_images=100,
+                lora_targets="")  # lora_targets: model.lora.target_modules, comma-separated ("": the family's)
 SMOKE = dict(steps=3, batch_size=4, num_class_images=4, trigger_seeds=1,
              evaluate={"samples_per_prompt": 1, "stability_repeats": 1, "num_inference_steps": 2})
 
@@ -154,7 +155,9 @@ def finetune_params(prior: str, settings: dict, smoke: bool) -> Params:
     steps = settings["steps"]
     overrides = {
         "model": {"mode": "finetune", "pretrained": "models/base", "finetune": "lora",
-                  "lora": {"rank": settings["rank"], "alpha": float(settings["rank"])}},
+                  "lora": {"rank": settings["rank"], "alpha": float(settings["rank"]),
+                           **({"target_modules": settings["lora_targets"].split(",")} if settings["lora_targets"]
+                              else {})}},
         # no caption dropout: the empty caption would learn the subject, and guidance subtracts it from every prompt
         "train": {"steps": steps, "batch_size": settings["batch_size"], "learning_rate": settings["learning_rate"],
                   "warmup_steps": min(20, steps), "caption_dropout": 0.0, "sample_every": 0, "validate_every": steps,
@@ -181,7 +184,8 @@ def finetune(prior: str, settings: dict, base: Path, root: Path, smoke: bool) ->
     from pipeline.stages.vae import vae_stage
 
     params = finetune_params(prior, settings, smoke)
-    name = f"{prior}-{settings['steps']}-{settings['learning_rate']:g}-r{settings['rank']}-w{settings['prior_loss_weight']:g}"
+    name = (f"{prior}-{settings['steps']}-{settings['learning_rate']:g}-r{settings['rank']}"
+            f"-w{settings['prior_loss_weight']:g}{'-' + settings['lora_targets'] if settings['lora_targets'] else ''}")
     paths = Paths(root / "subject-runs" / name)
     if paths.root.exists():
         shutil.rmtree(paths.root)
@@ -228,18 +232,19 @@ def measure(model: Path, params: Params, trigger_seeds: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| prior | steps | lr | rank | prior weight | trigger hit rate (samples) | class adherence | drift vs base "
-             "| subject leak | train CPU min (wall) | class images CPU min |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| prior | steps | lr | rank | LoRA targets | prior weight | trigger hit rate (samples) | class adherence "
+             "| drift vs base | subject leak | train CPU min (wall) | class images CPU min |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for result in results:
         if result["prior"] == "base":
-            lines.append(f"| base (no fine-tune) | | | | | {result['trigger_hit_rate']:.3f} ({result['trigger_samples']}) "
+            lines.append(f"| base (no fine-tune) | | | | | | {result['trigger_hit_rate']:.3f} ({result['trigger_samples']}) "
                          f"| {result['class_adherence']:.3f} | | {result['subject_leak']:.3f} | | |")
             continue
         images = result.get("class_images_cpu_minutes")
         lines.append(
             f"| {result['prior']} | {result['steps']} | {result['learning_rate']:g} | {result['rank']} | "
-            f"{result['prior_loss_weight']:g} | {result['trigger_hit_rate']:.3f} ({result['trigger_samples']}) | "
+            f"{result.get('lora_targets') or 'default'} | {result['prior_loss_weight']:g} | "
+            f"{result['trigger_hit_rate']:.3f} ({result['trigger_samples']}) | "
             f"{result['class_adherence']:.3f} | {result['drift']:+.3f} | {result['subject_leak']:.3f} | "
             f"{result['train_cpu_minutes']:.1f} ({result['train_wall_minutes']:.1f}) | "
             f"{'' if images is None else f'{images:.1f}'} |")
