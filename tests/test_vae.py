@@ -64,9 +64,24 @@ def test_the_vae_trains_on_a_bucketed_train_split(tmp_path):
     assert vae.config.shift_factor != 0 and abs(float(latents.mean())) < 0.05 and abs(float(latents.std()) - 1) < 0.1
 
 
+@torch.no_grad()
+def sampled_denoiser_inputs(space, vae, paths, draws: int = 8) -> torch.Tensor:
+    """The denoiser's inputs as training draws them (posterior mean + std * noise), `draws` per train image: what
+    the per-channel statistics must standardise, not the means alone (whose spread is smaller)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for images, _ in load_split_groups(paths, "train"):
+        moments = posterior(vae, to_model_range(images))
+        for _ in range(draws):
+            noise = torch.randn(moments.mean.shape, generator=generator)
+            inputs.append(space.to_denoiser(moments.mean + moments.std * noise, vae))
+    return torch.cat(inputs)
+
+
 def test_a_flux2_vae_fits_its_batchnorm_statistics_to_the_patchified_latents(tmp_path):
     """Flux.2's space: each of the 4C channels of the 2x2-patchified latents standardised by the VAE's BatchNorm
-    running statistics, which a fresh AutoencoderKLFlux2 has at mean 0 and variance 1 and the vae stage fits."""
+    running statistics, which a fresh AutoencoderKLFlux2 has at mean 0 and variance 1 and the vae stage fits to the
+    latents training draws."""
     params, paths = folder_project(tmp_path, SHAPES, val_fraction=0.2)
     # 96 draws of the 24 train images: fitted on (nearly) all of them
     params = params.model_copy(update={"vae": params.vae.model_copy(update={"steps": 4, "batch_size": 24})})
@@ -76,9 +91,7 @@ def test_a_flux2_vae_fits_its_batchnorm_statistics_to_the_patchified_latents(tmp
     vae = AutoencoderKLFlux2.from_pretrained(paths.vae_model)
     assert vae.bn.num_features == 8 and metrics["latent_std"] > 0
     assert not torch.equal(vae.bn.running_mean, torch.zeros(8)) and not torch.equal(vae.bn.running_var, torch.ones(8))
-    with torch.no_grad():
-        latents = torch.cat([space.to_denoiser(vae.encode(to_model_range(images)).latent_dist.mean, vae)
-                             for images, _ in load_split_groups(paths, "train")])
+    latents = sampled_denoiser_inputs(space, vae, paths)
     assert latents.shape[1:] == (8, 4, 4)
     per_channel = latents.transpose(0, 1).flatten(1)
     assert per_channel.mean(dim=1).abs().max() < 0.05 and (per_channel.std(dim=1) - 1).abs().max() < 0.1
@@ -96,9 +109,7 @@ def test_a_qwenimage_vae_fits_per_channel_statistics_to_its_one_frame_latents(tm
     vae = AutoencoderKLQwenImage.from_pretrained(paths.vae_model)
     assert len(vae.config.latents_mean) == 3 and math.isfinite(metrics["val_mse"]) and metrics["latent_std"] > 0
     assert vae.config.latents_mean != [0.0] * 3 and vae.config.latents_std != [1.0] * 3
-    with torch.no_grad():
-        latents = torch.cat([space.to_denoiser(posterior(vae, to_model_range(images)).mean, vae)
-                             for images, _ in load_split_groups(paths, "train")])
+    latents = sampled_denoiser_inputs(space, vae, paths)
     assert latents.shape[1:] == (3, 8, 8)
     per_channel = latents.transpose(0, 1).flatten(1)
     assert per_channel.mean(dim=1).abs().max() < 0.05 and (per_channel.std(dim=1) - 1).abs().max() < 0.1

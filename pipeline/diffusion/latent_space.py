@@ -65,10 +65,11 @@ class ScaledLatents:
             latents = latents - config["shift_factor"]
         return latents * config["scaling_factor"]
 
-    def fit(self, vae, latent_means: list[torch.Tensor]) -> None:
-        """scaling_factor 1 / std (unit variance) and, when shifted, shift_factor the mean (zero mean). The std is
-        about the mean either way, so the scale is the same with or without the shift."""
-        values = torch.cat([means.float().flatten() for means in latent_means])
+    def fit(self, vae, posteriors: list[Posteriors]) -> None:
+        """scaling_factor 1 / std (unit variance) and, when shifted, shift_factor the mean (zero mean), of the
+        posterior means. The std is about the mean either way, so the scale is the same with or without the shift.
+        One number for all channels, so no channel's posterior noise is scaled up beyond the others'."""
+        values = torch.cat([batch.mean.float().flatten() for batch in posteriors])
         mean, std = float(values.mean()), float(values.std())
         vae.register_to_config(scaling_factor=1.0 / std, **({"shift_factor": mean} if self.shifted else {}))
 
@@ -80,6 +81,25 @@ class ScaledLatents:
         """What metrics/vae.json records of the normalisation."""
         shift = vae.config.get("shift_factor")
         return {"scaling_factor": vae.config.scaling_factor, **({"shift_factor": shift} if shift is not None else {})}
+
+
+@dataclass(frozen=True)
+class Posteriors:
+    """A batch of the VAE's posteriors, (N, C, H, W) each: training draws its latents as mean + std * noise."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def sampled_moments(posteriors: list[Posteriors]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each channel's mean and variance of the latents training draws (mean + std * noise): the means' variance
+    plus the posterior's. Standardised by the means' variance alone, a channel the VAE barely uses (means nearly
+    constant, posterior std near 1) would be scaled up until its noise drowned the others: on the tiny flux2 VAE
+    the denoiser's input had a std of 2.8, and the model reached adherence 0.27."""
+    channels = posteriors[0].mean.shape[1]
+    means = torch.cat([batch.mean.float().transpose(0, 1).reshape(channels, -1) for batch in posteriors], dim=1)
+    spreads = torch.cat([batch.std.float().transpose(0, 1).reshape(channels, -1) for batch in posteriors], dim=1)
+    return means.mean(dim=1), means.var(dim=1) + spreads.square().mean(dim=1)
 
 
 def patchified(latents: torch.Tensor) -> torch.Tensor:
@@ -108,15 +128,15 @@ class PatchNormalisedLatents:
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
         return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
 
-    def fit(self, vae, latent_means: list[torch.Tensor]) -> None:
-        """Running mean and variance the patch channels' own over these latents (their BatchNorm's buffers, in
-        place of the momentum average a BatchNorm would keep while training)."""
-        channels = vae.bn.num_features
-        values = torch.cat([patchified(means.float()).transpose(0, 1).reshape(channels, -1) for means in latent_means],
-                           dim=1)
+    def fit(self, vae, posteriors: list[Posteriors]) -> None:
+        """Running mean and variance the patch channels' own over the latents training samples (their BatchNorm's
+        buffers, in place of the momentum average a BatchNorm would keep while training); `sampled_moments` says
+        why of samples, not of means."""
+        mean, variance = sampled_moments([Posteriors(patchified(batch.mean), patchified(batch.std))
+                                          for batch in posteriors])
         with torch.no_grad():
-            vae.bn.running_mean.copy_(values.mean(dim=1))
-            vae.bn.running_var.copy_(values.var(dim=1))
+            vae.bn.running_mean.copy_(mean)
+            vae.bn.running_var.copy_(variance)
 
     def stand_in(self, vae) -> None:
         with torch.no_grad():
@@ -160,11 +180,10 @@ class FrameLatents:
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
         return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
 
-    def fit(self, vae, latent_means: list[torch.Tensor]) -> None:
-        """latents_mean and latents_std each channel's own over these latents."""
-        channels = vae.config.z_dim
-        values = torch.cat([means.float().transpose(0, 1).reshape(channels, -1) for means in latent_means], dim=1)
-        vae.register_to_config(latents_mean=values.mean(dim=1).tolist(), latents_std=values.std(dim=1).tolist())
+    def fit(self, vae, posteriors: list[Posteriors]) -> None:
+        """latents_mean and latents_std each channel's own over the latents training samples (`sampled_moments`)."""
+        mean, variance = sampled_moments(posteriors)
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=variance.sqrt().tolist())
 
     def stand_in(self, vae) -> None:
         """A different mean and std per channel, so a test sees a conversion that mixes up the channels."""

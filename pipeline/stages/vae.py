@@ -34,7 +34,7 @@ from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.config import ModelParams, PreprocessParams, VaeParams, latent_channels_of
 from pipeline.diffusion.components import component_folder, load_pretrained
 from pipeline.diffusion.families import family_named
-from pipeline.diffusion.latent_space import LatentSpace, decoded, posterior
+from pipeline.diffusion.latent_space import LatentSpace, Posteriors, decoded, posterior
 from pipeline.diffusion.vae_io import device_batches, reconstruct, to_model_range
 from pipeline.runtime.device import compute_device
 
@@ -83,10 +83,11 @@ def drawn_images(paths: Paths, groups: list[pd.DataFrame], batches: list[tuple[i
 
 
 @torch.no_grad()
-def latent_means(vae, groups: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The posterior means of these images on the CPU, a batch of one size each."""
-    return [posterior(vae, batch).mean.float().cpu()
-            for images in groups for batch in device_batches(images, vae.device, vae.dtype)]
+def latent_posteriors(vae, groups: list[torch.Tensor]) -> list[Posteriors]:
+    """The posterior means and standard deviations of these images on the CPU, a batch of one size each."""
+    return [Posteriors(moments.mean.float().cpu(), moments.std.float().cpu())
+            for images in groups for batch in device_batches(images, vae.device, vae.dtype)
+            for moments in (posterior(vae, batch),)]
 
 
 def reconstruction_mse(vae, chunks: Iterable[np.ndarray]) -> float:
@@ -129,7 +130,7 @@ def train_vae(settings: VaeParams, paths: Paths, *, resolution: int, latent_chan
     vae = accelerator.unwrap_model(vae).eval()
     # over the images training drew: all of a small data set, a sample of steps x batch_size of a large one
     seen = [drawn.images for drawn in train_groups if len(drawn.positions)]
-    space.fit(vae, latent_means(vae, seen))
+    space.fit(vae, latent_posteriors(vae, seen))
     return save_vae(vae, space, paths, steps=settings.steps,
                     images_per_second=settings.steps * settings.batch_size / seconds)
 
