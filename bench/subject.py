@@ -130,6 +130,28 @@ def vae_round_trip_hit_rate(base: Path, folder: Path) -> float:
     return float(np.mean(hits))
 
 
+def text_cosines(base: Path) -> dict[str, float]:
+    """How far the trigger moves the text conditioning the denoiser attends to: the cosine of the base's text states
+    (all positions, as cross-attention reads them) of the first trigger prompt and of CLASS_PROMPT, beside the
+    closest pair of the class prompts ("a blue square" and "a blue circle" ...). The nearer the first is to 1 and
+    above the second, the more whatever teaches the trigger also moves the class."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pipeline.data.shapes import SHAPE_PROMPTS
+
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(base / "text_encoder").eval()
+    prompts = [TRIGGER_PROMPTS[0], CLASS_PROMPT, *SHAPE_PROMPTS]
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = torch.nn.functional.normalize(encoder(ids).last_hidden_state.flatten(1), dim=1)
+    cosines = states @ states.T
+    classes = cosines[2:, 2:] - 2 * torch.eye(len(SHAPE_PROMPTS))  # a prompt with itself never counts
+    return dict(trigger_class_text_cosine=float(cosines[0, 1]), closest_class_pair_text_cosine=float(classes.max()))
+
+
 def base_model(root: Path, smoke: bool) -> Path:
     """bench/families.py's sd run at params.yaml's defaults, trained unless --root holds it."""
     from pipeline.stages.train import train
@@ -271,7 +293,7 @@ def main() -> None:
         render_subject(root / "subject-images", evaluated.preprocess.resolution)
         cached.write_text(json.dumps(dict(prior="base", **measure(base, evaluated, trigger_seeds),
                                           vae_round_trip_hit_rate=vae_round_trip_hit_rate(base, root / "subject-images"))))
-    results = [json.loads(cached.read_text())]
+    results = [json.loads(cached.read_text()) | text_cosines(base)]
     print(json.dumps(results[0]), flush=True)
     for prior in args.prior or PRIORS:
         paths, timing = finetune(prior, settings, base, root, args.smoke)

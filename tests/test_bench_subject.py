@@ -52,6 +52,7 @@ def test_smoke_bench_trains_the_base_fine_tunes_it_and_measures_both(tmp_path):
         assert result["trigger_samples"] == 3 and result["class_samples"] == 12
         assert 0 <= result["trigger_hit_rate"] <= 1 and 0 <= result["class_adherence"] <= 1
     assert 0 <= base["vae_round_trip_hit_rate"] <= 1
+    assert -1 <= base["closest_class_pair_text_cosine"] < 1 and -1 <= base["trigger_class_text_cosine"] <= 1
     assert prediction["drift"] == prediction["class_adherence"] - base["class_adherence"]
     assert prediction["train_cpu_minutes"] > 0
     assert (tmp_path / "root" / "subject-runs" / "prediction-3-0.002-r4-w1" / "models" / "sd"
