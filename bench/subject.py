@@ -14,9 +14,12 @@ as high. (A new colour cannot be taught at this scale: the base's VAE, trained o
 circle as an olive one, so no LoRA of the denoiser can draw it; `vae_round_trip_hit_rate` is the subject images'
 hit rate after the base's VAE, the ceiling of any fine-tune.) Each run is a LoRA fine-tune from the base, built
 with the pipeline's own stages (class_images, ingest, preprocess, vae, encode, train; validation skipped: every
-render is valid), same steps, seed and data; only train.prior differs: none; images (the base renders
+render is valid), same steps, seed and data; only the prior differs: none; images (the base renders
 `num_class_images` of CLASS_PROMPT, the class subset at half of each batch); prediction (the base's own prediction
-for the caption with the trigger dropped, "a blue square", is the class target).
+for the caption with the trigger dropped, "a blue square", is the class target); data (no train.prior: a second
+subset of `num_class_images` fresh synthetic shapes of every prompt at half of each batch, as kohya users train
+regularisation images of the base's own kind). `--lora-targets attn2.to_k,attn2.to_v` trains the cross-attention's
+keys and values only (Custom Diffusion's choice) instead of the family's LoRA targets.
 
 Measured on the base and each run, at evaluate's sampler settings:
 - trigger hit rate: the share of TRIGGER_PROMPTS x TRIGGER_SEEDS samples (48) read as a blue bar (the shape
@@ -25,6 +28,8 @@ Measured on the base and each run, at evaluate's sampler settings:
 - class adherence: evaluate's metric, its prompts and seed sets (12 colour-and-shape prompts x 4 seeds x 3 sets),
   and its drift from the base's on the same seeds; subject leak: the share of those class samples read as bars.
 CPU minutes are this process's CPU time (all threads) while training, and while rendering the class images.
+The base's text cosines say how far the trigger moves the text states the denoiser attends to: the trigger prompt
+against CLASS_PROMPT, beside the closest pair of class prompts.
 """
 
 from __future__ import annotations
