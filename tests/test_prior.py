@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image, ImageStat
 from safetensors.torch import load_file
 
@@ -46,6 +47,9 @@ CLASS_SUBSET = {"source": "subsets", "trigger": "sks", "subsets": {
     ({"train": {"prior": {"kind": "images", "class_prompt": "a bag", "class_subset": "bags"}}, **FINETUNE,
       "ingest": CLASS_SUBSET}, r"ingest\.subsets\.bags: "),
     ({"train": {"prior": {"prior_loss_weight": -1}}}, r"train\.prior\.prior_loss_weight"),
+    ({"train": {"prior": {"kind": "prediction", "class_word": "bag"}}, **FINETUNE, "ingest": CLASS_SUBSET},
+     r"ingest\.subsets\.class: reads data/class_images, which only train\.prior\.kind: images renders"),
+    ({**FINETUNE, "ingest": CLASS_SUBSET}, r"ingest\.subsets\.class: .*train\.prior\.kind is none"),
 ])
 def test_a_prior_without_what_it_needs_is_refused_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -235,13 +239,12 @@ def test_class_images_render_once_and_a_changed_count_renders_only_the_new_ones(
 
 
 @pytest.mark.e2e
-def test_dvc_repro_of_a_subject_run_with_the_image_prior(tmp_path):
+def test_dvc_repro_of_a_subject_run_with_each_prior(tmp_path):
     """`dvc repro train` of a LoRA fine-tune on a subject folder with the image prior: class_images renders the
     class subset, ingest reads it beside the subject, train weights it; a second repro runs only `inputs`. Then
-    the prediction prior on the same data: encode caches the class prompts, and train trains with them."""
+    `dvc repro train` with the prediction prior on the subject alone: class_images removes its images, encode caches
+    the class prompts (train.prior is one of its params), and train trains with them."""
     from pipeline.contracts.latents import latent_file_keys, load_latents
-    from pipeline.stages.encode import encode
-    from pipeline.stages.train import train
 
     from .test_pipeline_e2e import _run, copy_repository, stages_run
 
@@ -265,20 +268,23 @@ def test_dvc_repro_of_a_subject_run_with_the_image_prior(tmp_path):
     again = _run(["dvc", "repro", "train"], root).stdout
     assert stages_run(again) == {"inputs"}, again
 
-    # the prediction prior on the same data, in process: encode adds the class prompts, train targets the base's
-    prediction = parse_params(merge(params, {"train": {"prior": {"kind": "prediction", "class_word": ""}}}))
+    # the prediction prior on the subject alone: encode adds the class prompts, train targets the base's
     paths = Paths(root)
-    encode(paths, encode=prediction.encode, model=prediction.model, train=prediction.train, ingest=prediction.ingest)
+    image_prior = json.loads((paths.metrics / "train.json").read_text())
+    prediction = merge(params, {"train": {"prior": {"kind": "prediction", "class_word": ""}}})
+    prediction["ingest"]["subsets"].pop("class")  # rendered only for the image prior
+    (root / "params.yaml").write_text(yaml.safe_dump(prediction, sort_keys=False))
+    out = _run(["dvc", "repro", "train"], root).stdout
+    assert {"class_images", "ingest", "encode", "train"} <= stages_run(out), out
     cache = load_latents(paths.latents, "train")
     rows = pd.read_parquet(paths.latents / "train.parquet")
+    assert set(rows["subset"]) == {"subject"}
     for sample in range(len(rows)):
         file, class_row = paths.latents / rows["text"].iat[sample], int(rows["class_text_row"].iat[sample])
-        expected = "a photo of bag" if rows["subset"].iat[sample] == "subject" else "a photo of a bag"
-        assert latent_file_keys(file)[class_row] == expected, "the trigger dropped; a class caption as it is"
+        assert latent_file_keys(file)[class_row] == "a photo of bag", "the caption with the trigger dropped"
         assert torch.equal(cache.text_states["prompt_embeds"][cache.class_text_rows[sample]],
                            load_file(file)["prompt_embeds"][class_row]), "train reads the class prompt's states"
-    image_prior = json.loads((paths.metrics / "train.json").read_text())
-    metrics = train(prediction, paths, tracked=False)
+    metrics = json.loads((paths.metrics / "train.json").read_text())
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
     # two samples forward and backward (caption, class prompt) and the base's forward: more than twice an image's
     assert metrics["flops_per_image"] > 2 * image_prior["flops_per_image"]
@@ -296,5 +302,7 @@ def test_in_an_experiments_copy_the_class_images_are_the_copys_own(tmp_path, mon
     assert Paths(copy).input("data/bag") == tmp_path / "data" / "bag"
     write_pattern(copy / CLASS_IMAGES / "0.png", 0)
     write_pattern(tmp_path / "data" / "bag" / "0.png", 1)
-    fingerprint = source_fingerprint(parse_params({"ingest": CLASS_SUBSET}).ingest, Paths(copy))
+    params = parse_params({"ingest": CLASS_SUBSET, "train": {"prior": {"kind": "images", "class_prompt": "a bag"}},
+                           **FINETUNE})
+    fingerprint = source_fingerprint(params.ingest, Paths(copy))
     assert fingerprint["subsets"]["class"] == {"input": CLASS_IMAGES, "watched": "as the class_images stage's output"}

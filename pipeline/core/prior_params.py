@@ -59,6 +59,8 @@ class PriorParams(Section):
 def check_prior_fits(prior: PriorParams, ingest: IngestParams, mode: str, finetune: str) -> None:
     """train.prior against the rest of params.yaml: a prior needs a pretrained base; the prediction prior LoRA
     layers it can switch off and a trigger to replace; the image prior a class subset reading the rendered images."""
+    if prior.kind != IMAGE_PRIOR:
+        require_no_rendered_subset(prior, ingest)
     if prior.kind == NO_PRIOR:
         return
     if mode != "finetune":
@@ -79,3 +81,14 @@ def check_prior_fits(prior: PriorParams, ingest: IngestParams, mode: str, finetu
             "missing_setting", "{where}: train.prior.kind images trains the rendered class images as this subset: "
             "set ingest.source: subsets and {where}: {example}",
             {"where": where, "example": f"{{source: folder, folder: {{path: {CLASS_IMAGES}}}}}"})
+
+
+def require_no_rendered_subset(prior: PriorParams, ingest: IngestParams) -> None:
+    """A subset reading the rendered class images without the image prior would read an empty folder (the
+    class_images stage renders only for it): refused here, naming the subset, rather than by ingest."""
+    for name, subset in (ingest.subsets or {}).items() if ingest.source == SUBSETS else ():
+        if subset.source == "folder" and subset.folder.path.rstrip("/") == CLASS_IMAGES:
+            raise PydanticCustomError(
+                "conflicting_setting", "ingest.subsets.{name}: reads {folder}, which only train.prior.kind: images "
+                "renders (train.prior.kind is {kind}): remove the subset, or use the image prior",
+                {"name": name, "folder": CLASS_IMAGES, "kind": prior.kind})
