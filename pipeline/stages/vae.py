@@ -85,9 +85,12 @@ def drawn_images(paths: Paths, groups: list[pd.DataFrame], batches: list[tuple[i
 @torch.no_grad()
 def latent_posteriors(vae, groups: list[torch.Tensor]) -> list[Posteriors]:
     """The posterior means and standard deviations of these images on the CPU, a batch of one size each."""
-    return [Posteriors(moments.mean.float().cpu(), moments.std.float().cpu())
-            for images in groups for batch in device_batches(images, vae.device, vae.dtype)
-            for moments in (posterior(vae, batch),)]
+    posteriors = []
+    for images in groups:
+        for batch in device_batches(images, vae.device, vae.dtype):
+            moments = posterior(vae, batch)
+            posteriors.append(Posteriors(moments.mean.float().cpu(), moments.std.float().cpu()))
+    return posteriors
 
 
 def reconstruction_mse(vae, chunks: Iterable[np.ndarray]) -> float:
