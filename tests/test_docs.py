@@ -6,7 +6,8 @@ How a page's fenced blocks are treated (docs/**/*.md and README.md):
 - A `bash` or `python` block of a page in RUNS is run, top to bottom, in a fresh committed copy of this repository
   (tests/test_pipeline_e2e.py's copy_repository) on tiny params, in the project folder, with the virtualenv's
   commands first on PATH and `.venv` linked to it. A bash block runs under `set -euo pipefail`; a failing
-  command fails the test with the block and its output.
+  command fails the test with the block and its output. A block the same as one already run in the project
+  on the same params (the README repeats the first run's) is not run again.
 - `<!-- not run: REASON -->` on the line right before a block: the block is not run. The reason says why (it needs
   a GPU, the network, long-running servers, minutes at full size) and, where one exists, which test runs the same.
 - `<!-- params.yaml -->` right before a `yaml` block: the block is merged into the project's params.yaml (nested
@@ -152,11 +153,14 @@ def test_the_pages_commands_run_on_tiny_params(pages, tmp_path):
     for page in pages:
         if page in STAND_INS:
             STAND_INS[page](project)
+    already_run = set()
     for page, block in steps:
         if block["marker"] == "params.yaml":
             _merge_params(project, block, page)
-        else:
+            already_run.clear()
+        elif block["text"] not in already_run:
             _run_block(project, block, page)
+            already_run.add(block["text"])
 
 
 # --- the README --------------------------------------------------------------------------------------------------
