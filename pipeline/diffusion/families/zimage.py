@@ -19,7 +19,8 @@ Flux's 16-channel VAE latents, patched 2x2 inside the transformer. It reads the 
 - LoRA: train on the base (Tongyi-MAI/Z-Image), not on Turbo: Turbo is step-distilled, and a LoRA trained on it
   undoes the distillation (docs/guides/model-families.md).
 
-Scratch sizes (`model.preset`): `tiny` trains on a CPU (diffusers' test config, widened as Chroma's tiny);
+Scratch sizes (`model.preset`): `tiny` trains on a CPU (diffusers' test config, widened as Chroma's tiny, with
+4 joint layers: at 2 it drew round squares, adherence 0.708 against 0.819 on the shapes at the default steps);
 `z_image_6b` has Z-Image's transformer (30 layers of width 3840, 2 refiner layers each) and Qwen3-4B.
 """
 
@@ -65,7 +66,7 @@ class Preset:
 
 QWEN3_4B = (2560, 9728, 36, 32, 8, 128)
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(128, 2, 1, 4, (8, 12, 12), (1024, 64, 64), 64, 128, 2, 4, 2, 16),
+    "tiny": Preset(128, 4, 1, 4, (8, 12, 12), (1024, 64, 64), 64, 128, 2, 4, 2, 16),
     "z_image_6b": Preset(3840, 30, 2, 30, (32, 48, 48), (1024, 512, 512), *QWEN3_4B),
 }
 
