@@ -76,7 +76,7 @@ TINY_OVERRIDES = {
     "ingest": {"synthetic": {"count": 160}},
     "vae": {"steps": 20, "batch_size": 32},
     "train": {"steps": 20, "batch_size": 32, "warmup_steps": 2, "log_every": 5, "validate_every": 10,
-              "sample_every": 10, "checkpoint_every": 10},
+              "sample_every": 10, "sample_steps": 3, "checkpoint_every": 10},
     "evaluate": {"samples_per_prompt": 1, "num_inference_steps": 3, "timesteps": [100, 900], "stability_repeats": 2},
 }
 

@@ -21,7 +21,7 @@ from pipeline.core.atomic import read_json
 from pipeline.core.config import ConfigError
 from pipeline.core.params_file import parse_params
 from pipeline.data.images import GRID_ZOOM
-from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS
+from pipeline.diffusion.schedule import SAMPLE_GUIDANCE
 from pipeline.stages import train as train_stage
 from pipeline.stages.encode import encode
 from pipeline.stages.train import train
@@ -98,10 +98,10 @@ def base_model_images(paths: Paths, base_model: str) -> list[np.ndarray]:
     the sampler the run samples with; one per (prompt, seed) in the grid's order."""
     pipeline = DiffusionPipeline.from_pretrained(paths.sd_model)
     pipeline.unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
-    images = {}
+    images, steps = {}, run_params(base_model).train.sample_steps
     for seed in SEEDS:
         prompts = [prompt.replace("{trigger}", "sks") for prompt in PROMPTS]
-        drawn = pipeline(prompts, guidance_scale=SAMPLE_GUIDANCE, num_inference_steps=SAMPLE_STEPS, height=32,
+        drawn = pipeline(prompts, guidance_scale=SAMPLE_GUIDANCE, num_inference_steps=steps, height=32,
                          width=32, generator=[torch.Generator().manual_seed(seed) for _ in prompts]).images
         images.update({(prompt, seed): np.asarray(image) for prompt, image in zip(PROMPTS, drawn, strict=True)})
     return [images[prompt, seed] for prompt in PROMPTS for seed in SEEDS]

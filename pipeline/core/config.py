@@ -269,6 +269,8 @@ class TrainParams(Section):
     validation_samples: int = Field(1024, ge=1, description="the held-out loss's samples: the validation split's "
                                     "first this many, the same every time (evaluate uses them all)")
     sample_every: int = Field(500, ge=0, description="sample grid to MLflow every this many steps; 0: off")
+    sample_steps: int = Field(25, ge=1, description="sampler steps of each sample grid image (and of the sample "
+                                                    "metric's images)")
     validation_prompts: list[str] = Field([], description="prompts of the sample grid, {trigger} replaced by "
                                           "ingest.trigger, beside the base model's column; []: the first "
                                           "validation captions, no base column")

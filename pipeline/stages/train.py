@@ -54,7 +54,7 @@ from pipeline.core.config import MaskedLossParams, Params, TrainParams
 from pipeline.core.errors import UserError
 from pipeline.core.source_params import with_trigger
 from pipeline.data.images import image_grid
-from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS, PixelWeights, mask_weights, weighted_mse
+from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, PixelWeights, mask_weights, weighted_mse
 from pipeline.evaluation.noise_metrics import noise_metrics_on
 from pipeline.tracking.runs import training_run
 from pipeline.training.best import BestKeeper
@@ -261,7 +261,7 @@ class Run:
                     arguments, self.val, [firsts[prompt] for prompt in prompts], self.accelerator.device))
             images = pipeline(
                 **arguments,
-                num_inference_steps=SAMPLE_STEPS,
+                num_inference_steps=self.settings.sample_steps,
                 generator=[torch.Generator().manual_seed(self.settings.seed + i) for i in range(len(prompts))],
             ).images
         return image_grid([images])
@@ -317,7 +317,7 @@ def validation_grid(params: Params, paths: Paths, model: Model, val: CachedLaten
     elif not model.trains_text_encoder:
         states = (val.text_states_of(torch.tensor(list(first_captions(val).values()))),
                   {name: table[EMPTY_PROMPT_ROW] for name, table in val.text_states.items()})
-    return ValidationGrid(prompts, list(settings.validation_seeds), states, judge)
+    return ValidationGrid(prompts, list(settings.validation_seeds), settings.sample_steps, states, judge)
 
 
 def start_validation(run: Run, checkpoint: Path | None) -> None:

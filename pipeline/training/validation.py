@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.core.atomic import atomic_file
 from pipeline.data.images import image_grid
-from pipeline.diffusion.schedule import SAMPLE_GUIDANCE, SAMPLE_STEPS
+from pipeline.diffusion.schedule import SAMPLE_GUIDANCE
 
 BASE_COLUMN = "validation_base_column.png"  # in a checkpoint: the base images, one above the other
 Judge = Callable[[list[list[Image.Image]], list[str]], dict[str, float]]  # (images per prompt, prompts) -> metrics
@@ -57,6 +57,7 @@ class ValidationGrid:
 
     prompts: list[str]
     seeds: list[int]
+    steps: int  # the sampler's
     cached_states: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None  # finetune: (prompts', empty's)
     judge: Judge | None
     base: list[list[Image.Image]] | None = None  # per prompt, one image per seed
@@ -68,7 +69,7 @@ class ValidationGrid:
         arguments = family.sampling_arguments(pipeline, self.prompts, SAMPLE_GUIDANCE)
         if self.cached_states is not None:
             arguments = embedded_prompt_arguments(arguments, *self.cached_states, device)
-        columns = [pipeline(**arguments, num_inference_steps=SAMPLE_STEPS,
+        columns = [pipeline(**arguments, num_inference_steps=self.steps,
                             generator=[torch.Generator().manual_seed(seed) for _ in self.prompts]).images
                    for seed in self.seeds]
         return [list(images) for images in zip(*columns, strict=True)]
