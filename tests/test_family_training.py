@@ -1,6 +1,6 @@
 """The families beside sd trained for real by `dvc repro`: from scratch, then served from the registry; then
 fine-tuned in the same project from a tiny pretrained folder of the family, with LoRA and in full.
-(sd's own fine-tuning is tests/test_finetune.py; its `dvc repro`, tests/test_pipeline_e2e.py.)"""
+(sd's own fine-tuning is tests/test_finetune.py; its `dvc repro`, tests/test_subsets.py and tests/test_prior.py.)"""
 
 import base64
 import io

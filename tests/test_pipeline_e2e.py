@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import mlflow
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -18,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 
 from pipeline.core.params_file import read_params_file
 
-from .conftest import REPO, free_port, merge, only_inputs_changed, save_random_base_model, tiny_params_dict, tree_hashes
+from .conftest import REPO, free_port, only_inputs_changed, tiny_params_dict, tree_hashes
 
 STAGES = ["inputs", "class_images", "ingest", "validate", "preprocess", "vae", "encode", "train", "evaluate", "register"]
 
@@ -290,21 +289,3 @@ def test_retrain_flow_ignores_an_unshifted_batch_and_retrains_on_a_shifted_one(r
     assert registry["version"] > versions_before
     history = (repo_copy / "data" / "monitoring" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["decision"]["retrain"] for line in history] == [False, True]
-
-
-@pytest.mark.e2e
-def test_dvc_repro_finetunes_with_lora_and_encodes_only_what_changed(tmp_path):
-    params = merge(tiny_params_dict(), {"model": {"mode": "finetune", "pretrained": "models/base"},
-                                        "train": {"steps": 10, "sample_every": 0}})
-    root = copy_repository(tmp_path / "clone", params)
-    save_random_base_model(root / "models" / "base")
-    _run(["dvc", "repro", "train"], root)
-    assert (root / "models" / "sd" / "pytorch_lora_weights.safetensors").is_file()
-    samples = len(pd.read_parquet(root / "data" / "validated" / "manifest.parquet"))
-
-    params["train"]["random_flip"] = True
-    params["encode"]["mirrored"] = True
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    again = _run(["dvc", "repro", "train"], root)
-    assert stages_run(again.stdout) == {"inputs", "encode", "train"}, again.stdout
-    assert f"latents {samples} encoded, {samples} reused" in again.stderr, "only the mirrored images are new"

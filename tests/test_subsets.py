@@ -204,11 +204,12 @@ def test_subset_sampler_refuses_what_it_cannot_draw():
 @pytest.mark.e2e
 def test_dvc_repro_finetunes_lora_on_two_subsets_and_resumes_exactly(tmp_path, monkeypatch):
     """`dvc repro train` of a LoRA fine-tune on a subject folder and a class folder: the subset column and the
-    trigger reach the encode records; then a run that crashes after a checkpoint resumes to the same batches."""
+    trigger reach the encode records; a run that crashes after a checkpoint resumes to the same batches; turning
+    on mirroring re-runs encode and train only, and encode adds the mirrored latents beside those it had."""
     from pipeline.core.params_file import load_params
     from pipeline.stages import train as train_stage
 
-    from .test_pipeline_e2e import _run, copy_repository
+    from .test_pipeline_e2e import _run, copy_repository, stages_run
 
     subject, reference = tmp_path / "subject", tmp_path / "class"
     for seed in range(10):
@@ -247,3 +248,11 @@ def test_dvc_repro_finetunes_lora_on_two_subsets_and_resumes_exactly(tmp_path, m
     assert resumed["resumed_from_step"] == 3
     assert written["data_digest"] == straight["data_digest"]
     assert written["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-5)
+
+    params["train"]["random_flip"] = True
+    params["encode"]["mirrored"] = True
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    again = _run(["dvc", "repro", "train"], root)
+    assert stages_run(again.stdout) == {"inputs", "encode", "train"}, again.stdout
+    samples = len(pd.read_parquet(root / "data" / "validated" / MANIFEST))
+    assert f"latents {samples} encoded, {samples} reused" in again.stderr, "only the mirrored images are new"
