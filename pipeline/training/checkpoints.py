@@ -29,7 +29,7 @@ CHECKPOINT_PREFIX = "step-"
 FINGERPRINT = "fingerprint.json"
 LORA_CHECKPOINT = "lora.safetensors"  # a LoRA checkpoint's trained weights (the frozen base UNet is not saved)
 # Settings that change what is logged, not what is learned: a checkpoint stays valid when they change.
-OBSERVABILITY_SETTINGS = ("log_every", "validate_every", "validation_timesteps", "sample_every",
+OBSERVABILITY_SETTINGS = ("log_every", "validate_every", "validation_timesteps", "sample_every", "sample_steps",
                           "checkpoint_every", "checkpoints_kept")
 
 
