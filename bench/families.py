@@ -101,7 +101,8 @@ def run_folder(shared: Paths, name: str) -> Paths:
 
 
 def adherence(params: Params, paths: Paths, data: Paths) -> dict:
-    """Adherence as evaluate measures it: its prompts, samples and seed sets, read by the shape reader."""
+    """Adherence as evaluate measures it: its prompts, samples and seed sets, read by the shape reader (with its
+    colour and shape halves: which one a family misses)."""
     from pipeline.diffusion.families import load_pipeline
     from pipeline.evaluation.prompts import evaluation_prompts
     from pipeline.evaluation.shape_adherence import shape_adherence_metrics
@@ -112,8 +113,8 @@ def adherence(params: Params, paths: Paths, data: Paths) -> dict:
     prompts = evaluation_prompts(params.evaluate, params.ingest.source, val_captions, paths.root)
     runs = [shape_adherence_metrics(generate_samples(pipeline, prompts, params.evaluate, repeat), prompts)
             for repeat in range(params.evaluate.stability_repeats)]
-    return dict(adherence=sum(run["adherence"] for run in runs) / len(runs),
-                adherence_samples=sum(run["adherence_samples"] for run in runs))
+    mean = {key: sum(run[key] for run in runs) / len(runs) for key in ("adherence", "colour_accuracy", "shape_accuracy")}
+    return dict(mean, adherence_samples=sum(run["adherence_samples"] for run in runs))
 
 
 def override(setting: str) -> dict:
