@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.core.config import EvaluateParams
+from pipeline.core.config import EvaluateParams, TrainParams
 from pipeline.diffusion.schedule import (
     SAMPLE_GUIDANCE,
     SAMPLE_STEPS,
@@ -50,6 +50,7 @@ def test_the_noise_offset_shifts_each_channel():
 
 def test_copies_of_the_sampling_defaults_agree():
     assert (EvaluateParams().num_inference_steps, EvaluateParams().guidance_scale) == (SAMPLE_STEPS, SAMPLE_GUIDANCE)
+    assert TrainParams().sample_steps == SAMPLE_STEPS
     # mlflow_model.py is stored with the model and runs without sdpipe, so it keeps its own copy
     source = Path(__file__).parents[1] / "pipeline" / "tracking" / "mlflow_model.py"
     defaults = next(node.value for node in ast.parse(source.read_text()).body

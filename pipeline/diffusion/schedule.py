@@ -24,9 +24,9 @@ from diffusers.training_utils import compute_snr
 from pipeline.core.errors import InputError
 
 TRAIN_TIMESTEPS = 1000
-# Sampling defaults: the train stage's sample grids and the default of `evaluate.num_inference_steps` /
-# `evaluate.guidance_scale` (config.py) and of the served model (mlflow_model.py, which runs without sdpipe
-# code); tests/test_diffusion.py checks that those copies agree.
+# Sampling defaults: the train stage's sample grids' guidance, the defaults of `train.sample_steps`,
+# `evaluate.num_inference_steps` and `evaluate.guidance_scale` (config.py) and of the served model (mlflow_model.py,
+# which runs without sdpipe code); tests/test_diffusion.py checks that those copies agree.
 SAMPLE_STEPS = 25
 SAMPLE_GUIDANCE = 4.0
 
