@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 for _name, _value in {
@@ -22,9 +24,19 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="sdpipe-prefect-"))
+
+
+def _session_folder(prefix: str) -> str:
+    """A temporary folder for this test process, deleted when it exits."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = _session_folder("sdpipe-prefect-")
 # An empty torch hub cache: FID/KID must not depend on weights a developer happens to have.
-os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="sdpipe-torch-")
+os.environ["TORCH_HOME"] = _session_folder("sdpipe-torch-")
 
 import contextlib  # noqa: E402
 import copy  # noqa: E402

@@ -50,6 +50,16 @@ def repo_copy(tmp_path_factory) -> Path:
     return copy_repository(tmp_path_factory.mktemp("clone"), tiny_params_dict())
 
 
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """Prefect's test harness (a temporary server) for the module's in-process flow runs: one start, not one
+    per test."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
 def stages_run(output: str) -> set[str]:
     return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
@@ -100,15 +110,6 @@ def test_importing_the_code_with_bytecode_on_leaves_dvc_status_up_to_date(repo_c
     assert only_inputs_changed(status), status
 
 
-@pytest.mark.e2e
-def test_changing_a_train_param_reruns_only_what_depends_on_it(repo_copy):
-    params = read_params_file(repo_copy / "params.yaml")
-    params["train"]["steps"] += 1
-    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = _run(["dvc", "repro"], repo_copy).stdout
-    assert stages_run(out) == {"inputs", "train", "evaluate", "register"}, out
-
-
 def _tracked_state(root: Path) -> tuple[str, str, str]:
     """git status of the tracked files, params.yaml and dvc.lock (not committed in the copy) as they are."""
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], root).stdout
@@ -125,9 +126,10 @@ def _experiment(root: Path, name: str) -> dict:
 
 
 @pytest.mark.e2e
-def test_prefect_flow_with_a_change_is_a_dvc_experiment_that_leaves_the_project_alone(repo_copy, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_prefect_flow_with_a_change_is_a_dvc_experiment_that_leaves_the_project_alone(repo_copy, prefect_harness,
+                                                                                       monkeypatch):
+    """A train setting changed: DVC re-runs train and what reads its outputs, never the data stages, vae or
+    encode; as an experiment, beside the project."""
     from flows.experiments import experiment_ref, read_json_at
     from flows.training import training_flow
 
@@ -136,10 +138,9 @@ def test_prefect_flow_with_a_change_is_a_dvc_experiment_that_leaves_the_project_
     record_before = registry.read_text()
     learning_rate = read_params_file(repo_copy / "params.yaml")["train"]["learning_rate"] * 2
     timesteps = read_params_file(repo_copy / "params.yaml")["evaluate"]["timesteps"]
-    with prefect_test_harness(server_startup_timeout=90):
-        outcomes = training_flow(project_root=str(repo_copy), learning_rate=learning_rate,
-                                 overrides={"evaluate.timesteps": timesteps + [500]}, experiment="faster-lr")
-        summary = _artifact("training-summary")
+    outcomes = training_flow(project_root=str(repo_copy), learning_rate=learning_rate,
+                             overrides={"evaluate.timesteps": timesteps + [500]}, experiment="faster-lr")
+    summary = _artifact("training-summary")
     assert list(outcomes) == STAGES
     assert {stage for stage, outcome in outcomes.items() if outcome == "ran"} == {"inputs", "train", "evaluate",
                                                                                  "register"}
@@ -261,9 +262,7 @@ def test_deployments_on_a_real_prefect_server_run_train_with_an_override(repo_co
 
 
 @pytest.mark.e2e
-def test_retrain_flow_ignores_an_unshifted_batch_and_retrains_on_a_shifted_one(repo_copy, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_retrain_flow_ignores_an_unshifted_batch_and_retrains_on_a_shifted_one(repo_copy, prefect_harness, monkeypatch):
     from flows.retrain import retrain_flow
     from pipeline.contracts.paths import Paths
     from pipeline.core.params_file import load_params
@@ -272,15 +271,14 @@ def test_retrain_flow_ignores_an_unshifted_batch_and_retrains_on_a_shifted_one(r
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params, paths = load_params(repo_copy / "params.yaml"), Paths(repo_copy)
     versions_before = json.loads((repo_copy / "metrics" / "registry.json").read_text())["version"]
-    with prefect_test_harness(server_startup_timeout=90):
-        drop_demo_batch(params, paths, shift="none", count=120, seed=11)
-        quiet = retrain_flow(project_root=str(repo_copy))
-        assert not quiet["retrain"] and "no drift" in quiet["reasons"][-1], quiet["reasons"]
-        assert "no retraining" in _artifact("retraining-decision")
+    drop_demo_batch(params, paths, shift="none", count=120, seed=11)
+    quiet = retrain_flow(project_root=str(repo_copy))
+    assert not quiet["retrain"] and "no drift" in quiet["reasons"][-1], quiet["reasons"]
+    assert "no retraining" in _artifact("retraining-decision")
 
-        drop_demo_batch(params, paths, shift="background", count=120, seed=12)
-        shifted = retrain_flow(project_root=str(repo_copy))
-        decision = _artifact("retraining-decision")
+    drop_demo_batch(params, paths, shift="background", count=120, seed=12)
+    shifted = retrain_flow(project_root=str(repo_copy))
+    decision = _artifact("retraining-decision")
     assert shifted["retrain"], shifted["reasons"]
     assert any("brightness" in reason for reason in shifted["reasons"]) and "brightness" in decision
     assert shifted["merged_samples"] == 240 and shifted["stages"]["ingest"] == "ran"
