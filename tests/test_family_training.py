@@ -5,6 +5,7 @@ fine-tuned in the same project from a tiny pretrained folder of the family, with
 import base64
 import io
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from pipeline.training.modules import denoiser_weights_mb
 from .conftest import merge, tiny_params_dict
 from .test_finetune import finetune_params, project
 from .test_model_card import LORA_PIXEL_TOLERANCE, assert_card_draws_as_sdpipe
-from .test_pipeline_e2e import _run, copy_repository
+from .test_pipeline_e2e import _run, copy_repository, stages_run
 
 FINETUNED = ("sdxl", "sd3", "flux", "chroma", "zimage", "flux2", "qwenimage")
 
@@ -111,14 +112,27 @@ E2E_OVERRIDES = {
 FAMILY_OVERRIDES = {"zimage": {"model": {"max_sequence_length": 24}}, "flux2": {"model": {"max_sequence_length": 24}}}
 
 
+@pytest.fixture(scope="session")
+def data_project(tmp_path_factory) -> Path:
+    """A committed copy of the repository on the tiniest params in which `dvc repro preprocess` ran: the data
+    stages, which read no model setting, once for every family this worker trains."""
+    root = copy_repository(tmp_path_factory.mktemp("data-clone"), merge(tiny_params_dict(), E2E_OVERRIDES))
+    _run(["dvc", "repro", "preprocess"], root)
+    return root
+
+
 @pytest.fixture(scope="module", params=FINETUNED)
-def scratch_project(request, tmp_path_factory) -> tuple[str, Path]:
-    """Per family, a committed copy of the repository on the tiniest params in which `dvc repro` ran."""
+def scratch_project(request, data_project, tmp_path_factory) -> tuple[str, Path]:
+    """Per family, a copy of data_project switched to the family, in which `dvc repro` ran (its data stages
+    stand: DVC finds their outputs up to date)."""
     family = request.param
-    params = merge(tiny_params_dict(), merge(merge(E2E_OVERRIDES, FAMILY_OVERRIDES.get(family, {})),
-                                             {"model": {"family": family}}))
-    root = copy_repository(tmp_path_factory.mktemp(f"{family}-clone"), params)
-    _run(["dvc", "repro"], root)
+    root = tmp_path_factory.mktemp(f"{family}-clone") / "project"
+    shutil.copytree(data_project, root, symlinks=True)
+    params = merge(read_params_file(root / "params.yaml"), merge(FAMILY_OVERRIDES.get(family, {}),
+                                                                  {"model": {"family": family}}))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(["dvc", "repro"], root).stdout
+    assert stages_run(out) == {"inputs", "vae", "encode", "train", "evaluate", "register"}, out
     return family, root
 
 
