@@ -20,7 +20,8 @@ Flux's 16-channel VAE latents, patched 2x2 inside the transformer. It reads the 
   undoes the distillation (docs/guides/model-families.md).
 
 Scratch sizes (`model.preset`): `tiny` trains on a CPU (diffusers' test config, widened as Chroma's tiny, with
-4 joint layers: at 2 more of its squares read as circles, adherence 0.708 against 0.819 on the shapes at the default steps);
+4 joint layers: at 2 more of its squares read as circles, adherence 0.708 against 0.819 on the shapes at the
+default steps);
 `z_image_6b` has Z-Image's transformer (30 layers of width 3840, 2 refiner layers each) and Qwen3-4B.
 """
 
